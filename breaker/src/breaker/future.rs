@@ -1,0 +1,104 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use pin_project_lite::pin_project;
+
+use super::state::Permit;
+use super::{Breaker, BreakerError};
+use crate::BoxError;
+use crate::classify::Classify;
+
+struct Guard {
+    breaker: Breaker,
+    permit: Permit,
+    start_ms: u64,
+    recorded: bool,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if !self.recorded {
+            // Dropped before completion: the call was cancelled; give a probe slot back.
+            self.breaker.release(self.permit);
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`CircuitBreaker`](super::CircuitBreaker): records the outcome.
+    pub struct ResponseFuture<F, C> {
+        #[pin]
+        inner: Option<F>,
+        guard: Option<Guard>,
+        rejected: Option<BreakerError>,
+        classifier: Option<C>,
+    }
+}
+
+impl<F, C> fmt::Debug for ResponseFuture<F, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("rejected", &self.rejected)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, C> ResponseFuture<F, C> {
+    pub(super) fn called(
+        inner: F,
+        breaker: Breaker,
+        permit: Permit,
+        start_ms: u64,
+        classifier: C,
+    ) -> Self {
+        Self {
+            inner: Some(inner),
+            guard: Some(Guard {
+                breaker,
+                permit,
+                start_ms,
+                recorded: false,
+            }),
+            rejected: None,
+            classifier: Some(classifier),
+        }
+    }
+
+    pub(super) fn rejected(err: BreakerError) -> Self {
+        Self {
+            inner: None,
+            guard: None,
+            rejected: Some(err),
+            classifier: None,
+        }
+    }
+}
+
+impl<F, C, T, E> Future for ResponseFuture<F, C>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+    C: Classify<T>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Some(inner) = this.inner.as_pin_mut() else {
+            let err = this.rejected.take().unwrap_or_else(BreakerError::not_ready);
+            return Poll::Ready(Err(err.into()));
+        };
+        let result = ready!(inner.poll(cx)).map_err(Into::into);
+        if let (Some(mut guard), Some(classifier)) = (this.guard.take(), this.classifier.as_ref()) {
+            let outcome = match &result {
+                Ok(res) => classifier.classify_response(res),
+                Err(err) => classifier.classify_error(err.as_ref()),
+            };
+            guard.recorded = true;
+            guard.breaker.record(guard.permit, guard.start_ms, outcome);
+        }
+        Poll::Ready(result)
+    }
+}

@@ -1,0 +1,223 @@
+//! Circuit breaker with resilience4j semantics.
+//!
+//! A breaker watches the outcomes of calls to one downstream (an endpoint, or a whole service)
+//! in a sliding window, and *opens* when the failure rate or the slow-call rate reaches its
+//! threshold: further calls are refused for a wait (fixed, or growing after each consecutive
+//! re-opening), after which exactly `permitted_number_of_calls_in_half_open_state` probe calls
+//! decide whether it closes again or re-opens. See [`BreakerConfig`] for the resilience4j
+//! mapping.
+//!
+//! Two ways to refuse a call, chosen on the layer:
+//!
+//! * [`Mode::Gate`] (per endpoint): an open breaker makes `poll_ready` return `Pending`, so a
+//!   power-of-two-choices balancer routes around the endpoint (outlier ejection, as linkerd's
+//!   gate does). The task is woken when probing may start or a probe slot frees up.
+//! * [`Mode::FailFast`] (per service): `poll_ready` is ready and the call fails at once with a
+//!   [`BreakerError`].
+//!
+//! Why this is cheap when closed: see the notes on the state word and windows in the source
+//! (`state.rs`): no lock, no allocation, and with a coarse [`Clock`](crate::clock::Clock) no
+//! clock read beyond one atomic load.
+
+mod config;
+mod error;
+mod future;
+mod layer;
+mod state;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::time::Sleep;
+use tower_service::Service;
+
+pub use config::{BreakerConfig, SlidingWindowType};
+pub use error::{BreakerError, ConfigError};
+pub use future::ResponseFuture;
+pub use layer::CircuitBreakerLayer;
+pub use state::{Breaker, BreakerMetrics, State};
+
+use crate::BoxError;
+use crate::classify::{Classify, DefaultClassifier};
+use state::{Denied, Permit};
+
+/// How an open breaker refuses calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Fail the call at once with a [`BreakerError`] (service-level use).
+    #[default]
+    FailFast,
+    /// Report not-ready from `poll_ready` (per-endpoint use behind a balancer).
+    Gate,
+}
+
+/// A service guarded by a [`Breaker`].
+pub struct CircuitBreaker<S, C = DefaultClassifier> {
+    inner: S,
+    breaker: Breaker,
+    classifier: C,
+    mode: Mode,
+    permit: Option<Permit>,
+    denied: Option<BreakerError>,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S: fmt::Debug, C> fmt::Debug for CircuitBreaker<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("inner", &self.inner)
+            .field("breaker", &self.breaker)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            breaker: self.breaker.clone(),
+            classifier: self.classifier.clone(),
+            mode: self.mode,
+            permit: None,
+            denied: None,
+            timer: None,
+        }
+    }
+}
+
+impl<S, C> Drop for CircuitBreaker<S, C> {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.breaker.release(permit);
+        }
+    }
+}
+
+impl<S> CircuitBreaker<S> {
+    /// Guards `inner` with `breaker`, failing fast, with the default classifier.
+    pub fn new(inner: S, breaker: Breaker) -> Self {
+        Self::with_classifier(inner, breaker, DefaultClassifier, Mode::FailFast)
+    }
+}
+
+impl<S, C> CircuitBreaker<S, C> {
+    /// Guards `inner` with `breaker`, classifying outcomes with `classifier`.
+    pub fn with_classifier(inner: S, breaker: Breaker, classifier: C, mode: Mode) -> Self {
+        Self {
+            inner,
+            breaker,
+            classifier,
+            mode,
+            permit: None,
+            denied: None,
+            timer: None,
+        }
+    }
+
+    /// The breaker's shared state.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    fn poll_gate(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if let Ok(permit) = self.breaker.try_acquire() {
+                self.permit = Some(permit);
+                self.timer = None;
+                return Poll::Ready(());
+            }
+            self.breaker.register(cx.waker());
+            // Re-check after registering so a concurrent transition cannot be missed.
+            let denied = match self.breaker.try_acquire() {
+                Ok(permit) => {
+                    self.permit = Some(permit);
+                    self.timer = None;
+                    return Poll::Ready(());
+                }
+                Err(denied) => denied,
+            };
+            self.breaker.count_rejected();
+            let Denied::Open { until_ms } = denied else {
+                return Poll::Pending;
+            };
+            let at = self.breaker.instant_at(until_ms);
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
+            }
+            if timer.as_mut().poll(cx).is_pending() || !self.breaker.remaining(until_ms).is_zero() {
+                return Poll::Pending;
+            }
+            // The wait is over: loop to move to half-open.
+        }
+    }
+}
+
+impl<S, C, Req> Service<Req> for CircuitBreaker<S, C>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response> + Clone,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.permit.is_none() && self.denied.is_none() {
+            match self.mode {
+                Mode::Gate => {
+                    if self.poll_gate(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                }
+                Mode::FailFast => match self.breaker.try_acquire() {
+                    Ok(permit) => self.permit = Some(permit),
+                    Err(denied) => {
+                        self.breaker.count_rejected();
+                        self.denied = Some(match denied {
+                            Denied::Open { .. } => BreakerError::open(),
+                            Denied::HalfOpenFull => BreakerError::half_open_full(),
+                        });
+                        return Poll::Ready(Ok(()));
+                    }
+                },
+            }
+        }
+        if self.denied.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        if let Some(err) = self.denied.take() {
+            return ResponseFuture::rejected(err);
+        }
+        let Some(permit) = self.permit.take() else {
+            return ResponseFuture::rejected(BreakerError::not_ready());
+        };
+        let start_ms = self.breaker.clock().now_ms();
+        let fut = self.inner.call(req);
+        ResponseFuture::called(
+            fut,
+            self.breaker.clone(),
+            permit,
+            start_ms,
+            self.classifier.clone(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,230 @@
+//! Deadlines that travel downstream and shrink as time is spent.
+//!
+//! A [`Deadline`] in the request's extensions is the instant by which the whole call must be
+//! done (a server puts the incoming one there with [`Deadline::from_headers`]). The
+//! [`DeadlineService`] takes the sooner of that and its own timeout, fails at once with
+//! [`DeadlineExceeded`] (nothing sent) if it has passed, and otherwise writes the *remaining*
+//! time into the request for the next hop and fails the call when the deadline passes:
+//!
+//! * gRPC: `grpc-timeout`, in the gRPC wire format (at most 8 digits and a unit, e.g. `799m`
+//!   for 799 ms, `950u` below a millisecond; rounded down).
+//! * REST: `x-keel-deadline`, the remaining time as a decimal integer of **milliseconds**,
+//!   rounded down (e.g. `x-keel-deadline: 799`). A relative value needs no clock agreement
+//!   between hosts.
+//!
+//! The retry layer re-stamps whichever header is present before each attempt, so a retry
+//! carries the time actually left, and it never sleeps past the deadline.
+
+mod error;
+mod future;
+mod layer;
+
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use tokio::time::Instant;
+use tower_service::Service;
+
+pub use error::DeadlineExceeded;
+pub use future::ResponseFuture;
+pub use layer::DeadlineLayer;
+
+use crate::BoxError;
+
+/// The gRPC deadline header.
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+/// Keel's REST deadline header (remaining milliseconds).
+pub const KEEL_DEADLINE: HeaderName = HeaderName::from_static("x-keel-deadline");
+
+/// The instant by which a call must complete (a request extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Deadline(pub Instant);
+
+impl Deadline {
+    /// `timeout` from now.
+    pub fn after(timeout: Duration) -> Self {
+        Self(Instant::now() + timeout)
+    }
+
+    /// Time left (zero once passed).
+    pub fn remaining(&self) -> Duration {
+        self.0.saturating_duration_since(Instant::now())
+    }
+
+    /// Reads an incoming deadline from `grpc-timeout` or `x-keel-deadline`, relative to now.
+    /// Malformed values are ignored.
+    pub fn from_headers(headers: &HeaderMap) -> Option<Self> {
+        let now = Instant::now();
+        if let Some(d) = headers
+            .get(GRPC_TIMEOUT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+        {
+            return Some(Self(now + d));
+        }
+        headers
+            .get(KEEL_DEADLINE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|ms| Self(now + Duration::from_millis(ms)))
+    }
+}
+
+/// Which header carries the deadline downstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// `grpc-timeout` when the request's `content-type` starts with `application/grpc`, else
+    /// `x-keel-deadline`.
+    #[default]
+    Auto,
+    /// Always `grpc-timeout`.
+    Grpc,
+    /// Always `x-keel-deadline`.
+    Rest,
+}
+
+/// Formats a gRPC `TimeoutValue`: at most 8 digits and a unit, rounded down.
+pub fn format_grpc_timeout(remaining: Duration) -> String {
+    const MAX: u128 = 99_999_999;
+    let ms = remaining.as_millis();
+    if ms == 0 {
+        let us = remaining.as_micros();
+        if us == 0 {
+            return format!("{}n", remaining.as_nanos());
+        }
+        return format!("{us}u");
+    }
+    if ms <= MAX {
+        return format!("{ms}m");
+    }
+    let secs = remaining.as_secs();
+    if u128::from(secs) <= MAX {
+        return format!("{secs}S");
+    }
+    format!("{}M", (secs / 60).min(99_999_999))
+}
+
+/// Parses a gRPC `TimeoutValue` (`799m`, `1S`, `100u`, …).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Writes the time left until `deadline` into `headers`, in the header that `protocol` (or, for
+/// [`Protocol::Auto`], the content type) selects.
+pub fn stamp(headers: &mut HeaderMap, deadline: Deadline, protocol: Protocol) {
+    let remaining = deadline.remaining();
+    let grpc = match protocol {
+        Protocol::Grpc => true,
+        Protocol::Rest => false,
+        Protocol::Auto => {
+            headers.contains_key(GRPC_TIMEOUT)
+                || headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|ct| ct.starts_with("application/grpc"))
+        }
+    };
+    let (name, value) = if grpc {
+        (GRPC_TIMEOUT, format_grpc_timeout(remaining))
+    } else {
+        (KEEL_DEADLINE, remaining.as_millis().to_string())
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(name, value);
+    }
+}
+
+/// Re-stamps the deadline header already present in `headers` (used before each retry).
+pub(crate) fn restamp(headers: &mut HeaderMap, deadline: Deadline) {
+    if headers.contains_key(GRPC_TIMEOUT) {
+        stamp(headers, deadline, Protocol::Grpc);
+    } else if headers.contains_key(KEEL_DEADLINE) {
+        stamp(headers, deadline, Protocol::Rest);
+    }
+}
+
+/// Enforces and propagates a call deadline; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct DeadlineService<S> {
+    inner: S,
+    timeout: Option<Duration>,
+    protocol: Protocol,
+}
+
+impl<S> DeadlineService<S> {
+    /// Wraps `inner` with a `timeout` per call.
+    pub fn new(inner: S, timeout: Duration) -> Self {
+        Self {
+            inner,
+            timeout: Some(timeout),
+            protocol: Protocol::Auto,
+        }
+    }
+}
+
+impl<S, B> Service<http::Request<B>> for DeadlineService<S>
+where
+    S: Service<http::Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let now = Instant::now();
+        let own = self.timeout.map(|t| Deadline(now + t));
+        let incoming = req.extensions().get::<Deadline>().copied();
+        let deadline = match (own, incoming) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(d), None) | (None, Some(d)) => d,
+            (None, None) => return ResponseFuture::new(self.inner.call(req), None),
+        };
+        if deadline.0 <= now {
+            return ResponseFuture::expired();
+        }
+        req.extensions_mut().insert(deadline);
+        stamp(req.headers_mut(), deadline, self.protocol);
+        ResponseFuture::new(
+            self.inner.call(req),
+            Some(tokio::time::sleep_until(deadline.0)),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_format_round_trips() {
+        assert_eq!(format_grpc_timeout(Duration::from_millis(799)), "799m");
+        assert_eq!(format_grpc_timeout(Duration::from_micros(799_900)), "799m");
+        assert_eq!(format_grpc_timeout(Duration::from_micros(950)), "950u");
+        assert_eq!(format_grpc_timeout(Duration::from_secs(200_000)), "200000S");
+        assert_eq!(parse_grpc_timeout("799m"), Some(Duration::from_millis(799)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("123456789m"), None, "max 8 digits");
+        assert_eq!(parse_grpc_timeout("10x"), None);
+    }
+}

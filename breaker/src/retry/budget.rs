@@ -1,0 +1,207 @@
+use std::fmt;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A retry budget with tower's semantics: over a sliding window of `ttl`, retries may not exceed
+/// `retry_ratio` × requests plus `min_per_sec` × `ttl`.
+///
+/// Every request deposits; every retry withdraws `1 / retry_ratio` deposits' worth (rounded so
+/// the effective ratio never exceeds `retry_ratio`); a reserve of `min_per_sec` × `ttl` retries
+/// lets low-traffic services retry at all. The window advances in one-second slots; expired slots
+/// give back what they held. Lock-free: atomics only.
+///
+/// Why a budget rather than just a cap on attempts: with "3 attempts" every caller triples the
+/// load on a struggling dependency exactly when it can least take it; a budget bounds the extra
+/// load to a fixed fraction of the normal load.
+pub struct RetryBudget {
+    epoch: Instant,
+    slots: Box<[AtomicI64]>,
+    balance: AtomicI64,
+    last_second: AtomicU64,
+    deposit: i64,
+    withdraw: i64,
+}
+
+impl fmt::Debug for RetryBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryBudget")
+            .field("ttl_secs", &self.slots.len())
+            .field("balance", &self.balance.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RetryBudget {
+    /// 10 s window, 10 retries a second, 20 % of requests.
+    fn default() -> Self {
+        Self::new(Duration::from_secs(10), 10, 0.2)
+    }
+}
+
+impl RetryBudget {
+    /// A budget over `ttl` (1 s to 60 s, rounded to whole seconds), with a floor of
+    /// `min_per_sec` retries per second and `retry_ratio` (0 to 1000) retries per request.
+    pub fn new(ttl: Duration, min_per_sec: u32, retry_ratio: f32) -> Self {
+        let ttl_secs = ttl.as_secs().clamp(1, 60);
+        let ratio = f64::from(retry_ratio).clamp(0.0, 1000.0);
+        let (deposit, withdraw) = if ratio <= 0.0 {
+            (0, 1)
+        } else {
+            // Round the cost of a retry up so that deposit / withdraw <= ratio.
+            (1000, (1000.0 / ratio).ceil() as i64)
+        };
+        let reserve = i64::from(min_per_sec)
+            .saturating_mul(ttl_secs as i64)
+            .saturating_mul(withdraw);
+        Self {
+            epoch: Instant::now(),
+            slots: (0..ttl_secs).map(|_| AtomicI64::new(0)).collect(),
+            balance: AtomicI64::new(reserve),
+            last_second: AtomicU64::new(0),
+            deposit,
+            withdraw,
+        }
+    }
+
+    fn advance(&self) -> usize {
+        let now = Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_secs();
+        let n = self.slots.len() as u64;
+        let mut last = self.last_second.load(Ordering::Acquire);
+        while now > last {
+            match self
+                .last_second
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    // Slots for seconds (last, now] are reused: give back what they held.
+                    let from = last + 1;
+                    let to = now.min(last + n);
+                    for second in from..=to {
+                        let held = self.slots[(second % n) as usize].swap(0, Ordering::AcqRel);
+                        self.balance.fetch_sub(held, Ordering::AcqRel);
+                    }
+                    break;
+                }
+                Err(actual) => last = actual,
+            }
+        }
+        (now % n) as usize
+    }
+
+    /// Records a request.
+    pub fn deposit(&self) {
+        if self.deposit == 0 {
+            return;
+        }
+        let slot = self.advance();
+        self.slots[slot].fetch_add(self.deposit, Ordering::AcqRel);
+        self.balance.fetch_add(self.deposit, Ordering::AcqRel);
+    }
+
+    /// Takes one retry from the budget; false when the budget is spent.
+    pub fn withdraw(&self) -> bool {
+        let slot = self.advance();
+        let mut balance = self.balance.load(Ordering::Acquire);
+        loop {
+            if balance < self.withdraw {
+                return false;
+            }
+            match self.balance.compare_exchange_weak(
+                balance,
+                balance - self.withdraw,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.slots[slot].fetch_sub(self.withdraw, Ordering::AcqRel);
+                    return true;
+                }
+                Err(actual) => balance = actual,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn floor_then_ratio() {
+        let budget = RetryBudget::new(Duration::from_secs(1), 2, 0.5);
+        assert!(budget.withdraw() && budget.withdraw(), "floor of 2");
+        assert!(!budget.withdraw(), "floor spent, no requests yet");
+        budget.deposit();
+        assert!(!budget.withdraw(), "one request buys half a retry");
+        budget.deposit();
+        assert!(budget.withdraw(), "two requests buy one retry");
+        assert!(!budget.withdraw());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(
+            budget.withdraw() && budget.withdraw(),
+            "the window slid: floor is back"
+        );
+        assert!(!budget.withdraw());
+    }
+
+    // One step of a random run: wait some milliseconds, then a request that fails and wants
+    // a number of retries.
+    fn steps() -> impl Strategy<Value = Vec<(u64, u8)>> {
+        proptest::collection::vec((0u64..700, 0u8..4), 1..300)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn retries_never_exceed_budget(
+            steps in steps(),
+            ttl in 1u64..5,
+            floor in 0u32..4,
+            ratio in prop_oneof![Just(0.0f32), Just(0.1f32), 0.05f32..1.0],
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let budget = RetryBudget::new(Duration::from_secs(ttl), floor, ratio);
+                let start = Instant::now();
+                // (second, requests, retries) per elapsed second.
+                let mut per_second: Vec<(u64, u64)> = Vec::new();
+                for (wait_ms, wants) in steps {
+                    tokio::time::advance(Duration::from_millis(wait_ms)).await;
+                    let second = start.elapsed().as_secs() as usize;
+                    if per_second.len() <= second {
+                        per_second.resize(second + 1, (0, 0));
+                    }
+                    budget.deposit();
+                    per_second[second].0 += 1;
+                    for _ in 0..wants {
+                        if budget.withdraw() {
+                            per_second[second].1 += 1;
+                        }
+                    }
+                }
+                // Every window of `ttl` seconds respects ratio × requests + floor × ttl.
+                for end in 0..per_second.len() {
+                    let from = end.saturating_sub(ttl as usize - 1);
+                    let (reqs, retries) = per_second[from..=end]
+                        .iter()
+                        .fold((0, 0), |(a, b), (r, t)| (a + r, b + t));
+                    let allowed = f64::from(ratio) * reqs as f64 + f64::from(floor) * ttl as f64;
+                    prop_assert!(
+                        retries as f64 <= allowed + 1e-9,
+                        "window ending at {end}s: {retries} retries > {allowed}"
+                    );
+                }
+                Ok(())
+            })?;
+        }
+    }
+}

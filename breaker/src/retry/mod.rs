@@ -1,0 +1,272 @@
+//! Retries with a budget, backoff with full jitter, and outcome awareness.
+//!
+//! Every failed attempt is classified (see [`classify`](crate::classify)):
+//!
+//! * NOT_SENT (never left: connect refused, no endpoint, a local breaker / bulkhead / rate limit
+//!   refusal) and REJECTED (the server says it did not execute: 503 / 429, `UNAVAILABLE`,
+//!   `RESOURCE_EXHAUSTED`) are retried by default;
+//! * UNKNOWN (may have executed: a timeout or reset after the request was written, 500,
+//!   `INTERNAL`) is retried only when the request is marked [`Idempotent`](crate::request::Idempotent)
+//!   or carries an idempotency key ([`IdempotencyKey`](crate::request::IdempotencyKey) or the
+//!   `idempotency-key` header), and the same key goes with every attempt.
+//!
+//! A retry also needs: an attempt left ([`RetryPolicy::max_attempts`]), a token from the shared
+//! [`RetryBudget`], a replayable body (buffered whole, at most
+//! [`RetryPolicy::max_replay_body`] bytes; streaming bodies are sent once and never replayed),
+//! and time left before the request's [`Deadline`](crate::deadline::Deadline). Between attempts
+//! it sleeps a random time in `[0, min(max_backoff, base × 2^retry))` ("full jitter"), and the
+//! deadline header is re-stamped with the time actually left.
+
+mod body;
+mod budget;
+mod future;
+mod layer;
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Body;
+use tower_service::Service;
+
+pub use body::ReplayBody;
+pub use budget::RetryBudget;
+pub use future::ResponseFuture;
+pub use layer::RetryLayer;
+
+use crate::BoxError;
+use crate::classify::{Classify, DefaultClassifier, FailureClass, Outcome};
+use crate::deadline::Deadline;
+use crate::request::{is_replay_safe, stamp_idempotency_key};
+use body::{Collected, collect};
+
+/// What to retry and how often.
+#[derive(Clone)]
+pub struct RetryPolicy {
+    max_attempts: u32,
+    base_backoff: Duration,
+    max_backoff: Duration,
+    max_replay_body: usize,
+    retry_not_sent: bool,
+    retry_rejected: bool,
+    budget: Arc<RetryBudget>,
+}
+
+impl fmt::Debug for RetryPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryPolicy")
+            .field("max_attempts", &self.max_attempts)
+            .field("base_backoff", &self.base_backoff)
+            .field("max_backoff", &self.max_backoff)
+            .field("max_replay_body", &self.max_replay_body)
+            .field("budget", &self.budget)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self::new(Arc::new(RetryBudget::default()))
+    }
+}
+
+impl RetryPolicy {
+    /// Defaults: 3 attempts, backoff 25 ms doubling up to 1 s, bodies up to 64 KiB replayed,
+    /// NOT_SENT and REJECTED retried; `budget` shared with every other user of it.
+    pub fn new(budget: Arc<RetryBudget>) -> Self {
+        Self {
+            max_attempts: 3,
+            base_backoff: Duration::from_millis(25),
+            max_backoff: Duration::from_secs(1),
+            max_replay_body: 64 * 1024,
+            retry_not_sent: true,
+            retry_rejected: true,
+            budget,
+        }
+    }
+
+    /// Attempts in total, the first included (at least 1).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+
+    /// Backoff before the first retry, doubling each retry up to `max`.
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.base_backoff = base;
+        self.max_backoff = max.max(base);
+        self
+    }
+
+    /// Largest request body buffered for replay.
+    pub fn max_replay_body(mut self, bytes: usize) -> Self {
+        self.max_replay_body = bytes;
+        self
+    }
+
+    /// Whether NOT_SENT failures are retried (default true).
+    pub fn retry_not_sent(mut self, yes: bool) -> Self {
+        self.retry_not_sent = yes;
+        self
+    }
+
+    /// Whether REJECTED failures are retried (default true).
+    pub fn retry_rejected(mut self, yes: bool) -> Self {
+        self.retry_rejected = yes;
+        self
+    }
+
+    /// The shared budget.
+    pub fn budget(&self) -> &Arc<RetryBudget> {
+        &self.budget
+    }
+
+    fn wants_retry(&self, outcome: Outcome, replay_safe: bool) -> bool {
+        match outcome.retry_class() {
+            Some(FailureClass::NotSent) => self.retry_not_sent,
+            Some(FailureClass::Rejected) => self.retry_rejected,
+            Some(FailureClass::Unknown) => replay_safe,
+            None => false,
+        }
+    }
+
+    /// Full-jitter backoff before retry number `retry` (1-based).
+    fn backoff_for(&self, retry: u32) -> Duration {
+        let exp = self.base_backoff.saturating_mul(
+            1u32.checked_shl(retry.saturating_sub(1))
+                .unwrap_or(u32::MAX),
+        );
+        let ceiling = exp.min(self.max_backoff);
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        if nanos == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos(rand::random_range(0..nanos))
+    }
+}
+
+/// Retries requests per a [`RetryPolicy`]; see the [module docs](self).
+///
+/// The inner service receives `http::Request<ReplayBody<B>>`.
+#[derive(Clone)]
+pub struct Retry<S, C = DefaultClassifier> {
+    inner: S,
+    policy: Arc<RetryPolicy>,
+    classifier: C,
+}
+
+impl<S: fmt::Debug, C> fmt::Debug for Retry<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Retry<S> {
+    /// Wraps `inner` with `policy` and the default classifier.
+    pub fn new(inner: S, policy: RetryPolicy) -> Self {
+        Self::with_classifier(inner, Arc::new(policy), DefaultClassifier)
+    }
+}
+
+impl<S, C> Retry<S, C> {
+    /// Wraps `inner` with `policy`, classifying with `classifier`.
+    pub fn with_classifier(inner: S, policy: Arc<RetryPolicy>, classifier: C) -> Self {
+        Self {
+            inner,
+            policy,
+            classifier,
+        }
+    }
+}
+
+/// What a retry rebuilds each attempt from.
+pub(crate) struct Template {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+    extensions: http::Extensions,
+    data: Bytes,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl Template {
+    fn build<B>(&self, deadline: Option<Deadline>) -> http::Request<ReplayBody<B>> {
+        let mut req =
+            http::Request::new(ReplayBody::full(self.data.clone(), self.trailers.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        *req.extensions_mut() = self.extensions.clone();
+        if let Some(deadline) = deadline {
+            crate::deadline::restamp(req.headers_mut(), deadline);
+        }
+        req
+    }
+}
+
+impl<S, C, B, ResB> Service<http::Request<B>> for Retry<S, C>
+where
+    S: Service<http::Request<ReplayBody<B>>, Response = http::Response<ResB>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    C: Classify<http::Response<ResB>> + Clone,
+{
+    type Response = http::Response<ResB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, S::Future, B, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let (mut parts, body) = req.into_parts();
+        stamp_idempotency_key(&mut parts.headers, &parts.extensions);
+        let replay_safe = is_replay_safe(&parts.headers, &parts.extensions);
+        let deadline = parts.extensions.get::<Deadline>().copied();
+        self.policy.budget.deposit();
+        let (body, template) = if self.policy.max_attempts > 1 {
+            match collect(body, self.policy.max_replay_body) {
+                Collected::Whole { data, trailers } => {
+                    let template = Template {
+                        method: parts.method.clone(),
+                        uri: parts.uri.clone(),
+                        version: parts.version,
+                        headers: parts.headers.clone(),
+                        extensions: parts.extensions.clone(),
+                        data: data.clone(),
+                        trailers: trailers.clone(),
+                    };
+                    (ReplayBody::full(data, trailers), Some(template))
+                }
+                Collected::Once(body) => (body, None),
+            }
+        } else {
+            match collect(body, 0) {
+                Collected::Whole { data, trailers } => (ReplayBody::full(data, trailers), None),
+                Collected::Once(body) => (body, None),
+            }
+        };
+        let fut = self.inner.call(http::Request::from_parts(parts, body));
+        ResponseFuture::new(
+            fut,
+            self.inner.clone(),
+            template,
+            Arc::clone(&self.policy),
+            self.classifier.clone(),
+            replay_safe,
+            deadline,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

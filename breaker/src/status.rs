@@ -1,0 +1,115 @@
+//! The one place where any Keel error becomes a protocol status.
+
+use std::error::Error;
+
+use http::StatusCode;
+use tonic::Code;
+
+/// Maps any error to a gRPC code and an HTTP status, walking the source chain; the first link
+/// that is recognised decides:
+///
+/// | error | gRPC | HTTP |
+/// |---|---|---|
+/// | [`BreakerError`](crate::breaker::BreakerError) | `UNAVAILABLE` | 503 |
+/// | [`BulkheadFull`](crate::bulkhead::BulkheadFull) | `RESOURCE_EXHAUSTED` | 503 |
+/// | [`RateLimited`](crate::rate_limit::RateLimited) | `RESOURCE_EXHAUSTED` | 429 |
+/// | [`DeadlineExceeded`](crate::deadline::DeadlineExceeded) | `DEADLINE_EXCEEDED` | 504 |
+/// | [`tonic::Status`] | its code | per [`http_status_for_code`] |
+/// | [`NotSent`](crate::classify::NotSent), [`std::io::Error`] | `UNAVAILABLE` | 502 |
+/// | anything else | `UNKNOWN` | 500 |
+pub fn status_of(error: &(dyn Error + 'static)) -> (Code, StatusCode) {
+    let mut next = Some(error);
+    while let Some(err) = next {
+        if err.is::<crate::breaker::BreakerError>() {
+            return (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE);
+        }
+        if err.is::<crate::bulkhead::BulkheadFull>() {
+            return (Code::ResourceExhausted, StatusCode::SERVICE_UNAVAILABLE);
+        }
+        if err.is::<crate::rate_limit::RateLimited>() {
+            return (Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS);
+        }
+        if err.is::<crate::deadline::DeadlineExceeded>() {
+            return (Code::DeadlineExceeded, StatusCode::GATEWAY_TIMEOUT);
+        }
+        if let Some(status) = err.downcast_ref::<tonic::Status>() {
+            return (status.code(), http_status_for_code(status.code()));
+        }
+        if err.is::<crate::classify::NotSent>() || err.is::<std::io::Error>() {
+            return (Code::Unavailable, StatusCode::BAD_GATEWAY);
+        }
+        next = err.source();
+    }
+    (Code::Unknown, StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// [`status_of`] as a [`tonic::Status`] whose message is the error's `Display`.
+pub fn to_grpc_status(error: &(dyn Error + 'static)) -> tonic::Status {
+    tonic::Status::new(status_of(error).0, error.to_string())
+}
+
+/// The HTTP status conventionally paired with a gRPC code (as grpc-gateway maps them).
+pub fn http_status_for_code(code: Code) -> StatusCode {
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            StatusCode::BAD_REQUEST
+        }
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BoxError;
+
+    #[test]
+    fn maps_keel_errors_through_the_chain() {
+        let cases: Vec<(BoxError, Code, u16)> = vec![
+            (
+                crate::breaker::BreakerError::open().into(),
+                Code::Unavailable,
+                503,
+            ),
+            (
+                crate::bulkhead::BulkheadFull::new().into(),
+                Code::ResourceExhausted,
+                503,
+            ),
+            (
+                crate::rate_limit::RateLimited::new().into(),
+                Code::ResourceExhausted,
+                429,
+            ),
+            (
+                crate::deadline::DeadlineExceeded::elapsed().into(),
+                Code::DeadlineExceeded,
+                504,
+            ),
+            (
+                Box::new(std::io::Error::other(crate::rate_limit::RateLimited::new())),
+                Code::ResourceExhausted,
+                429,
+            ),
+            (tonic::Status::not_found("x").into(), Code::NotFound, 404),
+            ("opaque".into(), Code::Unknown, 500),
+        ];
+        for (err, code, http) in cases {
+            let (c, h) = status_of(err.as_ref());
+            assert_eq!((c, h.as_u16()), (code, http), "{err}");
+        }
+        let status = to_grpc_status(crate::breaker::BreakerError::open().into_boxed().as_ref());
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.message(), "circuit breaker is open");
+    }
+}
