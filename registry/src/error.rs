@@ -1,0 +1,138 @@
+//! The registry's error type.
+
+use std::time::Duration;
+
+/// A boxed error from the layer underneath (the ZooKeeper client, JSON, …).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a registry operation failed. Every variant that concerns a node names its path.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The node exists and belongs to another live ZooKeeper session: Keel never deletes it.
+    #[error("{path}: node is owned by another live ZooKeeper session {owner:#x}; leaving it alone")]
+    Conflict {
+        /// The node's path.
+        path: String,
+        /// The `ephemeralOwner` of the node (0 for a persistent node).
+        owner: i64,
+    },
+    /// The same instance id is already registered (static registry).
+    #[error("{path}: an instance with this id is already registered")]
+    Duplicate {
+        /// Where the duplicate lives (`static:<service>/<id>` for the static registry).
+        path: String,
+    },
+    /// The root holds instances written by another framework (for example Dubbo 3
+    /// application-level discovery under `/services`); mixing them would crash Java readers.
+    #[error("refusing to register under {root}: {path} holds foreign payload class {class}")]
+    ForeignPayload {
+        /// The root Keel was asked to register under.
+        root: String,
+        /// The node whose payload is foreign.
+        path: String,
+        /// Its `@class`.
+        class: String,
+    },
+    /// The instance cannot be written in the chosen dialect.
+    #[error("{path}: invalid instance: {reason}")]
+    InvalidInstance {
+        /// The path the instance would have had.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A ZooKeeper operation failed.
+    #[error("{path}: zookeeper {op} failed")]
+    ZooKeeper {
+        /// The operation (`create`, `delete`, …).
+        op: &'static str,
+        /// The node it concerned.
+        path: String,
+        /// The client's error.
+        #[source]
+        source: BoxError,
+    },
+    /// No ZooKeeper session could be established.
+    #[error("connecting to zookeeper {servers} failed")]
+    Connect {
+        /// The connect string.
+        servers: String,
+        /// The client's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The operation did not complete in time (ZooKeeper unreachable, or the service never loaded).
+    #[error("{path}: no answer within {timeout:?}")]
+    Timeout {
+        /// What was waited for.
+        path: String,
+        /// How long.
+        timeout: Duration,
+    },
+    /// The configuration is invalid.
+    #[error("invalid registry configuration: {0}")]
+    Config(String),
+    /// The registry's background session task has stopped.
+    #[error("the registry has shut down")]
+    Closed,
+}
+
+impl Error {
+    /// The node is owned by another live session (or the id is already registered).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Conflict { .. } | Error::Duplicate { .. })
+    }
+
+    /// ZooKeeper could not be reached or did not answer in time; retrying later may succeed.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Error::Connect { .. } | Error::Timeout { .. } | Error::Closed
+        ) || matches!(self, Error::ZooKeeper { source, .. } if is_transient(source.as_ref()))
+    }
+
+    pub(crate) fn zk(
+        op: &'static str,
+        path: impl Into<String>,
+        source: zookeeper_client::Error,
+    ) -> Self {
+        Error::ZooKeeper {
+            op,
+            path: path.into(),
+            source: Box::new(source),
+        }
+    }
+}
+
+fn is_transient(source: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    use zookeeper_client::Error as Zk;
+    matches!(
+        source.downcast_ref::<Zk>(),
+        Some(
+            Zk::ConnectionLoss | Zk::SessionExpired | Zk::Timeout | Zk::NoHosts | Zk::ClientClosed
+        )
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_path() {
+        let e = Error::Conflict {
+            path: "/services/account/a-1".into(),
+            owner: 0x1234,
+        };
+        assert_eq!(
+            e.to_string(),
+            "/services/account/a-1: node is owned by another live ZooKeeper session 0x1234; leaving it alone"
+        );
+        assert!(e.is_conflict());
+        let e = Error::zk("create", "/x", zookeeper_client::Error::ConnectionLoss);
+        assert!(e.to_string().starts_with("/x: zookeeper create"));
+        assert!(e.is_unavailable());
+        assert!(!Error::zk("create", "/x", zookeeper_client::Error::NoAuth).is_unavailable());
+    }
+}

@@ -1,0 +1,340 @@
+//! One watched service: a persistent recursive watch on its parent node, a cache of its
+//! decoded children, and the published (held) view.
+//!
+//! No polling: the task reads ZooKeeper only when a watch event says something changed, after a
+//! reconnection (events may be lost during one, ZOOKEEPER-4698) and on a new session.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::join_all;
+use keel_core::{InstanceStatus, ServiceInstance};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use zookeeper_client::{self as zk, AddWatchMode, Client, EventType, SessionState, WatchedEvent};
+
+use super::session::SessionSlot;
+use super::{Stats, ZkConfig};
+use crate::dialect::{DecodeError, Dialect, dubbo, spring};
+use crate::hold::{Applied, HeldView};
+use crate::watch::{Instances, Published, publish};
+
+pub(crate) struct ServiceWatch {
+    dialect: Dialect,
+    service: String,
+    path: String,
+    sessions: watch::Receiver<SessionSlot>,
+    tx: watch::Sender<Published>,
+    stats: Arc<Stats>,
+    request_timeout: Duration,
+    debounce: Duration,
+    /// Decoded children by node name (`None`: skipped).
+    nodes: BTreeMap<String, Option<ServiceInstance>>,
+    view: HeldView,
+}
+
+enum Outcome {
+    /// The session ended: wait for the next one.
+    SessionEnded,
+    /// A newer session is available.
+    NewSession,
+    /// A transient failure: retry shortly on the same session.
+    Retry,
+    /// The registry is gone.
+    Shutdown,
+}
+
+impl ServiceWatch {
+    pub(crate) fn new(
+        dialect: Dialect,
+        service: String,
+        sessions: watch::Receiver<SessionSlot>,
+        tx: watch::Sender<Published>,
+        stats: Arc<Stats>,
+        config: &ZkConfig,
+    ) -> Self {
+        Self {
+            path: dialect.service_path(&service),
+            dialect,
+            service,
+            sessions,
+            tx,
+            stats,
+            request_timeout: config.request_timeout,
+            debounce: config.debounce,
+            nodes: BTreeMap::new(),
+            view: HeldView::new(config.mass_removal),
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let slot = self.sessions.borrow_and_update().clone();
+            match self.serve(&slot).await {
+                Outcome::NewSession => backoff = Duration::from_millis(100),
+                Outcome::SessionEnded => {
+                    if self.sessions.changed().await.is_err() {
+                        return;
+                    }
+                }
+                Outcome::Retry => {
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        r = self.sessions.changed() => if r.is_err() { return },
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Outcome::Shutdown => return,
+            }
+        }
+    }
+
+    async fn serve(&mut self, slot: &SessionSlot) -> Outcome {
+        let client = &slot.client;
+        let epoch = slot.generation;
+        let mut watcher = match self
+            .op(client.watch(&self.path, AddWatchMode::PersistentRecursive))
+            .await
+        {
+            Ok(watcher) => watcher,
+            Err(error) => return self.failed("watch", error),
+        };
+        if let Err(error) = self.resync(client).await {
+            return self.failed("resync", error);
+        }
+        self.publish(epoch);
+        let mut disconnected = false;
+        loop {
+            let deadline = self.view.deadline();
+            tokio::select! {
+                event = watcher.changed() => {
+                    let batch = self.collect(event, &mut watcher).await;
+                    let mut resync = false;
+                    let mut dirty = BTreeSet::new();
+                    let mut deleted = BTreeSet::new();
+                    for event in batch {
+                        match event.event_type {
+                            EventType::Session => match event.session_state {
+                                SessionState::Disconnected => disconnected = true,
+                                SessionState::SyncConnected | SessionState::ConnectedReadOnly => {
+                                    resync |= disconnected;
+                                    disconnected = false;
+                                }
+                                _ => return Outcome::SessionEnded,
+                            },
+                            EventType::NodeCreated | EventType::NodeDataChanged => {
+                                if let Some(child) = self.child_of(&event.path) {
+                                    deleted.remove(child);
+                                    dirty.insert(child.to_owned());
+                                }
+                            }
+                            EventType::NodeDeleted => {
+                                if let Some(child) = self.child_of(&event.path) {
+                                    dirty.remove(child);
+                                    deleted.insert(child.to_owned());
+                                }
+                            }
+                            EventType::NodeChildrenChanged => {}
+                        }
+                    }
+                    let result = if resync {
+                        self.resync(client).await
+                    } else {
+                        for child in &deleted {
+                            self.nodes.remove(child);
+                        }
+                        self.refresh(client, dirty).await
+                    };
+                    if let Err(error) = result {
+                        // The persistent watch stays armed; re-read everything on the next try.
+                        return self.failed("read", error);
+                    }
+                    self.publish(epoch);
+                }
+                () = sleep_until(deadline), if deadline.is_some() => {
+                    // The hold window ended: re-read, and apply what is still true.
+                    if let Err(error) = self.resync(client).await {
+                        return self.failed("resync", error);
+                    }
+                    self.publish(epoch);
+                }
+                changed = self.sessions.changed() => {
+                    return match changed {
+                        Ok(()) => Outcome::NewSession,
+                        Err(_) => Outcome::Shutdown,
+                    };
+                }
+            }
+        }
+    }
+
+    /// The first event plus whatever follows within the debounce window or is already queued.
+    async fn collect(
+        &self,
+        first: WatchedEvent,
+        watcher: &mut zk::PersistentWatcher,
+    ) -> Vec<WatchedEvent> {
+        let terminal = |e: &WatchedEvent| {
+            e.event_type == EventType::Session && e.session_state.is_terminated()
+        };
+        let mut batch = vec![first];
+        if batch.iter().any(terminal) {
+            return batch;
+        }
+        if !self.debounce.is_zero() {
+            let until = Instant::now() + self.debounce;
+            while let Ok(event) = tokio::time::timeout_at(until, watcher.changed()).await {
+                let stop = terminal(&event);
+                batch.push(event);
+                if stop {
+                    return batch;
+                }
+            }
+        }
+        // `changed` panics once the session has terminated, so stop at a terminal event.
+        while let Some(event) = watcher.changed().now_or_never() {
+            let stop = terminal(&event);
+            batch.push(event);
+            if stop {
+                break;
+            }
+        }
+        batch
+    }
+
+    fn failed(&self, what: &str, error: zk::Error) -> Outcome {
+        match error {
+            zk::Error::SessionExpired | zk::Error::ClientClosed | zk::Error::AuthFailed => {
+                Outcome::SessionEnded
+            }
+            error => {
+                tracing::warn!(%error, path = %self.path, what, "zookeeper read failed; serving last known state");
+                Outcome::Retry
+            }
+        }
+    }
+
+    fn child_of<'p>(&self, path: &'p str) -> Option<&'p str> {
+        let child = path.strip_prefix(self.path.as_str())?.strip_prefix('/')?;
+        (!child.is_empty() && !child.contains('/')).then_some(child)
+    }
+
+    /// Re-reads every child.
+    async fn resync(&mut self, client: &Client) -> Result<(), zk::Error> {
+        Stats::bump(&self.stats.resyncs);
+        let children = match self.op(client.list_children(&self.path)).await {
+            Ok(children) => children,
+            Err(zk::Error::NoNode) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        self.nodes.clear();
+        self.refresh(client, children.into_iter().collect()).await
+    }
+
+    /// Reads and decodes the given children (all requests pipelined).
+    async fn refresh(
+        &mut self,
+        client: &Client,
+        children: BTreeSet<String>,
+    ) -> Result<(), zk::Error> {
+        match &self.dialect {
+            Dialect::Dubbo(options) => {
+                for child in children {
+                    let decoded = dubbo::decode(&self.path, &self.service, &child, options);
+                    let instance = self.keep(decoded);
+                    self.nodes.insert(child, instance);
+                }
+            }
+            Dialect::Spring(_) => {
+                let paths: Vec<(String, String)> = children
+                    .into_iter()
+                    .map(|c| (format!("{}/{c}", self.path), c))
+                    .collect();
+                let reads = join_all(paths.iter().map(|(p, _)| client.get_data(p)));
+                let results = tokio::time::timeout(self.request_timeout, reads)
+                    .await
+                    .map_err(|_| zk::Error::Timeout)?;
+                for ((path, child), result) in paths.into_iter().zip(results) {
+                    match result {
+                        Ok((data, _)) => {
+                            let decoded = spring::decode(&path, &self.service, &data).map(Some);
+                            let instance = self.keep(decoded);
+                            self.nodes.insert(child, instance);
+                        }
+                        Err(zk::Error::NoNode) => {
+                            self.nodes.remove(&child);
+                        }
+                        Err(zk::Error::NoAuth) => {
+                            self.keep(Err(DecodeError::new(
+                                path,
+                                "not readable with our credentials",
+                            )));
+                            self.nodes.insert(child, None);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Logs and counts a node that does not decode.
+    fn keep(
+        &self,
+        decoded: Result<Option<ServiceInstance>, DecodeError>,
+    ) -> Option<ServiceInstance> {
+        match decoded {
+            Ok(instance) => instance,
+            Err(error) => {
+                Stats::bump(&self.stats.malformed_nodes);
+                tracing::warn!(path = %error.path(), reason = %error.reason(), "skipping malformed registry node");
+                None
+            }
+        }
+    }
+
+    /// UP instances by id (the first node by name wins when two carry the same id).
+    fn truth(&self) -> Instances {
+        let mut truth = Instances::new();
+        for instance in self.nodes.values().flatten() {
+            if instance.status == InstanceStatus::Up && !truth.contains_key(&instance.id) {
+                truth.insert(instance.id.clone(), instance.clone());
+            }
+        }
+        truth
+    }
+
+    fn publish(&mut self, epoch: u64) {
+        let truth = self.truth();
+        if self.view.apply(&truth, Instant::now()) == Applied::HoldStarted {
+            Stats::bump(&self.stats.held_removals);
+            tracing::warn!(
+                path = %self.path,
+                published = self.view.published().len(),
+                remaining = truth.len(),
+                "holding a mass removal; it is applied only if still true after the hold window"
+            );
+        }
+        publish(&self.tx, epoch, self.view.published().clone());
+    }
+
+    async fn op<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, zk::Error>>,
+    ) -> Result<T, zk::Error> {
+        tokio::time::timeout(self.request_timeout, fut)
+            .await
+            .unwrap_or(Err(zk::Error::Timeout))
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

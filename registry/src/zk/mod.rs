@@ -1,0 +1,443 @@
+//! The ZooKeeper registry.
+
+mod discovery;
+mod session;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::{BoxFuture, FutureExt};
+use keel_core::{InstanceStatus, ServiceInstance};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::dialect::{Dialect, validate_segment};
+use crate::hold::MassRemovalPolicy;
+use crate::registration::{Backend, Registration};
+use crate::watch::Published;
+use crate::{Error, Registry, Watch};
+
+use session::{Command, SessionSlot, Supervisor};
+
+/// How to reach ZooKeeper and how to behave there. By-value builder; validated by
+/// [`ZkRegistry::connect`].
+#[derive(Clone)]
+pub struct ZkConfig {
+    servers: String,
+    session_timeout: Duration,
+    request_timeout: Duration,
+    digest: Option<String>,
+    dialect: Dialect,
+    mass_removal: MassRemovalPolicy,
+    debounce: Duration,
+}
+
+impl fmt::Debug for ZkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ZkConfig")
+            .field("servers", &self.servers)
+            .field("session_timeout", &self.session_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field(
+                "digest_user",
+                &self
+                    .digest
+                    .as_deref()
+                    .and_then(|d| d.split_once(':'))
+                    .map(|(u, _)| u),
+            )
+            .field("dialect", &self.dialect)
+            .field("mass_removal", &self.mass_removal)
+            .field("debounce", &self.debounce)
+            .finish()
+    }
+}
+
+impl ZkConfig {
+    /// A configuration for the connect string `servers` (`host:port[,host:port…][/chroot]`):
+    /// session timeout 10 s, request timeout 15 s, the Spring dialect under `/services`, no ACL,
+    /// the default [`MassRemovalPolicy`], no debounce.
+    pub fn new(servers: impl Into<String>) -> Self {
+        Self {
+            servers: servers.into(),
+            session_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(15),
+            digest: None,
+            dialect: Dialect::default(),
+            mass_removal: MassRemovalPolicy::default(),
+            debounce: Duration::ZERO,
+        }
+    }
+
+    /// The session timeout to negotiate: how long after a provider dies its nodes vanish.
+    pub fn with_session_timeout(mut self, timeout: Duration) -> Self {
+        self.session_timeout = timeout;
+        self
+    }
+
+    /// How long `connect`, `register`, `deregister`, `set_status` and the first load of a
+    /// `snapshot` may take before they fail with [`Error::Timeout`].
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Authenticates with the `digest` scheme (`user:password`); created nodes then carry
+    /// CREATOR_ALL, and created parents CREATOR_ALL plus world READ.
+    pub fn with_digest_auth(mut self, user_password: impl Into<String>) -> Self {
+        self.digest = Some(user_password.into());
+        self
+    }
+
+    /// The default dialect of the registry (see [`ZkRegistry::with_dialect`] for others).
+    pub fn with_dialect(mut self, dialect: Dialect) -> Self {
+        self.dialect = dialect;
+        self
+    }
+
+    /// When and how long a mass removal is held.
+    pub fn with_mass_removal(mut self, policy: MassRemovalPolicy) -> Self {
+        self.mass_removal = policy;
+        self
+    }
+
+    /// After a watch event, wait this long for more before reading ZooKeeper (events already
+    /// queued are always batched; the default, zero, adds no delay).
+    pub fn with_debounce(mut self, debounce: Duration) -> Self {
+        self.debounce = debounce;
+        self
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if self.servers.trim().is_empty() {
+            return Err(Error::Config("empty ZooKeeper connect string".into()));
+        }
+        if let Some(d) = &self.digest {
+            match d.split_once(':') {
+                Some((user, _)) if !user.is_empty() => {}
+                _ => {
+                    return Err(Error::Config(
+                        "digest auth must be \"user:password\"".into(),
+                    ));
+                }
+            }
+        }
+        if self.session_timeout.is_zero() || self.request_timeout.is_zero() {
+            return Err(Error::Config("timeouts must be positive".into()));
+        }
+        self.dialect.validate().map_err(Error::Config)?;
+        self.mass_removal.validate().map_err(Error::Config)
+    }
+}
+
+/// Counters of what the registry had to cope with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RegistryStats {
+    /// Nodes skipped because their data (or Dubbo URL) did not parse.
+    pub malformed_nodes: u64,
+    /// ZooKeeper sessions that expired (each followed by a new session).
+    pub session_expiries: u64,
+    /// Registrations re-created on a new session.
+    pub reregistrations: u64,
+    /// Mass removals that were held.
+    pub held_removals: u64,
+    /// Full re-reads of a service (start, reconnection, new session).
+    pub resyncs: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    malformed_nodes: AtomicU64,
+    session_expiries: AtomicU64,
+    reregistrations: AtomicU64,
+    held_removals: AtomicU64,
+    resyncs: AtomicU64,
+}
+
+impl Stats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> RegistryStats {
+        RegistryStats {
+            malformed_nodes: self.malformed_nodes.load(Ordering::Relaxed),
+            session_expiries: self.session_expiries.load(Ordering::Relaxed),
+            reregistrations: self.reregistrations.load(Ordering::Relaxed),
+            held_removals: self.held_removals.load(Ordering::Relaxed),
+            resyncs: self.resyncs.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A [`Registry`] on ZooKeeper.
+///
+/// One ZooKeeper session per `ZkRegistry` (clones and [`with_dialect`](Self::with_dialect)
+/// views share it), shared by every registration and every watch. Registrations are EPHEMERAL
+/// nodes; after a session expiry a new session re-creates each of them and re-arms each watch,
+/// and every [`Watch`] emits a [`Change::Reset`](crate::Change::Reset).
+///
+/// # Background tasks
+/// [`connect`](Self::connect) spawns the session task on the current tokio runtime; the first
+/// `watch` / `snapshot` of a service spawns that service's watch task. They stop when the
+/// registry, every [`Registration`] and every [`Watch`] from it are dropped.
+#[derive(Clone)]
+pub struct ZkRegistry {
+    inner: Arc<Inner>,
+    dialect: Dialect,
+}
+
+impl fmt::Debug for ZkRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ZkRegistry")
+            .field("servers", &self.inner.config.servers)
+            .field("dialect", &self.dialect)
+            .field("generation", &self.inner.sessions.borrow().generation)
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ZkConfig,
+    commands: mpsc::UnboundedSender<Command>,
+    sessions: watch::Receiver<SessionSlot>,
+    services: Mutex<HashMap<(Dialect, String), watch::Receiver<Published>>>,
+    stats: Arc<Stats>,
+    runtime: tokio::runtime::Handle,
+    next_key: AtomicU64,
+}
+
+impl ZkRegistry {
+    /// Opens the ZooKeeper session and spawns the session task that keeps it (and, after an
+    /// expiry, replaces it and re-creates every registration).
+    ///
+    /// # Errors
+    /// An invalid configuration, no tokio runtime, or no session within the request timeout.
+    pub async fn connect(config: ZkConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::Config("ZkRegistry::connect needs a tokio runtime".into()))?;
+        let client = session::connect(&config).await?;
+        let stats = Arc::new(Stats::default());
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (supervisor, sessions) = Supervisor::new(config.clone(), client, stats.clone());
+        runtime.spawn(supervisor.run(command_rx));
+        let dialect = config.dialect.clone();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                commands,
+                sessions,
+                services: Mutex::new(HashMap::new()),
+                stats,
+                runtime,
+                next_key: AtomicU64::new(1),
+            }),
+            dialect,
+        })
+    }
+
+    /// A view of the same registry (same session) that reads and writes `dialect`.
+    pub fn with_dialect(&self, dialect: Dialect) -> Result<Self, Error> {
+        dialect.validate().map_err(Error::Config)?;
+        Ok(Self {
+            inner: self.inner.clone(),
+            dialect,
+        })
+    }
+
+    /// This view's dialect.
+    pub fn dialect(&self) -> &Dialect {
+        &self.dialect
+    }
+
+    /// Counters since `connect`.
+    pub fn stats(&self) -> RegistryStats {
+        self.inner.stats.snapshot()
+    }
+
+    /// The current ZooKeeper session id (changes after an expiry).
+    pub fn session_id(&self) -> i64 {
+        self.inner.sessions.borrow().client.session_id().0
+    }
+
+    fn service_rx(&self, service: &str) -> Result<watch::Receiver<Published>, Error> {
+        validate_segment("service", service).map_err(|reason| Error::InvalidInstance {
+            path: self.dialect.service_path(service),
+            reason,
+        })?;
+        if self.inner.commands.is_closed() {
+            return Err(Error::Closed);
+        }
+        let key = (self.dialect.clone(), service.to_owned());
+        let mut services = self
+            .inner
+            .services
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = services.get(&key) {
+            return Ok(rx.clone());
+        }
+        let (tx, rx) = watch::channel(Published::default());
+        let task = discovery::ServiceWatch::new(
+            self.dialect.clone(),
+            service.to_owned(),
+            self.inner.sessions.clone(),
+            tx,
+            self.inner.stats.clone(),
+            &self.inner.config,
+        );
+        self.inner.runtime.spawn(task.run());
+        services.insert(key, rx.clone());
+        Ok(rx)
+    }
+
+    async fn request<T>(
+        &self,
+        path: String,
+        make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
+    ) -> Result<T, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .commands
+            .send(make(reply))
+            .map_err(|_| Error::Closed)?;
+        let timeout = self.inner.config.request_timeout;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout { path, timeout }),
+        }
+    }
+}
+
+impl Backend for Inner {
+    fn set_status(&self, key: u64, status: InstanceStatus) -> BoxFuture<'_, Result<(), Error>> {
+        async move {
+            let (reply, rx) = oneshot::channel();
+            self.commands
+                .send(Command::SetStatus { key, status, reply })
+                .map_err(|_| Error::Closed)?;
+            let timeout = self.config.request_timeout;
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(Error::Closed),
+                Err(_) => Err(Error::Timeout {
+                    path: format!("status of registration {key}"),
+                    timeout,
+                }),
+            }
+        }
+        .boxed()
+    }
+
+    fn deregister(&self, key: u64) -> BoxFuture<'_, Result<(), Error>> {
+        async move {
+            let (reply, rx) = oneshot::channel();
+            self.commands
+                .send(Command::Deregister {
+                    key,
+                    reply: Some(reply),
+                })
+                .map_err(|_| Error::Closed)?;
+            let timeout = self.config.request_timeout;
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(Error::Closed),
+                Err(_) => Err(Error::Timeout {
+                    path: format!("deregistration {key}"),
+                    timeout,
+                }),
+            }
+        }
+        .boxed()
+    }
+
+    fn deregister_detached(&self, key: u64) {
+        // If the session task is gone, so is the session and with it the EPHEMERAL node.
+        let _ = self.commands.send(Command::Deregister { key, reply: None });
+    }
+}
+
+impl Registry for ZkRegistry {
+    fn register(&self, instance: ServiceInstance) -> BoxFuture<'_, Result<Registration, Error>> {
+        async move {
+            let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
+            let dialect = self.dialect.clone();
+            let described = format!(
+                "{}/{}",
+                dialect.service_path(&instance.service),
+                instance.id
+            );
+            let result = self
+                .request(described, |reply| Command::Register {
+                    key,
+                    dialect,
+                    instance: instance.clone(),
+                    reply,
+                })
+                .await;
+            match result {
+                Ok(path) => Ok(Registration::new(key, path, instance, self.inner.clone())),
+                Err(e) => {
+                    // It may still complete later: make sure it does not outlive this failure.
+                    self.inner.deregister_detached(key);
+                    Err(e)
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn watch(&self, service: &str) -> Result<Watch, Error> {
+        let rx = self.service_rx(service)?;
+        Ok(Watch::new(service, rx, Some(self.inner.clone())))
+    }
+
+    fn snapshot<'a>(
+        &'a self,
+        service: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ServiceInstance>, Error>> {
+        async move {
+            let mut rx = self.service_rx(service)?;
+            let timeout = self.inner.config.request_timeout;
+            match tokio::time::timeout(timeout, rx.wait_for(|p| p.ready)).await {
+                Ok(Ok(published)) => Ok(published.sorted()),
+                Ok(Err(_)) => Err(Error::Closed),
+                Err(_) => Err(Error::Timeout {
+                    path: self.dialect.service_path(service),
+                    timeout,
+                }),
+            }
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation_and_debug_hides_password() {
+        assert!(ZkConfig::new("127.0.0.1:2181").validate().is_ok());
+        assert!(ZkConfig::new(" ").validate().is_err());
+        assert!(
+            ZkConfig::new("h:1")
+                .with_digest_auth("nopassword")
+                .validate()
+                .is_err()
+        );
+        let c = ZkConfig::new("h:1").with_digest_auth("keel:s3cret");
+        assert!(c.validate().is_ok());
+        let shown = format!("{c:?}");
+        assert!(
+            shown.contains("keel") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,560 @@
+//! The session task: owns the ZooKeeper session and every registration.
+//!
+//! All writes go through this one task (an actor), so a registration can never race with the
+//! re-registration sweep that follows a session expiry.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keel_core::{InstanceStatus, ServiceInstance};
+use tokio::sync::{mpsc, oneshot, watch};
+use zookeeper_client::{self as zk, Acl, Acls, Client, CreateMode, Permission, SessionState};
+
+use super::{Stats, ZkConfig};
+use crate::Error;
+use crate::dialect::{Dialect, dubbo, spring, validate_segment};
+
+/// ALL for the creator, READ for everyone: parents stay listable by other fleets' users.
+static PARENT_ACL: [Acl; 2] = [
+    Acl::new_const(Permission::ALL, "auth", ""),
+    Acl::new_const(Permission::READ, "world", "anyone"),
+];
+
+/// The current session, as published to the watch tasks.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionSlot {
+    /// Incremented for each new session.
+    pub(crate) generation: u64,
+    pub(crate) client: Client,
+}
+
+#[derive(Debug)]
+pub(crate) enum Command {
+    Register {
+        key: u64,
+        dialect: Dialect,
+        instance: ServiceInstance,
+        reply: oneshot::Sender<Result<String, Error>>,
+    },
+    SetStatus {
+        key: u64,
+        status: InstanceStatus,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Deregister {
+        key: u64,
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+    },
+}
+
+#[derive(Debug)]
+struct Record {
+    dialect: Dialect,
+    instance: ServiceInstance,
+    registered_at_ms: u64,
+    /// Session id and path of the node, once created in that session.
+    created: Option<(i64, String)>,
+    /// A `register` call waiting for the first creation.
+    waiting: Option<oneshot::Sender<Result<String, Error>>>,
+}
+
+/// Where and what a record's node is.
+struct Node {
+    parent: String,
+    path: String,
+    data: Vec<u8>,
+}
+
+impl Record {
+    fn node(&self) -> Result<Node, Error> {
+        let invalid = |path: String, reason: String| Error::InvalidInstance { path, reason };
+        match &self.dialect {
+            Dialect::Spring(_) => {
+                let parent = self.dialect.service_path(&self.instance.service);
+                let path = format!("{parent}/{}", self.instance.id);
+                validate_segment("service", &self.instance.service)
+                    .and_then(|()| validate_segment("id", &self.instance.id))
+                    .map_err(|r| invalid(path.clone(), r))?;
+                let data = spring::encode(&self.instance, self.registered_at_ms)
+                    .map_err(|r| invalid(path.clone(), r))?;
+                Ok(Node { parent, path, data })
+            }
+            Dialect::Dubbo(o) => {
+                let parent = self.dialect.service_path(&self.instance.service);
+                validate_segment("interface", &self.instance.service)
+                    .map_err(|r| invalid(parent.clone(), r))?;
+                let url = dubbo::provider_url(&self.instance, o.protocol())
+                    .map_err(|r| invalid(parent.clone(), r))?;
+                let path = format!("{parent}/{}", dubbo::encode_node_name(&url));
+                Ok(Node {
+                    parent,
+                    path,
+                    data: Vec::new(),
+                })
+            }
+        }
+    }
+}
+
+/// Opens a session with `config`.
+pub(crate) async fn connect(config: &ZkConfig) -> Result<Client, Error> {
+    let mut connector = Client::connector().with_session_timeout(config.session_timeout);
+    if let Some(digest) = &config.digest {
+        connector = connector.with_auth("digest", digest.as_bytes());
+    }
+    let failed = |source: crate::BoxError| Error::Connect {
+        servers: config.servers.clone(),
+        source,
+    };
+    match tokio::time::timeout(config.request_timeout, connector.connect(&config.servers)).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(failed(Box::new(e))),
+        Err(_) => Err(failed(
+            format!("no session within {:?}", config.request_timeout).into(),
+        )),
+    }
+}
+
+pub(crate) struct Supervisor {
+    config: ZkConfig,
+    client: Client,
+    generation: u64,
+    /// Our earlier sessions: a node they own may be replaced.
+    past_sessions: HashSet<i64>,
+    records: BTreeMap<u64, Record>,
+    sessions: watch::Sender<SessionSlot>,
+    stats: Arc<Stats>,
+    checked_roots: HashSet<String>,
+}
+
+enum Flow {
+    Continue,
+    Shutdown,
+}
+
+impl Supervisor {
+    pub(crate) fn new(
+        config: ZkConfig,
+        client: Client,
+        stats: Arc<Stats>,
+    ) -> (Self, watch::Receiver<SessionSlot>) {
+        let (sessions, rx) = watch::channel(SessionSlot {
+            generation: 0,
+            client: client.clone(),
+        });
+        let supervisor = Self {
+            config,
+            client,
+            generation: 0,
+            past_sessions: HashSet::new(),
+            records: BTreeMap::new(),
+            sessions,
+            stats,
+            checked_roots: HashSet::new(),
+        };
+        (supervisor, rx)
+    }
+
+    fn session_id(&self) -> i64 {
+        self.client.session_id().0
+    }
+
+    pub(crate) async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut state = self.client.state_watcher();
+        let mut backlog: VecDeque<Command> = VecDeque::new();
+        loop {
+            while let Some(command) = backlog.pop_front() {
+                self.handle(command).await;
+            }
+            let unsatisfied = self.unsatisfied();
+            tokio::select! {
+                s = state.changed() => match s {
+                    SessionState::Expired | SessionState::Closed | SessionState::AuthFailed => {
+                        tracing::warn!(session = %self.client.session_id(), state = %s, "zookeeper session ended; opening a new one");
+                        if let Flow::Shutdown = self.renew(&mut commands, &mut backlog).await {
+                            return;
+                        }
+                        state = self.client.state_watcher();
+                    }
+                    SessionState::SyncConnected | SessionState::ConnectedReadOnly => {
+                        self.ensure_all().await;
+                    }
+                    SessionState::Disconnected => {
+                        tracing::info!(session = %self.client.session_id(), "zookeeper disconnected; serving last known state");
+                    }
+                },
+                command = commands.recv() => match command {
+                    Some(command) => self.handle(command).await,
+                    None => break,
+                },
+                () = tokio::time::sleep(Duration::from_secs(2)), if unsatisfied => {
+                    self.ensure_all().await;
+                }
+            }
+        }
+        self.shutdown().await;
+    }
+
+    /// Replaces an ended session, re-creates every registration, then tells the watch tasks.
+    async fn renew(
+        &mut self,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        backlog: &mut VecDeque<Command>,
+    ) -> Flow {
+        Stats::bump(&self.stats.session_expiries);
+        self.past_sessions.insert(self.session_id());
+        let mut backoff = Duration::from_millis(100);
+        let client = loop {
+            let config = self.config.clone();
+            let attempt = connect(&config);
+            let result = match drain_while(attempt, commands, backlog).await {
+                Some(result) => result,
+                None => return Flow::Shutdown,
+            };
+            match result {
+                Ok(client) => break client,
+                Err(error) => {
+                    tracing::warn!(%error, "zookeeper reconnect failed; retrying");
+                    if drain_while(tokio::time::sleep(backoff), commands, backlog)
+                        .await
+                        .is_none()
+                    {
+                        return Flow::Shutdown;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        tracing::info!(session = %client.session_id(), "new zookeeper session");
+        self.client = client;
+        self.generation += 1;
+        for record in self.records.values_mut() {
+            record.created = None;
+        }
+        let reregistered = self.ensure_all().await;
+        for _ in 0..reregistered {
+            Stats::bump(&self.stats.reregistrations);
+        }
+        self.sessions.send_replace(SessionSlot {
+            generation: self.generation,
+            client: self.client.clone(),
+        });
+        Flow::Continue
+    }
+
+    fn unsatisfied(&self) -> bool {
+        let sid = self.session_id();
+        self.records
+            .values()
+            .any(|r| !matches!(&r.created, Some((s, _)) if *s == sid))
+    }
+
+    /// Creates every record not yet created in this session; returns how many it created.
+    async fn ensure_all(&mut self) -> usize {
+        let sid = self.session_id();
+        let keys: Vec<u64> = self
+            .records
+            .iter()
+            .filter(|(_, r)| !matches!(&r.created, Some((s, _)) if *s == sid))
+            .map(|(k, _)| *k)
+            .collect();
+        let mut created = 0;
+        for key in keys {
+            if self.ensure_key(key).await {
+                created += 1;
+            }
+        }
+        created
+    }
+
+    /// Ensures one record's node and settles a waiting `register` call. Returns success.
+    async fn ensure_key(&mut self, key: u64) -> bool {
+        let Some(record) = self.records.get(&key) else {
+            return false;
+        };
+        let result = self.ensure(record).await;
+        let Some(record) = self.records.get_mut(&key) else {
+            return false;
+        };
+        match result {
+            Ok(path) => {
+                record.created = Some((self.client.session_id().0, path.clone()));
+                if let Some(reply) = record.waiting.take() {
+                    let _ = reply.send(Ok(path));
+                }
+                true
+            }
+            Err(error) if error.is_unavailable() => {
+                tracing::warn!(%error, "registration pending until zookeeper answers");
+                false
+            }
+            Err(error) => {
+                if let Some(reply) = record.waiting.take() {
+                    // A registration that never existed fails for good.
+                    self.records.remove(&key);
+                    let _ = reply.send(Err(error));
+                } else {
+                    tracing::error!(%error, "cannot re-create registration; will retry");
+                }
+                false
+            }
+        }
+    }
+
+    /// Creates the record's node with owner fencing; returns its path.
+    async fn ensure(&self, record: &Record) -> Result<String, Error> {
+        let node = record.node()?;
+        if let Dialect::Spring(_) = &record.dialect {
+            self.check_root(record.dialect.root()).await?;
+        }
+        let sid = self.session_id();
+        let acl = self.node_acls();
+        let options = CreateMode::Ephemeral.with_acls(acl);
+        for _ in 0..5 {
+            match self
+                .op(self.client.create(&node.path, &node.data, &options))
+                .await
+            {
+                Ok(_) => return Ok(node.path),
+                Err(zk::Error::NoNode) => self.mkdir(&node.parent).await?,
+                Err(zk::Error::NodeExists) => {
+                    let stat = match self.op(self.client.check_stat(&node.path)).await {
+                        Ok(Some(stat)) => stat,
+                        Ok(None) => continue,
+                        Err(e) => return Err(Error::zk("exists", &node.path, e)),
+                    };
+                    if stat.ephemeral_owner == sid {
+                        // Ours already (a retried create whose answer was lost): refresh data.
+                        self.op(self.client.set_data(&node.path, &node.data, None))
+                            .await
+                            .map_err(|e| Error::zk("set_data", &node.path, e))?;
+                        return Ok(node.path);
+                    }
+                    if stat.ephemeral_owner == 0
+                        || !self.past_sessions.contains(&stat.ephemeral_owner)
+                    {
+                        return Err(Error::Conflict {
+                            path: node.path,
+                            owner: stat.ephemeral_owner,
+                        });
+                    }
+                    tracing::info!(path = %node.path, owner = stat.ephemeral_owner, "replacing node of an earlier session of ours");
+                    match self
+                        .op(self.client.delete(&node.path, Some(stat.version)))
+                        .await
+                    {
+                        Ok(()) | Err(zk::Error::NoNode) | Err(zk::Error::BadVersion) => {}
+                        Err(e) => return Err(Error::zk("delete", &node.path, e)),
+                    }
+                }
+                Err(e) => return Err(Error::zk("create", &node.path, e)),
+            }
+        }
+        Err(Error::zk(
+            "create",
+            &node.path,
+            zk::Error::UnexpectedError("node keeps changing under us".into()),
+        ))
+    }
+
+    fn node_acls(&self) -> Acls<'static> {
+        if self.config.digest.is_some() {
+            Acls::creator_all()
+        } else {
+            Acls::anyone_all()
+        }
+    }
+
+    async fn mkdir(&self, path: &str) -> Result<(), Error> {
+        let acls = if self.config.digest.is_some() {
+            Acls::new(&PARENT_ACL)
+        } else {
+            Acls::anyone_all()
+        };
+        let options = CreateMode::Container.with_acls(acls);
+        self.op(self.client.mkdir(path, &options))
+            .await
+            .map_err(|e| Error::zk("mkdir", path, e))
+    }
+
+    /// Refuses a Spring root that holds another framework's payload class (checked once).
+    async fn check_root(&self, root: &str) -> Result<(), Error> {
+        if self.checked_roots.contains(root) {
+            return Ok(());
+        }
+        let services = match self.op(self.client.list_children(root)).await {
+            Ok(children) => children,
+            Err(zk::Error::NoNode) => return Ok(()),
+            Err(e) => return Err(Error::zk("list", root, e)),
+        };
+        for service in services {
+            let parent = format!("{root}/{service}");
+            let children = match self.op(self.client.list_children(&parent)).await {
+                Ok(children) => children,
+                Err(zk::Error::NoNode) => continue,
+                Err(e) => return Err(Error::zk("list", parent, e)),
+            };
+            let Some(first) = children.into_iter().min() else {
+                continue;
+            };
+            let path = format!("{parent}/{first}");
+            let data = match self.op(self.client.get_data(&path)).await {
+                Ok((data, _)) => data,
+                Err(zk::Error::NoNode | zk::Error::NoAuth) => continue,
+                Err(e) => return Err(Error::zk("get_data", path, e)),
+            };
+            if let Some(class) = spring::payload_class(&data)
+                && class != spring::SPRING_PAYLOAD_CLASS
+            {
+                return Err(Error::ForeignPayload {
+                    root: root.to_owned(),
+                    path,
+                    class,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, command: Command) {
+        match command {
+            Command::Register {
+                key,
+                dialect,
+                instance,
+                reply,
+            } => {
+                let record = Record {
+                    dialect,
+                    instance,
+                    registered_at_ms: now_ms(),
+                    created: None,
+                    waiting: Some(reply),
+                };
+                let root = record.dialect.root().to_owned();
+                let is_spring = matches!(record.dialect, Dialect::Spring(_));
+                self.records.insert(key, record);
+                if self.ensure_key(key).await && is_spring {
+                    self.checked_roots.insert(root);
+                }
+            }
+            Command::SetStatus { key, status, reply } => {
+                let result = self.set_status(key, status).await;
+                let _ = reply.send(result);
+            }
+            Command::Deregister { key, reply } => {
+                let result = match self.records.remove(&key) {
+                    Some(record) => self.delete_owned(&record).await,
+                    None => Ok(()),
+                };
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                } else if let Err(error) = result {
+                    tracing::warn!(%error, "background deregistration failed; the node goes with the session");
+                }
+            }
+        }
+    }
+
+    async fn set_status(&mut self, key: u64, status: InstanceStatus) -> Result<(), Error> {
+        let sid = self.session_id();
+        let Some(record) = self.records.get_mut(&key) else {
+            return Err(Error::Closed);
+        };
+        let old_status = record.instance.status;
+        let old_created = record.created.take();
+        record.instance.status = status;
+        let Some(record) = self.records.get(&key) else {
+            return Err(Error::Closed);
+        };
+        match self.ensure(record).await {
+            Ok(path) => {
+                if let Some((s, old_path)) = &old_created
+                    && *s == sid
+                    && *old_path != path
+                {
+                    // Dubbo: the status is part of the node name; remove the old name.
+                    self.delete_path(old_path).await?;
+                }
+                if let Some(record) = self.records.get_mut(&key) {
+                    record.created = Some((sid, path));
+                }
+                Ok(())
+            }
+            Err(error) => {
+                if let Some(record) = self.records.get_mut(&key) {
+                    record.instance.status = old_status;
+                    // Re-checked by the next sweep.
+                    record.created = None;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn delete_owned(&self, record: &Record) -> Result<(), Error> {
+        match &record.created {
+            Some((sid, path)) if *sid == self.session_id() => self.delete_path(path).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes `path` only if this session owns it.
+    async fn delete_path(&self, path: &str) -> Result<(), Error> {
+        let stat = match self.op(self.client.check_stat(path)).await {
+            Ok(Some(stat)) => stat,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(Error::zk("exists", path, e)),
+        };
+        if stat.ephemeral_owner != self.session_id() {
+            return Ok(());
+        }
+        match self.op(self.client.delete(path, Some(stat.version))).await {
+            Ok(()) | Err(zk::Error::NoNode) => Ok(()),
+            Err(e) => Err(Error::zk("delete", path, e)),
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let records = std::mem::take(&mut self.records);
+        for record in records.values() {
+            if let Err(error) = self.delete_owned(record).await {
+                tracing::debug!(%error, "deregistration at shutdown failed; the session close removes it");
+            }
+        }
+    }
+
+    /// Bounds a ZooKeeper operation by the request timeout.
+    async fn op<T>(&self, fut: impl Future<Output = Result<T, zk::Error>>) -> Result<T, zk::Error> {
+        tokio::time::timeout(self.config.request_timeout, fut)
+            .await
+            .unwrap_or(Err(zk::Error::Timeout))
+    }
+}
+
+/// Runs `fut` while queueing commands that arrive; `None` when every handle is gone.
+async fn drain_while<T>(
+    fut: impl Future<Output = T>,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    backlog: &mut VecDeque<Command>,
+) -> Option<T> {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            out = &mut fut => return Some(out),
+            command = commands.recv() => match command {
+                Some(command) => backlog.push_back(command),
+                None => return None,
+            },
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
