@@ -69,6 +69,8 @@ pub use registration::Registration;
 pub use static_registry::StaticRegistry;
 pub use watch::{Change, Watch, diff};
 pub use zk::{RegistryStats, ZkConfig, ZkRegistry};
+/// The ZooKeeper client Keel uses, for [`ZkRegistry::zookeeper_client`].
+pub use zookeeper_client;
 
 /// Registration and discovery. Object safe: `Arc<dyn Registry>` works.
 pub trait Registry: Send + Sync + std::fmt::Debug {

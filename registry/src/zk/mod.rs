@@ -265,6 +265,13 @@ impl ZkRegistry {
         self.inner.sessions.borrow().client.session_id().0
     }
 
+    /// The current raw ZooKeeper client (it changes after a session expiry): an escape hatch
+    /// for operations Keel does not wrap. Nodes created through it are not re-created on a new
+    /// session.
+    pub fn zookeeper_client(&self) -> zookeeper_client::Client {
+        self.inner.sessions.borrow().client.clone()
+    }
+
     fn service_rx(&self, service: &str) -> Result<watch::Receiver<Published>, Error> {
         validate_segment("service", service).map_err(|reason| Error::InvalidInstance {
             path: self.dialect.service_path(service),
