@@ -171,6 +171,11 @@ pub fn classify_error(error: &(dyn Error + 'static)) -> Outcome {
             return Outcome::Failure(FailureClass::NotSent);
         }
         if let Some(io) = err.downcast_ref::<io::Error>() {
+            if let Some(inner) = io.get_ref() {
+                // `io::Error::other(e)`: judge by what it wraps.
+                next = Some(inner);
+                continue;
+            }
             return match io.kind() {
                 io::ErrorKind::ConnectionRefused
                 | io::ErrorKind::AddrNotAvailable

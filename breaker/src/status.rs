@@ -35,6 +35,13 @@ pub fn status_of(error: &(dyn Error + 'static)) -> (Code, StatusCode) {
         if let Some(status) = err.downcast_ref::<tonic::Status>() {
             return (status.code(), http_status_for_code(status.code()));
         }
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            next = Some(inner);
+            continue;
+        }
         if err.is::<crate::classify::NotSent>() || err.is::<std::io::Error>() {
             return (Code::Unavailable, StatusCode::BAD_GATEWAY);
         }

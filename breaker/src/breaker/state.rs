@@ -645,3 +645,32 @@ fn wake_all(slow: &mut Slow) {
         w.wake();
     }
 }
+
+#[cfg(test)]
+impl Breaker {
+    /// Recounts the window from its slots (count windows only).
+    pub(crate) fn recount(&self) -> (u64, u64, u64) {
+        let Window::Count(w) = &self.shared.window else {
+            return (0, 0, 0);
+        };
+        let mut t = (0, 0, 0);
+        for slot in w.slots.iter() {
+            let v = slot.load(Ordering::Acquire);
+            if v & SLOT_PRESENT != 0 {
+                t.0 += 1;
+                t.1 += u64::from(v & SLOT_FAILED != 0);
+                t.2 += u64::from(v & SLOT_SLOW != 0);
+            }
+        }
+        t
+    }
+
+    pub(crate) fn tally_for_test(&self) -> (u64, u64, u64) {
+        let t = self.tally();
+        (t.total, t.failed, t.slow)
+    }
+
+    pub(crate) fn is_current(&self, generation: u64) -> bool {
+        self.shared.state.load(Ordering::Acquire) >> 2 == generation
+    }
+}

@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// A retry budget with tower's semantics: over a sliding window of `ttl`, retries may not exceed
-/// `retry_ratio` × requests plus `min_per_sec` × `ttl`.
+/// A retry budget with tower's semantics: when a retry is allowed, the retries of the last `ttl`
+/// (whole seconds, this one included) do not exceed `retry_ratio` × the requests of that window
+/// plus `min_per_sec` × `ttl`.
 ///
 /// Every request deposits; every retry withdraws `1 / retry_ratio` deposits' worth (rounded so
 /// the effective ratio never exceeds `retry_ratio`); a reserve of `min_per_sec` × `ttl` retries
@@ -188,8 +189,12 @@ mod tests {
                         }
                     }
                 }
-                // Every window of `ttl` seconds respects ratio × requests + floor × ttl.
+                // Every window of `ttl` seconds that ends with a retry respects
+                // ratio × requests + floor × ttl.
                 for end in 0..per_second.len() {
+                    if per_second[end].1 == 0 {
+                        continue;
+                    }
                     let from = end.saturating_sub(ttl as usize - 1);
                     let (reqs, retries) = per_second[from..=end]
                         .iter()

@@ -1,1 +1,243 @@
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use tower::ServiceExt;
+use tower_test::mock;
+
+use super::*;
+use crate::classify::NotSent;
+use crate::request::{IDEMPOTENCY_KEY_HEADER, IdempotencyKey, Idempotent};
+
+type Req = http::Request<ReplayBody<Full<Bytes>>>;
+type Handle = mock::Handle<Req, http::Response<()>>;
+
+fn policy() -> RetryPolicy {
+    RetryPolicy::new(Arc::new(RetryBudget::new(
+        Duration::from_secs(10),
+        100,
+        0.2,
+    )))
+    .max_attempts(3)
+    .backoff(Duration::from_millis(10), Duration::from_millis(100))
+}
+
+fn status(code: u16) -> http::Response<()> {
+    let mut res = http::Response::new(());
+    *res.status_mut() = http::StatusCode::from_u16(code).unwrap();
+    res
+}
+
+fn request(body: &'static str) -> http::Request<Full<Bytes>> {
+    http::Request::post("http://account/transfer")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+/// Spawns the call through a retry layer over a mock; returns its join handle and the mock.
+fn spawn_call(
+    policy: RetryPolicy,
+    req: http::Request<Full<Bytes>>,
+) -> (
+    tokio::task::JoinHandle<Result<http::Response<()>, BoxError>>,
+    Handle,
+) {
+    let (svc, mut handle) = mock::pair::<Req, http::Response<()>>();
+    handle.allow(100);
+    let svc = Retry::new(svc, policy);
+    let task = tokio::spawn(async move { svc.oneshot(req).await });
+    (task, handle)
+}
+
+async fn body_of(req: Req) -> Bytes {
+    req.into_body().collect().await.unwrap().to_bytes()
+}
+
+/// No further request arrives (the paused clock runs far ahead while waiting).
+async fn assert_no_more_requests(handle: &mut Handle) {
+    let next = tokio::time::timeout(Duration::from_secs(60), handle.next_request()).await;
+    assert!(
+        matches!(next, Err(_) | Ok(None)),
+        "unexpected extra attempt"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn not_sent_is_retried_and_the_body_replayed() {
+    let (task, mut handle) = spawn_call(policy(), request("pay 10"));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(body_of(req).await, "pay 10");
+    send.send_error(NotSent::new(std::io::Error::from(
+        std::io::ErrorKind::ConnectionRefused,
+    )));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(body_of(req).await, "pay 10", "the same body, replayed");
+    send.send_response(status(200));
+    assert_eq!(task.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejected_is_retried() {
+    for rejected in [503, 429] {
+        let (task, mut handle) = spawn_call(policy(), request("x"));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(status(rejected));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(status(200));
+        assert_eq!(task.await.unwrap().unwrap().status(), 200, "{rejected}");
+    }
+    // gRPC UNAVAILABLE as an error.
+    let (task, mut handle) = spawn_call(policy(), request("x"));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error(tonic::Status::unavailable("draining"));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(status(200));
+    assert_eq!(task.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_is_not_retried_unless_idempotent() {
+    let (task, mut handle) = spawn_call(policy(), request("pay 10"));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(status(500));
+    assert_eq!(task.await.unwrap().unwrap().status(), 500);
+    assert_no_more_requests(&mut handle).await;
+
+    let (task, mut handle) = spawn_call(policy(), request("pay 10"));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+    let err = task.await.unwrap().unwrap_err();
+    assert!(err.downcast_ref::<std::io::Error>().is_some());
+    assert_no_more_requests(&mut handle).await;
+
+    let mut req = request("get");
+    req.extensions_mut().insert(Idempotent);
+    let (task, mut handle) = spawn_call(policy(), req);
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(status(500));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(status(200));
+    assert_eq!(task.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_with_idempotency_key_reuses_the_key() {
+    let mut req = request("pay 10");
+    req.extensions_mut()
+        .insert(IdempotencyKey("7f1c-pay".to_owned()));
+    let (task, mut handle) = spawn_call(policy(), req);
+    for _ in 0..2 {
+        let (req, send) = handle.next_request().await.unwrap();
+        assert_eq!(req.headers()[IDEMPOTENCY_KEY_HEADER], "7f1c-pay");
+        send.send_error(std::io::Error::from(std::io::ErrorKind::TimedOut));
+    }
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.headers()[IDEMPOTENCY_KEY_HEADER], "7f1c-pay");
+    send.send_response(status(200));
+    assert_eq!(task.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_attempts_bounds_retries() {
+    let (task, mut handle) = spawn_call(policy().max_attempts(3), request("x"));
+    for _ in 0..3 {
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(status(503));
+    }
+    assert_eq!(task.await.unwrap().unwrap().status(), 503);
+    assert_no_more_requests(&mut handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn spent_budget_stops_retries() {
+    let budget = Arc::new(RetryBudget::new(Duration::from_secs(10), 0, 0.0));
+    let (task, mut handle) = spawn_call(RetryPolicy::new(budget).max_attempts(5), request("x"));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(status(503));
+    assert_eq!(task.await.unwrap().unwrap().status(), 503);
+    assert_no_more_requests(&mut handle).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn bodies_over_the_cap_are_not_replayed() {
+    let (task, mut handle) = spawn_call(policy().max_replay_body(4), request("too long"));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert!(!req.body().is_buffered());
+    assert_eq!(body_of(req).await, "too long", "sent whole, once");
+    send.send_response(status(503));
+    assert_eq!(task.await.unwrap().unwrap().status(), 503);
+    assert_no_more_requests(&mut handle).await;
+}
+
+/// A body that is not ready on its first poll: a stream still being produced.
+struct Streaming(Option<Bytes>, bool);
+
+impl Body for Streaming {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if !self.1 {
+            self.1 = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(self.0.take().map(|b| Ok(Frame::data(b))))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn streaming_bodies_are_never_replayed() {
+    let (svc, mut handle) =
+        mock::pair::<http::Request<ReplayBody<Streaming>>, http::Response<()>>();
+    handle.allow(10);
+    let svc = Retry::new(svc, policy());
+    let req = http::Request::new(Streaming(Some(Bytes::from_static(b"chunk")), false));
+    let task = tokio::spawn(svc.oneshot(req));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert!(!req.body().is_buffered());
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "chunk", "the stream is still delivered whole");
+    send.send_response(status(503));
+    assert_eq!(task.await.unwrap().unwrap().status(), 503);
+    let next = tokio::time::timeout(Duration::from_secs(60), handle.next_request()).await;
+    assert!(matches!(next, Err(_) | Ok(None)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_restamp_the_deadline_and_stop_before_it() {
+    use crate::deadline::{Deadline, GRPC_TIMEOUT, parse_grpc_timeout};
+    let mut req = request("x");
+    req.extensions_mut()
+        .insert(Deadline::after(Duration::from_millis(800)));
+    req.headers_mut()
+        .insert(GRPC_TIMEOUT, http::HeaderValue::from_static("800m"));
+    let policy = policy()
+        .max_attempts(10)
+        .backoff(Duration::from_millis(300), Duration::from_millis(300));
+    let (task, mut handle) = spawn_call(policy, req);
+    let mut last = Duration::from_millis(801);
+    let mut attempts = 0;
+    while let Ok(Some((req, send))) =
+        tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await
+    {
+        let sent = req.headers()[GRPC_TIMEOUT].to_str().unwrap().to_owned();
+        let remaining = parse_grpc_timeout(&sent).unwrap();
+        assert!(remaining < last || attempts == 0, "{sent} must shrink");
+        last = remaining;
+        attempts += 1;
+        tokio::time::advance(Duration::from_millis(50)).await;
+        send.send_response(status(503));
+    }
+    assert_eq!(task.await.unwrap().unwrap().status(), 503);
+    assert!(
+        attempts >= 1 && attempts < 10,
+        "stopped by the deadline: {attempts}"
+    );
+}
