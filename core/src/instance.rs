@@ -54,7 +54,9 @@ impl FromStr for Endpoint {
         };
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
             let (host, rest) = rest.split_once(']').ok_or_else(|| err("unclosed '['"))?;
-            let port = rest.strip_prefix(':').ok_or_else(|| err("missing ':port'"))?;
+            let port = rest
+                .strip_prefix(':')
+                .ok_or_else(|| err("missing ':port'"))?;
             (host, port)
         } else {
             s.rsplit_once(':').ok_or_else(|| err("missing ':port'"))?
@@ -62,7 +64,9 @@ impl FromStr for Endpoint {
         if host.is_empty() {
             return Err(err("empty host"));
         }
-        let port = port.parse::<u16>().map_err(|_| err("port is not a number in 0..=65535"))?;
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| err("port is not a number in 0..=65535"))?;
         Ok(Endpoint::new(host, port))
     }
 }
