@@ -1,9 +1,9 @@
 //! Keel's shared vocabulary.
 //!
 //! Every other Keel crate speaks in the types defined here: a [`ServiceInstance`] is one running
-//! copy of a service as a registry knows it, an [`Endpoint`] is where to reach it. Propagation of
-//! W3C trace context, baggage, deadlines and idempotency keys over any header map will live here
-//! too (it depends only on the OpenTelemetry *API*, never on an SDK).
+//! copy of a service as a registry knows it, an [`Endpoint`] is where to reach it.
+//! [`propagation`] carries W3C trace context and baggage over any header map (HTTP, gRPC
+//! metadata, Kafka and AMQP headers); it depends only on the OpenTelemetry *API*, never an SDK.
 //!
 //! ```
 //! use keel_core::{Endpoint, InstanceStatus, ServiceInstance};
@@ -16,5 +16,6 @@
 //! ```
 
 mod instance;
+pub mod propagation;
 
 pub use instance::{Endpoint, InstanceStatus, ParseEndpointError, ServiceInstance};
