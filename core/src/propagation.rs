@@ -75,7 +75,7 @@ pub fn inject(cx: &Context, injector: &mut dyn Injector) {
         }
     }
     let baggage = cx.baggage();
-    if baggage.len() > 0 {
+    if !baggage.is_empty() {
         let mut header = String::new();
         for (key, (value, metadata)) in baggage.iter() {
             if !header.is_empty() {
