@@ -36,9 +36,9 @@ pub fn stamp_idempotency_key(headers: &mut HeaderMap, extensions: &Extensions) {
     if headers.contains_key(IDEMPOTENCY_KEY_HEADER) {
         return;
     }
-    if let Some(IdempotencyKey(key)) = extensions.get::<IdempotencyKey>() {
-        if let Ok(value) = HeaderValue::from_str(key) {
-            headers.insert(IDEMPOTENCY_KEY_HEADER, value);
-        }
+    if let Some(IdempotencyKey(key)) = extensions.get::<IdempotencyKey>()
+        && let Ok(value) = HeaderValue::from_str(key)
+    {
+        headers.insert(IDEMPOTENCY_KEY_HEADER, value);
     }
 }

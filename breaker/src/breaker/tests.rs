@@ -460,10 +460,10 @@ proptest! {
                     }
                     Op::Cancel(i) if !outstanding.is_empty() => {
                         let p = outstanding.swap_remove(i % outstanding.len());
-                        if let Permit::HalfOpen { generation } = p {
-                            if breaker.is_current(generation) {
-                                admitted.entry(generation).or_default().1 += 1;
-                            }
+                        if let Permit::HalfOpen { generation } = p
+                            && breaker.is_current(generation)
+                        {
+                            admitted.entry(generation).or_default().1 += 1;
                         }
                         breaker.release(p);
                     }

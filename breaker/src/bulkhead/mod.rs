@@ -110,6 +110,9 @@ where
                             return Poll::Pending;
                         }
                         self.timer = None;
+                        // Leave the semaphore's queue: a stale waiter would otherwise take the
+                        // next free slot and sit on it.
+                        self.semaphore = PollSemaphore::new(self.semaphore.clone_inner());
                         self.denied = Some(BulkheadFull::after_wait());
                         return Poll::Ready(Ok(()));
                     }

@@ -181,10 +181,10 @@ where
             }
         }
         if self.state == ReadyState::Waiting {
-            if let Some(timer) = &mut self.timer {
-                if timer.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
+            if let Some(timer) = &mut self.timer
+                && timer.as_mut().poll(cx).is_pending()
+            {
+                return Poll::Pending;
             }
             self.state = ReadyState::Token;
         }

@@ -99,10 +99,10 @@ where
                         return Poll::Ready(result);
                     }
                     let delay = this.policy.backoff_for(*this.attempts);
-                    if let Some(deadline) = this.deadline {
-                        if Instant::now() + delay >= deadline.0 {
-                            return Poll::Ready(result);
-                        }
+                    if let Some(deadline) = this.deadline
+                        && Instant::now() + delay >= deadline.0
+                    {
+                        return Poll::Ready(result);
                     }
                     if !this.policy.budget.withdraw() {
                         tracing::debug!(attempts = *this.attempts, "retry budget exhausted");
