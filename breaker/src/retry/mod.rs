@@ -13,7 +13,7 @@
 //! A retry also needs: an attempt left ([`RetryPolicy::max_attempts`]), a token from the shared
 //! [`RetryBudget`], a replayable body (buffered whole, at most
 //! [`RetryPolicy::max_replay_body`] bytes; streaming bodies are sent once and never replayed),
-//! and time left before the request's [`Deadline`](crate::deadline::Deadline). Between attempts
+//! and time left before the request's [`Deadline`]. Between attempts
 //! it sleeps a random time in `[0, min(max_backoff, base × 2^retry))` ("full jitter"), and the
 //! deadline header is re-stamped with the time actually left.
 
