@@ -94,8 +94,12 @@ impl<T> Classify<tonic::Response<T>> for DefaultClassifier {
 
 /// Classifies an HTTP response head: `grpc-status` if present, else the HTTP status.
 pub fn classify_http_response(status: http::StatusCode, headers: &http::HeaderMap) -> Outcome {
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    if headers.is_empty() {
+        return classify_http_status(status);
+    }
     if let Some(code) = headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<i32>().ok())
     {

@@ -447,6 +447,14 @@ impl Breaker {
     #[cold]
     fn try_acquire_slow(&self) -> Result<Permit, Denied> {
         let s = &self.shared;
+        // Open and still waiting: refuse without taking the lock.
+        let current = s.state.load(Ordering::Acquire);
+        if current & 3 == OPEN {
+            let until_ms = s.open_until_ms.load(Ordering::Acquire);
+            if s.clock.precise_ms() < until_ms && s.state.load(Ordering::Acquire) == current {
+                return Err(Denied::Open { until_ms });
+            }
+        }
         let mut slow = self.lock();
         let current = s.state.load(Ordering::Acquire);
         let generation = current >> 2;

@@ -2,7 +2,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use crate::clock::Clock;
 
 /// A retry budget with tower's semantics: when a retry is allowed, the retries of the last `ttl`
 /// (whole seconds, this one included) do not exceed `retry_ratio` × the requests of that window
@@ -17,7 +17,7 @@ use tokio::time::Instant;
 /// load on a struggling dependency exactly when it can least take it; a budget bounds the extra
 /// load to a fixed fraction of the normal load.
 pub struct RetryBudget {
-    epoch: Instant,
+    clock: Clock,
     slots: Box<[AtomicI64]>,
     balance: AtomicI64,
     last_second: AtomicU64,
@@ -45,6 +45,12 @@ impl RetryBudget {
     /// A budget over `ttl` (1 s to 60 s, rounded to whole seconds), with a floor of
     /// `min_per_sec` retries per second and `retry_ratio` (0 to 1000) retries per request.
     pub fn new(ttl: Duration, min_per_sec: u32, retry_ratio: f32) -> Self {
+        Self::with_clock(ttl, min_per_sec, retry_ratio, Clock::default())
+    }
+
+    /// As [`new`](Self::new), reading time from `clock` (a coarse clock makes a deposit a few
+    /// atomic operations with no clock read).
+    pub fn with_clock(ttl: Duration, min_per_sec: u32, retry_ratio: f32, clock: Clock) -> Self {
         let ttl_secs = ttl.as_secs().clamp(1, 60);
         let ratio = f64::from(retry_ratio).clamp(0.0, 1000.0);
         let (deposit, withdraw) = if ratio <= 0.0 {
@@ -57,7 +63,7 @@ impl RetryBudget {
             .saturating_mul(ttl_secs as i64)
             .saturating_mul(withdraw);
         Self {
-            epoch: Instant::now(),
+            clock,
             slots: (0..ttl_secs).map(|_| AtomicI64::new(0)).collect(),
             balance: AtomicI64::new(reserve),
             last_second: AtomicU64::new(0),
@@ -67,9 +73,7 @@ impl RetryBudget {
     }
 
     fn advance(&self) -> usize {
-        let now = Instant::now()
-            .saturating_duration_since(self.epoch)
-            .as_secs();
+        let now = self.clock.now_ms() / 1000;
         let n = self.slots.len() as u64;
         let mut last = self.last_second.load(Ordering::Acquire);
         while now > last {
@@ -172,7 +176,7 @@ mod tests {
                 .unwrap();
             rt.block_on(async move {
                 let budget = RetryBudget::new(Duration::from_secs(ttl), floor, ratio);
-                let start = Instant::now();
+                let start = tokio::time::Instant::now();
                 // (second, requests, retries) per elapsed second.
                 let mut per_second: Vec<(u64, u64)> = Vec::new();
                 for (wait_ms, wants) in steps {
