@@ -543,7 +543,8 @@ async fn delete_at_once(raw: &zk::Client, parent: &str, ids: &[&str]) {
 #[tokio::test]
 async fn mass_removal_is_held_then_applied() {
     let root = TestRoot::new();
-    let hold = Duration::from_millis(1500);
+    // Long enough that re-registering three instances fits in the window on a loaded CI box.
+    let hold = Duration::from_secs(4);
     let consumer = ZkRegistry::connect(
         ZkConfig::new(servers())
             .with_dialect(spring_at(&root))
@@ -598,12 +599,13 @@ async fn mass_removal_is_held_then_applied() {
     }
     watch.until(WAIT, "four again", |s| s.len() == 4).await;
     let seen_before = watch.seen.len();
+    // The healer's session is ready before the removal so only the re-creates race the window.
+    let healer = registry(spring_at(&root)).await;
     delete_at_once(&raw, &parent, &["b", "c", "d"]).await;
     eventually(WAIT, "second hold", || async {
         consumer.stats().held_removals == 2
     })
     .await;
-    let healer = registry(spring_at(&root)).await;
     for (n, id) in ["b", "c", "d"].into_iter().enumerate() {
         back.push(
             healer
