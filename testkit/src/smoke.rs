@@ -271,7 +271,7 @@ pub async fn kafka_consume_and_commit(
 ) -> Result<Vec<String>, SmokeError> {
     let mut seen = Vec::with_capacity(n);
     while seen.len() < n {
-        let message = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+        let message = tokio::time::timeout(Duration::from_secs(120), consumer.recv())
             .await
             .step(format!("receive message {} of {n}", seen.len() + 1))?
             .step("receive")?;
