@@ -1,0 +1,624 @@
+//! The RabbitMQ adapter, on lapin.
+//!
+//! Topology for destination `D` (declared idempotently by publishers and consumers alike, with
+//! the same arguments): durable queue `D` whose `x-dead-letter-exchange` is the durable fanout
+//! exchange `D.dlx`, bound to the durable queue `D.dlq`. Publishes go through the default exchange
+//! to queue `D` as persistent, `mandatory` messages on a channel in confirm mode. Consumers
+//! compete on `D`; deliveries are spread over lanes by key (one key → one lane → in order) and
+//! acknowledged after their handler succeeded or after a confirmed dead-letter publish.
+
+use std::collections::HashSet;
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{FutureExt as _, StreamExt as _};
+use lapin::PublisherConfirm;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::consumer::{ConsumerBuilder, Handler};
+use crate::error::{BoxError, Error, PublishError, PublishErrorKind};
+use crate::headers::{self, Headers};
+use crate::message::{OutgoingMessage, Receipt, Received};
+use crate::publisher::PublisherBuilder;
+use crate::retry::{Outcome, RetryPolicy, process};
+
+fn url(broker: &Broker) -> &str {
+    match broker {
+        Broker::Amqp { url } => url,
+        Broker::Kafka { bootstrap } => bootstrap,
+    }
+}
+
+/// The dead-letter exchange of queue `queue`.
+pub(crate) fn dead_letter_exchange(queue: &str) -> String {
+    format!("{queue}.dlx")
+}
+
+/// The dead-letter queue of queue `queue`.
+pub(crate) fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
+
+fn durable_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Declares queue `queue` with its dead-letter exchange and queue (idempotent).
+pub(crate) async fn declare(channel: &Channel, queue: &str) -> lapin::Result<()> {
+    let dlx = dead_letter_exchange(queue);
+    let dlq = dead_letter_queue(queue);
+    channel
+        .exchange_declare(
+            dlx.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(dlq.as_str().into(), durable_queue(), FieldTable::default())
+        .await?;
+    channel
+        .queue_bind(
+            dlq.as_str().into(),
+            dlx.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(dlx.into()),
+    );
+    channel
+        .queue_declare(queue.into(), durable_queue(), args)
+        .await?;
+    Ok(())
+}
+
+fn properties(m: &OutgoingMessage) -> BasicProperties {
+    let mut table = FieldTable::default();
+    for (k, v) in m.headers.iter() {
+        table.insert(
+            k.into(),
+            AMQPValue::LongString(LongString::from(v.to_vec())),
+        );
+    }
+    if let Some(key) = &m.key {
+        table.insert(
+            headers::KEY.into(),
+            AMQPValue::LongString(LongString::from(key.clone())),
+        );
+    }
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(table);
+    if let Some(id) = m.message_id() {
+        props = props.with_message_id(ShortString::from(id));
+    }
+    if let Some(ct) = m.headers.get_str(headers::CONTENT_TYPE) {
+        props = props.with_content_type(ShortString::from(ct));
+    }
+    props
+}
+
+fn amqp_headers(d: &Delivery) -> Headers {
+    let mut out = Headers::new();
+    if let Some(table) = d.properties.headers() {
+        for (k, v) in table {
+            match v {
+                AMQPValue::LongString(s) => {
+                    out.append(k.as_str(), s.as_bytes());
+                }
+                AMQPValue::ShortString(s) => {
+                    out.append(k.as_str(), s.as_str());
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+fn connection_properties(name: &str) -> ConnectionProperties {
+    ConnectionProperties::default().with_connection_name(name.into())
+}
+
+async fn wait_confirm(
+    confirm: PublisherConfirm,
+    timeout: Duration,
+) -> Result<(), (PublishErrorKind, BoxError)> {
+    match tokio::time::timeout(timeout, confirm).await {
+        Err(_) => Err((
+            PublishErrorKind::Timeout,
+            "no publisher confirm in time".into(),
+        )),
+        Ok(Err(e)) => Err((PublishErrorKind::Unavailable, e.into())),
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)))) => Err((
+            PublishErrorKind::Unroutable,
+            "returned by the broker: no queue bound".into(),
+        )),
+        Ok(Ok(Confirmation::Nack(None))) => {
+            Err((PublishErrorKind::Rejected, "nacked by the broker".into()))
+        }
+        Ok(Ok(Confirmation::NotRequested)) => Err((
+            PublishErrorKind::Rejected,
+            "channel not in confirm mode".into(),
+        )),
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Publisher
+
+#[derive(Debug)]
+struct Session {
+    connection: Connection,
+    channel: Channel,
+}
+
+#[derive(Debug)]
+struct PubInner {
+    url: String,
+    name: String,
+    timeout: Duration,
+    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    declared: Mutex<HashSet<String>>,
+}
+
+/// RabbitMQ publisher: one connection, one channel in confirm mode, re-opened after a failure.
+#[derive(Debug, Clone)]
+pub(crate) struct AmqpPublisher {
+    inner: Arc<PubInner>,
+}
+
+impl AmqpPublisher {
+    pub(crate) async fn connect(b: &PublisherBuilder) -> Result<Self, Error> {
+        let name = b
+            .connection_name
+            .clone()
+            .unwrap_or_else(|| format!("keel-publisher-{}", uuid::Uuid::new_v4().simple()));
+        let p = Self {
+            inner: Arc::new(PubInner {
+                url: url(&b.broker).to_owned(),
+                name,
+                timeout: b.confirm_timeout,
+                session: tokio::sync::Mutex::new(None),
+                declared: Mutex::new(HashSet::new()),
+            }),
+        };
+        p.channel()
+            .await
+            .map_err(|e| Error::new("connect to RabbitMQ", e))?;
+        Ok(p)
+    }
+
+    async fn channel(&self) -> lapin::Result<Channel> {
+        let mut session = self.inner.session.lock().await;
+        if let Some(s) = session.as_ref() {
+            if s.channel.status().connected() {
+                return Ok(s.channel.clone());
+            }
+            let _ = s.connection.close(200, "reconnecting".into()).await;
+        }
+        *session = None;
+        self.inner
+            .declared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        let connection =
+            Connection::connect(&self.inner.url, connection_properties(&self.inner.name)).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        *session = Some(Arc::new(Session {
+            connection,
+            channel: channel.clone(),
+        }));
+        Ok(channel)
+    }
+
+    async fn start(
+        &self,
+        m: &OutgoingMessage,
+    ) -> Result<PublisherConfirm, (PublishErrorKind, BoxError)> {
+        let unavailable = |e: lapin::Error| (PublishErrorKind::Unavailable, BoxError::from(e));
+        let channel = self.channel().await.map_err(unavailable)?;
+        let known = self
+            .inner
+            .declared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&m.destination);
+        if !known {
+            declare(&channel, &m.destination)
+                .await
+                .map_err(unavailable)?;
+            self.inner
+                .declared
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(m.destination.clone());
+        }
+        channel
+            .basic_publish(
+                "".into(),
+                m.destination.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &m.payload,
+                properties(m),
+            )
+            .await
+            .map_err(unavailable)
+    }
+
+    fn receipt(m: &OutgoingMessage) -> Receipt {
+        Receipt {
+            destination: m.destination.clone(),
+            message_id: m.message_id().unwrap_or_default().to_owned(),
+            partition: None,
+            offset: None,
+        }
+    }
+
+    pub(crate) async fn send(&self, m: OutgoingMessage) -> Result<Receipt, PublishError> {
+        let result = match self.start(&m).await {
+            Ok(confirm) => wait_confirm(confirm, self.inner.timeout).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => Ok(Self::receipt(&m)),
+            Err((kind, e)) => Err(PublishError::new(kind, e, m)),
+        }
+    }
+
+    pub(crate) async fn send_batch(
+        &self,
+        messages: Vec<OutgoingMessage>,
+    ) -> Vec<Result<Receipt, PublishError>> {
+        let mut pending = Vec::with_capacity(messages.len());
+        for m in &messages {
+            pending.push(self.start(m).await);
+        }
+        let mut results = Vec::with_capacity(messages.len());
+        for (m, p) in messages.into_iter().zip(pending) {
+            let r = match p {
+                Ok(confirm) => wait_confirm(confirm, self.inner.timeout).await,
+                Err(e) => Err(e),
+            };
+            results.push(match r {
+                Ok(()) => Ok(Self::receipt(&m)),
+                Err((kind, e)) => Err(PublishError::new(kind, e, m)),
+            });
+        }
+        results
+    }
+
+    pub(crate) async fn declare(&self, queue: &str) -> Result<(), Error> {
+        let channel = self
+            .channel()
+            .await
+            .map_err(|e| Error::new("connect to RabbitMQ", e))?;
+        declare(&channel, queue)
+            .await
+            .map_err(|e| Error::new(format!("declare queue {queue}"), e))?;
+        self.inner
+            .declared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(queue.to_owned());
+        Ok(())
+    }
+
+    pub(crate) async fn flush(&self) -> Result<(), Error> {
+        // Every publish awaits its own confirm; nothing is buffered on our side.
+        Ok(())
+    }
+
+    pub(crate) async fn close(&self) -> Result<(), Error> {
+        let session = self.inner.session.lock().await.take();
+        if let Some(s) = session {
+            s.connection
+                .close(200, "publisher closed".into())
+                .await
+                .map_err(|e| Error::new("close RabbitMQ connection", e))?;
+        }
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Consumer
+
+#[derive(Debug, Clone)]
+struct DeadLetters {
+    channel: Channel,
+    queue: String,
+    exchange: String,
+    group: String,
+    timeout: Duration,
+}
+
+impl DeadLetters {
+    /// Publishes the dead letter to the dead-letter exchange; true once confirmed.
+    async fn send(&self, d: &Delivery, attempts: u32, error: &str) -> bool {
+        let mut h = amqp_headers(d);
+        h.insert(headers::DLQ_ORIGINAL_DESTINATION, self.queue.as_str())
+            .insert(headers::DLQ_GROUP, self.group.as_str())
+            .insert(headers::DLQ_ATTEMPTS, attempts.to_string())
+            .insert(headers::DLQ_ERROR, error);
+        let letter = OutgoingMessage {
+            destination: self.exchange.clone(),
+            key: None,
+            payload: d.data.clone(),
+            headers: h,
+        };
+        let published = self
+            .channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                self.queue.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &letter.payload,
+                properties(&letter),
+            )
+            .await;
+        let result = match published {
+            Ok(confirm) => wait_confirm(confirm, self.timeout).await,
+            Err(e) => Err((PublishErrorKind::Unavailable, e.into())),
+        };
+        match result {
+            Ok(()) => true,
+            Err((_, error)) => {
+                tracing::warn!(%error, queue = %self.queue, "dead-letter publish failed");
+                false
+            }
+        }
+    }
+}
+
+fn received(d: &Delivery, queue: &str) -> Received {
+    let headers = amqp_headers(d);
+    Received {
+        destination: queue.to_owned(),
+        key: headers.get(headers::KEY).map(Bytes::copy_from_slice),
+        payload: Bytes::copy_from_slice(&d.data),
+        headers,
+        partition: None,
+        offset: None,
+        redelivered: d.redelivered,
+        attempt: 0,
+    }
+}
+
+async fn lane<H: Handler>(
+    mut rx: mpsc::Receiver<Delivery>,
+    handler: Arc<H>,
+    policy: RetryPolicy,
+    stop: CancellationToken,
+    dead: DeadLetters,
+) {
+    loop {
+        let d = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            d = rx.recv() => match d { Some(d) => d, None => break },
+        };
+        let outcome = process(
+            &*handler,
+            received(&d, &dead.queue),
+            &policy,
+            &stop,
+            "rabbitmq",
+        )
+        .await;
+        let acked = match outcome {
+            Outcome::Handled => d.ack(BasicAckOptions::default()).await,
+            Outcome::DeadLetter { attempts, error } => {
+                if dead.send(&d, attempts, &error).await {
+                    d.ack(BasicAckOptions::default()).await
+                } else {
+                    // The queue's own dead-lettering still keeps it (without Keel's reason).
+                    d.nack(BasicNackOptions {
+                        requeue: false,
+                        ..BasicNackOptions::default()
+                    })
+                    .await
+                }
+            }
+            // Left unacknowledged: the broker redelivers it.
+            Outcome::Abandoned => Ok(true),
+        };
+        if let Err(error) = acked {
+            // The channel is gone: the broker redelivers the message.
+            tracing::warn!(%error, "could not acknowledge; the message will be redelivered");
+        }
+    }
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost,
+}
+
+pub(crate) async fn run<H: Handler>(
+    config: ConsumerBuilder,
+    handler: H,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let shutdown = Box::pin(shutdown).shared();
+    let handler = Arc::new(handler);
+    let name = config
+        .connection_name
+        .clone()
+        .unwrap_or_else(|| format!("keel-{}-{}", config.group, uuid::Uuid::new_v4().simple()));
+    let mut delay = config.reconnect_backoff;
+    loop {
+        let connected = tokio::select! {
+            biased;
+            () = shutdown.clone() => return Ok(()),
+            c = open(&config, &name) => c,
+        };
+        match connected {
+            Ok((connection, channel, dlq_channel)) => {
+                delay = config.reconnect_backoff;
+                let end = session(&config, &handler, &channel, dlq_channel, shutdown.clone()).await;
+                let _ = connection.close(200, "bye".into()).await;
+                match end {
+                    SessionEnd::Shutdown => return Ok(()),
+                    SessionEnd::Lost => {
+                        tracing::warn!(queue = %config.destination, "RabbitMQ connection lost; reconnecting")
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, queue = %config.destination, ?delay, "RabbitMQ connect failed; retrying");
+                tokio::select! {
+                    biased;
+                    () = shutdown.clone() => return Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+async fn open(
+    config: &ConsumerBuilder,
+    name: &str,
+) -> lapin::Result<(Connection, Channel, Channel)> {
+    let connection = Connection::connect(url(&config.broker), connection_properties(name)).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(config.prefetch, BasicQosOptions::default())
+        .await?;
+    declare(&channel, &config.destination).await?;
+    let dlq_channel = connection.create_channel().await?;
+    dlq_channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok((connection, channel, dlq_channel))
+}
+
+async fn session<H: Handler>(
+    config: &ConsumerBuilder,
+    handler: &Arc<H>,
+    channel: &Channel,
+    dlq_channel: Channel,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> SessionEnd {
+    let tag = format!("keel-{}", uuid::Uuid::new_v4().simple());
+    let mut deliveries = match channel
+        .basic_consume(
+            config.destination.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(c) => c,
+        Err(error) => {
+            tracing::warn!(%error, "basic.consume failed");
+            return SessionEnd::Lost;
+        }
+    };
+    let dead = DeadLetters {
+        channel: dlq_channel,
+        queue: config.destination.clone(),
+        exchange: dead_letter_exchange(&config.destination),
+        group: config.group.clone(),
+        timeout: Duration::from_secs(30),
+    };
+    let stop = CancellationToken::new();
+    let mut lanes = JoinSet::new();
+    let mut senders = Vec::with_capacity(config.lanes);
+    for _ in 0..config.lanes {
+        let (tx, rx) = mpsc::channel(usize::from(config.prefetch).max(1));
+        senders.push(tx);
+        lanes.spawn(lane(
+            rx,
+            handler.clone(),
+            config.retry,
+            stop.clone(),
+            dead.clone(),
+        ));
+    }
+    let hasher = BuildHasherDefault::<DefaultHasher>::default();
+    tokio::pin!(shutdown);
+    let end = loop {
+        let next = tokio::select! {
+            biased;
+            () = &mut shutdown => break SessionEnd::Shutdown,
+            d = deliveries.next() => d,
+        };
+        let d = match next {
+            Some(Ok(d)) => d,
+            Some(Err(error)) => {
+                tracing::warn!(%error, "RabbitMQ consumer error");
+                break SessionEnd::Lost;
+            }
+            None => break SessionEnd::Lost,
+        };
+        let lane_of = match amqp_headers(&d).get(headers::KEY) {
+            Some(key) => hasher.hash_one(key),
+            None => d.delivery_tag,
+        };
+        let n = senders.len() as u64;
+        let Some(tx) = usize::try_from(lane_of % n.max(1))
+            .ok()
+            .and_then(|i| senders.get(i))
+        else {
+            continue;
+        };
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break SessionEnd::Shutdown,
+            _ = tx.send(d) => {}
+        }
+    };
+    if matches!(end, SessionEnd::Shutdown) {
+        let _ = channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+    }
+    // Finish in-flight handlers; queued deliveries stay unacknowledged and are redelivered.
+    stop.cancel();
+    drop(senders);
+    while lanes.join_next().await.is_some() {}
+    let _ = channel.close(200, "bye".into()).await;
+    end
+}

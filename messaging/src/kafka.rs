@@ -1,0 +1,642 @@
+//! The Kafka adapter, on rdkafka (librdkafka).
+//!
+//! Publishing uses the idempotent producer with `acks=all`: a publish completes on its delivery
+//! report. Consuming dispatches each assigned partition to its own task (partitions run
+//! concurrently, each in offset order, so a key — which maps to one partition — is never
+//! reordered, retries included). After a message is handled (or dead-lettered with a confirmed
+//! publish) its offset is *stored*; librdkafka commits stored offsets periodically, and Keel
+//! commits them synchronously when partitions are revoked and at shutdown. Because each
+//! partition is handled strictly in order and a worker stops at the first message it could not
+//! finish, stored offsets are always contiguous: nothing unhandled is ever committed.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers as _, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Message};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::consumer::{ConsumerBuilder, Handler};
+use crate::error::{Error, PublishError, PublishErrorKind};
+use crate::headers::{self, Headers};
+use crate::message::{OutgoingMessage, Receipt, Received};
+use crate::publisher::PublisherBuilder;
+use crate::retry::{Outcome, RetryPolicy, process};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn bootstrap(broker: &Broker) -> &str {
+    match broker {
+        Broker::Kafka { bootstrap } => bootstrap,
+        Broker::Amqp { url } => url,
+    }
+}
+
+fn base_config(bootstrap: &str, name: Option<&str>) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap);
+    if let Some(name) = name {
+        config.set("client.id", name);
+    }
+    config
+}
+
+// ------------------------------------------------------------------------------------------
+// Publisher
+
+/// Kafka publisher: an idempotent `acks=all` producer.
+#[derive(Clone)]
+pub(crate) struct KafkaPublisher {
+    producer: FutureProducer,
+    timeout: Duration,
+    bootstrap: String,
+}
+
+impl fmt::Debug for KafkaPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaPublisher")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn classify(error: &KafkaError) -> PublishErrorKind {
+    match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageTimedOut) => PublishErrorKind::Timeout,
+        Some(
+            RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::QueueFull,
+        ) => PublishErrorKind::Unavailable,
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidArgument) => {
+            PublishErrorKind::Invalid
+        }
+        _ => PublishErrorKind::Rejected,
+    }
+}
+
+impl KafkaPublisher {
+    pub(crate) fn new(builder: &PublisherBuilder) -> Result<Self, Error> {
+        let mut config = base_config(
+            bootstrap(&builder.broker),
+            builder.connection_name.as_deref(),
+        );
+        config.set("linger.ms", "5");
+        for (k, v) in &builder.kafka_options {
+            config.set(k, v);
+        }
+        let timeout_ms = builder.confirm_timeout.as_millis().max(1).to_string();
+        config
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", timeout_ms);
+        let producer = config
+            .create()
+            .map_err(|e| Error::new("create Kafka producer", e))?;
+        Ok(Self {
+            producer,
+            timeout: builder.confirm_timeout,
+            bootstrap: bootstrap(&builder.broker).to_owned(),
+        })
+    }
+
+    pub(crate) async fn declare(&self, topic: &str, partitions: i32) -> Result<(), Error> {
+        ensure_topic(&self.bootstrap, topic, partitions).await
+    }
+
+    /// Hands `m` to librdkafka, waiting (up to the confirm timeout) while its queue is full.
+    async fn enqueue(&self, m: &OutgoingMessage) -> Result<DeliveryFuture, KafkaError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let mut kheaders = OwnedHeaders::new_with_capacity(m.headers.len());
+            for (key, value) in m.headers.iter() {
+                kheaders = kheaders.insert(Header {
+                    key,
+                    value: Some(value),
+                });
+            }
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&m.destination)
+                .payload(&m.payload[..])
+                .headers(kheaders);
+            if let Some(key) = &m.key {
+                record = record.key(&key[..]);
+            }
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                    if Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => return Err(error),
+            }
+        }
+    }
+
+    async fn confirmed(&self, delivery: DeliveryFuture) -> Result<(i32, i64), KafkaError> {
+        // librdkafka reports every message within message.timeout.ms; the outer bound only
+        // guards against a lost report.
+        let bound = self.timeout + Duration::from_secs(5);
+        match tokio::time::timeout(bound, delivery).await {
+            Ok(Ok(Ok(d))) => Ok((d.partition, d.offset)),
+            Ok(Ok(Err((error, _)))) => Err(error),
+            Ok(Err(_canceled)) => Err(KafkaError::Canceled),
+            Err(_elapsed) => Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut,
+            )),
+        }
+    }
+
+    fn receipt(m: &OutgoingMessage, (partition, offset): (i32, i64)) -> Receipt {
+        Receipt {
+            destination: m.destination.clone(),
+            message_id: m.message_id().unwrap_or_default().to_owned(),
+            partition: Some(partition),
+            offset: Some(offset),
+        }
+    }
+
+    fn failed(error: KafkaError, m: OutgoingMessage) -> PublishError {
+        let kind = match error {
+            KafkaError::Canceled => PublishErrorKind::Closed,
+            ref e => classify(e),
+        };
+        PublishError::new(kind, error, m)
+    }
+
+    pub(crate) async fn send(&self, m: OutgoingMessage) -> Result<Receipt, PublishError> {
+        let result = match self.enqueue(&m).await {
+            Ok(delivery) => self.confirmed(delivery).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(at) => Ok(Self::receipt(&m, at)),
+            Err(e) => Err(Self::failed(e, m)),
+        }
+    }
+
+    pub(crate) async fn send_batch(
+        &self,
+        messages: Vec<OutgoingMessage>,
+    ) -> Vec<Result<Receipt, PublishError>> {
+        // Enqueue strictly in order (per-partition order), then await the reports.
+        let mut pending = Vec::with_capacity(messages.len());
+        for m in &messages {
+            pending.push(self.enqueue(m).await);
+        }
+        let mut results = Vec::with_capacity(messages.len());
+        for (m, p) in messages.into_iter().zip(pending) {
+            let r = match p {
+                Ok(delivery) => self.confirmed(delivery).await,
+                Err(e) => Err(e),
+            };
+            results.push(match r {
+                Ok(at) => Ok(Self::receipt(&m, at)),
+                Err(e) => Err(Self::failed(e, m)),
+            });
+        }
+        results
+    }
+
+    pub(crate) async fn flush(&self) -> Result<(), Error> {
+        use rdkafka::producer::Producer as _;
+        let producer = self.producer.clone();
+        let timeout = self.timeout;
+        tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
+            .await
+            .map_err(|e| Error::new("flush Kafka producer", e))?
+            .map_err(|e| Error::new("flush Kafka producer", e))
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Consumer
+
+type PartitionKey = (String, i32);
+
+/// Whether a partition worker is inside a handler, so a revoke can wait for it.
+#[derive(Debug, Default)]
+struct Busy {
+    busy: Mutex<bool>,
+    idle: Condvar,
+}
+
+impl Busy {
+    /// Marks busy unless `stop` was cancelled (checked under the lock a revoke waits on).
+    fn enter(&self, stop: &CancellationToken) -> bool {
+        let mut busy = lock(&self.busy);
+        if stop.is_cancelled() {
+            return false;
+        }
+        *busy = true;
+        true
+    }
+
+    fn leave(&self) {
+        *lock(&self.busy) = false;
+        self.idle.notify_all();
+    }
+
+    fn wait_idle(&self, deadline: Instant) -> bool {
+        let mut busy = lock(&self.busy);
+        while *busy {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            busy = self
+                .idle
+                .wait_timeout(busy, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    tx: mpsc::Sender<OwnedMessage>,
+    stop: CancellationToken,
+    busy: Arc<Busy>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    assigned: Mutex<HashSet<PartitionKey>>,
+    slots: Mutex<HashMap<PartitionKey, Slot>>,
+    drain_timeout: Duration,
+}
+
+struct Ctx {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let keys: Vec<PartitionKey> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let revoked: Vec<Slot> = {
+            let mut assigned = lock(&self.shared.assigned);
+            let mut slots = lock(&self.shared.slots);
+            keys.iter()
+                .filter_map(|k| {
+                    assigned.remove(k);
+                    slots.remove(k)
+                })
+                .collect()
+        };
+        for slot in &revoked {
+            slot.stop.cancel();
+        }
+        // Drain: let in-flight handlers of the revoked partitions finish so their offsets are
+        // stored, then commit before the partitions are given away. Workers run on other
+        // threads only on a multi-thread runtime; elsewhere, do not wait (what is in flight is
+        // redelivered to the next owner instead).
+        let multi = tokio::runtime::Handle::try_current()
+            .map(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+            .unwrap_or(false);
+        let deadline = Instant::now()
+            + if multi {
+                self.shared.drain_timeout
+            } else {
+                Duration::ZERO
+            };
+        let wait = || revoked.iter().all(|slot| slot.busy.wait_idle(deadline));
+        let drained = if multi {
+            tokio::task::block_in_place(wait)
+        } else {
+            wait()
+        };
+        if !drained {
+            tracing::warn!(
+                "rebalance: in-flight handlers did not finish in time; they will be redelivered"
+            );
+        }
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(error) => tracing::warn!(%error, "commit on revoke failed"),
+        }
+        tracing::info!(partitions = keys.len(), "partitions revoked");
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let mut assigned = lock(&self.shared.assigned);
+            for e in tpl.elements() {
+                assigned.insert((e.topic().to_owned(), e.partition()));
+            }
+            tracing::info!(partitions = tpl.count(), "partitions assigned");
+        }
+    }
+}
+
+/// Moves messages to `<topic>.<group>.dlq`.
+#[derive(Debug, Clone)]
+struct DeadLetters {
+    /// Set once the dead-letter topic is known to exist (created on first use).
+    ensured: Arc<tokio::sync::OnceCell<()>>,
+    bootstrap: String,
+    publisher: KafkaPublisher,
+    topic: String,
+    group: String,
+    backoff: RetryPolicy,
+}
+
+impl DeadLetters {
+    /// Publishes the dead letter, retrying until confirmed or `stop`; true once confirmed.
+    async fn send(
+        &self,
+        m: &OwnedMessage,
+        attempts: u32,
+        error: &str,
+        stop: &CancellationToken,
+    ) -> bool {
+        let mut headers = kafka_headers(m);
+        headers
+            .insert(headers::DLQ_ORIGINAL_DESTINATION, m.topic())
+            .insert(headers::DLQ_ORIGINAL_PARTITION, m.partition().to_string())
+            .insert(headers::DLQ_ORIGINAL_OFFSET, m.offset().to_string())
+            .insert(headers::DLQ_GROUP, self.group.as_str())
+            .insert(headers::DLQ_ATTEMPTS, attempts.to_string())
+            .insert(headers::DLQ_ERROR, error);
+        let mut letter = OutgoingMessage {
+            destination: self.topic.clone(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers,
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let ensured = self
+                .ensured
+                .get_or_try_init(|| ensure_topic(&self.bootstrap, &self.topic, 1))
+                .await;
+            if let Err(error) = ensured {
+                tracing::warn!(%error, topic = %self.topic, "cannot create the dead-letter topic; retrying");
+            } else {
+                match self.publisher.send(letter).await {
+                    Ok(_) => return true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, topic = %self.topic, "dead-letter publish failed; retrying");
+                        letter = e.into_message();
+                    }
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.backoff.backoff(attempt)) => {}
+                () = stop.cancelled() => return false,
+            }
+        }
+    }
+}
+
+fn kafka_headers(m: &OwnedMessage) -> Headers {
+    let mut out = Headers::new();
+    if let Some(h) = m.headers() {
+        for header in h.iter() {
+            out.append(header.key, header.value.unwrap_or_default());
+        }
+    }
+    out
+}
+
+fn received(m: &OwnedMessage) -> Received {
+    Received {
+        destination: m.topic().to_owned(),
+        key: m.key().map(Bytes::copy_from_slice),
+        payload: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
+        headers: kafka_headers(m),
+        partition: Some(m.partition()),
+        offset: Some(m.offset()),
+        redelivered: false,
+        attempt: 0,
+    }
+}
+
+struct Worker<H> {
+    consumer: Arc<StreamConsumer<Ctx>>,
+    handler: Arc<H>,
+    policy: RetryPolicy,
+    dead: DeadLetters,
+}
+
+impl<H: Handler> Worker<H> {
+    async fn run(
+        self,
+        mut rx: mpsc::Receiver<OwnedMessage>,
+        stop: CancellationToken,
+        busy: Arc<Busy>,
+    ) {
+        loop {
+            let m = tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                m = rx.recv() => match m { Some(m) => m, None => break },
+            };
+            if !busy.enter(&stop) {
+                break;
+            }
+            let done =
+                match process(&*self.handler, received(&m), &self.policy, &stop, "kafka").await {
+                    Outcome::Handled => true,
+                    Outcome::DeadLetter { attempts, error } => {
+                        self.dead.send(&m, attempts, &error, &stop).await
+                    }
+                    Outcome::Abandoned => false,
+                };
+            if done
+                && let Err(error) = self
+                    .consumer
+                    .store_offset(m.topic(), m.partition(), m.offset())
+            {
+                // The partition is no longer ours: the next owner handles it again.
+                tracing::warn!(%error, topic = m.topic(), partition = m.partition(), offset = m.offset(), "could not store offset");
+            }
+            busy.leave();
+            if !done {
+                // Never handle past a message that was not finished: that would commit it.
+                break;
+            }
+        }
+    }
+}
+
+async fn ensure_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<(), Error> {
+    let admin: AdminClient<DefaultClientContext> = base_config(bootstrap, None)
+        .create()
+        .map_err(|e| Error::new("create Kafka admin client", e))?;
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(
+                topic,
+                partitions.max(1),
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+        )
+        .await
+        .map_err(|e| Error::new(format!("create topic {topic}"), e))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => return Err(Error::new(format!("create topic {t}"), code)),
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn run<H: Handler>(
+    config: ConsumerBuilder,
+    handler: H,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let bootstrap = bootstrap(&config.broker).to_owned();
+    let dlq_topic = format!("{}.{}.dlq", config.destination, config.group);
+    let dlq_publisher = KafkaPublisher::new(&PublisherBuilder {
+        broker: config.broker.clone(),
+        confirm_timeout: Duration::from_secs(30),
+        connection_name: config.connection_name.as_ref().map(|n| format!("{n}-dlq")),
+        kafka_options: Vec::new(),
+    })?;
+    let dead = DeadLetters {
+        ensured: Arc::new(tokio::sync::OnceCell::new()),
+        bootstrap: bootstrap.clone(),
+        publisher: dlq_publisher,
+        topic: dlq_topic,
+        group: config.group.clone(),
+        backoff: config.retry,
+    };
+
+    let shared = Arc::new(Shared {
+        drain_timeout: config.revoke_drain_timeout,
+        ..Shared::default()
+    });
+    let mut cc = base_config(&bootstrap, config.connection_name.as_deref());
+    cc.set("group.id", &config.group)
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("auto.commit.interval.ms", "1000");
+    for (k, v) in &config.kafka_options {
+        cc.set(k, v);
+    }
+    cc.set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false");
+    let consumer: Arc<StreamConsumer<Ctx>> = Arc::new(
+        cc.create_with_context(Ctx {
+            shared: shared.clone(),
+        })
+        .map_err(|e| Error::new("create Kafka consumer", e))?,
+    );
+    consumer
+        .subscribe(&[config.destination.as_str()])
+        .map_err(|e| Error::new(format!("subscribe to {}", config.destination), e))?;
+
+    let handler = Arc::new(handler);
+    let mut workers = JoinSet::new();
+    let all_stop = CancellationToken::new();
+    tokio::pin!(shutdown);
+    'fetch: loop {
+        let message = tokio::select! {
+            biased;
+            () = &mut shutdown => break 'fetch,
+            m = consumer.recv() => m,
+        };
+        let message = match message {
+            Ok(m) => m.detach(),
+            Err(error) => {
+                tracing::warn!(%error, "Kafka consumer error");
+                tokio::select! {
+                    () = &mut shutdown => break 'fetch,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => continue 'fetch,
+                }
+            }
+        };
+        let key = (message.topic().to_owned(), message.partition());
+        tracing::trace!(topic = %key.0, partition = key.1, offset = message.offset(), "fetched");
+        let tx = {
+            let assigned = lock(&shared.assigned);
+            let mut slots = lock(&shared.slots);
+            if let Some(slot) = slots.get(&key) {
+                Some(slot.tx.clone())
+            } else if assigned.contains(&key) {
+                let (tx, rx) = mpsc::channel(1024);
+                let stop = all_stop.child_token();
+                let busy = Arc::new(Busy::default());
+                let worker = Worker {
+                    consumer: consumer.clone(),
+                    handler: handler.clone(),
+                    policy: config.retry,
+                    dead: dead.clone(),
+                };
+                workers.spawn(worker.run(rx, stop.clone(), busy.clone()));
+                slots.insert(
+                    key,
+                    Slot {
+                        tx: tx.clone(),
+                        stop,
+                        busy,
+                    },
+                );
+                Some(tx)
+            } else {
+                None
+            }
+        };
+        // A message for a partition that is not (or no longer) ours is dropped uncommitted: its
+        // owner receives it.
+        if let Some(tx) = tx {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break 'fetch,
+                _ = tx.send(message) => {}
+            }
+        }
+        while workers.try_join_next().is_some() {}
+    }
+
+    // Shutdown: stop fetching, let in-flight handlers finish (queued messages stay uncommitted),
+    // commit what was handled, leave the group.
+    all_stop.cancel();
+    lock(&shared.slots).clear();
+    while workers.join_next().await.is_some() {}
+    let committed = {
+        let consumer = consumer.clone();
+        tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync)).await
+    };
+    match committed {
+        Ok(Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "final commit failed"),
+        Err(error) => tracing::warn!(%error, "final commit task failed"),
+    }
+    consumer.unsubscribe();
+    lock(&shared.assigned).clear();
+    // Closing the consumer blocks while it leaves the group.
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    Ok(())
+}
