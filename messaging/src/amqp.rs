@@ -99,6 +99,31 @@ pub(crate) async fn declare(channel: &Channel, queue: &str) -> lapin::Result<()>
     Ok(())
 }
 
+/// AMQP short strings (names, header keys, message ids) hold at most 255 bytes; lapin panics
+/// beyond that, so every one is checked first.
+fn short(what: &str, s: &str) -> Result<(), String> {
+    if s.len() > 255 {
+        Err(format!("{what} is {} bytes; AMQP allows 255", s.len()))
+    } else {
+        Ok(())
+    }
+}
+
+fn check(m: &OutgoingMessage) -> Result<(), String> {
+    // The dead-letter names add 4 bytes.
+    short("destination", &format!("{}.dlq", m.destination))?;
+    for (k, _) in m.headers.iter() {
+        short("header name", k)?;
+    }
+    if let Some(id) = m.message_id() {
+        short("message id", id)?;
+    }
+    if let Some(ct) = m.headers.get_str(headers::CONTENT_TYPE) {
+        short("content type", ct)?;
+    }
+    Ok(())
+}
+
 fn properties(m: &OutgoingMessage) -> BasicProperties {
     let mut table = FieldTable::default();
     for (k, v) in m.headers.iter() {
@@ -248,6 +273,7 @@ impl AmqpPublisher {
         &self,
         m: &OutgoingMessage,
     ) -> Result<PublisherConfirm, (PublishErrorKind, BoxError)> {
+        check(m).map_err(|e| (PublishErrorKind::Invalid, BoxError::from(e)))?;
         let unavailable = |e: lapin::Error| (PublishErrorKind::Unavailable, BoxError::from(e));
         let channel = self.channel().await.map_err(unavailable)?;
         let known = self
@@ -324,6 +350,8 @@ impl AmqpPublisher {
     }
 
     pub(crate) async fn declare(&self, queue: &str) -> Result<(), Error> {
+        short("queue name", &format!("{queue}.dlq"))
+            .map_err(|e| Error::new(format!("declare queue {queue}"), e))?;
         let channel = self
             .channel()
             .await
@@ -478,6 +506,8 @@ pub(crate) async fn run<H: Handler>(
     handler: H,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
+    short("queue name", &format!("{}.dlq", config.destination))
+        .map_err(|e| Error::new(format!("consume {}", config.destination), e))?;
     let shutdown = Box::pin(shutdown).shared();
     let handler = Arc::new(handler);
     let name = config

@@ -1,0 +1,374 @@
+//! RabbitMQ adapter against the live broker on 127.0.0.1:5672.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Seen, WAIT, publish_all};
+use keel_messaging::headers::{DLQ_ATTEMPTS, DLQ_ERROR, DLQ_ORIGINAL_DESTINATION};
+use keel_messaging::{
+    Consumer, HandlerError, Headers, Json, OutgoingMessage, PublishErrorKind, Publisher, Received,
+    RetryPolicy, typed,
+};
+use keel_testkit::services::AMQP;
+use keel_testkit::{eventually, unique};
+use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::{Connection, ConnectionProperties};
+use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+use tokio_util::sync::CancellationToken;
+
+async fn cleanup(queue: &str) {
+    let conn = Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    for q in [queue.to_owned(), format!("{queue}.dlq")] {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = ch
+        .exchange_delete(
+            format!("{queue}.dlx").as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// Reads up to `n` dead letters' headers from `<queue>.dlq`.
+async fn dead_letters(queue: &str, n: usize) -> Vec<Headers> {
+    let conn = Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let dlq = format!("{queue}.dlq");
+    let out = eventually("dead letters arrive", WAIT, || {
+        let (ch, dlq) = (ch.clone(), dlq.clone());
+        async move {
+            let mut got = Vec::new();
+            while got.len() < n {
+                let m = ch
+                    .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+                    .await
+                    .ok()??;
+                let mut h = Headers::new();
+                if let Some(t) = m.delivery.properties.headers() {
+                    for (k, v) in t {
+                        if let lapin::types::AMQPValue::LongString(s) = v {
+                            h.insert(k.as_str(), s.as_bytes());
+                        }
+                    }
+                }
+                got.push(h);
+            }
+            Some(got)
+        }
+    })
+    .await
+    .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+    out
+}
+
+fn recording(seen: &Seen) -> impl keel_messaging::Handler + use<> {
+    let seen = seen.clone();
+    move |m: Received| {
+        let seen = seen.clone();
+        async move { seen.record(&m).map(|_| ()) }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_messages_none_lost_key_order_kept() {
+    let queue = unique("keel-msg-10k");
+    let publisher = Publisher::connect(AMQP).await.unwrap();
+    publisher.declare(&queue, 1).await.unwrap();
+    publish_all(&publisher, &queue, 10_000, 16, 1_000).await;
+
+    let seen = Seen::default();
+    let stop = CancellationToken::new();
+    let consumer = Consumer::builder(AMQP, &queue, "g")
+        .unwrap()
+        .prefetch(200)
+        .lanes(8)
+        .build()
+        .unwrap();
+    let run = tokio::spawn(consumer.run(recording(&seen), stop.clone().cancelled_owned()));
+    eventually("all 10 000 consumed", WAIT, || async {
+        (seen.distinct() == 10_000).then_some(())
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    seen.assert_key_order();
+    assert!(seen.missing(0..10_000).is_empty());
+    publisher.close().await.unwrap();
+    cleanup(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_and_exhausted_messages_are_dead_lettered_while_others_flow() {
+    let queue = unique("keel-msg-poison");
+    let publisher = Publisher::connect(AMQP).await.unwrap();
+    publisher.declare(&queue, 1).await.unwrap();
+    let mut batch = common::batch(&queue, 0, 20, 4);
+    batch.insert(
+        5,
+        OutgoingMessage::new(&queue, "\u{0}not json").with_key("k1"),
+    );
+    batch.insert(
+        9,
+        OutgoingMessage::new(&queue, "{\"seq\":999}").with_key("k2"),
+    );
+    for r in publisher.send_batch(batch).await {
+        r.unwrap();
+    }
+    let handled = Seen::default();
+    let attempts_999 = Arc::new(Mutex::new(0u32));
+    let handler = {
+        let (handled, attempts_999) = (handled.clone(), attempts_999.clone());
+        typed(
+            Json::<serde_json::Value>::new(),
+            move |v: serde_json::Value, m: Received| {
+                let (handled, attempts_999) = (handled.clone(), attempts_999.clone());
+                async move {
+                    if v["seq"] == 999 {
+                        *attempts_999.lock().unwrap() = m.attempt;
+                        return Err(HandlerError::retry("downstream says no"));
+                    }
+                    handled.record(&m).map(|_| ())
+                }
+            },
+        )
+    };
+    let stop = CancellationToken::new();
+    let consumer = Consumer::builder(AMQP, &queue, "g")
+        .unwrap()
+        .retry(RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+        })
+        .build()
+        .unwrap();
+    assert_eq!(consumer.dead_letter_destination(), format!("{queue}.dlq"));
+    let run = tokio::spawn(consumer.run(handler, stop.clone().cancelled_owned()));
+    eventually("the 20 good ones handled", WAIT, || async {
+        (handled.distinct() == 20).then_some(())
+    })
+    .await
+    .unwrap();
+    let mut letters = dead_letters(&queue, 2).await;
+    letters.sort_by_key(|h| h.get_str(DLQ_ATTEMPTS).unwrap_or_default().to_owned());
+    assert_eq!(
+        letters[0].get_str(DLQ_ATTEMPTS),
+        Some("1"),
+        "poison is not retried"
+    );
+    assert!(
+        letters[0]
+            .get_str(DLQ_ERROR)
+            .unwrap()
+            .contains("cannot decode"),
+        "{letters:?}"
+    );
+    assert_eq!(letters[1].get_str(DLQ_ATTEMPTS), Some("3"));
+    assert_eq!(letters[1].get_str(DLQ_ERROR), Some("downstream says no"));
+    for l in &letters {
+        assert_eq!(l.get_str(DLQ_ORIGINAL_DESTINATION), Some(queue.as_str()));
+    }
+    assert_eq!(*attempts_999.lock().unwrap(), 3);
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    handled.assert_key_order();
+    publisher.close().await.unwrap();
+    cleanup(&queue).await;
+}
+
+async fn connection_of(name: &str) -> Option<String> {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "pid", "client_properties"])
+        .output()
+        .await
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains(name))
+        .and_then(|l| l.split('\t').next())
+        .map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_resumes_after_the_server_closes_its_connection() {
+    let queue = unique("keel-msg-reconnect");
+    let name = unique("keel-test-conn");
+    let publisher = Publisher::connect(AMQP).await.unwrap();
+    publisher.declare(&queue, 1).await.unwrap();
+    publish_all(&publisher, &queue, 100, 4, 100).await;
+    let seen = Seen::default();
+    let stop = CancellationToken::new();
+    let consumer = Consumer::builder(AMQP, &queue, "g")
+        .unwrap()
+        .connection_name(&name)
+        .reconnect_backoff(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let run = tokio::spawn(consumer.run(recording(&seen), stop.clone().cancelled_owned()));
+    eventually("first 100 consumed", WAIT, || async {
+        (seen.distinct() == 100).then_some(())
+    })
+    .await
+    .unwrap();
+    let conn = eventually("our connection is listed", WAIT, || connection_of(&name))
+        .await
+        .unwrap();
+    let closed = tokio::process::Command::new("rabbitmqctl")
+        .args(["close_connection", &conn, "keel test: server-side close"])
+        .output()
+        .await
+        .unwrap();
+    assert!(closed.status.success(), "{closed:?}");
+    eventually("the old connection is gone", WAIT, || async {
+        (connection_of(&name).await.as_deref() != Some(conn.as_str())).then_some(())
+    })
+    .await
+    .unwrap();
+    // Published after the close: only a re-established consumer can see these.
+    let mut from = 100;
+    let more: Vec<_> = common::batch(&queue, from, 200, 4);
+    for r in publisher.send_batch(more).await {
+        r.unwrap();
+    }
+    from = 200;
+    eventually("messages after the close consumed", WAIT, || async {
+        (seen.distinct() as u64 == from).then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(
+        connection_of(&name).await.is_some(),
+        "consumer reconnected under its name"
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    publisher.close().await.unwrap();
+    cleanup(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_context_round_trips_and_envelope_is_stamped() {
+    let queue = unique("keel-msg-trace");
+    let publisher = Publisher::connect(AMQP).await.unwrap();
+    publisher.declare(&queue, 1).await.unwrap();
+    let trace_id = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+    let span = SpanContext::new(
+        trace_id,
+        SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    let cx = opentelemetry::Context::new().with_remote_span_context(span);
+    let receipt = publisher
+        .publish(
+            &queue,
+            Some(b"acct-1"),
+            b"{\"seq\":1}".to_vec(),
+            Headers::new(),
+        )
+        .with_context(cx)
+        .await
+        .unwrap();
+    let got = Arc::new(Mutex::new(None));
+    let handler = {
+        let got = got.clone();
+        move |m: Received| {
+            let got = got.clone();
+            async move {
+                let current = opentelemetry::Context::current()
+                    .span()
+                    .span_context()
+                    .trace_id();
+                *got.lock().unwrap() = Some((
+                    current,
+                    m.traceparent().map(str::to_owned),
+                    m.message_id().map(str::to_owned),
+                    m.idempotency_key().map(str::to_owned),
+                    m.key_str().map(str::to_owned),
+                ));
+                Ok(())
+            }
+        }
+    };
+    let stop = CancellationToken::new();
+    let consumer = Consumer::builder(AMQP, &queue, "g")
+        .unwrap()
+        .build()
+        .unwrap();
+    let run = tokio::spawn(consumer.run(handler, stop.clone().cancelled_owned()));
+    let (current, traceparent, id, key, msg_key) =
+        eventually("handled", WAIT, || async { got.lock().unwrap().clone() })
+            .await
+            .unwrap();
+    assert_eq!(
+        current, trace_id,
+        "the handler runs in the producer's trace"
+    );
+    assert_eq!(
+        traceparent.as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    assert_eq!(id.as_deref(), Some(receipt.message_id.as_str()));
+    assert_eq!(key, id, "idempotency key defaults to the message id");
+    assert_eq!(msg_key.as_deref(), Some("acct-1"));
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    publisher.close().await.unwrap();
+    cleanup(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_cannot_be_confirmed_hands_the_message_back() {
+    let queue = unique("keel-msg-closed");
+    let publisher = Publisher::connect(AMQP).await.unwrap();
+    publisher.declare(&queue, 1).await.unwrap();
+    let clone = publisher.clone();
+    publisher.close().await.unwrap();
+    // The closed publisher reconnects lazily; a broker that is unreachable cannot confirm.
+    let unreachable = Publisher::builder("amqp://guest:guest@127.0.0.1:1/%2f")
+        .unwrap()
+        .build()
+        .await;
+    assert!(unreachable.is_err(), "connecting to a closed port fails");
+    let receipt = clone
+        .publish(&queue, None, b"{\"seq\":1}".to_vec(), Headers::new())
+        .await
+        .expect("a closed publisher re-opens its connection");
+    assert_eq!(receipt.destination, queue);
+    // A name AMQP cannot carry is refused (not a panic): the error hands the message back intact.
+    let long = "x".repeat(300);
+    let err = clone
+        .publish(
+            &long,
+            Some(b"k"),
+            b"payload".to_vec(),
+            Headers::new().with("a", "b"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), PublishErrorKind::Invalid, "{err}");
+    let back = err.into_message();
+    assert_eq!(
+        (back.destination.as_str(), back.payload.as_slice()),
+        (long.as_str(), &b"payload"[..])
+    );
+    assert_eq!(back.headers.get_str("a"), Some("b"));
+    assert!(back.message_id().is_some());
+    clone.close().await.unwrap();
+    cleanup(&queue).await;
+}

@@ -1,0 +1,116 @@
+//! Shared helpers for the broker tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keel_messaging::{HandlerError, Received};
+
+/// What a recording handler saw: per key, the `seq` values in the order handled.
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    inner: Arc<Mutex<SeenInner>>,
+}
+
+#[derive(Debug, Default)]
+struct SeenInner {
+    by_key: HashMap<String, Vec<u64>>,
+    handled: u64,
+}
+
+impl Seen {
+    pub fn record(&self, m: &Received) -> Result<u64, HandlerError> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&m.payload).map_err(HandlerError::permanent)?;
+        let seq = v["seq"]
+            .as_u64()
+            .ok_or_else(|| HandlerError::permanent("no seq"))?;
+        let mut inner = self.inner.lock().unwrap();
+        inner
+            .by_key
+            .entry(m.key_str().unwrap_or_default().to_owned())
+            .or_default()
+            .push(seq);
+        inner.handled += 1;
+        Ok(seq)
+    }
+
+    pub fn handled(&self) -> u64 {
+        self.inner.lock().unwrap().handled
+    }
+
+    /// Distinct seqs handled.
+    pub fn distinct(&self) -> usize {
+        let inner = self.inner.lock().unwrap();
+        let mut all: Vec<u64> = inner.by_key.values().flatten().copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        all.len()
+    }
+
+    pub fn missing(&self, expected: impl Iterator<Item = u64>) -> Vec<u64> {
+        let inner = self.inner.lock().unwrap();
+        let all: std::collections::HashSet<u64> =
+            inner.by_key.values().flatten().copied().collect();
+        expected.filter(|s| !all.contains(s)).collect()
+    }
+
+    /// Asserts that within each key, first deliveries are in increasing seq order.
+    pub fn assert_key_order(&self) {
+        let inner = self.inner.lock().unwrap();
+        for (key, seqs) in &inner.by_key {
+            let mut first_seen = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            for s in seqs {
+                if seen.insert(*s) {
+                    first_seen.push(*s);
+                }
+            }
+            assert!(
+                first_seen.windows(2).all(|w| w[0] < w[1]),
+                "key {key} out of order: {:?}",
+                &first_seen[..first_seen.len().min(50)]
+            );
+        }
+    }
+}
+
+pub const WAIT: Duration = Duration::from_secs(90);
+
+/// Messages `{"seq":i}` for `from..to`, keyed `k{i % keys}`.
+pub fn batch(
+    destination: &str,
+    from: u64,
+    to: u64,
+    keys: u64,
+) -> Vec<keel_messaging::OutgoingMessage> {
+    (from..to)
+        .map(|i| {
+            keel_messaging::OutgoingMessage::new(destination, format!("{{\"seq\":{i}}}"))
+                .with_key(format!("k{}", i % keys))
+                .with_header("content-type", "application/json")
+        })
+        .collect()
+}
+
+/// Publishes in chunks, asserting every message was confirmed.
+pub async fn publish_all(
+    publisher: &keel_messaging::Publisher,
+    destination: &str,
+    n: u64,
+    keys: u64,
+    chunk: u64,
+) {
+    let mut from = 0;
+    while from < n {
+        let to = (from + chunk).min(n);
+        for r in publisher
+            .send_batch(batch(destination, from, to, keys))
+            .await
+        {
+            r.unwrap();
+        }
+        from = to;
+    }
+}
