@@ -3,6 +3,71 @@
 //! A client is built from a service name: discovery yields the instances, each gets its own
 //! connection, a balancer (power-of-two-choices over peak-EWMA latency by default) spreads calls,
 //! per-endpoint circuit breakers eject sick instances, and a budgeted, outcome-aware retry covers
-//! the rest; trace context, deadline and idempotency key travel with every request. Also plain
-//! base-URL clients for calling through an API gateway. Nothing is implemented yet: see the
-//! project's issues.
+//! the rest; trace context, deadline, idempotency key and a request id travel with every
+//! request. Also plain base-URL clients for calling through an API gateway.
+//!
+//! ```
+//! use std::time::Duration;
+//! use keel_client::GrpcChannel;
+//! use keel_testkit::echo::{EchoProvider, EchoRequest, echo_client::EchoClient};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let provider = EchoProvider::start("p-1").await?;
+//! let channel = GrpcChannel::builder("echo")
+//!     .timeout(Duration::from_secs(2))
+//!     .endpoints([format!("http://{}", provider.addr())])?;
+//! let mut client = EchoClient::new(channel.clone());
+//! let reply = client
+//!     .echo(EchoRequest { message: "hi".into(), payload: Vec::new() })
+//!     .await?
+//!     .into_inner();
+//! assert_eq!(reply.server_id, "p-1");
+//! // The server saw the propagated deadline and a request id.
+//! assert!(reply.metadata.contains_key("grpc-timeout"));
+//! assert!(reply.metadata.contains_key("x-request-id"));
+//! assert_eq!(channel.metrics().get("/keel.echo.v1.Echo/Echo").map(|m| m.requests), Some(1));
+//! # Ok(()) }
+//! ```
+//!
+//! From a registry (the discovery future is returned, never spawned behind your back):
+//!
+//! ```no_run
+//! # use std::time::Duration;
+//! # use keel_client::{Balance, GrpcChannel};
+//! # async fn run(registry: keel_registry::ZkRegistry) -> Result<(), keel_client::Error> {
+//! let (channel, discovery) = GrpcChannel::builder("account")
+//!     .balance(Balance::P2c)
+//!     .zone("sh-a")
+//!     .timeout(Duration::from_millis(800))
+//!     .discover(&registry)?;
+//! tokio::spawn(discovery);
+//! channel.ready(Duration::from_secs(5)).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Marking calls: insert [`keel_breaker::request::Idempotent`] or
+//! [`keel_breaker::request::IdempotencyKey`] into a request's extensions to let a call that may
+//! have executed be retried (with the same key on every attempt), and a [`HashKey`] to route by
+//! key with [`Balance::ConsistentHash`]. Without either, a call whose outcome is unknown is never
+//! replayed.
+//!
+//! This crate has no feature flags; it needs a tokio runtime with the time driver.
+
+mod balance;
+mod builder;
+mod discovery;
+mod error;
+mod grpc;
+mod lb;
+pub mod metrics;
+mod options;
+mod rest;
+
+pub use balance::{Balance, HashKey};
+pub use discovery::Discovery;
+pub use error::{AllEjected, Error, NoEndpoints, RetryBudgetExhausted};
+pub use grpc::{EndpointInfo, GrpcBuilder, GrpcChannel, ResponseFuture};
+pub use metrics::ClientMetrics;
+pub use options::{TlsConfig, default_endpoint_breaker};
+pub use rest::{RestBuilder, RestClient, RestRequest};

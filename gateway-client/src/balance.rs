@@ -1,0 +1,533 @@
+//! Load balancing: which endpoint takes a call.
+//!
+//! The endpoint set is an immutable [`Snapshot`] rebuilt when discovery changes and published
+//! behind a version counter: a balancer reads one atomic per call to learn that its cached
+//! snapshot is still current, so picking takes no lock. Per-endpoint load (in-flight calls and
+//! a peak-EWMA of latency) lives in atomics on the endpoint.
+//!
+//! * [`Balance::P2c`] (default): power of two choices over peak-EWMA (Finagle's
+//!   `PeakEwma`, as tower and linkerd use it): two random endpoints, the one with the lower
+//!   `latency × (in-flight + 1)` wins. O(1), and it reacts to a slow endpoint within a few calls.
+//! * [`Balance::RoundRobin`].
+//! * [`Balance::Weighted`]: random, proportional to the `weight` metadata (default 100).
+//! * [`Balance::ConsistentHash`]: a ring of virtual nodes; a call's [`HashKey`] sticks to one
+//!   endpoint, and when an endpoint leaves only its keys move.
+//!
+//! On top of any of these: zone preference (endpoints whose `zone` metadata matches are tried
+//! first; the rest only when none of them is available) and warm-up (a new endpoint's share
+//! ramps up linearly over the warm-up period, for p2c and weighted). Endpoints whose breaker is
+//! open are skipped (outlier ejection); a retry avoids the endpoint of the previous attempt.
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use keel_breaker::breaker::Breaker;
+use keel_core::ServiceInstance;
+use tokio::time::Instant;
+
+/// How calls are spread over the endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Power of two choices over peak-EWMA latency.
+    #[default]
+    P2c,
+    /// Each endpoint in turn.
+    RoundRobin,
+    /// Random, proportional to the `weight` metadata (a positive integer, default 100).
+    Weighted,
+    /// Sticky by the call's [`HashKey`] (calls without one are spread at random).
+    ConsistentHash,
+}
+
+/// The key a [`Balance::ConsistentHash`] client routes a call by (insert it into the request's
+/// extensions; for REST, set it on the call builder).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HashKey(pub u64);
+
+impl HashKey {
+    /// A key from any hashable value (e.g. an account id).
+    pub fn of<T: Hash + ?Sized>(value: &T) -> Self {
+        let mut h = Fnv::default();
+        value.hash(&mut h);
+        Self(mix(h.finish()))
+    }
+}
+
+/// FNV-1a: stable across processes and releases (unlike `DefaultHasher`).
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// splitmix64 finaliser: spreads FNV's output over the ring.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Balancer settings shared by the gRPC and REST builders.
+#[derive(Debug, Clone)]
+pub(crate) struct BalanceConfig {
+    pub(crate) balance: Balance,
+    pub(crate) zone: Option<String>,
+    pub(crate) warm_up: Duration,
+    pub(crate) vnodes: u32,
+    pub(crate) default_rtt: Duration,
+    pub(crate) decay: Duration,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        Self {
+            balance: Balance::P2c,
+            zone: None,
+            warm_up: Duration::ZERO,
+            vnodes: 64,
+            default_rtt: Duration::from_millis(1),
+            decay: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Peak-EWMA latency and in-flight count of one endpoint, in atomics (races only blur the
+/// estimate, they never corrupt it).
+#[derive(Debug)]
+pub(crate) struct Load {
+    cost_ns: AtomicU64,
+    stamp_ns: AtomicU64,
+    pending: AtomicU32,
+}
+
+impl Load {
+    fn new(default_rtt: Duration) -> Self {
+        Self {
+            cost_ns: AtomicU64::new(f64::to_bits(default_rtt.as_nanos() as f64)),
+            stamp_ns: AtomicU64::new(0),
+            pending: AtomicU32::new(0),
+        }
+    }
+
+    fn cost(&self) -> f64 {
+        let pending = f64::from(self.pending.load(Ordering::Relaxed));
+        f64::from_bits(self.cost_ns.load(Ordering::Relaxed)) * (pending + 1.0)
+    }
+
+    pub(crate) fn start(&self) {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn finish(&self) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Records a call that took `rtt`, ending `now_ns` after the set's epoch.
+    pub(crate) fn observe(&self, rtt: Duration, now_ns: u64, decay_ns: f64) {
+        let rtt = rtt.as_nanos() as f64;
+        let cost = f64::from_bits(self.cost_ns.load(Ordering::Relaxed));
+        let last = self.stamp_ns.swap(now_ns, Ordering::Relaxed);
+        let next = if rtt > cost {
+            rtt
+        } else {
+            let elapsed = now_ns.saturating_sub(last) as f64;
+            let w = (-elapsed / decay_ns).exp();
+            cost * w + rtt * (1.0 - w)
+        };
+        self.cost_ns.store(next.to_bits(), Ordering::Relaxed);
+    }
+}
+
+/// One endpoint: its instance, connection, breaker and load.
+pub(crate) struct EndpointState<C> {
+    pub(crate) uid: u64,
+    pub(crate) instance: ServiceInstance,
+    pub(crate) conn: C,
+    pub(crate) breaker: Breaker,
+    pub(crate) load: Load,
+    pub(crate) weight: u64,
+    pub(crate) added_ns: u64,
+    /// While the breaker refuses calls: skip this endpoint until this many ns after the epoch.
+    pub(crate) skip_until_ns: AtomicU64,
+    pub(crate) removed: AtomicBool,
+    pub(crate) calls: AtomicU64,
+}
+
+impl<C> fmt::Debug for EndpointState<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("id", &self.instance.id)
+            .field("endpoint", &self.instance.endpoint)
+            .field("breaker", &self.breaker.state())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A group of endpoints to pick from (all, or those of the local zone).
+#[derive(Debug, Default)]
+struct Pool {
+    members: Vec<u32>,
+    cumulative: Vec<u64>,
+    ring: Vec<(u64, u32)>,
+}
+
+impl Pool {
+    fn build<C>(
+        endpoints: &[Arc<EndpointState<C>>],
+        members: Vec<u32>,
+        config: &BalanceConfig,
+    ) -> Self {
+        let mut cumulative = Vec::new();
+        let mut ring = Vec::new();
+        match config.balance {
+            Balance::Weighted => {
+                let mut total = 0u64;
+                for &m in &members {
+                    total += endpoints[m as usize].weight;
+                    cumulative.push(total);
+                }
+            }
+            Balance::ConsistentHash => {
+                for &m in &members {
+                    let id = &endpoints[m as usize].instance.id;
+                    for v in 0..config.vnodes {
+                        ring.push((HashKey::of(&(id.as_str(), v)).0, m));
+                    }
+                }
+                ring.sort_unstable();
+            }
+            Balance::P2c | Balance::RoundRobin => {}
+        }
+        Self {
+            members,
+            cumulative,
+            ring,
+        }
+    }
+}
+
+/// An immutable view of the endpoint set.
+pub(crate) struct Snapshot<C> {
+    pub(crate) endpoints: Vec<Arc<EndpointState<C>>>,
+    local: Option<Pool>,
+    all: Pool,
+}
+
+impl<C> fmt::Debug for Snapshot<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("endpoints", &self.endpoints.len())
+            .finish()
+    }
+}
+
+impl<C> Snapshot<C> {
+    pub(crate) fn build(endpoints: Vec<Arc<EndpointState<C>>>, config: &BalanceConfig) -> Self {
+        let ids = (0..endpoints.len() as u32).collect::<Vec<_>>();
+        let local = config.zone.as_ref().map(|zone| {
+            let members = ids
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    endpoints[i as usize]
+                        .instance
+                        .metadata
+                        .get("zone")
+                        .map(String::as_str)
+                        == Some(zone.as_str())
+                })
+                .collect();
+            Pool::build(&endpoints, members, config)
+        });
+        let all = Pool::build(&endpoints, ids, config);
+        Self {
+            endpoints,
+            local,
+            all,
+        }
+    }
+}
+
+/// The shared, versioned endpoint set of one client.
+pub(crate) struct Set<C> {
+    version: AtomicU64,
+    current: RwLock<Arc<Snapshot<C>>>,
+    pub(crate) config: BalanceConfig,
+    rr: AtomicUsize,
+    epoch: Instant,
+    next_uid: AtomicU64,
+    /// Woken whenever a snapshot is published.
+    pub(crate) changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl<C> fmt::Debug for Set<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Set")
+            .field("version", &self.version.load(Ordering::Relaxed))
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C> Set<C> {
+    pub(crate) fn new(config: BalanceConfig) -> Self {
+        Self {
+            version: AtomicU64::new(0),
+            current: RwLock::new(Arc::new(Snapshot::build(Vec::new(), &config))),
+            config,
+            rr: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            next_uid: AtomicU64::new(1),
+            changed: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    pub(crate) fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn decay_ns(&self) -> f64 {
+        self.config.decay.as_nanos() as f64
+    }
+
+    /// A new endpoint state (not yet published).
+    pub(crate) fn endpoint(
+        &self,
+        instance: ServiceInstance,
+        conn: C,
+        breaker: Breaker,
+    ) -> Arc<EndpointState<C>> {
+        let weight = instance
+            .metadata
+            .get("weight")
+            .and_then(|w| w.trim().parse::<u64>().ok())
+            .filter(|w| *w > 0)
+            .unwrap_or(100);
+        Arc::new(EndpointState {
+            uid: self.next_uid.fetch_add(1, Ordering::Relaxed),
+            instance,
+            conn,
+            breaker,
+            load: Load::new(self.config.default_rtt),
+            weight,
+            added_ns: self.now_ns(),
+            skip_until_ns: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
+            calls: AtomicU64::new(0),
+        })
+    }
+
+    /// Publishes a new endpoint list.
+    pub(crate) fn publish(&self, endpoints: Vec<Arc<EndpointState<C>>>) {
+        let snapshot = Arc::new(Snapshot::build(endpoints, &self.config));
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = snapshot;
+        let v = self.version.fetch_add(1, Ordering::AcqRel) + 1;
+        self.changed.send_replace(v);
+    }
+
+    /// The current snapshot, refreshing `cache` only when the version moved.
+    pub(crate) fn load(&self, cache: &mut Option<(u64, Arc<Snapshot<C>>)>) -> Arc<Snapshot<C>> {
+        let v = self.version.load(Ordering::Acquire);
+        if let Some((cv, snap)) = cache
+            && *cv == v
+        {
+            return Arc::clone(snap);
+        }
+        let snap = Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner));
+        *cache = Some((v, Arc::clone(&snap)));
+        snap
+    }
+
+    /// The current snapshot.
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot<C>> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn warm_factor(&self, ep: &EndpointState<C>, now_ns: u64) -> f64 {
+        if self.config.warm_up.is_zero() {
+            return 1.0;
+        }
+        let age = now_ns.saturating_sub(ep.added_ns) as f64;
+        (age / self.config.warm_up.as_nanos() as f64).clamp(0.05, 1.0)
+    }
+
+    /// The endpoints to try for one call, in preference order (see [`Candidates`]).
+    pub(crate) fn candidates<'a>(
+        &'a self,
+        snap: &'a Snapshot<C>,
+        key: Option<HashKey>,
+        avoid: u64,
+    ) -> Candidates<'a, C> {
+        Candidates {
+            set: self,
+            snap,
+            key,
+            avoid,
+            pool: if snap.local.as_ref().is_some_and(|p| !p.members.is_empty()) {
+                0
+            } else {
+                1
+            },
+            step: 0,
+            start: 0,
+            avoided: false,
+        }
+    }
+}
+
+/// Endpoint indices to try, best first: in the local zone's pool (if configured and not
+/// empty), then in all endpoints. Within a pool: the balancer's choice(s), then every member
+/// from a random (or, for consistent hash, the ring's) position. The endpoint of the previous
+/// attempt (`avoid`) comes only at the very end. Duplicates are possible.
+pub(crate) struct Candidates<'a, C> {
+    set: &'a Set<C>,
+    snap: &'a Snapshot<C>,
+    key: Option<HashKey>,
+    avoid: u64,
+    pool: u8,
+    step: usize,
+    start: usize,
+    avoided: bool,
+}
+
+impl<'a, C> Candidates<'a, C> {
+    fn pool(&self) -> Option<&'a Pool> {
+        let snap: &'a Snapshot<C> = self.snap;
+        match self.pool {
+            0 => snap.local.as_ref(),
+            1 => Some(&snap.all),
+            _ => None,
+        }
+    }
+
+    fn first(&mut self, pool: &Pool) -> Option<usize> {
+        let n = pool.members.len();
+        let set = self.set;
+        match set.config.balance {
+            Balance::P2c => {
+                self.start = rand::random_range(0..n);
+                if n == 1 {
+                    return Some(pool.members[0] as usize);
+                }
+                let a = self.start;
+                let mut b = rand::random_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (ea, eb) = (
+                    &self.snap.endpoints[pool.members[a] as usize],
+                    &self.snap.endpoints[pool.members[b] as usize],
+                );
+                let now = if set.config.warm_up.is_zero() {
+                    0
+                } else {
+                    set.now_ns()
+                };
+                let ca = ea.load.cost() / set.warm_factor(ea, now);
+                let cb = eb.load.cost() / set.warm_factor(eb, now);
+                let pick = if (ca <= cb && ea.uid != self.avoid) || eb.uid == self.avoid {
+                    a
+                } else {
+                    b
+                };
+                self.start = pick;
+                Some(pool.members[pick] as usize)
+            }
+            Balance::RoundRobin => {
+                self.start = set.rr.fetch_add(1, Ordering::Relaxed) % n;
+                Some(pool.members[self.start] as usize)
+            }
+            Balance::Weighted => {
+                let total = pool.cumulative.last().copied().unwrap_or(0).max(1);
+                let now = if set.config.warm_up.is_zero() {
+                    0
+                } else {
+                    set.now_ns()
+                };
+                let mut idx = 0;
+                for _ in 0..4 {
+                    let r = rand::random_range(0..total);
+                    idx = pool.cumulative.partition_point(|c| *c <= r).min(n - 1);
+                    let ep = &self.snap.endpoints[pool.members[idx] as usize];
+                    if set.warm_factor(ep, now) >= 1.0
+                        || rand::random::<f64>() < set.warm_factor(ep, now)
+                    {
+                        break;
+                    }
+                }
+                self.start = idx;
+                Some(pool.members[idx] as usize)
+            }
+            Balance::ConsistentHash => match self.key {
+                Some(HashKey(k)) if !pool.ring.is_empty() => {
+                    self.start = pool.ring.partition_point(|(h, _)| *h < k) % pool.ring.len();
+                    Some(pool.ring[self.start].1 as usize)
+                }
+                _ => {
+                    self.start = rand::random_range(0..n);
+                    Some(pool.members[self.start] as usize)
+                }
+            },
+        }
+    }
+}
+
+impl<C> Iterator for Candidates<'_, C> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        loop {
+            let Some(pool) = self.pool() else {
+                if !self.avoided && self.avoid != 0 {
+                    self.avoided = true;
+                    return self.snap.endpoints.iter().position(|e| e.uid == self.avoid);
+                }
+                return None;
+            };
+            let n = pool.members.len();
+            if n == 0 {
+                self.pool += 1;
+                self.step = 0;
+                continue;
+            }
+            let step = self.step;
+            self.step += 1;
+            let hashed = self.set.config.balance == Balance::ConsistentHash
+                && self.key.is_some()
+                && !pool.ring.is_empty();
+            let idx = if step == 0 {
+                self.first(pool)
+            } else if hashed && step < pool.ring.len() {
+                Some(pool.ring[(self.start + step) % pool.ring.len()].1 as usize)
+            } else if !hashed && step <= n {
+                Some(pool.members[(self.start + step) % n] as usize)
+            } else {
+                self.pool += 1;
+                self.step = 0;
+                continue;
+            };
+            if let Some(i) = idx
+                && self.snap.endpoints[i].uid != self.avoid
+            {
+                return Some(i);
+            }
+        }
+    }
+}

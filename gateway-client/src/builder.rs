@@ -1,0 +1,82 @@
+//! Builder methods shared by [`GrpcBuilder`](crate::GrpcBuilder) and
+//! [`RestBuilder`](crate::RestBuilder).
+
+macro_rules! common_builder_methods {
+    () => {
+        /// The balancer (default [`Balance::P2c`](crate::Balance::P2c)).
+        pub fn balance(mut self, balance: crate::Balance) -> Self {
+            self.options.balance.balance = balance;
+            self
+        }
+
+        /// Prefer instances whose `zone` metadata is `zone`; use the others only when none of
+        /// them is available (empty, or all ejected).
+        pub fn zone(mut self, zone: impl Into<String>) -> Self {
+            self.options.balance.zone = Some(zone.into());
+            self
+        }
+
+        /// Ramp a new instance's share of calls up linearly over `period` (p2c and weighted).
+        pub fn warm_up(mut self, period: std::time::Duration) -> Self {
+            self.options.balance.warm_up = period;
+            self
+        }
+
+        /// A timeout per call (all attempts included), propagated downstream as the deadline.
+        pub fn timeout(mut self, timeout: std::time::Duration) -> Self {
+            self.options.timeout = Some(timeout);
+            self
+        }
+
+        /// Attempts per call, the first included (default 3; 1 disables retries).
+        pub fn max_attempts(mut self, attempts: u32) -> Self {
+            self.options.max_attempts = attempts.max(1);
+            self
+        }
+
+        /// Backoff before the first retry, doubling up to `max` (full jitter; default 10 ms,
+        /// 500 ms).
+        pub fn backoff(mut self, base: std::time::Duration, max: std::time::Duration) -> Self {
+            self.options.backoff = (base, max.max(base));
+            self
+        }
+
+        /// The retry budget (default: 20 % of calls plus 10 retries per second, over 10 s);
+        /// share one between clients to bound their retries together.
+        pub fn retry_budget(
+            mut self,
+            budget: std::sync::Arc<keel_breaker::retry::RetryBudget>,
+        ) -> Self {
+            self.options.budget = budget;
+            self
+        }
+
+        /// The per-endpoint circuit breaker (outlier ejection); default
+        /// [`default_endpoint_breaker`](crate::default_endpoint_breaker).
+        pub fn breaker(mut self, config: keel_breaker::breaker::BreakerConfig) -> Self {
+            self.options.breaker = config;
+            self
+        }
+
+        /// TLS for instances that serve it (an `https` URL, or a registry instance marked TLS,
+        /// e.g. with a Spring `sslPort`).
+        pub fn tls(mut self, tls: crate::TlsConfig) -> Self {
+            self.options.tls = Some(tls);
+            self
+        }
+
+        /// How long opening a connection may take (default 2 s).
+        pub fn connect_timeout(mut self, timeout: std::time::Duration) -> Self {
+            self.options.connect_timeout = timeout;
+            self
+        }
+
+        /// Whether to stamp an `x-request-id` on requests that have none (default true).
+        pub fn request_id(mut self, yes: bool) -> Self {
+            self.options.request_id = yes;
+            self
+        }
+    };
+}
+
+pub(crate) use common_builder_methods;

@@ -1,0 +1,184 @@
+//! Keeps a client's endpoint set in step with a registry watch.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use futures::{FutureExt, StreamExt};
+use keel_breaker::BoxError;
+use keel_breaker::breaker::{Breaker, BreakerConfig};
+use keel_core::ServiceInstance;
+use keel_registry::{Change, Watch};
+use tokio::sync::oneshot;
+
+use crate::balance::{EndpointState, Set};
+
+/// Builds the connection to one instance.
+pub(crate) type Connect<C> = Arc<dyn Fn(&ServiceInstance) -> Result<C, BoxError> + Send + Sync>;
+
+/// What the endpoint set needs to add an instance.
+pub(crate) struct Factory<C> {
+    pub(crate) connect: Connect<C>,
+    pub(crate) breaker: BreakerConfig,
+}
+
+impl<C> Clone for Factory<C> {
+    fn clone(&self) -> Self {
+        Self {
+            connect: Arc::clone(&self.connect),
+            breaker: self.breaker.clone(),
+        }
+    }
+}
+
+/// The current endpoints by instance id, and how to make more.
+pub(crate) struct Members<C> {
+    set: Arc<Set<C>>,
+    factory: Factory<C>,
+    by_id: BTreeMap<String, Arc<EndpointState<C>>>,
+}
+
+impl<C> Members<C> {
+    pub(crate) fn new(set: Arc<Set<C>>, factory: Factory<C>) -> Self {
+        Self {
+            set,
+            factory,
+            by_id: BTreeMap::new(),
+        }
+    }
+
+    fn make(&self, instance: ServiceInstance) -> Option<Arc<EndpointState<C>>> {
+        let conn = match (self.factory.connect)(&instance) {
+            Ok(conn) => conn,
+            Err(error) => {
+                tracing::warn!(%error, id = %instance.id, endpoint = %instance.endpoint, "cannot connect to instance; skipped");
+                return None;
+            }
+        };
+        let breaker = match Breaker::new(self.factory.breaker.clone()) {
+            Ok(b) => b,
+            Err(error) => {
+                tracing::warn!(%error, "invalid breaker configuration");
+                return None;
+            }
+        };
+        Some(self.set.endpoint(instance, conn, breaker))
+    }
+
+    fn upsert(&mut self, instance: ServiceInstance) {
+        if let Some(existing) = self.by_id.get(&instance.id)
+            && existing.instance.endpoint == instance.endpoint
+            && existing.instance.tls == instance.tls
+            && existing.instance.metadata == instance.metadata
+        {
+            return;
+        }
+        if let Some(ep) = self.make(instance)
+            && let Some(old) = self.by_id.insert(ep.instance.id.clone(), ep)
+        {
+            old.removed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(old) = self.by_id.remove(id) {
+            old.removed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Applies one change (without publishing).
+    pub(crate) fn apply(&mut self, change: Change) {
+        match change {
+            Change::Reset(all) => {
+                let keep: std::collections::BTreeSet<&str> =
+                    all.iter().map(|i| i.id.as_str()).collect();
+                let gone: Vec<String> = self
+                    .by_id
+                    .keys()
+                    .filter(|id| !keep.contains(id.as_str()))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    self.remove(&id);
+                }
+                for instance in all {
+                    self.upsert(instance);
+                }
+            }
+            Change::Add(instance) | Change::Update(instance) => self.upsert(instance),
+            Change::Remove(instance) => self.remove(&instance.id),
+        }
+    }
+
+    /// Publishes the current members to the balancers.
+    pub(crate) fn publish(&self) {
+        self.set.publish(self.by_id.values().cloned().collect());
+    }
+
+    fn close(&mut self) {
+        for ep in self.by_id.values() {
+            ep.removed.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The discovery task of a client built from a registry watch: a future to spawn (e.g.
+/// `tokio::spawn(discovery)`). It applies every change of the watched service to the client's
+/// endpoint set, opening a connection per new instance and dropping the connection of a removed
+/// one, and ends when every clone of the client is dropped or the registry shuts down.
+#[must_use = "the client sees no endpoints unless its discovery future runs"]
+pub struct Discovery {
+    fut: Pin<Box<dyn Future<Output = ()> + Send>>,
+    service: String,
+}
+
+impl fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Discovery")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Discovery {
+    pub(crate) fn new<C: Send + Sync + 'static>(
+        mut members: Members<C>,
+        mut watch: Watch,
+        mut closed: oneshot::Receiver<()>,
+    ) -> Self {
+        let service = watch.service().to_owned();
+        let fut = async move {
+            loop {
+                tokio::select! {
+                    _ = &mut closed => break,
+                    change = watch.next() => {
+                        let Some(change) = change else { break };
+                        members.apply(change);
+                        // Apply whatever else is already queued before publishing once.
+                        while let Some(Some(change)) = watch.next().now_or_never() {
+                            members.apply(change);
+                        }
+                        members.publish();
+                    }
+                }
+            }
+            members.close();
+        };
+        Self {
+            fut: Box::pin(fut),
+            service,
+        }
+    }
+}
+
+impl Future for Discovery {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.fut.as_mut().poll(cx)
+    }
+}

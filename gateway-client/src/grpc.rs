@@ -1,0 +1,386 @@
+//! [`GrpcChannel`]: a drop-in channel for tonic-generated clients.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use keel_breaker::BoxError;
+use keel_breaker::classify::{DefaultClassifier, classify_http_response};
+use keel_breaker::deadline::{DeadlineLayer, DeadlineService};
+use keel_breaker::request::is_replay_safe;
+use keel_breaker::retry::{ReplayBody, Retry};
+use keel_core::{Endpoint, ServiceInstance};
+use keel_registry::Registry;
+use pin_project_lite::pin_project;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tonic::body::Body;
+use tonic::transport::Channel;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::balance::Set;
+use crate::builder::common_builder_methods;
+use crate::discovery::{Connect, Discovery, Factory, Members};
+use crate::error::Error;
+use crate::lb::{Balancer, Memo};
+use crate::metrics::{ClientMetrics, MethodMetrics};
+use crate::options::{Options, Shared};
+
+type Bal = Balancer<Channel, Body, Body>;
+type Stack = DeadlineService<Retry<Bal>>;
+type StackFuture = keel_breaker::deadline::ResponseFuture<
+    keel_breaker::retry::ResponseFuture<
+        Bal,
+        <Bal as Service<http::Request<ReplayBody<Body>>>>::Future,
+        Body,
+        DefaultClassifier,
+    >,
+>;
+
+fn wire(body: ReplayBody<Body>) -> Body {
+    Body::new(body)
+}
+
+/// A gRPC channel over every instance of a service: give it to a tonic-generated client
+/// (`EchoClient::new(channel)`). Cheap to clone; clones share connections, balancer state,
+/// breakers, retry budget and metrics.
+///
+/// Per call, outermost first: propagation (`traceparent`, `tracestate`, `baggage` from the
+/// current OpenTelemetry context, `x-request-id`) and a client span and RED metrics → deadline
+/// (`grpc-timeout`) → budgeted, outcome-aware retry (a retry goes to another endpoint when
+/// there is one) → balancer → per-endpoint circuit breaker (an open one ejects the endpoint)
+/// → the endpoint's HTTP/2 connection.
+///
+/// Errors reach the tonic client as a [`tonic::Status`] with the right code; the client-side
+/// cause is in its source ([`Error::from_status`]).
+#[derive(Clone)]
+pub struct GrpcChannel {
+    stack: Stack,
+    shared: Arc<Shared<Channel>>,
+}
+
+impl fmt::Debug for GrpcChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcChannel")
+            .field("service", &self.shared.service)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`GrpcChannel`]; see [`GrpcChannel::builder`].
+#[derive(Debug)]
+pub struct GrpcBuilder {
+    options: Options,
+}
+
+impl GrpcChannel {
+    /// A builder for a channel to `service`.
+    pub fn builder(service: &str) -> GrpcBuilder {
+        GrpcBuilder {
+            options: Options::new(service),
+        }
+    }
+
+    /// The RED metrics of this channel (per gRPC method path).
+    pub fn metrics(&self) -> &ClientMetrics {
+        &self.shared.metrics
+    }
+
+    /// The endpoints currently in the balancer: `(instance id, calls routed to it, breaker
+    /// state)`.
+    pub fn endpoints(&self) -> Vec<EndpointInfo> {
+        endpoint_info(&self.shared.set)
+    }
+
+    /// Waits until discovery has produced at least one endpoint, or `timeout` passes.
+    ///
+    /// # Errors
+    /// An error for which [`Error::is_no_endpoints`] holds, after `timeout`.
+    pub async fn ready(&self, timeout: Duration) -> Result<(), Error> {
+        wait_ready(&self.shared.set, timeout).await
+    }
+}
+
+/// What [`GrpcChannel::endpoints`] reports about one endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// The instance id.
+    pub id: String,
+    /// Where it is.
+    pub endpoint: Endpoint,
+    /// Attempts routed to it so far.
+    pub calls: u64,
+    /// Its breaker's state.
+    pub state: keel_breaker::breaker::State,
+}
+
+pub(crate) fn endpoint_info<C>(set: &Set<C>) -> Vec<EndpointInfo> {
+    set.snapshot()
+        .endpoints
+        .iter()
+        .map(|e| EndpointInfo {
+            id: e.instance.id.clone(),
+            endpoint: e.instance.endpoint.clone(),
+            calls: e.calls.load(std::sync::atomic::Ordering::Relaxed),
+            state: e.breaker.state(),
+        })
+        .collect()
+}
+
+pub(crate) async fn wait_ready<C>(set: &Set<C>, timeout: Duration) -> Result<(), Error> {
+    let mut rx = set.changed.subscribe();
+    let wait = async {
+        loop {
+            if !set.snapshot().endpoints.is_empty() {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .map_err(|_| Error::from_box(Error::no_endpoints()))
+}
+
+/// Parses `http://host:port` / `https://host:port` into an instance (id = the URL).
+pub(crate) fn instance_from_url(service: &str, url: &str) -> Result<ServiceInstance, Error> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| Error::config(format!("invalid URL {url:?}: {e}")))?;
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(Error::config(format!("URL {url:?} must be http or https"))),
+    };
+    let host = uri
+        .host()
+        .ok_or_else(|| Error::config(format!("URL {url:?} has no host")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    Ok(ServiceInstance::new(service, url, Endpoint::new(host, port)).with_tls(tls))
+}
+
+fn host_for_uri(endpoint: &Endpoint) -> String {
+    if endpoint.host.contains(':') {
+        format!("[{}]:{}", endpoint.host, endpoint.port)
+    } else {
+        format!("{}:{}", endpoint.host, endpoint.port)
+    }
+}
+
+impl GrpcBuilder {
+    common_builder_methods!();
+
+    fn connector(&self) -> Connect<Channel> {
+        let tls = self.options.tls.clone();
+        let connect_timeout = self.options.connect_timeout;
+        Arc::new(move |instance: &ServiceInstance| {
+            let scheme = if instance.tls { "https" } else { "http" };
+            let url = format!("{scheme}://{}", host_for_uri(&instance.endpoint));
+            let mut endpoint = tonic::transport::Endpoint::from_shared(url)?
+                .tcp_nodelay(true)
+                .connect_timeout(connect_timeout);
+            if instance.tls {
+                let tls = tls
+                    .as_ref()
+                    .ok_or("the instance serves TLS but the client has no TLS configuration")?;
+                let mut config = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem));
+                if let Some(domain) = &tls.domain {
+                    config = config.domain_name(domain.clone());
+                }
+                endpoint = endpoint.tls_config(config)?;
+            }
+            Ok::<_, BoxError>(endpoint.connect_lazy())
+        })
+    }
+
+    fn finish(self, closed: Option<oneshot::Sender<()>>) -> (GrpcChannel, Members<Channel>) {
+        let set = Arc::new(Set::new(self.options.balance.clone()));
+        let factory = Factory {
+            connect: self.connector(),
+            breaker: self.options.breaker.clone(),
+        };
+        let members = Members::new(Arc::clone(&set), factory);
+        let deadline = match self.options.timeout {
+            Some(t) => DeadlineLayer::new(t),
+            None => DeadlineLayer::propagate_only(),
+        };
+        let stack = deadline.layer(Retry::new(
+            Balancer::new(Arc::clone(&set), wire as fn(ReplayBody<Body>) -> Body),
+            self.options.policy(),
+        ));
+        let shared = Arc::new(Shared::new(&self.options, set, closed));
+        (GrpcChannel { stack, shared }, members)
+    }
+
+    /// A channel over fixed endpoints (`http://host:port` or `https://host:port`), e.g. an API
+    /// gateway or a local development set-up.
+    ///
+    /// Must be called inside a tokio runtime: each endpoint's connection is a lazily connecting
+    /// [`tonic::transport::Channel`], whose connection task tonic spawns.
+    ///
+    /// # Errors
+    /// [`Error::is_config`] for a malformed URL or breaker configuration.
+    pub fn endpoints<I, S>(self, urls: I) -> Result<GrpcChannel, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.options
+            .breaker
+            .validate()
+            .map_err(|e| Error::config(e.to_string()))?;
+        let service = self.options.service.clone();
+        let instances = urls
+            .into_iter()
+            .map(|u| instance_from_url(&service, u.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (channel, mut members) = self.finish(None);
+        members.apply(keel_registry::Change::Reset(instances));
+        members.publish();
+        Ok(channel)
+    }
+
+    /// A channel over the instances `registry` discovers for the service, and the
+    /// [`Discovery`] future that keeps it up to date: spawn it (`tokio::spawn(discovery)`).
+    /// Nothing is spawned here.
+    ///
+    /// # Errors
+    /// [`Error::is_config`] when the breaker configuration is invalid or the registry refuses
+    /// the watch.
+    pub fn discover(self, registry: &dyn Registry) -> Result<(GrpcChannel, Discovery), Error> {
+        self.options
+            .breaker
+            .validate()
+            .map_err(|e| Error::config(e.to_string()))?;
+        let watch = registry
+            .watch(&self.options.service)
+            .map_err(|e| Error::config(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        let (channel, members) = self.finish(Some(tx));
+        Ok((channel, Discovery::new(members, watch, rx)))
+    }
+
+    /// [`discover`](Self::discover), then spawns the discovery task on the current tokio
+    /// runtime (it ends when the last clone of the channel is dropped) and waits up to
+    /// `wait` for the first endpoint.
+    ///
+    /// # Errors
+    /// As [`discover`](Self::discover); [`Error::is_no_endpoints`] when no instance appeared
+    /// in time (the channel is then dropped; discovery stops).
+    pub async fn connect(
+        self,
+        registry: &dyn Registry,
+        wait: Duration,
+    ) -> Result<GrpcChannel, Error> {
+        let (channel, discovery) = self.discover(registry)?;
+        tokio::spawn(discovery);
+        channel.ready(wait).await?;
+        Ok(channel)
+    }
+}
+
+impl Service<http::Request<Body>> for GrpcChannel {
+    type Response = http::Response<Body>;
+    type Error = tonic::Status;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.stack
+            .poll_ready(cx)
+            .map_err(|e| Error::from_box(e).into_status())
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let (mut parts, body) = req.into_parts();
+        let memo = self
+            .shared
+            .prepare(&mut parts.headers, &mut parts.extensions);
+        let replay_safe = is_replay_safe(&parts.headers, &parts.extensions);
+        let method = self.shared.metrics.method(parts.uri.path());
+        let span = tracing::info_span!(
+            "grpc.client",
+            otel.kind = "client",
+            rpc.system = "grpc",
+            rpc.service = %self.shared.service,
+            rpc.method = %parts.uri.path(),
+        );
+        let req = http::Request::from_parts(parts, body);
+        let fut = {
+            let _enter = span.enter();
+            self.stack.call(req)
+        };
+        ResponseFuture {
+            fut,
+            span,
+            start: Instant::now(),
+            method,
+            memo,
+            replay_safe,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`GrpcChannel`].
+    pub struct ResponseFuture {
+        #[pin]
+        fut: StackFuture,
+        span: tracing::Span,
+        start: Instant,
+        method: Arc<MethodMetrics>,
+        memo: Memo,
+        replay_safe: bool,
+        shared: Arc<Shared<Channel>>,
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<http::Response<Body>, tonic::Status>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let _enter = this.span.enter();
+        let result = ready!(this.fut.poll(cx));
+        let elapsed = this.start.elapsed();
+        Poll::Ready(match result {
+            Ok(response) => {
+                let failed = response
+                    .headers()
+                    .get("grpc-status")
+                    .is_some_and(|s| s.as_bytes() != b"0");
+                this.method.record(elapsed, failed);
+                let outcome = classify_http_response(response.status(), response.headers());
+                if failed
+                    && this.shared.exhausted(outcome, this.memo, *this.replay_safe)
+                    && let Some(status) = tonic::Status::from_header_map(response.headers())
+                {
+                    let error = Error::budget_exhausted(Box::new(status));
+                    tracing::debug!(%error, "grpc call failed");
+                    return Poll::Ready(Err(error.into_status()));
+                }
+                Ok(response)
+            }
+            Err(error) => {
+                this.method.record(elapsed, true);
+                let error = this.shared.failure(error, this.memo, *this.replay_safe);
+                tracing::debug!(%error, "grpc call failed");
+                Err(error.into_status())
+            }
+        })
+    }
+}

@@ -1,0 +1,227 @@
+//! Settings shared by the gRPC and REST builders, and the per-call work both clients do
+//! around their stack (propagation, metrics, error classification).
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::{Extensions, HeaderMap, HeaderValue};
+use keel_breaker::BoxError;
+use keel_breaker::breaker::BreakerConfig;
+use keel_breaker::classify::{FailureClass, Outcome, classify_error};
+use keel_breaker::deadline::{Deadline, GRPC_TIMEOUT, parse_grpc_timeout};
+use keel_breaker::retry::{RetryBudget, RetryPolicy};
+use keel_core::propagation::{HeaderInjector, REQUEST_ID, TRACEPARENT, inject_current};
+use tokio::sync::oneshot;
+
+use crate::balance::{BalanceConfig, Set};
+use crate::error::Error;
+use crate::lb::Memo;
+use crate::metrics::ClientMetrics;
+
+/// TLS settings: the CA that signs the servers' certificates, and optionally the name to
+/// verify them against (default: the instance's host).
+#[derive(Clone)]
+pub struct TlsConfig {
+    pub(crate) ca_pem: Vec<u8>,
+    pub(crate) domain: Option<String>,
+}
+
+impl fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("ca_pem_len", &self.ca_pem.len())
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+impl TlsConfig {
+    /// Trust the CA certificate(s) in `pem`.
+    pub fn with_ca_pem(pem: impl Into<Vec<u8>>) -> Self {
+        Self {
+            ca_pem: pem.into(),
+            domain: None,
+        }
+    }
+
+    /// Verify server certificates against `name` instead of the instance's host.
+    pub fn domain(mut self, name: impl Into<String>) -> Self {
+        self.domain = Some(name.into());
+        self
+    }
+}
+
+/// Settings common to both clients.
+#[derive(Clone)]
+pub(crate) struct Options {
+    pub(crate) service: String,
+    pub(crate) balance: BalanceConfig,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) max_attempts: u32,
+    pub(crate) backoff: (Duration, Duration),
+    pub(crate) budget: Arc<RetryBudget>,
+    pub(crate) breaker: BreakerConfig,
+    pub(crate) tls: Option<TlsConfig>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) request_id: bool,
+}
+
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("service", &self.service)
+            .field("balance", &self.balance)
+            .field("timeout", &self.timeout)
+            .field("max_attempts", &self.max_attempts)
+            .field("breaker", &self.breaker)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Options {
+    pub(crate) fn new(service: &str) -> Self {
+        Self {
+            service: service.to_owned(),
+            balance: BalanceConfig::default(),
+            timeout: None,
+            max_attempts: 3,
+            backoff: (Duration::from_millis(10), Duration::from_millis(500)),
+            budget: Arc::new(RetryBudget::default()),
+            breaker: default_endpoint_breaker(),
+            tls: None,
+            connect_timeout: Duration::from_secs(2),
+            request_id: true,
+        }
+    }
+
+    pub(crate) fn policy(&self) -> RetryPolicy {
+        RetryPolicy::new(Arc::clone(&self.budget))
+            .max_attempts(self.max_attempts)
+            .backoff(self.backoff.0, self.backoff.1)
+    }
+}
+
+/// The per-endpoint breaker used unless configured otherwise: eject an endpoint that fails half
+/// of at least 5 of its last 20 calls, probe it with 3 calls after 2 s (growing up to 60 s while
+/// it keeps failing).
+pub fn default_endpoint_breaker() -> BreakerConfig {
+    BreakerConfig {
+        failure_rate_threshold: 50.0,
+        sliding_window_size: 20,
+        minimum_number_of_calls: 5,
+        wait_duration_in_open_state: Duration::from_secs(2),
+        permitted_number_of_calls_in_half_open_state: 3,
+        ..BreakerConfig::default()
+    }
+}
+
+/// State shared by every clone of one client.
+pub(crate) struct Shared<C> {
+    pub(crate) service: String,
+    pub(crate) set: Arc<Set<C>>,
+    pub(crate) metrics: ClientMetrics,
+    pub(crate) max_attempts: u32,
+    pub(crate) request_id: bool,
+    id_prefix: u64,
+    id_counter: AtomicU64,
+    pub(crate) _closed: Option<oneshot::Sender<()>>,
+}
+
+impl<C> fmt::Debug for Shared<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("service", &self.service)
+            .field("set", &self.set)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C> Shared<C> {
+    pub(crate) fn new(
+        options: &Options,
+        set: Arc<Set<C>>,
+        closed: Option<oneshot::Sender<()>>,
+    ) -> Self {
+        Self {
+            service: options.service.clone(),
+            set,
+            metrics: ClientMetrics::default(),
+            max_attempts: options.max_attempts,
+            request_id: options.request_id,
+            id_prefix: rand::random(),
+            id_counter: AtomicU64::new(0),
+            _closed: closed,
+        }
+    }
+
+    fn request_id(&self) -> Option<HeaderValue> {
+        let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 32];
+        let hex = b"0123456789abcdef";
+        for (i, byte) in self
+            .id_prefix
+            .to_be_bytes()
+            .iter()
+            .chain(n.to_be_bytes().iter())
+            .enumerate()
+        {
+            buf[2 * i] = hex[usize::from(byte >> 4)];
+            buf[2 * i + 1] = hex[usize::from(byte & 15)];
+        }
+        HeaderValue::from_bytes(&buf).ok()
+    }
+
+    /// Stamps the outgoing headers and extensions of one call; returns the call's memo and
+    /// whether it may be replayed after an UNKNOWN outcome.
+    pub(crate) fn prepare(&self, headers: &mut HeaderMap, extensions: &mut Extensions) -> Memo {
+        if self.request_id
+            && !headers.contains_key(REQUEST_ID)
+            && let Some(id) = self.request_id()
+        {
+            headers.insert(REQUEST_ID, id);
+        }
+        if !headers.contains_key(TRACEPARENT) {
+            inject_current(&mut HeaderInjector(headers));
+        }
+        if extensions.get::<Deadline>().is_none()
+            && let Some(timeout) = headers
+                .get(GRPC_TIMEOUT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_grpc_timeout)
+        {
+            extensions.insert(Deadline::after(timeout));
+        }
+        let memo = Memo::default();
+        extensions.insert(memo.clone());
+        memo
+    }
+
+    /// A response that failed in a retryable way although attempts were left: the retry layer
+    /// gave up because the budget was empty.
+    pub(crate) fn exhausted(&self, outcome: Outcome, memo: &Memo, replay_safe: bool) -> bool {
+        let attempts = memo.0.attempts.load(Ordering::Relaxed);
+        let retryable = match outcome.retry_class() {
+            Some(FailureClass::NotSent | FailureClass::Rejected) => true,
+            Some(FailureClass::Unknown) => replay_safe,
+            None => false,
+        };
+        retryable && attempts >= 1 && attempts < self.max_attempts
+    }
+
+    /// Turns a failed call into the client's [`Error`], recognising an exhausted retry budget.
+    pub(crate) fn failure(&self, error: BoxError, memo: &Memo, replay_safe: bool) -> Error {
+        let exhausted = self.exhausted(classify_error(error.as_ref()), memo, replay_safe);
+        let error = Error::from_box(error);
+        if exhausted
+            && !error.is_deadline_exceeded()
+            && !error.is_no_endpoints()
+            && !error.is_all_ejected()
+        {
+            return Error::budget_exhausted(Box::new(error));
+        }
+        error
+    }
+}

@@ -1,0 +1,581 @@
+//! [`RestClient`]: JSON over HTTP with the same balancing and resilience as gRPC.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::{HeaderMap, Method};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use keel_breaker::BoxError;
+use keel_breaker::classify::{NotSent, classify_http_status};
+use keel_breaker::deadline::{Deadline, DeadlineLayer, DeadlineService, Protocol};
+use keel_breaker::request::{IdempotencyKey, Idempotent, is_replay_safe};
+use keel_breaker::retry::{ReplayBody, Retry};
+use keel_core::ServiceInstance;
+use keel_registry::Registry;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::balance::{HashKey, Set};
+use crate::builder::common_builder_methods;
+use crate::discovery::{Connect, Discovery, Factory, Members};
+use crate::error::Error;
+use crate::grpc::{EndpointInfo, endpoint_info, instance_from_url, wait_ready};
+use crate::lb::Balancer;
+use crate::metrics::ClientMetrics;
+use crate::options::{Options, Shared};
+
+type Wire = ReplayBody<Full<Bytes>>;
+type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// The connection pool to one REST endpoint (HTTP/1.1 keep-alive, or TLS).
+#[derive(Clone)]
+pub(crate) struct RestConnection {
+    client: Client<Https, Wire>,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    prefix: Arc<str>,
+}
+
+impl fmt::Debug for RestConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RestConnection")
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service<http::Request<Wire>> for RestConnection {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = BoxError;
+    type Future = futures::future::MapErr<
+        hyper_util::client::legacy::ResponseFuture,
+        fn(hyper_util::client::legacy::Error) -> BoxError,
+    >;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: http::Request<Wire>) -> Self::Future {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", http::uri::PathAndQuery::as_str);
+        let joined = if self.prefix.is_empty() {
+            None
+        } else {
+            Some(format!("{}{}", self.prefix, path))
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = match joined {
+            Some(p) => p.parse().ok(),
+            None => req.uri().path_and_query().cloned(),
+        };
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+        futures::TryFutureExt::map_err(self.client.request(req), map_hyper_error)
+    }
+}
+
+fn map_hyper_error(error: hyper_util::client::legacy::Error) -> BoxError {
+    if error.is_connect() {
+        Box::new(NotSent::new(error))
+    } else {
+        Box::new(error)
+    }
+}
+
+type Bal = Balancer<RestConnection, Full<Bytes>, Wire>;
+type Stack = DeadlineService<Retry<Bal>>;
+
+fn wire(body: Wire) -> Wire {
+    body
+}
+
+/// A JSON-over-HTTP client over every instance of a service (or one base URL, e.g. an API
+/// gateway). Cheap to clone. Same stack as [`GrpcChannel`](crate::GrpcChannel): propagation,
+/// span and metrics → deadline (`x-keel-deadline`) → budgeted retry → balancer →
+/// per-endpoint breaker → pooled connection.
+///
+/// A non-2xx response is an [`Error`] with [`Error::is_status`], its status and its body.
+#[derive(Clone)]
+pub struct RestClient {
+    stack: Stack,
+    shared: Arc<Shared<RestConnection>>,
+    headers: Arc<HeaderMap>,
+}
+
+impl fmt::Debug for RestClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RestClient")
+            .field("service", &self.shared.service)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`RestClient`]; see [`RestClient::builder`].
+#[derive(Debug)]
+pub struct RestBuilder {
+    options: Options,
+    headers: HeaderMap,
+}
+
+impl RestBuilder {
+    common_builder_methods!();
+
+    /// A header sent with every request (e.g. an API key for a gateway). Invalid names or
+    /// values are reported by the build method.
+    pub fn default_header(mut self, name: &str, value: &str) -> Self {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(n), Ok(v)) => {
+                self.headers.append(n, v);
+            }
+            _ => {
+                self.options.service.push_str("\u{0}invalid-header");
+            }
+        }
+        self
+    }
+
+    fn connector(&self, prefix: &str) -> Result<Connect<RestConnection>, Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(tls) = &self.options.tls {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject;
+            for cert in CertificateDer::pem_slice_iter(&tls.ca_pem) {
+                let cert = cert.map_err(|e| Error::config(format!("invalid CA PEM: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| Error::config(format!("invalid CA certificate: {e}")))?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(self.options.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let prefix: Arc<str> = Arc::from(prefix.trim_end_matches('/'));
+        Ok(Arc::new(move |instance: &ServiceInstance| {
+            let scheme = if instance.tls {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            };
+            let host = &instance.endpoint.host;
+            let authority = if host.contains(':') {
+                format!("[{host}]:{}", instance.endpoint.port)
+            } else {
+                format!("{host}:{}", instance.endpoint.port)
+            };
+            Ok::<_, BoxError>(RestConnection {
+                client: Client::builder(TokioExecutor::new()).build(https.clone()),
+                scheme,
+                authority: authority.parse()?,
+                prefix: Arc::clone(&prefix),
+            })
+        }))
+    }
+
+    fn finish(
+        self,
+        prefix: &str,
+        closed: Option<oneshot::Sender<()>>,
+    ) -> Result<(RestClient, Members<RestConnection>), Error> {
+        if self.options.service.contains('\u{0}') {
+            return Err(Error::config("invalid default header"));
+        }
+        self.options
+            .breaker
+            .validate()
+            .map_err(|e| Error::config(e.to_string()))?;
+        let connect = self.connector(prefix)?;
+        let set = Arc::new(Set::new(self.options.balance.clone()));
+        let factory = Factory {
+            connect,
+            breaker: self.options.breaker.clone(),
+        };
+        let members = Members::new(Arc::clone(&set), factory);
+        let deadline = match self.options.timeout {
+            Some(t) => DeadlineLayer::new(t),
+            None => DeadlineLayer::propagate_only(),
+        }
+        .protocol(Protocol::Rest);
+        let stack = deadline.layer(Retry::new(
+            Balancer::new(Arc::clone(&set), wire as fn(Wire) -> Wire),
+            self.options.policy(),
+        ));
+        let shared = Arc::new(Shared::new(&self.options, set, closed));
+        Ok((
+            RestClient {
+                stack,
+                shared,
+                headers: Arc::new(self.headers),
+            },
+            members,
+        ))
+    }
+
+    /// A client calling through one base URL (`https://gateway.example.com/api/v1`): request
+    /// paths are appended to its path. Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::is_config`] for a malformed URL, header, CA or breaker configuration.
+    pub fn base_url(self, url: &str) -> Result<RestClient, Error> {
+        let instance = instance_from_url(&self.options.service, url)?;
+        let prefix = url
+            .parse::<http::Uri>()
+            .map(|u| u.path().to_owned())
+            .unwrap_or_default();
+        let (client, mut members) = self.finish(&prefix, None)?;
+        members.apply(keel_registry::Change::Reset(vec![instance]));
+        members.publish();
+        Ok(client)
+    }
+
+    /// A client balancing over fixed endpoints (`http://host:port`, `https://host:port`).
+    ///
+    /// # Errors
+    /// As [`base_url`](Self::base_url).
+    pub fn endpoints<I, S>(self, urls: I) -> Result<RestClient, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let service = self.options.service.clone();
+        let instances = urls
+            .into_iter()
+            .map(|u| instance_from_url(&service, u.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (client, mut members) = self.finish("", None)?;
+        members.apply(keel_registry::Change::Reset(instances));
+        members.publish();
+        Ok(client)
+    }
+
+    /// A client over the instances `registry` discovers, and the [`Discovery`] future to spawn.
+    ///
+    /// # Errors
+    /// As [`base_url`](Self::base_url), or the registry refuses the watch.
+    pub fn discover(self, registry: &dyn Registry) -> Result<(RestClient, Discovery), Error> {
+        let watch = registry
+            .watch(&self.options.service)
+            .map_err(|e| Error::config(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        let (client, members) = self.finish("", Some(tx))?;
+        Ok((client, Discovery::new(members, watch, rx)))
+    }
+
+    /// [`discover`](Self::discover), spawn the discovery task on the current runtime, and wait
+    /// up to `wait` for the first endpoint.
+    ///
+    /// # Errors
+    /// As [`discover`](Self::discover); [`Error::is_no_endpoints`] when none appeared in time.
+    pub async fn connect(
+        self,
+        registry: &dyn Registry,
+        wait: Duration,
+    ) -> Result<RestClient, Error> {
+        let (client, discovery) = self.discover(registry)?;
+        tokio::spawn(discovery);
+        wait_ready(&client.shared.set, wait).await?;
+        Ok(client)
+    }
+}
+
+impl RestClient {
+    /// A builder for a client of `service`.
+    pub fn builder(service: &str) -> RestBuilder {
+        RestBuilder {
+            options: Options::new(service),
+            headers: HeaderMap::new(),
+        }
+    }
+
+    /// The RED metrics of this client (per `METHOD /path`, with segments holding digits
+    /// replaced by `{id}` unless the call names its [`route`](RestRequest::route)).
+    pub fn metrics(&self) -> &ClientMetrics {
+        &self.shared.metrics
+    }
+
+    /// The endpoints currently in the balancer.
+    pub fn endpoints(&self) -> Vec<EndpointInfo> {
+        endpoint_info(&self.shared.set)
+    }
+
+    /// A request to build and send.
+    pub fn request(&self, method: Method, path: &str) -> RestRequest {
+        RestRequest {
+            client: self.clone(),
+            method,
+            path: path.to_owned(),
+            headers: HeaderMap::new(),
+            body: Ok(Bytes::new()),
+            extensions: http::Extensions::new(),
+            route: None,
+        }
+    }
+
+    /// `GET path`, decoding a JSON response.
+    ///
+    /// # Errors
+    /// See [`RestRequest::send`]; [`Error::is_decode`] for a body that is not the JSON of `T`.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
+        self.request(Method::GET, path).send_json().await
+    }
+
+    /// `POST path` with a JSON body, decoding a JSON response. Not retried after an unknown
+    /// outcome unless marked (use [`request`](Self::request) and
+    /// [`RestRequest::idempotency_key`]).
+    ///
+    /// # Errors
+    /// As [`get`](Self::get).
+    pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, Error> {
+        self.request(Method::POST, path)
+            .json(body)
+            .send_json()
+            .await
+    }
+
+    /// `PUT path` with a JSON body (idempotent by HTTP semantics), decoding a JSON response.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get).
+    pub async fn put<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, Error> {
+        self.request(Method::PUT, path)
+            .json(body)
+            .idempotent()
+            .send_json()
+            .await
+    }
+
+    /// `DELETE path` (idempotent by HTTP semantics); the response body is returned raw.
+    ///
+    /// # Errors
+    /// See [`RestRequest::send`].
+    pub async fn delete(&self, path: &str) -> Result<Bytes, Error> {
+        self.request(Method::DELETE, path)
+            .idempotent()
+            .send()
+            .await
+            .map(http::Response::into_body)
+    }
+}
+
+/// One REST call being built; see [`RestClient::request`].
+#[derive(Debug)]
+pub struct RestRequest {
+    client: RestClient,
+    method: Method,
+    path: String,
+    headers: HeaderMap,
+    body: Result<Bytes, String>,
+    extensions: http::Extensions,
+    route: Option<String>,
+}
+
+fn route_of(method: &Method, path: &str) -> String {
+    let path = path.split('?').next().unwrap_or("");
+    let mut out = String::with_capacity(path.len() + 8);
+    out.push_str(method.as_str());
+    out.push(' ');
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        if segment.bytes().any(|b| b.is_ascii_digit()) {
+            out.push_str("{id}");
+        } else {
+            out.push_str(segment);
+        }
+    }
+    out
+}
+
+impl RestRequest {
+    /// A JSON body (`content-type: application/json`).
+    pub fn json<B: Serialize + ?Sized>(mut self, body: &B) -> Self {
+        self.body = serde_json::to_vec(body)
+            .map(Bytes::from)
+            .map_err(|e| e.to_string());
+        self.headers
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        self
+    }
+
+    /// A header for this call (ignored when the name or value is invalid).
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            self.headers.append(n, v);
+        }
+        self
+    }
+
+    /// The call may be replayed after an unknown outcome.
+    pub fn idempotent(mut self) -> Self {
+        self.extensions.insert(Idempotent);
+        self
+    }
+
+    /// The server de-duplicates on `key`; the same key goes with every attempt.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.extensions.insert(IdempotencyKey(key.into()));
+        self
+    }
+
+    /// Route by `key` with [`Balance::ConsistentHash`](crate::Balance::ConsistentHash).
+    pub fn hash_key(mut self, key: HashKey) -> Self {
+        self.extensions.insert(key);
+        self
+    }
+
+    /// A deadline for this call (the sooner of this and the client's timeout applies).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.extensions.insert(Deadline::after(timeout));
+        self
+    }
+
+    /// The route name for metrics (default: method and path with id-like segments masked).
+    pub fn route(mut self, route: impl Into<String>) -> Self {
+        self.route = Some(route.into());
+        self
+    }
+
+    /// Sends the call; a 2xx response is returned with its body read whole.
+    ///
+    /// # Errors
+    /// [`Error::is_status`] for a non-2xx response (status and body kept); no endpoints, all
+    /// ejected, deadline exceeded, retry budget exhausted, or a transport error.
+    pub async fn send(self) -> Result<http::Response<Bytes>, Error> {
+        let RestRequest {
+            mut client,
+            method,
+            path,
+            headers,
+            body,
+            extensions,
+            route,
+        } = self;
+        let body = body.map_err(Error::decode)?;
+        let uri: http::Uri = path
+            .parse()
+            .map_err(|e| Error::config(format!("invalid path {path:?}: {e}")))?;
+        let mut req = http::Request::new(Full::new(body));
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri;
+        *req.extensions_mut() = extensions;
+        let h = req.headers_mut();
+        for (k, v) in client.headers.iter() {
+            h.append(k, v.clone());
+        }
+        for (k, v) in headers.iter() {
+            h.insert(k, v.clone());
+        }
+        if !h.contains_key(ACCEPT) {
+            h.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        }
+        let (mut parts, body) = req.into_parts();
+        let memo = client
+            .shared
+            .prepare(&mut parts.headers, &mut parts.extensions);
+        let replay_safe =
+            method.is_idempotent() || is_replay_safe(&parts.headers, &parts.extensions);
+        if replay_safe && parts.extensions.get::<Idempotent>().is_none() {
+            parts.extensions.insert(Idempotent);
+        }
+        let route = route.unwrap_or_else(|| route_of(&method, &path));
+        let metrics = client.shared.metrics.method(&route);
+        let span = tracing::info_span!(
+            "http.client",
+            otel.kind = "client",
+            http.request.method = %method,
+            http.route = %route,
+            peer.service = %client.shared.service,
+        );
+        let start = Instant::now();
+        let result = async {
+            std::future::poll_fn(|cx| client.stack.poll_ready(cx))
+                .await
+                .map_err(Error::from_box)?;
+            let req = http::Request::from_parts(parts, body);
+            let res = client.stack.call(req).await;
+            let res = match res {
+                Ok(res) => res,
+                Err(error) => return Err(client.shared.failure(error, &memo, replay_safe)),
+            };
+            let status = res.status();
+            let (head, body) = res.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| Error::from_box(Box::new(e)))?
+                .to_bytes();
+            if !status.is_success() {
+                let error = Error::http(status, bytes);
+                if client
+                    .shared
+                    .exhausted(classify_http_status(status), &memo, replay_safe)
+                {
+                    return Err(error.into_budget_exhausted());
+                }
+                return Err(error);
+            }
+            Ok(http::Response::from_parts(head, bytes))
+        };
+        let result = tracing::Instrument::instrument(result, span).await;
+        let failed = match &result {
+            Ok(_) => false,
+            Err(e) => e.status().is_none_or(|s| s.is_server_error()),
+        };
+        metrics.record(start.elapsed(), failed);
+        result
+    }
+
+    /// [`send`](Self::send), then decodes the JSON body.
+    ///
+    /// # Errors
+    /// As [`send`](Self::send); [`Error::is_decode`] for a body that is not the JSON of `T`.
+    pub async fn send_json<T: DeserializeOwned>(self) -> Result<T, Error> {
+        let res = self.send().await?;
+        let body = res.into_body();
+        let body: &[u8] = if body.is_empty() { b"null" } else { &body };
+        serde_json::from_slice(body).map_err(Error::decode)
+    }
+}

@@ -1,0 +1,473 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! `GrpcChannel` against real tonic providers on loopback.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use keel_breaker::breaker::{BreakerConfig, State};
+use keel_breaker::request::{IdempotencyKey, Idempotent};
+use keel_breaker::retry::RetryBudget;
+use keel_client::{Balance, Error, GrpcChannel, HashKey};
+use keel_core::{Endpoint, ServiceInstance};
+use keel_registry::{Registry, StaticRegistry};
+use keel_testkit::echo::{EchoReply, EchoRequest, echo_client::EchoClient};
+use keel_testkit::eventually;
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+
+use common::{ZkRoot, instance, providers};
+
+fn request(message: &str) -> tonic::Request<EchoRequest> {
+    tonic::Request::new(EchoRequest {
+        message: message.into(),
+        payload: Vec::new(),
+    })
+}
+
+async fn echo(
+    client: &mut EchoClient<GrpcChannel>,
+    req: tonic::Request<EchoRequest>,
+) -> Result<EchoReply, tonic::Status> {
+    client.echo(req).await.map(tonic::Response::into_inner)
+}
+
+fn quick_breaker(wait: Duration) -> BreakerConfig {
+    BreakerConfig {
+        failure_rate_threshold: 50.0,
+        sliding_window_size: 10,
+        minimum_number_of_calls: 4,
+        wait_duration_in_open_state: wait,
+        permitted_number_of_calls_in_half_open_state: 2,
+        enable_exponential_backoff: false,
+        ..BreakerConfig::default()
+    }
+}
+
+fn state_of(channel: &GrpcChannel, id: &str) -> Option<(State, u64)> {
+    channel
+        .endpoints()
+        .into_iter()
+        .find(|e| e.id == id)
+        .map(|e| (e.state, e.calls))
+}
+
+/// C2 / issue 5: three providers found in ZooKeeper under steady load; one dies abruptly. No call
+/// fails (in-flight calls are idempotent and retried elsewhere), its breaker ejects it, and after
+/// ejection it gets no more traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_provider_is_ejected_without_failed_calls() {
+    let root = ZkRoot::new().await;
+    let registry = root.registry().await;
+    let (mut ps, _faults) = providers(3).await;
+    let mut regs = Vec::new();
+    for (i, p) in ps.iter().enumerate() {
+        regs.push(
+            registry
+                .register(instance("echo", &format!("p-{i}"), p.addr()))
+                .await
+                .unwrap(),
+        );
+    }
+    let channel = GrpcChannel::builder("echo")
+        .timeout(Duration::from_secs(5))
+        .breaker(quick_breaker(Duration::from_secs(60)))
+        .connect(&registry, Duration::from_secs(10))
+        .await
+        .unwrap();
+    eventually(
+        "three endpoints discovered",
+        Duration::from_secs(10),
+        || async { (channel.endpoints().len() == 3).then_some(()) },
+    )
+    .await
+    .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let mut client = EchoClient::new(channel.clone());
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let mut req = request("load");
+                req.extensions_mut().insert(Idempotent);
+                match echo(&mut client, req).await {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(status) => {
+                        eprintln!("failed call: {status:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    eventually("every provider serves", Duration::from_secs(10), || async {
+        channel
+            .endpoints()
+            .iter()
+            .all(|e| e.calls > 20)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+
+    ps.remove(1).kill();
+    let ejected_at = eventually("p-1 ejected", Duration::from_secs(10), || async {
+        state_of(&channel, "p-1")
+            .filter(|(s, _)| *s == State::Open)
+            .map(|(_, calls)| calls)
+    })
+    .await
+    .unwrap();
+    let ok_at_ejection = ok.load(Ordering::Relaxed);
+    eventually(
+        "load continues after ejection",
+        Duration::from_secs(10),
+        || async { (ok.load(Ordering::Relaxed) > ok_at_ejection + 500).then_some(()) },
+    )
+    .await
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no call may fail");
+    assert_eq!(
+        state_of(&channel, "p-1").map(|(_, calls)| calls),
+        Some(ejected_at),
+        "no traffic to the dead provider after its ejection"
+    );
+    for r in regs {
+        let _ = r.deregister().await;
+    }
+}
+
+/// A provider failing half its calls with UNAVAILABLE is ejected (callers still succeed through
+/// retries elsewhere) and, once healthy, readmitted after half-open probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_provider_is_ejected_then_readmitted() {
+    let (ps, faults) = providers(3).await;
+    faults[0].fail_every(2, tonic::Code::Unavailable);
+    let channel = GrpcChannel::builder("echo")
+        .balance(Balance::RoundRobin)
+        .breaker(quick_breaker(Duration::from_millis(300)))
+        .endpoints(ps.iter().map(|p| format!("http://{}", p.addr())))
+        .unwrap();
+    let bad = format!("http://{}", ps[0].addr());
+    let mut client = EchoClient::new(channel.clone());
+    let mut failures = 0;
+    eventually(
+        "the failing provider is ejected",
+        Duration::from_secs(10),
+        || {
+            let mut client = client.clone();
+            let channel = channel.clone();
+            let bad = bad.clone();
+            async move {
+                for _ in 0..10 {
+                    if echo(&mut client, request("x")).await.is_err() {
+                        return Some(Err(()));
+                    }
+                }
+                (state_of(&channel, &bad)?.0 == State::Open).then_some(Ok(()))
+            }
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap_or_else(|()| failures += 1);
+    assert_eq!(failures, 0, "retries cover the failing provider");
+
+    // While ejected (300 ms), calls go elsewhere.
+    let served_before = faults[0].calls();
+    for _ in 0..5 {
+        echo(&mut client, request("y")).await.unwrap();
+    }
+    assert!(
+        faults[0].calls() <= served_before + 1,
+        "an ejected provider gets no traffic"
+    );
+
+    faults[0].heal();
+    eventually(
+        "the healed provider is readmitted",
+        Duration::from_secs(10),
+        || {
+            let mut client = client.clone();
+            let channel = channel.clone();
+            let bad = bad.clone();
+            async move {
+                echo(&mut client, request("z")).await.ok()?;
+                (state_of(&channel, &bad)?.0 == State::Closed).then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let before = faults[0].calls();
+    for _ in 0..9 {
+        echo(&mut client, request("w")).await.unwrap();
+    }
+    assert!(
+        faults[0].calls() >= before + 2,
+        "the readmitted provider takes its share again"
+    );
+}
+
+/// Consistent hash: a key sticks to one provider; when a provider leaves, only its keys move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_is_sticky_and_moves_minimally() {
+    let (ps, _faults) = providers(3).await;
+    let registry = StaticRegistry::new();
+    let mut regs = Vec::new();
+    for (i, p) in ps.iter().enumerate() {
+        regs.push(
+            registry
+                .register(instance("echo", &format!("p-{i}"), p.addr()))
+                .await
+                .unwrap(),
+        );
+    }
+    let channel = GrpcChannel::builder("echo")
+        .balance(Balance::ConsistentHash)
+        .connect(&registry, Duration::from_secs(5))
+        .await
+        .unwrap();
+    eventually("three endpoints", Duration::from_secs(5), || async {
+        (channel.endpoints().len() == 3).then_some(())
+    })
+    .await
+    .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    let route = |client: &mut EchoClient<GrpcChannel>, key: u32| {
+        let mut client = client.clone();
+        async move {
+            let mut req = request("k");
+            req.extensions_mut()
+                .insert(HashKey::of(&format!("account-{key}")));
+            echo(&mut client, req).await.unwrap().server_id
+        }
+    };
+    let mut first = BTreeMap::new();
+    for key in 0..60 {
+        first.insert(key, route(&mut client, key).await);
+    }
+    for key in 0..60 {
+        assert_eq!(
+            route(&mut client, key).await,
+            first[&key],
+            "key {key} is sticky"
+        );
+    }
+    let used: BTreeSet<_> = first.values().cloned().collect();
+    assert_eq!(used.len(), 3, "keys spread over every provider: {first:?}");
+
+    regs.remove(1).deregister().await.unwrap();
+    eventually("p-1 removed", Duration::from_secs(5), || async {
+        (channel.endpoints().len() == 2).then_some(())
+    })
+    .await
+    .unwrap();
+    for key in 0..60 {
+        let now = route(&mut client, key).await;
+        if first[&key] == "p-1" {
+            assert_ne!(now, "p-1");
+        } else {
+            assert_eq!(
+                now, first[&key],
+                "key {key} of a remaining provider must not move"
+            );
+        }
+    }
+}
+
+/// Zone preference: same-zone instances take every call; others only when the zone has none
+/// available (all ejected, or gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zone_preference_and_fallback() {
+    let (ps, faults) = providers(3).await;
+    let registry = StaticRegistry::new();
+    let zones = ["sh-a", "sh-b", "sh-b"];
+    let mut regs = Vec::new();
+    for (i, p) in ps.iter().enumerate() {
+        let inst = instance("echo", &format!("p-{i}"), p.addr()).with_metadata("zone", zones[i]);
+        regs.push(registry.register(inst).await.unwrap());
+    }
+    let channel = GrpcChannel::builder("echo")
+        .zone("sh-a")
+        .breaker(quick_breaker(Duration::from_secs(60)))
+        .connect(&registry, Duration::from_secs(5))
+        .await
+        .unwrap();
+    eventually("three endpoints", Duration::from_secs(5), || async {
+        (channel.endpoints().len() == 3).then_some(())
+    })
+    .await
+    .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    for _ in 0..20 {
+        assert_eq!(
+            echo(&mut client, request("z")).await.unwrap().server_id,
+            "p-0"
+        );
+    }
+
+    // The local zone's only instance fails: retries fall back to the other zone, and once it is
+    // ejected every call goes there.
+    faults[0].fail_every(1, tonic::Code::Unavailable);
+    eventually("p-0 ejected", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        let channel = channel.clone();
+        async move {
+            let reply = echo(&mut client, request("z")).await.ok()?;
+            assert_ne!(reply.server_id, "p-0");
+            (state_of(&channel, "p-0")?.0 == State::Open).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    let mut seen = BTreeSet::new();
+    for _ in 0..20 {
+        seen.insert(echo(&mut client, request("z")).await.unwrap().server_id);
+    }
+    assert_eq!(seen, BTreeSet::from(["p-1".to_owned(), "p-2".to_owned()]));
+
+    // The local zone is gone altogether: still served by the other zone.
+    regs.remove(0).deregister().await.unwrap();
+    eventually("p-0 removed", Duration::from_secs(5), || async {
+        (channel.endpoints().len() == 2).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_ne!(
+        echo(&mut client, request("z")).await.unwrap().server_id,
+        "p-0"
+    );
+}
+
+/// The server sees the caller's trace id, a deadline smaller than the caller's, a request id and
+/// the idempotency key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn propagates_trace_deadline_request_id_and_key() {
+    let (ps, _faults) = providers(1).await;
+    let channel = GrpcChannel::builder("echo")
+        .timeout(Duration::from_secs(3))
+        .endpoints([format!("http://{}", ps[0].addr())])
+        .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    let trace_id = TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736_u128);
+    let remote = SpanContext::new(
+        trace_id,
+        SpanId::from(0x00f0_67aa_0ba9_02b7_u64),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    let reply = {
+        let cx = opentelemetry::Context::new().with_remote_span_context(remote);
+        let _guard = cx.attach();
+        let mut req = request("trace");
+        req.extensions_mut().insert(IdempotencyKey("pay-42".into()));
+        echo(&mut client, req).await.unwrap()
+    };
+    let md = &reply.metadata;
+    assert!(
+        md.get("traceparent")
+            .is_some_and(|tp| tp.contains(&trace_id.to_string())),
+        "{md:?}"
+    );
+    let timeout = keel_breaker::deadline::parse_grpc_timeout(&md["grpc-timeout"]).unwrap();
+    assert!(
+        timeout < Duration::from_secs(3) && timeout > Duration::from_secs(1),
+        "{timeout:?}"
+    );
+    assert_eq!(md["idempotency-key"], "pay-42");
+    assert_eq!(md["x-request-id"].len(), 32);
+
+    // A deadline set by the caller on the request is honoured and shrinks too.
+    let mut req = request("short");
+    req.set_timeout(Duration::from_millis(900));
+    let reply = echo(&mut client, req).await.unwrap();
+    let timeout =
+        keel_breaker::deadline::parse_grpc_timeout(&reply.metadata["grpc-timeout"]).unwrap();
+    assert!(timeout < Duration::from_millis(900), "{timeout:?}");
+    let m = channel.metrics().get("/keel.echo.v1.Echo/Echo").unwrap();
+    assert_eq!((m.requests, m.errors), (2, 0));
+}
+
+/// An UNKNOWN outcome (INTERNAL) is not retried for a plain call, and is retried with the same
+/// idempotency key for a keyed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_outcome_is_retried_only_when_idempotent() {
+    let (ps, faults) = providers(1).await;
+    let channel = GrpcChannel::builder("echo")
+        .backoff(Duration::from_millis(1), Duration::from_millis(5))
+        .endpoints([format!("http://{}", ps[0].addr())])
+        .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    faults[0].fail_every(2, tonic::Code::Internal);
+    echo(&mut client, request("1")).await.unwrap(); // call 1 succeeds, call 2 will fail
+
+    let status = echo(&mut client, request("plain")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Internal);
+    assert_eq!(
+        faults[0].calls(),
+        2,
+        "a call that may have executed is not replayed"
+    );
+
+    echo(&mut client, request("3")).await.unwrap(); // call 3 succeeds, call 4 will fail
+    let mut req = request("keyed");
+    req.extensions_mut()
+        .insert(IdempotencyKey("transfer-7".into()));
+    let reply = echo(&mut client, req).await.unwrap();
+    assert_eq!(faults[0].calls(), 5, "the keyed call was attempted twice");
+    assert_eq!(
+        reply.metadata["idempotency-key"], "transfer-7",
+        "same key on the retry"
+    );
+}
+
+/// Typed errors: no endpoints, all ejected, exhausted retry budget; each mapped to a status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_errors() {
+    let registry = StaticRegistry::new();
+    let (channel, discovery) = GrpcChannel::builder("nobody").discover(&registry).unwrap();
+    tokio::spawn(discovery);
+    let mut client = EchoClient::new(channel.clone());
+    let status = echo(&mut client, request("x")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    let err = Error::from_status(&status).expect("client error");
+    assert!(err.is_no_endpoints(), "{err:?}");
+    assert_eq!(err.http_status().as_u16(), 502);
+
+    let (ps, faults) = providers(1).await;
+    faults[0].fail_every(1, tonic::Code::Unavailable);
+    let no_retries = Arc::new(RetryBudget::new(Duration::from_secs(1), 0, 0.0));
+    let channel = GrpcChannel::builder("echo")
+        .retry_budget(no_retries)
+        .breaker(quick_breaker(Duration::from_secs(60)))
+        .endpoints([format!("http://{}", ps[0].addr())])
+        .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    let status = echo(&mut client, request("x")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    let err = Error::from_status(&status).expect("client error");
+    assert!(err.is_retry_budget_exhausted(), "{err:?}");
+
+    for _ in 0..4 {
+        let _ = echo(&mut client, request("x")).await;
+    }
+    let status = echo(&mut client, request("x")).await.unwrap_err();
+    let err = Error::from_status(&status).expect("client error");
+    assert!(err.is_all_ejected(), "{err:?}");
+    assert_eq!(err.grpc_code(), tonic::Code::Unavailable);
+
+    let _ = Endpoint::new("127.0.0.1", 1);
+    let _ = ServiceInstance::new("x", "y", Endpoint::new("127.0.0.1", 1));
+}
