@@ -8,7 +8,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use keel_breaker::BoxError;
-use keel_breaker::classify::{DefaultClassifier, classify_http_response};
+use keel_breaker::classify::{DefaultClassifier, NotSent, classify_http_response};
 use keel_breaker::deadline::{DeadlineLayer, DeadlineService};
 use keel_breaker::request::is_replay_safe;
 use keel_breaker::retry::{ReplayBody, Retry};
@@ -30,7 +30,57 @@ use crate::lb::{Balancer, Memo};
 use crate::metrics::{ClientMetrics, MethodMetrics};
 use crate::options::{Options, Shared};
 
-type Bal = Balancer<Channel, Body, Body>;
+/// One endpoint's HTTP/2 connection: a tonic [`Channel`] whose connect failures (TCP or TLS)
+/// are marked [`NotSent`], so they are retried elsewhere and map to `UNAVAILABLE`; a failure
+/// after the request was written stays an UNKNOWN outcome.
+#[derive(Clone, Debug)]
+pub(crate) struct GrpcConn(Channel);
+
+fn chain_has_hyper(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(err) = next {
+        if err.is::<hyper::Error>() {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
+fn map_channel_error(error: tonic::transport::Error) -> BoxError {
+    let error: BoxError = Box::new(error);
+    if chain_has_hyper(error.as_ref()) {
+        return error;
+    }
+    // tonic recognises its connect errors (and only those, here) as UNAVAILABLE.
+    match tonic::Status::try_from_error(error) {
+        Ok(status) if status.code() == tonic::Code::Unavailable => Box::new(NotSent::new(status)),
+        Ok(status) => Box::new(status),
+        Err(error) => error,
+    }
+}
+
+impl Service<http::Request<Body>> for GrpcConn {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = futures::future::MapErr<
+        tonic::transport::channel::ResponseFuture,
+        fn(tonic::transport::Error) -> BoxError,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(map_channel_error)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        futures::TryFutureExt::map_err(
+            self.0.call(req),
+            map_channel_error as fn(tonic::transport::Error) -> BoxError,
+        )
+    }
+}
+
+type Bal = Balancer<GrpcConn, Body, Body>;
 type Stack = DeadlineService<Retry<Bal>>;
 type StackFuture = keel_breaker::deadline::ResponseFuture<
     keel_breaker::retry::ResponseFuture<
@@ -60,7 +110,7 @@ fn wire(body: ReplayBody<Body>) -> Body {
 #[derive(Clone)]
 pub struct GrpcChannel {
     stack: Stack,
-    shared: Arc<Shared<Channel>>,
+    shared: Arc<Shared<GrpcConn>>,
 }
 
 impl fmt::Debug for GrpcChannel {
@@ -177,7 +227,7 @@ fn host_for_uri(endpoint: &Endpoint) -> String {
 impl GrpcBuilder {
     common_builder_methods!();
 
-    fn connector(&self) -> Connect<Channel> {
+    fn connector(&self) -> Connect<GrpcConn> {
         let tls = self.options.tls.clone();
         let connect_timeout = self.options.connect_timeout;
         Arc::new(move |instance: &ServiceInstance| {
@@ -197,11 +247,11 @@ impl GrpcBuilder {
                 }
                 endpoint = endpoint.tls_config(config)?;
             }
-            Ok::<_, BoxError>(endpoint.connect_lazy())
+            Ok::<_, BoxError>(GrpcConn(endpoint.connect_lazy()))
         })
     }
 
-    fn finish(self, closed: Option<oneshot::Sender<()>>) -> (GrpcChannel, Members<Channel>) {
+    fn finish(self, closed: Option<oneshot::Sender<()>>) -> (GrpcChannel, Members<GrpcConn>) {
         let set = Arc::new(Set::new(self.options.balance.clone()));
         let factory = Factory {
             connect: self.connector(),
@@ -339,7 +389,7 @@ pin_project! {
         method: Arc<MethodMetrics>,
         memo: Memo,
         replay_safe: bool,
-        shared: Arc<Shared<Channel>>,
+        shared: Arc<Shared<GrpcConn>>,
     }
 }
 

@@ -111,3 +111,150 @@ fn delete_tree<'a>(
         }
     })
 }
+
+/// Faults a [`RestProvider`] injects: every n-th call answers `status`.
+#[derive(Debug, Default)]
+pub struct RestFaults {
+    every: std::sync::atomic::AtomicU32,
+    status: std::sync::atomic::AtomicU32,
+    pub calls: std::sync::atomic::AtomicU64,
+}
+
+impl RestFaults {
+    pub fn fail_every(&self, n: u32, status: u16) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.status.store(u32::from(status), Relaxed);
+        self.every.store(n, Relaxed);
+    }
+    pub fn heal(&self) {
+        self.every.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn calls(&self) -> u64 {
+        self.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A JSON echo server over HTTP/1.1 whose connections all die with [`RestProvider::kill`].
+pub struct RestProvider {
+    pub addr: SocketAddr,
+    pub faults: std::sync::Arc<RestFaults>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RestProvider {
+    pub async fn start(id: &str) -> Self {
+        Self::start_tls(id, None).await
+    }
+
+    pub async fn start_tls(id: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        use axum::extract::State;
+        use std::sync::atomic::Ordering::Relaxed;
+
+        let faults = std::sync::Arc::new(RestFaults::default());
+        let state = (id.to_owned(), faults.clone());
+        let app = axum::Router::new()
+            .fallback(
+                |State((id, faults)): State<(String, std::sync::Arc<RestFaults>)>,
+                 method: http::Method,
+                 uri: http::Uri,
+                 headers: http::HeaderMap,
+                 body: bytes::Bytes| async move {
+                    use axum::response::IntoResponse;
+                    let n = faults.calls.fetch_add(1, Relaxed) + 1;
+                    let every = u64::from(faults.every.load(Relaxed));
+                    if every != 0 && n.is_multiple_of(every) {
+                        let status =
+                            http::StatusCode::from_u16(faults.status.load(Relaxed) as u16).unwrap();
+                        return (status, "injected failure").into_response();
+                    }
+                    if uri.path().ends_with("/missing") {
+                        return (http::StatusCode::NOT_FOUND, "no such account").into_response();
+                    }
+                    let headers: std::collections::BTreeMap<String, String> = headers
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
+                        .collect();
+                    let body: serde_json::Value =
+                        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                    axum::Json(serde_json::json!({
+                        "server": id, "method": method.as_str(), "path": uri.to_string(),
+                        "headers": headers, "body": body,
+                    }))
+                    .into_response()
+                },
+            )
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let _ = stream.set_nodelay(true);
+                        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                        let tls = tls.clone();
+                        connections.spawn(async move {
+                            let builder = hyper_util::server::conn::auto::Builder::new(
+                                hyper_util::rt::TokioExecutor::new(),
+                            );
+                            match tls {
+                                Some(tls) => {
+                                    let Ok(stream) = tls.accept(stream).await else { return };
+                                    let _ = builder
+                                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                        .await;
+                                }
+                                None => {
+                                    let _ = builder
+                                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                        .await;
+                                }
+                            }
+                        });
+                    }
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                }
+            }
+        });
+        Self { addr, faults, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Drops the listener and every connection at once.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for RestProvider {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A test CA and a server certificate for `localhost` and `127.0.0.1`:
+/// `(ca_pem, cert_pem, key_pem)`.
+pub fn test_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca_cert.pem(), leaf.pem(), key.serialize_pem())
+}

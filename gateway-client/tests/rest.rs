@@ -1,0 +1,304 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! `RestClient` against real HTTP/1.1 servers on loopback.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::Method;
+use keel_breaker::breaker::{BreakerConfig, State};
+use keel_client::{Balance, HashKey, RestClient};
+use keel_registry::{Registry, StaticRegistry};
+use keel_testkit::eventually;
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+use serde_json::{Value, json};
+
+use common::{RestProvider, instance};
+
+fn quick_breaker(wait: Duration) -> BreakerConfig {
+    BreakerConfig {
+        failure_rate_threshold: 50.0,
+        sliding_window_size: 10,
+        minimum_number_of_calls: 4,
+        wait_duration_in_open_state: wait,
+        permitted_number_of_calls_in_half_open_state: 2,
+        enable_exponential_backoff: false,
+        ..BreakerConfig::default()
+    }
+}
+
+/// JSON verbs, a typed error for non-2xx with the body kept, and the API-gateway mode (base URL
+/// with a path prefix, default headers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verbs_errors_and_gateway_mode() {
+    let p = RestProvider::start("r-0").await;
+    let client = RestClient::builder("gateway")
+        .default_header("x-api-key", "secret-1")
+        .base_url(&format!("{}/api/v1", p.url()))
+        .unwrap();
+
+    let got: Value = client.get("/accounts/7?full=1").await.unwrap();
+    assert_eq!(got["method"], "GET");
+    assert_eq!(got["path"], "/api/v1/accounts/7?full=1");
+    assert_eq!(got["headers"]["x-api-key"], "secret-1");
+    let posted: Value = client
+        .post("/accounts", &json!({"owner": "ann"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (posted["method"].as_str(), &posted["body"]["owner"]),
+        (Some("POST"), &json!("ann"))
+    );
+    let put: Value = client
+        .put("/accounts/7", &json!({"owner": "bob"}))
+        .await
+        .unwrap();
+    assert_eq!(put["method"], "PUT");
+    let deleted = client.delete("/accounts/7").await.unwrap();
+    assert!(String::from_utf8_lossy(&deleted).contains("DELETE"));
+
+    let err = client.get::<Value>("/accounts/missing").await.unwrap_err();
+    assert!(err.is_status(), "{err:?}");
+    assert_eq!(err.status().map(|s| s.as_u16()), Some(404));
+    assert_eq!(err.http_status().as_u16(), 404);
+    assert_eq!(err.body().as_ref(), b"no such account");
+
+    let err = client.get::<Vec<u32>>("/accounts/7").await.unwrap_err();
+    assert!(err.is_decode(), "{err:?}");
+
+    let m = client.metrics().get("GET /accounts/{id}").unwrap();
+    assert_eq!((m.requests, m.errors), (2, 0));
+    let m = client.metrics().get("GET /accounts/missing").unwrap();
+    assert_eq!((m.requests, m.errors), (1, 0), "404 is not a server error");
+}
+
+/// Three providers under steady load, one killed: zero failed calls (GETs are idempotent and
+/// retried elsewhere), and no traffic to it after ejection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_provider_is_ejected_without_failed_calls() {
+    let mut ps = vec![
+        RestProvider::start("r-0").await,
+        RestProvider::start("r-1").await,
+        RestProvider::start("r-2").await,
+    ];
+    let client = RestClient::builder("accounts")
+        .timeout(Duration::from_secs(5))
+        .breaker(quick_breaker(Duration::from_secs(60)))
+        .endpoints(ps.iter().map(RestProvider::url))
+        .unwrap();
+    let dead_url = ps[1].url();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (client, stop, ok, failed) = (client.clone(), stop.clone(), ok.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match client.get::<Value>("/accounts/1").await {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("failed call: {e:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    eventually("every provider serves", Duration::from_secs(10), || async {
+        ps.iter().all(|p| p.faults.calls() > 20).then_some(())
+    })
+    .await
+    .unwrap();
+    ps.remove(1).kill();
+    let ejected_at = eventually("r-1 ejected", Duration::from_secs(10), || async {
+        client
+            .endpoints()
+            .into_iter()
+            .find(|e| e.id == dead_url && e.state == State::Open)
+            .map(|e| e.calls)
+    })
+    .await
+    .unwrap();
+    let at = ok.load(Ordering::Relaxed);
+    eventually("load continues", Duration::from_secs(10), || async {
+        (ok.load(Ordering::Relaxed) > at + 300).then_some(())
+    })
+    .await
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    let calls = client
+        .endpoints()
+        .into_iter()
+        .find(|e| e.id == dead_url)
+        .unwrap()
+        .calls;
+    assert_eq!(
+        calls, ejected_at,
+        "no traffic to the dead provider after ejection"
+    );
+}
+
+/// Trace id, a shrinking deadline (`x-keel-deadline`), request id and idempotency key reach the
+/// server; an UNKNOWN outcome (500) is not replayed for a plain POST and is replayed, with the
+/// same key, for a keyed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn propagation_and_unknown_outcomes() {
+    let p = RestProvider::start("r-0").await;
+    let client = RestClient::builder("accounts")
+        .timeout(Duration::from_secs(3))
+        .backoff(Duration::from_millis(1), Duration::from_millis(5))
+        .endpoints([p.url()])
+        .unwrap();
+    let trace_id = TraceId::from(0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c_u128);
+    let remote = SpanContext::new(
+        trace_id,
+        SpanId::from(0xb7ad_6b71_6920_3331_u64),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    let got: Value = {
+        let _guard = opentelemetry::Context::new()
+            .with_remote_span_context(remote)
+            .attach();
+        client
+            .request(Method::POST, "/transfers")
+            .json(&json!({"amount": 5}))
+            .idempotency_key("t-1")
+            .send_json()
+            .await
+            .unwrap()
+    };
+    let h = &got["headers"];
+    assert!(
+        h["traceparent"]
+            .as_str()
+            .unwrap()
+            .contains(&trace_id.to_string()),
+        "{h}"
+    );
+    let left: u64 = h["x-keel-deadline"].as_str().unwrap().parse().unwrap();
+    assert!(left < 3000 && left > 1000, "{left}");
+    assert_eq!(h["idempotency-key"], "t-1");
+    assert_eq!(h["x-request-id"].as_str().map(str::len), Some(32));
+
+    p.faults.fail_every(2, 500);
+    let base = p.faults.calls();
+    assert_eq!(base % 2, 1, "the next call fails");
+    let err = client
+        .post::<_, Value>("/transfers", &json!({"amount": 1}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().map(|s| s.as_u16()), Some(500));
+    assert_eq!(
+        p.faults.calls(),
+        base + 1,
+        "a plain POST that may have executed is not replayed"
+    );
+
+    client.get::<Value>("/x").await.unwrap(); // the next call fails again
+    let got: Value = client
+        .request(Method::POST, "/transfers")
+        .json(&json!({"amount": 2}))
+        .idempotency_key("t-2")
+        .send_json()
+        .await
+        .unwrap();
+    assert_eq!(
+        p.faults.calls(),
+        base + 4,
+        "the keyed POST was attempted twice"
+    );
+    assert_eq!(got["headers"]["idempotency-key"], "t-2");
+}
+
+/// Balancing over discovery: consistent hash stickiness, and ejection of a provider answering
+/// 503 to half its calls, readmitted once healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_and_ejection_over_discovery() {
+    let ps = [
+        RestProvider::start("r-0").await,
+        RestProvider::start("r-1").await,
+        RestProvider::start("r-2").await,
+    ];
+    let registry = StaticRegistry::new();
+    let mut regs = Vec::new();
+    for (i, p) in ps.iter().enumerate() {
+        regs.push(
+            registry
+                .register(instance("accounts", &format!("r-{i}"), p.addr))
+                .await
+                .unwrap(),
+        );
+    }
+    let client = RestClient::builder("accounts")
+        .balance(Balance::ConsistentHash)
+        .breaker(quick_breaker(Duration::from_millis(300)))
+        .connect(&registry, Duration::from_secs(5))
+        .await
+        .unwrap();
+    eventually("three endpoints", Duration::from_secs(5), || async {
+        (client.endpoints().len() == 3).then_some(())
+    })
+    .await
+    .unwrap();
+    let route = |key: u32| {
+        let client = client.clone();
+        async move {
+            let v: Value = client
+                .request(Method::GET, "/accounts/balance")
+                .hash_key(HashKey::of(&key))
+                .send_json()
+                .await
+                .unwrap();
+            v["server"].as_str().unwrap().to_owned()
+        }
+    };
+    let mut first = Vec::new();
+    for key in 0..30 {
+        first.push(route(key).await);
+    }
+    for key in 0..30 {
+        assert_eq!(route(key).await, first[key as usize]);
+    }
+
+    ps[0].faults.fail_every(2, 503);
+    eventually("r-0 ejected", Duration::from_secs(10), || async {
+        for key in 0..10 {
+            route(key).await; // never fails: 503 is retried on the next endpoint of the ring
+        }
+        client
+            .endpoints()
+            .into_iter()
+            .any(|e| e.id == "r-0" && e.state == State::Open)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    ps[0].faults.heal();
+    eventually("r-0 readmitted", Duration::from_secs(10), || async {
+        for key in 0..10 {
+            route(key).await;
+        }
+        client
+            .endpoints()
+            .into_iter()
+            .any(|e| e.id == "r-0" && e.state == State::Closed)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    for key in 0..30 {
+        assert_eq!(
+            route(key).await,
+            first[key as usize],
+            "stickiness is back after readmission"
+        );
+    }
+}

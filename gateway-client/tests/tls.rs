@@ -1,0 +1,107 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! TLS with a test CA: a registry instance marked TLS (a Spring `sslPort`) is called over TLS,
+//! for gRPC and REST; a client that does not trust the CA cannot call it.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_client::{GrpcChannel, RestClient, TlsConfig};
+use keel_registry::{Registry, StaticRegistry};
+use keel_testkit::echo::{EchoRequest, EchoService, echo_client::EchoClient, echo_server};
+use serde_json::Value;
+
+use common::{RestProvider, instance, test_pki};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_tls_with_a_test_ca() {
+    let (ca, cert, key) = test_pki();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tonic::transport::Server::builder()
+        .tls_config(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(&cert, &key)),
+        )
+        .unwrap()
+        .add_service(echo_server::EchoServer::new(EchoService::new("tls-1")))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+    let server = tokio::spawn(server);
+
+    let registry = StaticRegistry::new();
+    let _reg = registry
+        .register(instance("secure", "tls-1", addr).with_tls(true))
+        .await
+        .unwrap();
+    let channel = GrpcChannel::builder("secure")
+        .tls(TlsConfig::with_ca_pem(ca.as_bytes()))
+        .connect(&registry, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let reply = EchoClient::new(channel)
+        .echo(EchoRequest {
+            message: "s".into(),
+            payload: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.server_id, "tls-1");
+
+    let (other_ca, _, _) = test_pki();
+    let untrusting = GrpcChannel::builder("secure")
+        .max_attempts(1)
+        .tls(TlsConfig::with_ca_pem(other_ca.as_bytes()))
+        .connect(&registry, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let status = EchoClient::new(untrusting)
+        .echo(EchoRequest {
+            message: "s".into(),
+            payload: Vec::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_over_tls_with_a_test_ca() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (ca, cert, key) = test_pki();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+        PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let p = RestProvider::start_tls(
+        "r-tls",
+        Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+    )
+    .await;
+    let url = format!("https://127.0.0.1:{}", p.addr.port());
+    let client = RestClient::builder("secure")
+        .tls(TlsConfig::with_ca_pem(ca.as_bytes()))
+        .endpoints([&url])
+        .unwrap();
+    let v: Value = client.get("/accounts/1").await.unwrap();
+    assert_eq!(v["server"], "r-tls");
+
+    let (other_ca, _, _) = test_pki();
+    let untrusting = RestClient::builder("secure")
+        .max_attempts(1)
+        .tls(TlsConfig::with_ca_pem(other_ca.as_bytes()))
+        .endpoints([&url])
+        .unwrap();
+    let err = untrusting.get::<Value>("/accounts/1").await.unwrap_err();
+    assert!(!err.is_status(), "{err:?}");
+}
