@@ -531,3 +531,150 @@ impl<C> Iterator for Candidates<'_, C> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use keel_breaker::breaker::BreakerConfig;
+    use keel_core::Endpoint;
+
+    use super::*;
+
+    fn set(balance: Balance, warm_up: Duration) -> Set<()> {
+        Set::new(BalanceConfig {
+            balance,
+            warm_up,
+            ..BalanceConfig::default()
+        })
+    }
+
+    fn add(set: &Set<()>, id: &str, weight: Option<&str>) -> Arc<EndpointState<()>> {
+        let mut instance = ServiceInstance::new("s", id, Endpoint::new("127.0.0.1", 1));
+        if let Some(w) = weight {
+            instance = instance.with_metadata("weight", w);
+        }
+        set.endpoint(
+            instance,
+            (),
+            Breaker::new(BreakerConfig::default()).unwrap(),
+        )
+    }
+
+    fn first_pick(set: &Set<()>, key: Option<HashKey>, avoid: u64) -> String {
+        let snap = set.snapshot();
+        let i = set.candidates(&snap, key, avoid).next().unwrap();
+        snap.endpoints[i].instance.id.clone()
+    }
+
+    fn shares(set: &Set<()>, n: usize) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for _ in 0..n {
+            *out.entry(first_pick(set, None, 0)).or_default() += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn weighted_follows_the_weight_metadata() {
+        let s = set(Balance::Weighted, Duration::ZERO);
+        s.publish(vec![add(&s, "a", Some("100")), add(&s, "b", Some("300"))]);
+        let shares = shares(&s, 20_000);
+        let ratio = shares["b"] as f64 / shares["a"] as f64;
+        assert!((2.6..3.4).contains(&ratio), "{shares:?}");
+    }
+
+    #[test]
+    fn round_robin_takes_turns() {
+        let s = set(Balance::RoundRobin, Duration::ZERO);
+        s.publish(vec![
+            add(&s, "a", None),
+            add(&s, "b", None),
+            add(&s, "c", None),
+        ]);
+        let shares = shares(&s, 300);
+        assert!(shares.values().all(|n| *n == 100), "{shares:?}");
+    }
+
+    #[test]
+    fn p2c_prefers_the_less_loaded_and_a_retry_avoids_the_last_endpoint() {
+        let s = set(Balance::P2c, Duration::ZERO);
+        let (a, b) = (add(&s, "a", None), add(&s, "b", None));
+        for _ in 0..10 {
+            a.load.start();
+        }
+        s.publish(vec![a.clone(), b.clone()]);
+        assert_eq!(shares(&s, 100).get("b"), Some(&100));
+        assert_eq!(first_pick(&s, None, b.uid), "a", "a retry goes elsewhere");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn warm_up_ramps_a_new_endpoint_in() {
+        let s = set(Balance::P2c, Duration::from_secs(10));
+        let old = add(&s, "old", None);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let new = add(&s, "new", None);
+        s.publish(vec![old, new]);
+        let early = shares(&s, 1000);
+        assert!(early.get("new").copied().unwrap_or(0) < 50, "{early:?}");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let later = shares(&s, 1000);
+        assert!(later["new"] > 350, "{later:?}");
+    }
+
+    #[test]
+    fn consistent_hash_moves_only_the_keys_of_a_removed_endpoint() {
+        let s = set(Balance::ConsistentHash, Duration::ZERO);
+        let eps: Vec<_> = (0..10).map(|i| add(&s, &format!("e{i}"), None)).collect();
+        s.publish(eps.clone());
+        let before: Vec<String> = (0..2000u32)
+            .map(|k| first_pick(&s, Some(HashKey::of(&k)), 0))
+            .collect();
+        let mut per: BTreeMap<&str, usize> = BTreeMap::new();
+        for owner in &before {
+            *per.entry(owner.as_str()).or_default() += 1;
+        }
+        assert!(per.values().all(|n| *n > 60), "keys spread out: {per:?}");
+        s.publish(
+            eps.iter()
+                .filter(|e| e.instance.id != "e3")
+                .cloned()
+                .collect(),
+        );
+        for (k, owner) in (0..2000u32).zip(&before) {
+            let now = first_pick(&s, Some(HashKey::of(&k)), 0);
+            if owner == "e3" {
+                assert_ne!(now, "e3");
+            } else {
+                assert_eq!(&now, owner, "key {k} moved");
+            }
+        }
+    }
+
+    #[test]
+    fn zone_pool_first_then_everyone() {
+        let s = Set::new(BalanceConfig {
+            zone: Some("sh-a".into()),
+            ..BalanceConfig::default()
+        });
+        let local = s.endpoint(
+            ServiceInstance::new("s", "l", Endpoint::new("127.0.0.1", 1))
+                .with_metadata("zone", "sh-a"),
+            (),
+            Breaker::new(BreakerConfig::default()).unwrap(),
+        );
+        let remote = add(&s, "r", None);
+        s.publish(vec![local.clone(), remote]);
+        assert_eq!(shares(&s, 100).get("l"), Some(&100));
+        let snap = s.snapshot();
+        let order: Vec<String> = s
+            .candidates(&snap, None, 0)
+            .map(|i| snap.endpoints[i].instance.id.clone())
+            .collect();
+        assert_eq!(order.first().map(String::as_str), Some("l"));
+        assert!(
+            order.contains(&"r".to_owned()),
+            "falls back to the other zone: {order:?}"
+        );
+    }
+}
