@@ -440,14 +440,22 @@ impl<'a, C> Candidates<'a, C> {
                 } else {
                     set.now_ns()
                 };
-                let ca = ea.load.cost() / set.warm_factor(ea, now);
-                let cb = eb.load.cost() / set.warm_factor(eb, now);
+                // An endpoint that refused a call recently (ejected) loses every comparison.
+                let cost = |e: &EndpointState<C>| {
+                    if e.skip_until_ns.load(Ordering::Relaxed) != 0 {
+                        f64::INFINITY
+                    } else {
+                        e.load.cost() / set.warm_factor(e, now)
+                    }
+                };
+                let (ca, cb) = (cost(ea), cost(eb));
                 let pick = if (ca <= cb && ea.uid != self.avoid) || eb.uid == self.avoid {
                     a
                 } else {
                     b
                 };
-                self.start = pick;
+                // If the pick is refused, scan from a random place, not from beside it.
+                self.start = rand::random_range(0..n);
                 Some(pool.members[pick] as usize)
             }
             Balance::RoundRobin => {
