@@ -1,0 +1,265 @@
+//! Kafka adapter against the live Kafka-protocol broker (tansu) on 127.0.0.1:9092.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Seen, WAIT, publish_all};
+use keel_messaging::headers::{DLQ_ATTEMPTS, DLQ_ERROR, DLQ_GROUP, DLQ_ORIGINAL_DESTINATION};
+use keel_messaging::{
+    Consumer, Headers, Json, OutgoingMessage, Publisher, Received, RetryPolicy, typed,
+};
+use keel_testkit::services::KAFKA;
+use keel_testkit::smoke::{kafka_consumer, kafka_delete_topic};
+use keel_testkit::{eventually, unique};
+use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+use rdkafka::Message as _;
+use rdkafka::message::Headers as _;
+use tokio_util::sync::CancellationToken;
+
+const BROKER: &str = "kafka://127.0.0.1:9092";
+
+/// The sqlite-backed test broker (tansu) times out admin and group operations when several
+/// group tests hit it at once; the tests in this file take turns (test coordination only).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn recording(seen: &Seen) -> impl keel_messaging::Handler + use<> {
+    let seen = seen.clone();
+    move |m: Received| {
+        let seen = seen.clone();
+        async move { seen.record(&m).map(|_| ()) }
+    }
+}
+
+fn consumer(topic: &str, group: &str) -> keel_messaging::ConsumerBuilder {
+    Consumer::builder(BROKER, topic, group)
+        .unwrap()
+        .kafka_option("session.timeout.ms", "6000")
+        .kafka_option("heartbeat.interval.ms", "1000")
+        // Smaller fetches: the sqlite-backed test broker answers large ones slowly.
+        .kafka_option("max.partition.fetch.bytes", "65536")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "heavy: 10 000 messages through the shared sqlite-backed broker; run serially by scripts/test"]
+async fn ten_thousand_messages_none_lost_key_order_kept() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let topic = unique("keel-msg-10k");
+    let publisher = Publisher::connect(BROKER).await.unwrap();
+    publisher.declare(&topic, 16).await.unwrap();
+    publish_all(&publisher, &topic, 10_000, 64, 2_000).await;
+
+    let seen = Seen::default();
+    let stop = CancellationToken::new();
+    let c = consumer(&topic, &unique("g")).build().unwrap();
+    let run = tokio::spawn(c.run(recording(&seen), stop.clone().cancelled_owned()));
+    eventually("all 10 000 consumed", Duration::from_secs(150), || async {
+        (seen.distinct() == 10_000).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {} of 10 000 consumed", seen.distinct()));
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    seen.assert_key_order();
+    publisher.close().await.unwrap();
+    kafka_delete_topic(KAFKA, &topic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_dead_lettered_with_reason_trace_continues_others_flow() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let topic = unique("keel-msg-poison");
+    let group = unique("g");
+    let publisher = Publisher::connect(BROKER).await.unwrap();
+    publisher.declare(&topic, 2).await.unwrap();
+    let trace_id = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+    let cx = opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+        trace_id,
+        SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    ));
+    let mut batch = common::batch(&topic, 0, 20, 4);
+    batch.insert(
+        3,
+        OutgoingMessage::new(&topic, "\u{0}not json").with_key("k1"),
+    );
+    let results = publisher.send_batch(batch).with_context(cx).await;
+    assert!(results.iter().all(Result::is_ok));
+
+    let handled = Seen::default();
+    let traces = Arc::new(Mutex::new(Vec::new()));
+    let handler = {
+        let (handled, traces) = (handled.clone(), traces.clone());
+        typed(Json::<serde_json::Value>::new(), move |_v, m: Received| {
+            let (handled, traces) = (handled.clone(), traces.clone());
+            async move {
+                let current = opentelemetry::Context::current()
+                    .span()
+                    .span_context()
+                    .trace_id();
+                traces
+                    .lock()
+                    .unwrap()
+                    .push((current, m.traceparent().map(str::to_owned)));
+                handled.record(&m).map(|_| ())
+            }
+        })
+    };
+    let stop = CancellationToken::new();
+    let c = consumer(&topic, &group)
+        .retry(RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+        })
+        .build()
+        .unwrap();
+    let dlq = c.dead_letter_destination();
+    assert_eq!(dlq, format!("{topic}.{group}.dlq"));
+    let run = tokio::spawn(c.run(handler, stop.clone().cancelled_owned()));
+    eventually("the 20 good ones handled", WAIT, || async {
+        (handled.distinct() == 20).then_some(())
+    })
+    .await
+    .unwrap();
+    for (current, traceparent) in traces.lock().unwrap().iter() {
+        assert_eq!(*current, trace_id, "handler runs in the producer's trace");
+        assert!(
+            traceparent
+                .as_deref()
+                .unwrap()
+                .contains("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+    }
+    // The dead letter, read back from `<topic>.<group>.dlq`.
+    let reader = kafka_consumer(KAFKA, &unique("dlq-reader"), &dlq).unwrap();
+    let letter = tokio::time::timeout(WAIT, reader.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .detach();
+    let mut h = Headers::new();
+    for header in letter.headers().unwrap().iter() {
+        h.insert(header.key, header.value.unwrap_or_default());
+    }
+    assert_eq!(letter.payload(), Some(&b"\0not json"[..]));
+    assert_eq!(h.get_str(DLQ_ORIGINAL_DESTINATION), Some(topic.as_str()));
+    assert_eq!(h.get_str(DLQ_GROUP), Some(group.as_str()));
+    assert_eq!(h.get_str(DLQ_ATTEMPTS), Some("1"));
+    assert!(
+        h.get_str(DLQ_ERROR).unwrap().contains("cannot decode"),
+        "{h:?}"
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    drop(reader);
+    publisher.close().await.unwrap();
+    kafka_delete_topic(KAFKA, &topic).await;
+    kafka_delete_topic(KAFKA, &dlq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_members_share_partitions_and_a_member_leaving_loses_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let topic = unique("keel-msg-group");
+    let group = unique("g");
+    let publisher = Publisher::connect(BROKER).await.unwrap();
+    publisher.declare(&topic, 4).await.unwrap();
+    publish_all(&publisher, &topic, 1_000, 16, 1_000).await;
+
+    let (a, b, c) = (Seen::default(), Seen::default(), Seen::default());
+    let all = Seen::default();
+    let both = |s: &Seen| {
+        let (s, all) = (s.clone(), all.clone());
+        move |m: Received| {
+            let (s, all) = (s.clone(), all.clone());
+            async move {
+                all.record(&m)?;
+                s.record(&m).map(|_| ())
+            }
+        }
+    };
+    let stop_ab = CancellationToken::new();
+    let run_a = tokio::spawn(
+        consumer(&topic, &group)
+            .build()
+            .unwrap()
+            .run(both(&a), stop_ab.clone().cancelled_owned()),
+    );
+    let run_b = tokio::spawn(
+        consumer(&topic, &group)
+            .build()
+            .unwrap()
+            .run(both(&b), stop_ab.clone().cancelled_owned()),
+    );
+    eventually("first 1 000 consumed", WAIT, || async {
+        (all.distinct() == 1_000).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // A third member joins, takes partitions, handles some, then leaves.
+    let stop_c = CancellationToken::new();
+    let run_c = tokio::spawn(
+        consumer(&topic, &group)
+            .build()
+            .unwrap()
+            .run(both(&c), stop_c.clone().cancelled_owned()),
+    );
+    let mut next = 1_000;
+    eventually("the third member handles messages", WAIT, || {
+        let (publisher, topic, c) = (publisher.clone(), topic.clone(), c.clone());
+        let from = next;
+        next += 50;
+        async move {
+            for r in publisher
+                .send_batch(common::batch(&topic, from, from + 50, 16))
+                .await
+            {
+                r.unwrap();
+            }
+            (c.handled() > 0).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    stop_c.cancel();
+    run_c.await.unwrap().unwrap();
+    publish_all(&publisher, &topic, 0, 16, 1).await;
+    for r in publisher
+        .send_batch(common::batch(&topic, next, next + 500, 16))
+        .await
+    {
+        r.unwrap();
+    }
+    let total = next + 500;
+    eventually(
+        "everything consumed after the third member left",
+        WAIT,
+        || async { (all.distinct() as u64 == total).then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}; missing {:?}",
+            &all.missing(0..total)[..10.min(all.missing(0..total).len())]
+        )
+    });
+    assert!(
+        a.handled() > 0 && b.handled() > 0,
+        "both members got partitions: {} / {}",
+        a.handled(),
+        b.handled()
+    );
+    all.assert_key_order();
+    stop_ab.cancel();
+    run_a.await.unwrap().unwrap();
+    run_b.await.unwrap().unwrap();
+    publisher.close().await.unwrap();
+    kafka_delete_topic(KAFKA, &topic).await;
+}
