@@ -374,7 +374,7 @@ impl AmqpPublisher {
 
     pub(crate) async fn close(&self) -> Result<(), Error> {
         let session = self.inner.session.lock().await.take();
-        if let Some(s) = session {
+        if let Some(s) = session.filter(|s| s.connection.status().connected()) {
             s.connection
                 .close(200, "publisher closed".into())
                 .await
