@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use keel::breaker::BoxError;
 use keel::breaker::breaker::{Breaker, BreakerConfig, CircuitBreakerLayer};
 use keel::breaker::clock::Clock;
-use keel::breaker::retry::{RetryLayer, RetryPolicy};
+use keel::breaker::retry::{RetryBudget, RetryLayer, RetryPolicy};
 use keel_benches::stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 use keel_benches::{Report, Row, allocs, interleave};
 use tower_layer::Layer;
@@ -241,7 +241,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     report.push(row);
 
     // B3: retry, first attempt succeeds; an empty in-memory body (buffered for replay).
-    let retry = RetryLayer::new(RetryPolicy::default()).layer(Backend(200));
+    let budget = RetryBudget::with_clock(Duration::from_secs(10), 10, 0.2, clock.clone());
+    let retry = RetryLayer::new(RetryPolicy::new(std::sync::Arc::new(budget))).layer(Backend(200));
     let body = String::new;
     let cmp = interleave(
         ROUNDS,
@@ -251,7 +252,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let mut row = Row::delta(
         "B3",
-        "retry, first attempt succeeds, vs no-op, 1 thread",
+        "retry (coarse clock), first attempt succeeds, vs no-op, 1 thread",
         "ns_added",
         &cmp,
         100.0,
