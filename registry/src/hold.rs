@@ -7,7 +7,10 @@
 //! the published instances is *held*: additions and updates go through, the removals wait for a
 //! window, and when the window ends they are applied only if they are still true.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
+
+use keel_core::ServiceInstance;
 
 use tokio::time::Instant;
 
@@ -81,6 +84,8 @@ impl MassRemovalPolicy {
 pub(crate) struct HeldView {
     policy: MassRemovalPolicy,
     published: Instances,
+    /// The published ids that are not in the truth (removals being held).
+    held: BTreeSet<String>,
     held_until: Option<Instant>,
 }
 
@@ -100,6 +105,7 @@ impl HeldView {
         Self {
             policy,
             published: Instances::new(),
+            held: BTreeSet::new(),
             held_until: None,
         }
     }
@@ -115,30 +121,54 @@ impl HeldView {
     }
 
     /// Folds the latest truth (UP instances only) into the published view at `now`.
+    #[cfg(test)]
     pub(crate) fn apply(&mut self, truth: &Instances, now: Instant) -> Applied {
-        let removed: Vec<&String> = self
-            .published
-            .keys()
-            .filter(|id| !truth.contains_key(*id))
-            .collect();
-        let expired = self.held_until.is_some_and(|t| now >= t);
-        if expired || !self.policy.is_mass(removed.len(), self.published.len()) {
-            self.held_until = None;
-            self.published = truth.clone();
-            return Applied::AsIs;
-        }
-        let mut next = truth.clone();
-        for id in removed {
-            if let Some(kept) = self.published.get(id) {
-                next.insert(id.clone(), kept.clone());
+        let ids: BTreeSet<String> = self.published.keys().chain(truth.keys()).cloned().collect();
+        self.apply_changes(|id| truth.get(id), &ids, now).0
+    }
+
+    /// Folds the latest truth into the published view at `now`, given the only ids whose truth
+    /// may have changed since the last call and a lookup of the truth (UP instances only).
+    /// Also returns the ids whose published value changed (possibly with duplicates).
+    pub(crate) fn apply_changes<'t>(
+        &mut self,
+        truth: impl Fn(&str) -> Option<&'t ServiceInstance>,
+        ids: &BTreeSet<String>,
+        now: Instant,
+    ) -> (Applied, Vec<String>) {
+        let before = self.published.len();
+        let mut changed = Vec::new();
+        for id in ids {
+            match truth(id) {
+                Some(instance) => {
+                    self.held.remove(id);
+                    if self.published.get(id) != Some(instance) {
+                        self.published.insert(id.clone(), instance.clone());
+                        changed.push(id.clone());
+                    }
+                }
+                None => {
+                    if self.published.contains_key(id) {
+                        self.held.insert(id.clone());
+                    }
+                }
             }
         }
-        self.published = next;
+        // `held` is now every published id missing from the truth: the removals.
+        let expired = self.held_until.is_some_and(|t| now >= t);
+        if expired || !self.policy.is_mass(self.held.len(), before) {
+            self.held_until = None;
+            for id in std::mem::take(&mut self.held) {
+                self.published.remove(&id);
+                changed.push(id);
+            }
+            return (Applied::AsIs, changed);
+        }
         if self.held_until.is_some() {
-            Applied::StillHeld
+            (Applied::StillHeld, changed)
         } else {
             self.held_until = Some(now + self.policy.hold);
-            Applied::HoldStarted
+            (Applied::HoldStarted, changed)
         }
     }
 }

@@ -52,7 +52,7 @@ impl Service {
         let (tx, _) = watch::channel(Published {
             epoch: 0,
             ready: true,
-            instances: Arc::default(),
+            ..Published::default()
         });
         Self {
             all: BTreeMap::new(),

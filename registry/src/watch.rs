@@ -7,7 +7,7 @@
 //! in time are coalesced, and the final state is always reported exactly.
 
 use std::any::Any;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -43,6 +43,11 @@ pub(crate) struct Published {
     /// False until the first complete load.
     pub(crate) ready: bool,
     pub(crate) instances: Arc<Instances>,
+    /// Bumped on every publication.
+    pub(crate) version: u64,
+    /// The ids that changed since `version - 1` within the same epoch (`None`: unknown, e.g.
+    /// a new epoch), so a watcher that saw the previous version diffs only those.
+    pub(crate) delta: Option<Arc<BTreeSet<String>>>,
 }
 
 impl Published {
@@ -54,16 +59,112 @@ impl Published {
 /// Publishes `instances` at `epoch` unless nothing changed; returns whether it published.
 pub(crate) fn publish(tx: &watch::Sender<Published>, epoch: u64, instances: Instances) -> bool {
     tx.send_if_modified(|current| {
-        if current.ready && current.epoch == epoch && *current.instances == instances {
-            return false;
-        }
+        let delta = if current.ready && current.epoch == epoch {
+            let ids: BTreeSet<String> = changed_ids(&current.instances, &instances);
+            if ids.is_empty() {
+                return false;
+            }
+            Some(Arc::new(ids))
+        } else {
+            None
+        };
         *current = Published {
             epoch,
             ready: true,
             instances: Arc::new(instances),
+            version: current.version.wrapping_add(1),
+            delta,
         };
         true
     })
+}
+
+/// Publishes at `epoch` the new values of the given ids only (`None`: gone). When the current
+/// snapshot is not ready or is of another epoch, `full` is called for the complete set instead.
+/// Returns whether it published (nothing is published when no value actually changed).
+///
+/// The snapshot is updated in place when no one else holds it (watchers keep their own copy),
+/// so the cost is proportional to the change.
+pub(crate) fn publish_changes<'a>(
+    tx: &watch::Sender<Published>,
+    epoch: u64,
+    changes: impl IntoIterator<Item = (&'a String, Option<&'a ServiceInstance>)>,
+    full: impl FnOnce() -> Instances,
+) -> bool {
+    tx.send_if_modified(|current| {
+        if !(current.ready && current.epoch == epoch) {
+            *current = Published {
+                epoch,
+                ready: true,
+                instances: Arc::new(full()),
+                version: current.version.wrapping_add(1),
+                delta: None,
+            };
+            return true;
+        }
+        let mut ids = BTreeSet::new();
+        for (id, value) in changes {
+            if current.instances.get(id) == value {
+                continue;
+            }
+            let instances = Arc::make_mut(&mut current.instances);
+            match value {
+                Some(value) => instances.insert(id.clone(), value.clone()),
+                None => instances.remove(id),
+            };
+            ids.insert(id.clone());
+        }
+        if ids.is_empty() {
+            return false;
+        }
+        current.version = current.version.wrapping_add(1);
+        current.delta = Some(Arc::new(ids));
+        true
+    })
+}
+
+/// The ids whose value differs between `old` and `new`.
+fn changed_ids(old: &Instances, new: &Instances) -> BTreeSet<String> {
+    let mut ids: BTreeSet<String> = old
+        .keys()
+        .filter(|id| !new.contains_key(*id))
+        .cloned()
+        .collect();
+    ids.extend(
+        new.iter()
+            .filter(|(id, i)| old.get(*id) != Some(*i))
+            .map(|(id, _)| id.clone()),
+    );
+    ids
+}
+
+/// [`diff`] restricted to `ids` (the only ids that may differ).
+fn diff_ids(old: &Instances, new: &Instances, ids: &BTreeSet<String>) -> Vec<Change> {
+    let mut changes = Vec::new();
+    changes.extend(
+        ids.iter()
+            .filter_map(|id| match (old.get(id), new.get(id)) {
+                (Some(before), None) => Some(Change::Remove(before.clone())),
+                _ => None,
+            }),
+    );
+    changes.extend(
+        ids.iter()
+            .filter_map(|id| match (old.get(id), new.get(id)) {
+                (None, Some(after)) => Some(Change::Add(after.clone())),
+                _ => None,
+            }),
+    );
+    changes.extend(
+        ids.iter()
+            .filter_map(|id| match (old.get(id), new.get(id)) {
+                (Some(before), Some(after)) if before != after => {
+                    Some(Change::Update(after.clone()))
+                }
+                _ => None,
+            }),
+    );
+    changes
 }
 
 /// The changes that turn `old` into `new`: removals, then additions, then updates, each in id
@@ -98,7 +199,11 @@ pub fn diff(
 pub struct Watch {
     service: String,
     updates: WatchStream<Published>,
-    last: Option<Published>,
+    /// The epoch and version last reported (`None` before the first Reset).
+    seen: Option<(u64, u64)>,
+    /// The instances as of the last change returned (a copy: holding the published snapshot
+    /// would make the publisher copy it on its next change).
+    last: Instances,
     pending: VecDeque<Change>,
     _keepalive: Option<Arc<dyn Any + Send + Sync>>,
 }
@@ -107,7 +212,7 @@ impl fmt::Debug for Watch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Watch")
             .field("service", &self.service)
-            .field("instances", &self.last.as_ref().map(|p| p.instances.len()))
+            .field("instances", &self.seen.map(|_| self.last.len()))
             .field("pending", &self.pending.len())
             .finish()
     }
@@ -122,7 +227,8 @@ impl Watch {
         Self {
             service: service.into(),
             updates: WatchStream::new(rx),
-            last: None,
+            seen: None,
+            last: Instances::new(),
             pending: VecDeque::new(),
             _keepalive: keepalive,
         }
@@ -135,23 +241,40 @@ impl Watch {
 
     /// The instances as of the last change this stream returned, sorted by id.
     pub fn current(&self) -> Vec<ServiceInstance> {
-        self.last
-            .as_ref()
-            .map(Published::sorted)
-            .unwrap_or_default()
+        self.last.values().cloned().collect()
     }
 
     fn absorb(&mut self, next: Published) {
         if !next.ready {
             return;
         }
-        match &self.last {
-            Some(last) if last.epoch == next.epoch => {
-                self.pending.extend(diff(&last.instances, &next.instances));
+        match self.seen {
+            Some((epoch, version)) if epoch == next.epoch => {
+                match &next.delta {
+                    // The next version after ours: only the listed ids may differ.
+                    Some(ids) if next.version == version.wrapping_add(1) => {
+                        let changes = diff_ids(&self.last, &next.instances, ids);
+                        for id in ids.iter() {
+                            match next.instances.get(id) {
+                                Some(i) => self.last.insert(id.clone(), i.clone()),
+                                None => self.last.remove(id),
+                            };
+                        }
+                        self.pending.extend(changes);
+                    }
+                    // Versions were coalesced: compare everything.
+                    _ => {
+                        self.pending.extend(diff(&self.last, &next.instances));
+                        self.last = (*next.instances).clone();
+                    }
+                }
             }
-            _ => self.pending.push_back(Change::Reset(next.sorted())),
+            _ => {
+                self.pending.push_back(Change::Reset(next.sorted()));
+                self.last = (*next.instances).clone();
+            }
         }
-        self.last = Some(next);
+        self.seen = Some((next.epoch, next.version));
     }
 }
 

@@ -4,7 +4,7 @@
 //! No polling: the task reads ZooKeeper only when a watch event says something changed, after a
 //! reconnection (events may be lost during one, ZOOKEEPER-4698) and on a new session.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use super::session::SessionSlot;
 use super::{Stats, ZkConfig};
 use crate::dialect::{DecodeError, Dialect, dubbo, spring};
 use crate::hold::{Applied, HeldView};
-use crate::watch::{Instances, Published, publish};
+use crate::watch::{Published, publish_changes};
 
 pub(crate) struct ServiceWatch {
     dialect: Dialect,
@@ -30,8 +30,7 @@ pub(crate) struct ServiceWatch {
     stats: Arc<Stats>,
     request_timeout: Duration,
     debounce: Duration,
-    /// Decoded children by node name (`None`: skipped).
-    nodes: BTreeMap<String, Option<ServiceInstance>>,
+    nodes: Nodes,
     view: HeldView,
 }
 
@@ -64,7 +63,7 @@ impl ServiceWatch {
             stats,
             request_timeout: config.request_timeout,
             debounce: config.debounce,
-            nodes: BTreeMap::new(),
+            nodes: Nodes::default(),
             view: HeldView::new(config.mass_removal),
         }
     }
@@ -230,8 +229,18 @@ impl ServiceWatch {
             Err(zk::Error::NoNode) => Vec::new(),
             Err(e) => return Err(e),
         };
-        self.nodes.clear();
-        self.refresh(client, children.into_iter().collect()).await
+        let children: BTreeSet<String> = children.into_iter().collect();
+        let gone: Vec<String> = self
+            .nodes
+            .by_name
+            .keys()
+            .filter(|name| !children.contains(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.nodes.remove(&name);
+        }
+        self.refresh(client, children).await
     }
 
     /// Reads and decodes the given children (all requests pipelined).
@@ -297,29 +306,27 @@ impl ServiceWatch {
         }
     }
 
-    /// UP instances by id (the first node by name wins when two carry the same id).
-    fn truth(&self) -> Instances {
-        let mut truth = Instances::new();
-        for instance in self.nodes.values().flatten() {
-            if instance.status == InstanceStatus::Up && !truth.contains_key(&instance.id) {
-                truth.insert(instance.id.clone(), instance.clone());
-            }
-        }
-        truth
-    }
-
     fn publish(&mut self, epoch: u64) {
-        let truth = self.truth();
-        if self.view.apply(&truth, Instant::now()) == Applied::HoldStarted {
+        let ids = std::mem::take(&mut self.nodes.dirty);
+        let (applied, changed) =
+            self.view
+                .apply_changes(|id| self.nodes.truth(id), &ids, Instant::now());
+        if applied == Applied::HoldStarted {
             Stats::bump(&self.stats.held_removals);
             tracing::warn!(
                 path = %self.path,
                 published = self.view.published().len(),
-                remaining = truth.len(),
+                remaining = self.nodes.up_by_id.len(),
                 "holding a mass removal; it is applied only if still true after the hold window"
             );
         }
-        publish(&self.tx, epoch, self.view.published().clone());
+        let published = self.view.published();
+        publish_changes(
+            &self.tx,
+            epoch,
+            changed.iter().map(|id| (id, published.get(id))),
+            || published.clone(),
+        );
     }
 
     async fn op<T>(
@@ -329,6 +336,60 @@ impl ServiceWatch {
         tokio::time::timeout(self.request_timeout, fut)
             .await
             .unwrap_or(Err(zk::Error::Timeout))
+    }
+}
+
+/// Decoded children by node name, indexed by the id of the UP ones.
+#[derive(Debug, Default)]
+struct Nodes {
+    /// Decoded children by node name (`None`: skipped).
+    by_name: BTreeMap<String, Option<ServiceInstance>>,
+    /// The names of the UP nodes carrying each id.
+    up_by_id: HashMap<String, BTreeSet<String>>,
+    /// The ids whose truth may have changed since the last publication.
+    dirty: BTreeSet<String>,
+}
+
+impl Nodes {
+    fn insert(&mut self, name: String, instance: Option<ServiceInstance>) {
+        if let Some(Some(old)) = self.by_name.get(&name)
+            && Some(old) == instance.as_ref()
+        {
+            return;
+        }
+        self.remove(&name);
+        if let Some(instance) = &instance
+            && instance.status == InstanceStatus::Up
+        {
+            self.dirty.insert(instance.id.clone());
+            self.up_by_id
+                .entry(instance.id.clone())
+                .or_default()
+                .insert(name.clone());
+        }
+        self.by_name.insert(name, instance);
+    }
+
+    fn remove(&mut self, name: &str) {
+        let Some(Some(old)) = self.by_name.remove(name) else {
+            return;
+        };
+        if old.status != InstanceStatus::Up {
+            return;
+        }
+        if let Some(names) = self.up_by_id.get_mut(&old.id) {
+            names.remove(name);
+            if names.is_empty() {
+                self.up_by_id.remove(&old.id);
+            }
+        }
+        self.dirty.insert(old.id);
+    }
+
+    /// The UP instance published for `id` (the first node by name wins when two carry it).
+    fn truth(&self, id: &str) -> Option<&ServiceInstance> {
+        let name = self.up_by_id.get(id)?.first()?;
+        self.by_name.get(name)?.as_ref()
     }
 }
 
