@@ -6,6 +6,7 @@
 //! - [`eventually`]: poll a condition with a deadline, never a bare sleep.
 //! - [`services`]: addresses of the live services and a handle on `scripts/services`.
 //! - [`smoke`]: one check per live service, shared by the smoke tests and `keel-smoke`.
+//! - [`zk`]: unique ZooKeeper test roots that delete themselves.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -27,6 +28,7 @@
 pub mod echo;
 pub mod services;
 pub mod smoke;
+pub mod zk;
 
 use std::future::Future;
 use std::time::Duration;

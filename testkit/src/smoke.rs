@@ -71,21 +71,6 @@ pub async fn zk_connect(connect: &str) -> Result<zk::Client, SmokeError> {
         .step(format!("connect to ZooKeeper at {connect}"))
 }
 
-/// Deletes `path` and everything under it (best effort, depth first).
-pub async fn zk_delete_tree(client: &zk::Client, path: &str) {
-    let mut stack = vec![path.to_owned()];
-    let mut order = Vec::new();
-    while let Some(p) = stack.pop() {
-        if let Ok((children, _)) = client.get_children(&p).await {
-            stack.extend(children.into_iter().map(|c| format!("{p}/{c}")));
-        }
-        order.push(p);
-    }
-    for p in order.into_iter().rev() {
-        let _ = client.delete(&p, None).await;
-    }
-}
-
 /// ZooKeeper: an EPHEMERAL node owned by one session fires a child watch held by another, and
 /// disappears once its session closes. Returns what it did, one line per step.
 ///
@@ -150,7 +135,7 @@ pub async fn zookeeper(connect: &str) -> Result<Vec<String>, SmokeError> {
         Ok::<_, SmokeError>(())
     }
     .await;
-    zk_delete_tree(&watcher, &root).await;
+    let _ = crate::zk::delete_tree(&watcher, &root).await;
     result?;
     done.push(format!("deleted {root}"));
     Ok(done)

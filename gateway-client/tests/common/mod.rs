@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use keel_core::{Endpoint, ServiceInstance};
 use keel_registry::dialect::SpringOptions;
-use keel_registry::zookeeper_client as zk;
 use keel_registry::{Dialect, ZkConfig, ZkRegistry};
 use keel_testkit::echo::{EchoProvider, Faults};
 
@@ -37,19 +36,20 @@ pub fn instance(service: &str, id: &str, addr: SocketAddr) -> ServiceInstance {
 }
 
 /// The ZooKeeper connect string (`KEEL_ZK`, default the local ensemble's first server).
-pub fn servers() -> String {
-    std::env::var("KEEL_ZK").unwrap_or_else(|_| keel_testkit::services::ZOOKEEPER.to_owned())
-}
+pub use keel_testkit::zk::servers;
 
 /// A unique ZooKeeper root, deleted with everything under it when dropped.
 pub struct ZkRoot {
     pub path: String,
+    _root: keel_testkit::zk::TestRoot,
 }
 
 impl ZkRoot {
     pub async fn new() -> Self {
+        let root = keel_testkit::zk::TestRoot::new();
         Self {
-            path: format!("/{}", keel_testkit::unique("keel-client-test")),
+            path: root.path.clone(),
+            _root: root,
         }
     }
 
@@ -65,51 +65,6 @@ impl ZkRoot {
         .await
         .expect("connect to ZooKeeper on 127.0.0.1 (is `scripts/services up` running?)")
     }
-}
-
-impl Drop for ZkRoot {
-    fn drop(&mut self) {
-        let path = self.path.clone();
-        let cleaner = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let Ok(Ok(client)) =
-                    tokio::time::timeout(Duration::from_secs(10), zk::Client::connect(&servers()))
-                        .await
-                else {
-                    return;
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(10), delete_tree(&client, &path))
-                    .await;
-            });
-        });
-        let _ = cleaner.join();
-    }
-}
-
-fn delete_tree<'a>(
-    client: &'a zk::Client,
-    path: &'a str,
-) -> futures::future::BoxFuture<'a, Result<(), zk::Error>> {
-    Box::pin(async move {
-        let children = match client.list_children(path).await {
-            Ok(children) => children,
-            Err(zk::Error::NoNode) => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        for child in children {
-            delete_tree(client, &format!("{path}/{child}")).await?;
-        }
-        match client.delete(path, None).await {
-            Ok(()) | Err(zk::Error::NoNode) => Ok(()),
-            Err(e) => Err(e),
-        }
-    })
 }
 
 /// Faults a [`RestProvider`] injects: every n-th call answers `status`.

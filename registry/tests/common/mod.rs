@@ -15,9 +15,7 @@ use keel_registry::{Change, Watch};
 use tokio::time::Instant;
 
 /// The connect string of the shared ZooKeeper (`KEEL_ZK`, default `127.0.0.1:2181`).
-pub fn servers() -> String {
-    std::env::var("KEEL_ZK").unwrap_or_else(|_| "127.0.0.1:2181".to_owned())
-}
+pub use keel_testkit::zk::servers;
 
 pub async fn raw_client() -> zk::Client {
     zk::Client::connect(&servers())
@@ -25,78 +23,8 @@ pub async fn raw_client() -> zk::Client {
         .expect("connect a raw ZooKeeper client to 127.0.0.1 (is `scripts/services up` running?)")
 }
 
-/// A unique root (`/keel-test-<uuid>`) deleted, with everything under it, when dropped —
-/// also when the test fails.
-pub struct TestRoot {
-    pub path: String,
-    auth: Option<String>,
-}
-
-impl TestRoot {
-    pub fn new() -> Self {
-        Self {
-            path: format!("/keel-test-{}", uuid::Uuid::new_v4()),
-            auth: None,
-        }
-    }
-
-    /// Cleans up authenticated as this digest user (for ACL tests).
-    pub fn with_auth(mut self, user_password: &str) -> Self {
-        self.auth = Some(user_password.to_owned());
-        self
-    }
-}
-
-impl Drop for TestRoot {
-    fn drop(&mut self) {
-        let path = self.path.clone();
-        let auth = self.auth.clone();
-        // A fresh runtime on a plain thread: Drop cannot await, and may run inside a runtime.
-        let cleaner = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let mut connector = zk::Client::connector();
-                if let Some(auth) = &auth {
-                    connector = connector.with_auth("digest", auth.as_bytes());
-                }
-                let Ok(Ok(client)) =
-                    tokio::time::timeout(Duration::from_secs(10), connector.connect(&servers()))
-                        .await
-                else {
-                    return;
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(10), delete_tree(&client, &path))
-                    .await;
-            });
-        });
-        let _ = cleaner.join();
-    }
-}
-
-fn delete_tree<'a>(
-    client: &'a zk::Client,
-    path: &'a str,
-) -> futures::future::BoxFuture<'a, Result<(), zk::Error>> {
-    Box::pin(async move {
-        let children = match client.list_children(path).await {
-            Ok(children) => children,
-            Err(zk::Error::NoNode) => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        for child in children {
-            delete_tree(client, &format!("{path}/{child}")).await?;
-        }
-        match client.delete(path, None).await {
-            Ok(()) | Err(zk::Error::NoNode) => Ok(()),
-            Err(e) => Err(e),
-        }
-    })
-}
+/// A unique root deleted, with everything under it, when dropped — also when the test fails.
+pub use keel_testkit::zk::TestRoot;
 
 /// Polls `condition` every 20 ms until it holds; panics with `what` after `within`.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut condition: F)
