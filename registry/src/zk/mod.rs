@@ -302,18 +302,19 @@ impl ZkRegistry {
         services.insert(key, rx.clone());
         Ok(rx)
     }
+}
 
+impl Inner {
+    /// Sends a command to the session task and waits for its reply, up to the request timeout
+    /// (`path` names what timed out).
     async fn request<T>(
         &self,
         path: String,
         make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
     ) -> Result<T, Error> {
         let (reply, rx) = oneshot::channel();
-        self.inner
-            .commands
-            .send(make(reply))
-            .map_err(|_| Error::Closed)?;
-        let timeout = self.inner.config.request_timeout;
+        self.commands.send(make(reply)).map_err(|_| Error::Closed)?;
+        let timeout = self.config.request_timeout;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Error::Closed),
@@ -324,43 +325,19 @@ impl ZkRegistry {
 
 impl Backend for Inner {
     fn set_status(&self, key: u64, status: InstanceStatus) -> BoxFuture<'_, Result<(), Error>> {
-        async move {
-            let (reply, rx) = oneshot::channel();
-            self.commands
-                .send(Command::SetStatus { key, status, reply })
-                .map_err(|_| Error::Closed)?;
-            let timeout = self.config.request_timeout;
-            match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(_)) => Err(Error::Closed),
-                Err(_) => Err(Error::Timeout {
-                    path: format!("status of registration {key}"),
-                    timeout,
-                }),
-            }
-        }
+        self.request(format!("status of registration {key}"), move |reply| {
+            Command::SetStatus { key, status, reply }
+        })
         .boxed()
     }
 
     fn deregister(&self, key: u64) -> BoxFuture<'_, Result<(), Error>> {
-        async move {
-            let (reply, rx) = oneshot::channel();
-            self.commands
-                .send(Command::Deregister {
-                    key,
-                    reply: Some(reply),
-                })
-                .map_err(|_| Error::Closed)?;
-            let timeout = self.config.request_timeout;
-            match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(_)) => Err(Error::Closed),
-                Err(_) => Err(Error::Timeout {
-                    path: format!("deregistration {key}"),
-                    timeout,
-                }),
+        self.request(format!("deregistration {key}"), move |reply| {
+            Command::Deregister {
+                key,
+                reply: Some(reply),
             }
-        }
+        })
         .boxed()
     }
 
@@ -381,6 +358,7 @@ impl Registry for ZkRegistry {
                 instance.id
             );
             let result = self
+                .inner
                 .request(described, |reply| Command::Register {
                     key,
                     dialect,
