@@ -13,38 +13,22 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use keel_core::{Endpoint, ServiceInstance};
-use keel_registry::dialect::{DubboOptions, SpringOptions};
-use keel_registry::{Dialect, Registry, ZkConfig, ZkRegistry};
+use keel_registry::{Registry, ZkConfig, ZkRegistry};
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum DialectArg {
-    Spring,
-    Dubbo,
-}
+mod common;
+
+use common::{DialectArg, Target, wait_for_shutdown};
 
 /// Register one instance until SIGINT / SIGTERM.
 #[derive(Debug, Parser)]
 struct Args {
-    /// ZooKeeper connect string (host:port[,host:port…]).
-    #[arg(long)]
-    zk: String,
-    /// Root path (default /services for spring, /dubbo for dubbo).
-    #[arg(long)]
-    root: Option<String>,
-    /// Registry layout.
-    #[arg(long, value_enum)]
-    dialect: DialectArg,
-    /// Service name.
-    #[arg(long)]
-    service: String,
+    #[command(flatten)]
+    target: Target,
     /// Where the instance listens.
     #[arg(long)]
     address: Endpoint,
-    /// Java interface (dubbo only; default: the service name).
-    #[arg(long)]
-    interface: Option<String>,
     /// Metadata entry, repeatable.
     #[arg(long = "metadata", value_parser = parse_key_value)]
     metadata: Vec<(String, String)>,
@@ -84,41 +68,29 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let (dialect, instance) = match args.dialect {
+    let target = &args.target;
+    let instance = match target.dialect {
         DialectArg::Spring => {
-            let mut options = SpringOptions::default();
-            if let Some(root) = &args.root {
-                options = options.with_root(root.clone());
-            }
             let id = args
                 .id
                 .clone()
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-            let instance = ServiceInstance::new(&args.service, id, args.address.clone());
-            (Dialect::Spring(options), instance)
+            ServiceInstance::new(&target.service, id, args.address.clone())
         }
-        DialectArg::Dubbo => {
-            let mut options = DubboOptions::default();
-            if let Some(root) = &args.root {
-                options = options.with_root(root.clone());
-            }
-            let interface = args
-                .interface
-                .clone()
-                .unwrap_or_else(|| args.service.clone());
-            let instance =
-                ServiceInstance::new(interface, args.address.to_string(), args.address.clone())
-                    .with_metadata("application", &args.service);
-            (Dialect::Dubbo(options), instance)
-        }
+        DialectArg::Dubbo => ServiceInstance::new(
+            target.interface(),
+            args.address.to_string(),
+            args.address.clone(),
+        )
+        .with_metadata("application", &target.service),
     };
     let instance = args
         .metadata
         .iter()
         .fold(instance, |i, (k, v)| i.with_metadata(k, v));
 
-    let config = ZkConfig::new(&args.zk)
-        .with_dialect(dialect)
+    let config = ZkConfig::new(&target.zk)
+        .with_dialect(target.dialect())
         .with_session_timeout(Duration::from_millis(args.session_timeout_ms));
     let registry = ZkRegistry::connect(config).await?;
     let registration = registry.register(instance).await?;
@@ -137,13 +109,4 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     registration.deregister().await?;
     println!("{}", serde_json::json!({ "deregistered": path }));
     Ok(())
-}
-
-async fn wait_for_shutdown() -> Result<(), std::io::Error> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r,
-        _ = term.recv() => Ok(()),
-    }
 }

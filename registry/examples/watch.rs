@@ -16,36 +16,20 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use futures::{FutureExt, StreamExt};
 use keel_core::ServiceInstance;
-use keel_registry::dialect::{DubboOptions, SpringOptions};
-use keel_registry::{Change, Dialect, Registry, ZkConfig, ZkRegistry};
+use keel_registry::{Change, Registry, ZkConfig, ZkRegistry};
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum DialectArg {
-    Spring,
-    Dubbo,
-}
+mod common;
+
+use common::{DialectArg, Target, wait_for_shutdown};
 
 /// Print a service's instances on start and on every change.
 #[derive(Debug, Parser)]
 struct Args {
-    /// ZooKeeper connect string (host:port[,host:port…]).
-    #[arg(long)]
-    zk: String,
-    /// Root path (default /services for spring, /dubbo for dubbo).
-    #[arg(long)]
-    root: Option<String>,
-    /// Registry layout.
-    #[arg(long, value_enum)]
-    dialect: DialectArg,
-    /// Service name.
-    #[arg(long)]
-    service: String,
-    /// Java interface (dubbo only; default: the service name).
-    #[arg(long)]
-    interface: Option<String>,
+    #[command(flatten)]
+    target: Target,
 }
 
 #[tokio::main]
@@ -68,27 +52,13 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let (dialect, watched) = match args.dialect {
-        DialectArg::Spring => {
-            let mut options = SpringOptions::default();
-            if let Some(root) = &args.root {
-                options = options.with_root(root.clone());
-            }
-            (Dialect::Spring(options), args.service.clone())
-        }
-        DialectArg::Dubbo => {
-            let mut options = DubboOptions::default();
-            if let Some(root) = &args.root {
-                options = options.with_root(root.clone());
-            }
-            let interface = args
-                .interface
-                .clone()
-                .unwrap_or_else(|| args.service.clone());
-            (Dialect::Dubbo(options), interface)
-        }
+    let target = &args.target;
+    let watched = match target.dialect {
+        DialectArg::Spring => target.service.clone(),
+        DialectArg::Dubbo => target.interface(),
     };
-    let registry = ZkRegistry::connect(ZkConfig::new(&args.zk).with_dialect(dialect)).await?;
+    let registry =
+        ZkRegistry::connect(ZkConfig::new(&target.zk).with_dialect(target.dialect())).await?;
     let mut changes = registry.watch(&watched)?;
     let mut instances: BTreeMap<String, ServiceInstance> = BTreeMap::new();
     while let Some(change) = changes.next().await {
@@ -97,7 +67,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         while let Some(Some(change)) = changes.next().now_or_never() {
             apply(&mut instances, change);
         }
-        print_line(&args.service, &instances)?;
+        print_line(&target.service, &instances)?;
     }
     Err("the registry stopped".into())
 }
@@ -154,13 +124,4 @@ fn print_line(
     writeln!(out)?;
     out.flush()?;
     Ok(())
-}
-
-async fn wait_for_shutdown() -> Result<(), std::io::Error> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r,
-        _ = term.recv() => Ok(()),
-    }
 }
