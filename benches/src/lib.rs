@@ -119,7 +119,8 @@ pub fn spread(values: &[f64]) -> f64 {
     (percentile(values, 0.75) - percentile(values, 0.25)) / 2.0
 }
 
-fn percentile(values: &[f64], p: f64) -> f64 {
+/// The `p` quantile (0 ≤ p ≤ 1) of `values`, linearly interpolated; NaNs are ignored (NaN for none).
+pub fn percentile(values: &[f64], p: f64) -> f64 {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
     if v.is_empty() {
         return f64::NAN;

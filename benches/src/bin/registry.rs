@@ -52,7 +52,7 @@ use keel::core::{Endpoint, ServiceInstance};
 use keel::registry::dialect::{Dialect, SpringOptions, spring};
 use keel::registry::zookeeper_client as zk;
 use keel::registry::{Change, Registry, Watch, ZkConfig, ZkRegistry};
-use keel_benches::{Comparison, Report, Row, median, spread};
+use keel_benches::{Comparison, Report, Row, median, percentile, spread};
 use keel_testkit::services::ZOOKEEPER;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -615,16 +615,4 @@ async fn delete_tree(client: &zk::Client, root: &str) -> Result<()> {
 
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
-}
-
-/// The `p` quantile of `values` (linear interpolation, as the harness's median).
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let pos = p * (v.len() - 1) as f64;
-    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-    v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
 }
