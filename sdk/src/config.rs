@@ -1,0 +1,600 @@
+//! The App's configuration: a TOML file plus `KEEL_`-prefixed environment overrides.
+//!
+//! The file is `keel.toml` in the working directory, or the path in `KEEL_CONFIG`. Every key
+//! can be overridden from the environment: `KEEL_` + the key path in upper case with `__`
+//! between levels, e.g. `KEEL_SERVER__GRPC=0.0.0.0:50051` or
+//! `KEEL_CLIENTS__ACCOUNT__TIMEOUT=2s`. Values are read as TOML scalars (`true`, `3`, `"x"`),
+//! falling back to plain strings.
+//!
+//! Unknown keys are errors (a misspelt `failure_rate_treshold` must not silently fall back to a
+//! default), and every error names the offending key and where its value came from:
+//!
+//! ```text
+//! invalid type: found string "abc", expected a duration like "800ms" for key
+//! "default.server.drain" in /srv/payment/keel.toml TOML file
+//! ```
+//!
+//! A complete file, every section optional:
+//!
+//! ```toml
+//! [service]
+//! zone = "sh-a"                       # metadata `zone`, and the clients' preferred zone
+//! advertise_host = "127.0.0.1"       # the address registered (default: the bind address)
+//! metadata = { version = "1.4.2" }
+//!
+//! [registry]
+//! zookeeper = "127.0.0.1:2181"        # or: static = { account = ["127.0.0.1:50051"] }
+//! root = "/services"                  # Spring (Curator) layout root
+//! session_timeout = "10s"
+//!
+//! [server]
+//! grpc = "127.0.0.1:0"
+//! rest = "127.0.0.1:0"
+//! admin = "127.0.0.1:0"
+//! drain = "1s"                        # after deregistering, before closing listeners
+//! shutdown_timeout = "30s"            # bound on finishing in-flight work
+//!
+//! [telemetry]
+//! format = "pretty"                   # pretty | json | none
+//! level = "info"                      # an EnvFilter directive; RUST_LOG wins when set
+//! otlp_endpoint = "http://127.0.0.1:4317"   # traces exported only when set
+//!
+//! [clients.account]
+//! balancer = "p2c"                    # p2c | round_robin | weighted | consistent_hash
+//! timeout = "800ms"
+//! retry = { max_attempts = 3, budget_ratio = 0.1, min_per_second = 10 }
+//! breaker = { failureRateThreshold = 50, slidingWindowSize = 20 }
+//!
+//! [messaging.payments]
+//! broker = "kafka://127.0.0.1:9092"
+//!
+//! [idempotency]
+//! store = "memory"                    # or "redis://127.0.0.1:6379" (feature `redis`)
+//! ttl = "24h"
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Value};
+use keel_breaker::breaker::BreakerConfig;
+use serde::{Deserialize, Deserializer};
+
+/// The top-level sections the environment may override.
+const SECTIONS: [&str; 7] = [
+    "service",
+    "registry",
+    "server",
+    "telemetry",
+    "clients",
+    "messaging",
+    "idempotency",
+];
+
+/// A configuration that could not be read; its message names the key and the source.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {message}")]
+pub struct ConfigError {
+    message: String,
+    key: Option<String>,
+}
+
+impl ConfigError {
+    pub(crate) fn new(key: Option<String>, message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            key,
+        }
+    }
+
+    /// The dotted key path at fault (e.g. `server.drain`), when one is known.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        let key = (!e.path.is_empty()).then(|| e.path.join("."));
+        // figment's Display names the key and the source ("… for key "default.a.b" in FILE").
+        let message = e.to_string();
+        Self { message, key }
+    }
+}
+
+/// The whole configuration of one App.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Identity and registration details.
+    pub service: ServiceConfig,
+    /// Where instances are registered and discovered.
+    pub registry: RegistryConfig,
+    /// Listen addresses and the shutdown sequence.
+    pub server: ServerConfig,
+    /// Logs, traces.
+    pub telemetry: TelemetryConfig,
+    /// Downstream services, by name.
+    pub clients: BTreeMap<String, ClientConfig>,
+    /// Messaging destinations, by name.
+    pub messaging: BTreeMap<String, MessagingConfig>,
+    /// The server-side idempotency store.
+    pub idempotency: IdempotencyConfig,
+}
+
+impl Config {
+    /// Reads `path` (a missing file is an empty configuration) and overlays `KEEL_*` variables
+    /// from the process environment.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the key and the file (or variable) of a bad value.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// [`load`](Self::load) with the environment given explicitly (for tests and tools).
+    ///
+    /// # Errors
+    /// As [`load`](Self::load).
+    pub fn load_with_env(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        if path.exists() {
+            std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new(None, format!("cannot read {}: {e}", path.display()))
+            })?;
+        }
+        let vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("KEEL_"))
+            .collect();
+        let figment = Figment::new().merge(Toml::file(path)).merge(EnvVars(vars));
+        Ok(figment.extract()?)
+    }
+
+    /// Parses `text` as the configuration file (no environment).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the key at fault.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Ok(Figment::new().merge(Toml::string(text)).extract()?)
+    }
+}
+
+/// The `KEEL_*` variables as a figment provider: `KEEL_A__B=v` sets key `a.b`; errors name the
+/// variable.
+struct EnvVars(Vec<(String, String)>);
+
+impl figment::Provider for EnvVars {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("environment variable").interpolater(|_, keys: &[&str]| {
+            let path: Vec<String> = keys.iter().map(|k| k.to_ascii_uppercase()).collect();
+            format!("KEEL_{}", path.join("__"))
+        })
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        for (name, value) in &self.0 {
+            let Some(rest) = name.strip_prefix("KEEL_") else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            if !path.first().is_some_and(|s| SECTIONS.contains(&s.as_str()))
+                || path.iter().any(String::is_empty)
+            {
+                continue;
+            }
+            let value: Value = match value.parse() {
+                Ok(v) => v,
+                Err(never) => match never {},
+            };
+            let nested = path.iter().rev().fold(value, |acc, key| {
+                let mut d = Dict::new();
+                d.insert(key.clone(), acc);
+                Value::from(d)
+            });
+            if let Value::Dict(_, d) = nested {
+                merge(&mut dict, d);
+            }
+        }
+        Ok(figment::Profile::Default.collect(dict))
+    }
+}
+
+/// Merges `from` into `into`, `from` winning on conflicts.
+fn merge(into: &mut Dict, from: Dict) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(Value::Dict(_, existing)), Value::Dict(_, incoming)) => merge(existing, incoming),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+/// `[service]`: identity and registration details.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The instance id registered (default: a random UUID per start).
+    pub instance_id: Option<String>,
+    /// The host registered for this instance (default: the servers' bind address, or
+    /// `127.0.0.1` when that is unspecified).
+    pub advertise_host: Option<String>,
+    /// The zone: registered as metadata `zone`, and the clients' preferred zone.
+    pub zone: Option<String>,
+    /// Extra metadata registered with the instance.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// `[registry]`: ZooKeeper or static instances.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// ZooKeeper connect string (`host:port[,host:port…]`). Without it the registry is static.
+    pub zookeeper: Option<String>,
+    /// Root of the Spring (Curator) layout.
+    pub root: String,
+    /// ZooKeeper session timeout.
+    #[serde(deserialize_with = "duration")]
+    pub session_timeout: Duration,
+    /// Digest ACL credentials `user:password` (created nodes get CREATOR_ALL).
+    pub digest: Option<String>,
+    /// Static instances by service name (`host:port` each), used when `zookeeper` is unset.
+    #[serde(rename = "static")]
+    pub static_instances: BTreeMap<String, Vec<String>>,
+    /// How long to wait, at most, for ZooKeeper at start.
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            zookeeper: None,
+            root: "/services".to_owned(),
+            session_timeout: Duration::from_secs(10),
+            digest: None,
+            static_instances: BTreeMap::new(),
+            connect_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// `[server]`: listen addresses and the shutdown sequence.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The gRPC listener (served when gRPC services were added).
+    pub grpc: SocketAddr,
+    /// The REST listener (served when REST routes were added).
+    pub rest: SocketAddr,
+    /// The admin listener: `/health/live`, `/health/ready`, `/metrics`, `/registry`.
+    pub admin: SocketAddr,
+    /// After deregistering, how long to keep serving before closing the listeners (lets
+    /// consumers' discovery catch up).
+    #[serde(deserialize_with = "duration")]
+    pub drain: Duration,
+    /// Bound on finishing in-flight requests and message handlers at shutdown.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
+    /// Requests that exceed this (or their incoming deadline) fail with DEADLINE_EXCEEDED / 504.
+    #[serde(deserialize_with = "opt_duration")]
+    pub request_timeout: Option<Duration>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        Self {
+            grpc: local(0),
+            rest: local(0),
+            admin: local(0),
+            drain: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(30),
+            request_timeout: None,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable, one line per event.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
+    /// No subscriber is installed (the application installs its own, or none).
+    None,
+}
+
+/// `[telemetry]`: logs and traces.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Log output format.
+    pub format: LogFormat,
+    /// The log filter (an `EnvFilter` directive); `RUST_LOG` wins when set.
+    pub level: String,
+    /// OTLP/gRPC endpoint traces are exported to; none by default.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".to_owned(),
+            otlp_endpoint: None,
+        }
+    }
+}
+
+/// How a client spreads calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    /// Power of two choices over peak-EWMA latency.
+    #[default]
+    P2c,
+    /// Each endpoint in turn.
+    RoundRobin,
+    /// Random, weighted by the `weight` metadata.
+    Weighted,
+    /// Sticky by a per-call key.
+    ConsistentHash,
+}
+
+/// A client's retry settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts per call, the first included.
+    pub max_attempts: u32,
+    /// Retries allowed as a fraction of requests (the budget).
+    pub budget_ratio: f32,
+    /// Retries allowed per second regardless of traffic.
+    pub min_per_second: u32,
+    /// First backoff.
+    #[serde(deserialize_with = "duration")]
+    pub backoff_base: Duration,
+    /// Backoff cap.
+    #[serde(deserialize_with = "duration")]
+    pub backoff_max: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            budget_ratio: 0.2,
+            min_per_second: 10,
+            backoff_base: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(500),
+        }
+    }
+}
+
+/// `[clients.NAME]`: one downstream service.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The registered service name (default: the section name).
+    pub service: Option<String>,
+    /// Fixed base URLs (e.g. an API gateway) instead of discovery.
+    pub urls: Vec<String>,
+    /// Headers sent on every call (e.g. an API key).
+    pub headers: BTreeMap<String, String>,
+    /// The balancer.
+    pub balancer: BalancerKind,
+    /// Per-call timeout (the deadline sent downstream).
+    #[serde(deserialize_with = "opt_duration")]
+    pub timeout: Option<Duration>,
+    /// Connect timeout per endpoint.
+    #[serde(deserialize_with = "opt_duration")]
+    pub connect_timeout: Option<Duration>,
+    /// A new instance's share ramps up over this period.
+    #[serde(deserialize_with = "opt_duration")]
+    pub warm_up: Option<Duration>,
+    /// Retries.
+    pub retry: RetryConfig,
+    /// The per-endpoint breaker (resilience4j field names).
+    pub breaker: Option<BreakerConfig>,
+}
+
+/// `[messaging.NAME]`: a destination.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MessagingConfig {
+    /// The broker URL: `kafka://host:port` or `amqp://user:pass@host:port/vhost`.
+    pub broker: String,
+    /// The topic or queue (default: the section name).
+    pub destination: Option<String>,
+    /// The consumer group (default: the service name).
+    pub group: Option<String>,
+    /// Handler attempts before a message is dead-lettered.
+    pub max_attempts: Option<u32>,
+    /// Partitions to create a Kafka topic with when declaring it.
+    pub partitions: Option<i32>,
+}
+
+/// `[idempotency]`: the server-side idempotency store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// `memory`, or a `redis://` URL (feature `redis`).
+    pub store: String,
+    /// How long a key's response is kept.
+    #[serde(deserialize_with = "duration")]
+    pub ttl: Duration,
+    /// How long a duplicate waits for the first call with its key to finish.
+    #[serde(deserialize_with = "duration")]
+    pub wait: Duration,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            store: "memory".to_owned(),
+            ttl: Duration::from_secs(24 * 3600),
+            wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where the configuration file is: `KEEL_CONFIG`, else `keel.toml`.
+pub(crate) fn default_path(env: impl Fn(&str) -> Option<String>) -> PathBuf {
+    env("KEEL_CONFIG").map_or_else(|| PathBuf::from("keel.toml"), PathBuf::from)
+}
+
+struct DurationVisitor;
+
+impl serde::de::Visitor<'_> for DurationVisitor {
+    type Value = Duration;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a duration like \"800ms\"")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Duration, E> {
+        keel_breaker::duration::parse_duration(v).map_err(E::custom)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Duration, E> {
+        Ok(Duration::from_millis(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Duration, E> {
+        u64::try_from(v)
+            .map(Duration::from_millis)
+            .map_err(|_| E::custom("a negative duration"))
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    d.deserialize_any(DurationVisitor)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    d.deserialize_any(DurationVisitor).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn write(text: &str) -> (PathBuf, impl Drop) {
+        struct Rm(PathBuf);
+        impl Drop for Rm {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let path = std::env::temp_dir().join(format!("keel-{}.toml", uuid::Uuid::new_v4()));
+        std::fs::write(&path, text).unwrap();
+        (path.clone(), Rm(path))
+    }
+
+    fn vars(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn file_and_environment_overrides() {
+        let (path, _rm) = write(
+            r#"
+            [registry]
+            zookeeper = "127.0.0.1:2181"
+            [server]
+            drain = "2s"
+            [clients.account]
+            timeout = "800ms"
+            retry = { max_attempts = 3, budget_ratio = 0.1 }
+            breaker = { failureRateThreshold = 40, slidingWindowSize = 20 }
+            [messaging.payments]
+            broker = "kafka://127.0.0.1:9092"
+            "#,
+        );
+        let config = Config::load_with_env(
+            &path,
+            vars(&[
+                ("KEEL_SERVER__GRPC", "127.0.0.1:50051"),
+                ("KEEL_CLIENTS__ACCOUNT__TIMEOUT", "2s"),
+                ("KEEL_CLIENTS__ACCOUNT__RETRY__MAX_ATTEMPTS", "5"),
+                ("KEEL_SERVICE__ZONE", "sh-a"),
+                ("KEEL_RUN_KNOWN_BUGS", "1"), // not a section: ignored
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.server.grpc.port(), 50051);
+        assert_eq!(config.server.drain, Duration::from_secs(2));
+        let account = &config.clients["account"];
+        assert_eq!(account.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(account.retry.max_attempts, 5);
+        assert!((account.retry.budget_ratio - 0.1).abs() < 1e-6);
+        assert!((account.breaker.as_ref().unwrap().failure_rate_threshold - 40.0).abs() < 1e-6);
+        assert_eq!(config.service.zone.as_deref(), Some("sh-a"));
+        assert_eq!(
+            config.messaging["payments"].broker,
+            "kafka://127.0.0.1:9092"
+        );
+        assert_eq!(config.registry.zookeeper.as_deref(), Some("127.0.0.1:2181"));
+    }
+
+    #[test]
+    fn a_bad_file_value_names_the_key_and_the_file() {
+        let (path, _rm) = write("[server]\ndrain = \"soon\"\n");
+        let err = Config::load_with_env(&path, vars(&[])).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.key(), Some("server.drain"), "{text}");
+        assert!(text.contains("drain"), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("soon"), "{text}");
+    }
+
+    #[test]
+    fn a_bad_environment_value_names_the_variable() {
+        let (path, _rm) = write("");
+        let err = Config::load_with_env(&path, vars(&[("KEEL_SERVER__ADMIN", "not-an-address")]))
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("KEEL_SERVER__ADMIN"), "{text}");
+        assert_eq!(err.key(), Some("server.admin"), "{text}");
+    }
+
+    #[test]
+    fn unknown_keys_and_malformed_toml_are_errors() {
+        let err = Config::from_toml("[server]\ngrcp = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("grcp"), "{err}");
+        let (path, _rm) = write("[server\n");
+        let err = Config::load_with_env(&path, vars(&[])).unwrap_err();
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+        let err = Config::from_toml("[telemetry]\nformat = \"xml\"\n").unwrap_err();
+        assert!(err.to_string().contains("xml"), "{err}");
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let c = Config::default();
+        assert!(c.server.admin.ip().is_loopback());
+        assert_eq!(c.idempotency.store, "memory");
+        assert_eq!(c.registry.root, "/services");
+    }
+}

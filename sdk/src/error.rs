@@ -1,0 +1,76 @@
+//! The App's error type.
+
+use crate::config::ConfigError;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What can go wrong starting or running an [`App`](crate::App).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is malformed; the message names the key and its source.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which server.
+        what: &'static str,
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The registry failed (connect, register, deregister).
+    #[error("registry: {0}")]
+    Registry(#[from] keel_registry::Error),
+    /// No ZooKeeper session could be established in time.
+    #[error("no ZooKeeper session with {servers} within {timeout:?}")]
+    RegistryTimeout {
+        /// The connect string.
+        servers: String,
+        /// How long Keel waited (`registry.connect_timeout`).
+        timeout: std::time::Duration,
+    },
+    /// A client could not be built.
+    #[error("client {name}: {source}")]
+    Client {
+        /// The client's configuration name.
+        name: String,
+        /// Why.
+        source: keel_client::Error,
+    },
+    /// A messaging publisher or consumer failed.
+    #[error("messaging {name}: {source}")]
+    Messaging {
+        /// The destination's configuration name.
+        name: String,
+        /// Why.
+        source: keel_messaging::Error,
+    },
+    /// A server failed while serving.
+    #[error("{what} server: {source}")]
+    Serve {
+        /// Which server.
+        what: &'static str,
+        /// Why.
+        source: BoxError,
+    },
+    /// A readiness check never passed.
+    #[error("not ready: {0}")]
+    NotReady(String),
+}
+
+impl Error {
+    pub(crate) fn config(key: &str, message: impl Into<String>) -> Self {
+        Self::Config(ConfigError::new(
+            Some(key.to_owned()),
+            format!("{}: {}", key, message.into()),
+        ))
+    }
+
+    /// Whether this is a configuration error.
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Config(_))
+    }
+}

@@ -1,0 +1,526 @@
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use http_body_util::Full;
+use tokio::sync::Notify;
+use tower::{ServiceExt, service_fn};
+
+use super::*;
+
+type Req = Request<IdempotencyBody<Full<Bytes>>>;
+
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+impl Reply {
+    fn replayed(&self) -> bool {
+        self.headers
+            .get(REPLAYED_HEADER)
+            .is_some_and(|v| v == "true")
+    }
+}
+
+fn request(path: &str, key: Option<&str>, body: &'static str) -> Request<Full<Bytes>> {
+    let mut builder = Request::post(path);
+    if let Some(key) = key {
+        builder = builder.header(IDEMPOTENCY_KEY_HEADER, key);
+    }
+    builder
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+fn grpc_request(key: &str, body: &'static str) -> Request<Full<Bytes>> {
+    let mut request = request("/pkg.Svc/Debit", Some(key), body);
+    request
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    request
+}
+
+async fn send<S, RB>(service: &S, request: Request<Full<Bytes>>) -> Reply
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<RB>> + Clone,
+    S::Error: fmt::Debug,
+    RB: Body<Data = Bytes>,
+    RB::Error: fmt::Debug,
+{
+    let response = service.clone().oneshot(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await.unwrap();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        trailers: collected.trailers().cloned(),
+        body: collected.to_bytes(),
+    }
+}
+
+/// A handler that counts executions and echoes `<count>:<body>` with status 201.
+fn counting(
+    calls: Arc<AtomicUsize>,
+) -> impl Service<Req, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
+    service_fn(move |request: Req| {
+        let calls = Arc::clone(&calls);
+        async move {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            let mut response = Response::new(Full::new(Bytes::from(format!(
+                "{n}:{}",
+                String::from_utf8_lossy(&body)
+            ))));
+            *response.status_mut() = StatusCode::CREATED;
+            response
+                .headers_mut()
+                .insert("x-handler", HeaderValue::from_static("yes"));
+            Ok::<_, Infallible>(response)
+        }
+    })
+}
+
+#[tokio::test]
+async fn requests_without_a_key_pass_through() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let service = layer.layer(counting(calls.clone()));
+    for _ in 0..2 {
+        let reply = send(&service, request("/pay", None, "a")).await;
+        assert_eq!(reply.status, StatusCode::CREATED);
+        assert!(!reply.replayed());
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(layer.stats().executed(), 0);
+}
+
+#[tokio::test]
+async fn a_repeated_key_is_replayed_not_executed() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let service = layer.layer(counting(calls.clone()));
+    let first = send(&service, request("/pay?x=1", Some("k1"), "a")).await;
+    let second = send(&service, request("/pay?x=1", Some("k1"), "a")).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(!first.replayed());
+    assert!(second.replayed());
+    assert_eq!((first.status, &first.body), (second.status, &second.body));
+    assert_eq!(first.body, "1:a");
+    assert_eq!(second.headers["x-handler"], "yes");
+
+    // Another key, another path: executes.
+    send(&service, request("/pay?x=1", Some("k2"), "a")).await;
+    send(&service, request("/refund?x=1", Some("k1"), "a")).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    let stats = layer.stats();
+    assert_eq!((stats.executed(), stats.replayed()), (3, 1));
+    assert_eq!(stats.duplicates_prevented(), 1);
+}
+
+#[tokio::test]
+async fn a_key_reused_for_another_request_is_rejected() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let service = layer.layer(counting(calls.clone()));
+    send(&service, request("/pay?x=1", Some("k"), "a")).await;
+    let other_body = send(&service, request("/pay?x=1", Some("k"), "b")).await;
+    assert_eq!(other_body.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(other_body.headers[CONTENT_TYPE], "application/problem+json");
+    let problem: serde_json::Value = serde_json::from_slice(&other_body.body).unwrap();
+    assert_eq!(problem["code"], "idempotency_key_reused");
+    let other_query = send(&service, request("/pay?x=2", Some("k"), "a")).await;
+    assert_eq!(other_query.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    send(&service, grpc_request("g", "a")).await;
+    let grpc = send(&service, grpc_request("g", "b")).await;
+    assert_eq!(grpc.status, StatusCode::OK);
+    assert_eq!(grpc.headers["grpc-status"], "3"); // INVALID_ARGUMENT
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(layer.stats().mismatches(), 3);
+}
+
+#[tokio::test]
+async fn caller_scopes_and_namespaces_separate_keys() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let store = Arc::new(MemoryStore::new());
+    let scoped = IdempotencyLayer::with_store(store.clone()).scope(|parts| {
+        parts
+            .headers
+            .get("x-client")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    });
+    let service = scoped.layer(counting(calls.clone()));
+    for client in ["alice", "bob", "alice"] {
+        let mut request = request("/pay", Some("k"), "a");
+        request
+            .headers_mut()
+            .insert("x-client", HeaderValue::from_static(client));
+        send(&service, request).await;
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    let other_service = IdempotencyLayer::with_store(store)
+        .namespace("ledger")
+        .layer(counting(calls.clone()));
+    send(&other_service, request("/pay", Some("k"), "a")).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn failures_that_did_not_execute_release_the_key() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let handler = service_fn(move |_: Req| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            let status = match n {
+                1 => StatusCode::SERVICE_UNAVAILABLE,
+                2 => StatusCode::TOO_MANY_REQUESTS,
+                3 => StatusCode::BAD_REQUEST,
+                _ => StatusCode::OK,
+            };
+            let mut response = Response::new(Full::new(Bytes::from(n.to_string())));
+            *response.status_mut() = status;
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let service = layer.layer(handler);
+    let statuses = [
+        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::TOO_MANY_REQUESTS,
+        StatusCode::BAD_REQUEST,
+        StatusCode::BAD_REQUEST,
+    ];
+    for expected in statuses {
+        let reply = send(&service, request("/pay", Some("k"), "a")).await;
+        assert_eq!(reply.status, expected);
+    }
+    // 503 and 429 released the key; the 400 is definite and stored.
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(layer.stats().released(), 2);
+}
+
+fn grpc_response(code: u8, body: &'static str) -> Response<IdempotencyBody<Full<Bytes>>> {
+    // A gRPC response: headers, one data frame, then grpc-status in the trailers.
+    let mut trailers = HeaderMap::new();
+    trailers.insert(GRPC_STATUS, HeaderValue::from(u16::from(code)));
+    let mut response = Response::new(IdempotencyBody::buffered(
+        Bytes::from_static(body.as_bytes()),
+        Some(trailers),
+    ));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    response
+}
+
+#[tokio::test]
+async fn grpc_trailers_are_classified_and_replayed() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let handler = service_fn(move |_: Req| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            Ok::<_, Infallible>(match n {
+                1 => grpc_response(14, ""), // UNAVAILABLE: released
+                _ => grpc_response(0, "\0\0\0\0\x02ok"),
+            })
+        }
+    });
+    let service = IdempotencyLayer::new(MemoryStore::new()).layer(handler);
+    let unavailable = send(&service, grpc_request("k", "a")).await;
+    assert_eq!(unavailable.trailers.unwrap()[GRPC_STATUS], "14");
+    let ok = send(&service, grpc_request("k", "a")).await;
+    let replay = send(&service, grpc_request("k", "a")).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert!(replay.replayed());
+    assert_eq!(replay.body, ok.body);
+    assert_eq!(replay.trailers.as_ref().unwrap()[GRPC_STATUS], "0");
+    assert_eq!(replay.trailers, ok.trailers);
+}
+
+#[tokio::test]
+async fn a_concurrent_duplicate_waits_for_the_first_and_gets_its_response() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (entered, proceed) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let handler = {
+        let (calls, entered, proceed) = (calls.clone(), entered.clone(), proceed.clone());
+        service_fn(move |_: Req| {
+            let (calls, entered, proceed) = (calls.clone(), entered.clone(), proceed.clone());
+            async move {
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                entered.notify_one();
+                proceed.notified().await;
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(n.to_string()))))
+            }
+        })
+    };
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let service = layer.layer(handler);
+    let first = tokio::spawn({
+        let service = service.clone();
+        async move { send(&service, request("/pay", Some("k"), "a")).await }
+    });
+    entered.notified().await;
+    let second = tokio::spawn({
+        let service = service.clone();
+        async move { send(&service, request("/pay", Some("k"), "a")).await }
+    });
+    // Give the duplicate time to (wrongly) execute; it must be waiting instead.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    proceed.notify_one();
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!(first.body, "1");
+    assert_eq!(second.body, first.body);
+    assert!(second.replayed());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_gets_a_conflict_when_the_first_outlasts_the_wait() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let proceed = Arc::new(Notify::new());
+    let handler = {
+        let (calls, proceed) = (calls.clone(), proceed.clone());
+        service_fn(move |_: Req| {
+            let (calls, proceed) = (calls.clone(), proceed.clone());
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                proceed.notified().await;
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
+            }
+        })
+    };
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .wait_timeout(Duration::from_secs(2))
+        .lease(Duration::from_secs(3));
+    let service = layer.layer(handler);
+    let first = tokio::spawn({
+        let service = service.clone();
+        async move { send(&service, request("/pay", Some("k"), "a")).await }
+    });
+    tokio::task::yield_now().await;
+    let started = tokio::time::Instant::now();
+    let conflict = send(&service, request("/pay", Some("k"), "a")).await;
+    assert_eq!(conflict.status, StatusCode::CONFLICT);
+    assert_eq!(conflict.headers[RETRY_AFTER], "1");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    // For gRPC the same conflict is a trailers-only ABORTED.
+    let grpc_conflict = Rejection::Conflict.response::<Full<Bytes>>(true);
+    assert_eq!(grpc_conflict.status(), StatusCode::OK);
+    assert_eq!(grpc_conflict.headers()[GRPC_STATUS], "10");
+    // The lease (3 s) was renewed while the first ran well past it.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let still = send(&service, request("/pay", Some("k"), "a")).await;
+    assert_eq!(still.status, StatusCode::CONFLICT);
+    proceed.notify_one();
+    assert_eq!(first.await.unwrap().body, "done");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.stats().conflicts(), 2);
+}
+
+#[tokio::test]
+async fn inner_errors_and_cancellation_release_the_key() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let entered = Arc::new(Notify::new());
+    let handler = {
+        let (calls, entered) = (calls.clone(), entered.clone());
+        service_fn(move |_: Req| {
+            let (calls, entered) = (calls.clone(), entered.clone());
+            async move {
+                match calls.fetch_add(1, Ordering::SeqCst) + 1 {
+                    1 => Err::<Response<Full<Bytes>>, BoxError>("boom".into()),
+                    2 => {
+                        entered.notify_one();
+                        std::future::pending().await
+                    }
+                    _ => Ok(Response::new(Full::new(Bytes::from_static(b"ok")))),
+                }
+            }
+        })
+    };
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let service = layer.layer(handler);
+    let error = service
+        .clone()
+        .oneshot(request("/pay", Some("k"), "a"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.to_string(), "boom");
+
+    let cancelled = tokio::spawn({
+        let service = service.clone();
+        async move { send(&service, request("/pay", Some("k"), "a")).await }
+    });
+    entered.notified().await;
+    cancelled.abort();
+    let _ = cancelled.await;
+
+    let reply = keel_testkit::eventually("the key is released", Duration::from_secs(5), || {
+        let service = service.clone();
+        async move {
+            let reply = send(&service, request("/pay", Some("k"), "a")).await;
+            (reply.status == StatusCode::OK).then_some(reply)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(reply.body, "ok");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(layer.stats().released(), 2);
+}
+
+#[derive(Debug)]
+struct BrokenStore;
+
+impl IdempotencyStore for BrokenStore {
+    fn claim<'a>(&'a self, _: &'a str, _: Fingerprint, _: Duration) -> StoreFuture<'a, Claim> {
+        Box::pin(async { Err(StoreError::new("connection refused")) })
+    }
+    fn renew<'a>(&'a self, _: &'a str, _: &'a Lease, _: Duration) -> StoreFuture<'a, bool> {
+        Box::pin(async { Err(StoreError::new("connection refused")) })
+    }
+    fn complete<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a Lease,
+        _: &'a StoredResponse,
+        _: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async { Err(StoreError::new("connection refused")) })
+    }
+    fn release<'a>(&'a self, _: &'a str, _: &'a Lease) -> StoreFuture<'a, bool> {
+        Box::pin(async { Err(StoreError::new("connection refused")) })
+    }
+}
+
+#[tokio::test]
+async fn a_store_failure_fails_closed() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(BrokenStore);
+    let service = layer.layer(counting(calls.clone()));
+    let reply = send(&service, request("/pay", Some("k"), "a")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.headers[RETRY_AFTER], "1");
+    let grpc = send(&service, grpc_request("k", "a")).await;
+    assert_eq!(grpc.headers[GRPC_STATUS], "14");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(layer.stats().store_errors(), 2);
+    // Without a key the store is not involved.
+    assert_eq!(
+        send(&service, request("/pay", None, "a")).await.status,
+        StatusCode::CREATED
+    );
+}
+
+#[tokio::test]
+async fn bad_keys_and_oversized_bodies_are_rejected_before_executing() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let service = IdempotencyLayer::new(MemoryStore::new())
+        .max_body_bytes(4)
+        .layer(counting(calls.clone()));
+    let long = "k".repeat(MAX_KEY_LEN + 1);
+    for key in ["", "  ", long.as_str()] {
+        let reply = send(&service, request("/pay", Some(key), "a")).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{key:?}");
+    }
+    let mut two = request("/pay", Some("a"), "a");
+    two.headers_mut()
+        .append(IDEMPOTENCY_KEY_HEADER, HeaderValue::from_static("b"));
+    assert_eq!(send(&service, two).await.status, StatusCode::BAD_REQUEST);
+    let too_large = send(&service, request("/pay", Some("k"), "12345")).await;
+    assert_eq!(too_large.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let grpc_too_large = send(&service, grpc_request("k", "12345")).await;
+    assert_eq!(grpc_too_large.headers[GRPC_STATUS], "8");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        send(&service, request("/pay", Some("k"), "1234"))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_records_expire_after_the_ttl() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let store = MemoryStore::new();
+    let service = IdempotencyLayer::new(store.clone())
+        .ttl(Duration::from_secs(60))
+        .layer(counting(calls.clone()));
+    send(&service, request("/pay", Some("k"), "a")).await;
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert!(
+        send(&service, request("/pay", Some("k"), "a"))
+            .await
+            .replayed()
+    );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let fresh = send(&service, request("/pay", Some("k"), "a")).await;
+    assert!(!fresh.replayed());
+    assert_eq!(fresh.body, "2:a");
+    assert_eq!(store.len(), 1);
+}
+
+#[test]
+fn default_classification() {
+    use tonic::Code;
+    let release = |o| default_disposition(o) == Disposition::Release;
+    for status in [408, 429, 500, 502, 503, 504] {
+        assert!(
+            release(Outcome::Http(StatusCode::from_u16(status).unwrap())),
+            "{status}"
+        );
+    }
+    for status in [200, 201, 204, 400, 402, 404, 409, 422] {
+        assert!(
+            !release(Outcome::Http(StatusCode::from_u16(status).unwrap())),
+            "{status}"
+        );
+    }
+    for code in [
+        Code::Unavailable,
+        Code::ResourceExhausted,
+        Code::Internal,
+        Code::Aborted,
+    ] {
+        assert!(release(Outcome::Grpc(code)), "{code:?}");
+    }
+    for code in [
+        Code::Ok,
+        Code::InvalidArgument,
+        Code::FailedPrecondition,
+        Code::NotFound,
+    ] {
+        assert!(!release(Outcome::Grpc(code)), "{code:?}");
+    }
+    assert!(release(Outcome::GrpcMissingStatus));
+    let mut headers = HeaderMap::new();
+    assert_eq!(
+        outcome(true, StatusCode::OK, &headers, None),
+        Outcome::GrpcMissingStatus
+    );
+    headers.insert(GRPC_STATUS, HeaderValue::from_static("5"));
+    assert_eq!(
+        outcome(true, StatusCode::OK, &headers, None),
+        Outcome::Grpc(Code::NotFound)
+    );
+    assert_eq!(
+        outcome(true, StatusCode::BAD_GATEWAY, &headers, None),
+        Outcome::Http(StatusCode::BAD_GATEWAY)
+    );
+    assert_eq!(
+        outcome(false, StatusCode::OK, &headers, None),
+        Outcome::Http(StatusCode::OK)
+    );
+}

@@ -1,0 +1,415 @@
+//! The server side of propagation: a tower layer every App server runs its requests through.
+//!
+//! Per request: the caller's W3C trace context becomes the parent of a server span
+//! (`grpc.server` / `http.server`); the incoming deadline (`grpc-timeout` or `x-keel-deadline`),
+//! capped by `server.request_timeout`, is put in the request's extensions as a
+//! [`Deadline`] (outgoing Keel client calls made with those extensions inherit it) and
+//! enforced for REST (tonic enforces `grpc-timeout` itself); the idempotency key, when present,
+//! is put in the extensions as an [`IdempotencyKey`]; RED metrics are recorded per method.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use keel_breaker::deadline::Deadline;
+use keel_breaker::request::{IDEMPOTENCY_KEY_HEADER, IdempotencyKey};
+use keel_core::propagation::{HeaderExtractor, extract};
+use tokio::time::{Instant, Sleep};
+use tower_layer::Layer;
+use tower_service::Service;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::metrics::{ServerMetrics, dec_in_flight, inc_in_flight};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Which protocol a [`ServerLayer`] serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Grpc,
+    Rest,
+}
+
+impl Protocol {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::Rest => "http",
+        }
+    }
+}
+
+/// Extracts trace context, deadline and idempotency key; records a server span and RED metrics.
+#[derive(Debug, Clone)]
+pub struct ServerLayer {
+    metrics: Arc<ServerMetrics>,
+    protocol: Protocol,
+    timeout: Option<Duration>,
+    /// Known gRPC service names (`pkg.Service`): other paths are labelled `unknown`, so a client
+    /// sending random paths cannot grow the metrics without bound.
+    grpc_services: Arc<[String]>,
+}
+
+impl ServerLayer {
+    pub(crate) fn new(
+        metrics: Arc<ServerMetrics>,
+        protocol: Protocol,
+        timeout: Option<Duration>,
+        grpc_services: Arc<[String]>,
+    ) -> Self {
+        Self {
+            metrics,
+            protocol,
+            timeout,
+            grpc_services,
+        }
+    }
+}
+
+impl<S> Layer<S> for ServerLayer {
+    type Service = ServerService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ServerService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of a [`ServerLayer`].
+#[derive(Debug, Clone)]
+pub struct ServerService<S> {
+    inner: S,
+    layer: ServerLayer,
+}
+
+impl<S, B, ResBody> Service<http::Request<B>> for ServerService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes>,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = http::Response<ServerBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ServerFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let layer = &self.layer;
+        let method = match layer.protocol {
+            Protocol::Grpc => {
+                let path = req.uri().path();
+                let known = path
+                    .strip_prefix('/')
+                    .and_then(|p| p.split_once('/'))
+                    .is_some_and(|(svc, _)| layer.grpc_services.iter().any(|s| s == svc));
+                if known {
+                    path.to_owned()
+                } else {
+                    "unknown".to_owned()
+                }
+            }
+            Protocol::Rest => {
+                let route = req
+                    .extensions()
+                    .get::<axum::extract::MatchedPath>()
+                    .map_or("unmatched", |p| p.as_str());
+                format!("{} {}", req.method(), route)
+            }
+        };
+        let span = match layer.protocol {
+            Protocol::Grpc => tracing::info_span!(
+                "grpc.server",
+                otel.kind = "server",
+                otel.name = %method,
+                rpc.system = "grpc",
+                rpc.method = %method,
+            ),
+            Protocol::Rest => tracing::info_span!(
+                "http.server",
+                otel.kind = "server",
+                otel.name = %method,
+                http.request.method = %req.method(),
+                http.route = %method,
+            ),
+        };
+        let parent = extract(&HeaderExtractor(req.headers()));
+        let _ = span.set_parent(parent);
+
+        let own = layer.timeout.map(Deadline::after);
+        let deadline = match (own, Deadline::from_headers(req.headers())) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(d) = deadline {
+            req.extensions_mut().insert(d);
+        }
+        if let Some(key) = req
+            .headers()
+            .get(IDEMPOTENCY_KEY_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            let key = IdempotencyKey(key.to_owned());
+            req.extensions_mut().insert(key);
+        }
+        // tonic enforces grpc-timeout itself; REST deadlines are enforced here.
+        let sleep = match (layer.protocol, deadline) {
+            (Protocol::Rest, Some(d)) => Some(Box::pin(tokio::time::sleep_until(d.0))),
+            _ => None,
+        };
+        inc_in_flight(&layer.metrics);
+        let recorder = Recorder {
+            metrics: Arc::clone(&layer.metrics),
+            protocol: layer.protocol,
+            method,
+            start: Instant::now(),
+            done: false,
+        };
+        let fut = span.in_scope(|| self.inner.call(req));
+        ServerFuture {
+            fut: fut.instrument(span),
+            sleep,
+            recorder: Some(recorder),
+        }
+    }
+}
+
+/// Records one request's RED metrics exactly once: when its status is known, or, if the
+/// request is abandoned first, as `cancelled` on drop.
+#[derive(Debug)]
+struct Recorder {
+    metrics: Arc<ServerMetrics>,
+    protocol: Protocol,
+    method: String,
+    start: Instant,
+    done: bool,
+}
+
+impl Recorder {
+    fn record(&mut self, status: &str, error: bool) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        dec_in_flight(&self.metrics);
+        self.metrics.record(
+            self.protocol.label(),
+            &self.method,
+            status,
+            error,
+            self.start.elapsed().as_secs_f64(),
+        );
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.record("cancelled", false);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of a [`ServerService`].
+    pub struct ServerFuture<F> {
+        #[pin]
+        fut: tracing::instrument::Instrumented<F>,
+        sleep: Option<Pin<Box<Sleep>>>,
+        recorder: Option<Recorder>,
+    }
+}
+
+impl<F> std::fmt::Debug for ServerFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerFuture").finish_non_exhaustive()
+    }
+}
+
+fn grpc_code(headers: &HeaderMap) -> Option<i32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn grpc_code_name(code: i32) -> String {
+    format!("{:?}", tonic::Code::from_i32(code))
+}
+
+/// gRPC codes counted as server errors in the RED metrics (the caller's mistakes are not).
+fn grpc_is_error(code: i32) -> bool {
+    use tonic::Code;
+    matches!(
+        Code::from_i32(code),
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
+            | Code::Unimplemented
+    )
+}
+
+impl<F, ResBody, E> Future for ServerFuture<F>
+where
+    F: Future<Output = Result<http::Response<ResBody>, E>>,
+{
+    type Output = Result<http::Response<ServerBody<ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(result) = this.fut.poll(cx) {
+            let mut recorder = this.recorder.take();
+            return Poll::Ready(match result {
+                Ok(res) => {
+                    let (parts, body) = res.into_parts();
+                    let grpc = parts
+                        .headers
+                        .get(http::header::CONTENT_TYPE)
+                        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                    if let Some(r) = recorder.as_mut() {
+                        if grpc {
+                            // Trailers-only: the status is in the headers; otherwise the body's
+                            // trailers carry it.
+                            if let Some(code) = grpc_code(&parts.headers) {
+                                r.record(&grpc_code_name(code), grpc_is_error(code));
+                            }
+                        } else {
+                            let status = parts.status;
+                            r.record(status.as_str(), status.is_server_error());
+                        }
+                    }
+                    let body = ServerBody::inner(body, recorder.filter(|r| !r.done));
+                    Ok(http::Response::from_parts(parts, body))
+                }
+                Err(e) => {
+                    if let Some(r) = recorder.as_mut() {
+                        r.record("error", true);
+                    }
+                    Err(e)
+                }
+            });
+        }
+        if let Some(sleep) = this.sleep.as_mut() {
+            ready!(sleep.as_mut().poll(cx));
+            if let Some(r) = this.recorder.as_mut() {
+                r.record(StatusCode::GATEWAY_TIMEOUT.as_str(), true);
+            }
+            let mut res = http::Response::new(ServerBody::full(Bytes::from_static(
+                b"{\"error\":\"deadline exceeded\"}",
+            )));
+            *res.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+            res.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            return Poll::Ready(Ok(res));
+        }
+        Poll::Pending
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response body of a [`ServerService`]: the inner body (watched for gRPC trailers) or
+    /// Keel's own error body.
+    pub struct ServerBody<B> {
+        #[pin]
+        kind: BodyKind<B>,
+    }
+}
+
+impl<B> ServerBody<B> {
+    fn inner(body: B, recorder: Option<Recorder>) -> Self {
+        Self {
+            kind: BodyKind::Inner { body, recorder },
+        }
+    }
+
+    fn full(data: Bytes) -> Self {
+        Self {
+            kind: BodyKind::Full { data: Some(data) },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = BodyKindProj]
+    enum BodyKind<B> {
+        Inner {
+            #[pin]
+            body: B,
+            recorder: Option<Recorder>,
+        },
+        Full {
+            data: Option<Bytes>,
+        },
+    }
+}
+
+impl<B> std::fmt::Debug for ServerBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerBody").finish_non_exhaustive()
+    }
+}
+
+impl<B> Body for ServerBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            BodyKindProj::Inner { body, recorder } => {
+                let frame = ready!(body.poll_frame(cx));
+                if let Some(r) = recorder.as_mut() {
+                    match &frame {
+                        Some(Ok(f)) => {
+                            if let Some(trailers) = f.trailers_ref() {
+                                let code = grpc_code(trailers).unwrap_or(0);
+                                r.record(&grpc_code_name(code), grpc_is_error(code));
+                            }
+                        }
+                        Some(Err(_)) => r.record("error", true),
+                        None => r.record("Ok", false),
+                    }
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            BodyKindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            BodyKind::Inner { body, .. } => body.is_end_stream(),
+            BodyKind::Full { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            BodyKind::Inner { body, .. } => body.size_hint(),
+            BodyKind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}

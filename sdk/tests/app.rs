@@ -1,0 +1,306 @@
+//! `keel::App` against a real ZooKeeper: registration only when ready, health and metrics,
+//! graceful shutdown under load, idempotency across instances.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use keel::App;
+use keel::client::{GrpcChannel, RestClient};
+use keel::config::Config;
+use keel::registry::{Registry, ZkConfig, ZkRegistry};
+use keel_testkit::echo::echo_client::EchoClient;
+use keel_testkit::echo::echo_server::EchoServer;
+use keel_testkit::echo::{EchoRequest, EchoService};
+use keel_testkit::eventually;
+use keel_testkit::zk::{TestRoot, servers};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn config(root: &TestRoot, extra: &str) -> Config {
+    Config::from_toml(&format!(
+        r#"
+        [registry]
+        zookeeper = "{zk}"
+        root = "{root}"
+        [telemetry]
+        format = "none"
+        [server]
+        drain = "300ms"
+        {extra}
+        "#,
+        zk = servers(),
+        root = root.path,
+    ))
+    .unwrap()
+}
+
+async fn registry(root: &TestRoot) -> ZkRegistry {
+    ZkRegistry::connect(
+        ZkConfig::new(servers()).with_dialect(keel::registry::Dialect::Spring(
+            keel::registry::dialect::SpringOptions::default().with_root(root.path.clone()),
+        )),
+    )
+    .await
+    .unwrap()
+}
+
+fn admin(addr: std::net::SocketAddr) -> RestClient {
+    RestClient::builder("admin")
+        .max_attempts(1)
+        .base_url(&format!("http://{addr}"))
+        .unwrap()
+}
+
+async fn get_text(client: &RestClient, path: &str) -> (u16, String) {
+    match client.request(http::Method::GET, path).send().await {
+        Ok(res) => (
+            res.status().as_u16(),
+            String::from_utf8_lossy(res.body()).into_owned(),
+        ),
+        Err(e) => (
+            e.status().map_or(0, |s| s.as_u16()),
+            String::from_utf8_lossy(e.body()).into_owned(),
+        ),
+    }
+}
+
+#[tokio::test]
+async fn registers_only_when_ready_then_serves_health_metrics_and_registry() {
+    let root = TestRoot::new();
+    let service = keel_testkit::unique("echo");
+    let gate = Arc::new(AtomicBool::new(false));
+    let app = App::with_config(&service, config(&root, ""))
+        .await
+        .unwrap()
+        .grpc_service(EchoServer::new(EchoService::new("a")))
+        .readiness_check("gate", {
+            let gate = Arc::clone(&gate);
+            move || {
+                let open = gate.load(Ordering::Acquire);
+                async move {
+                    if open {
+                        Ok(())
+                    } else {
+                        Err("gate closed".to_owned())
+                    }
+                }
+            }
+        });
+    let watcher = registry(&root).await;
+    let starting = tokio::spawn(app.start());
+
+    // The check fails: nothing may be registered yet, however long we look.
+    for _ in 0..10 {
+        assert!(watcher.snapshot(&service).await.unwrap().is_empty());
+        tokio::task::yield_now().await;
+    }
+    gate.store(true, Ordering::Release);
+    let running = starting.await.unwrap().unwrap();
+    let instances = watcher.snapshot(&service).await.unwrap();
+    assert_eq!(instances.len(), 1);
+    let grpc = running.grpc_addr().unwrap();
+    assert_eq!(instances[0].endpoint.port, grpc.port());
+    assert_eq!(
+        instances[0].metadata.get("admin_port").map(String::as_str),
+        Some(running.admin_addr().port().to_string().as_str())
+    );
+
+    let admin = admin(running.admin_addr());
+    assert_eq!(get_text(&admin, "/health/live").await.0, 200);
+    assert_eq!(get_text(&admin, "/health/ready").await.0, 200);
+
+    // gRPC health: SERVING once registered, for the server and for the service.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for name in ["", "keel.echo.v1.Echo"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: name.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "service {name:?}"
+        );
+    }
+
+    // A call is counted in the RED metrics, by method and status.
+    let mut echo = EchoClient::new(channel);
+    echo.echo(EchoRequest {
+        message: "hi".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (code, metrics) = get_text(&admin, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains(
+            r#"keel_server_requests_total{protocol="grpc",method="/keel.echo.v1.Echo/Echo",status="Ok"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"keel_server_request_duration_seconds_count{protocol="grpc",method="/keel.echo.v1.Echo/Echo"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("keel_ready 1"), "{metrics}");
+
+    let (_, view) = get_text(&admin, "/registry").await;
+    let view: serde_json::Value = serde_json::from_str(&view).unwrap();
+    assert_eq!(view["registered"][0]["service"], service.as_str());
+
+    // Shutdown: deregistered, not ready.
+    running.stop().await.unwrap();
+    assert!(watcher.snapshot(&service).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn graceful_shutdown_under_load_loses_no_request() {
+    let root = TestRoot::new();
+    let service = keel_testkit::unique("echo");
+    let mut running = Vec::new();
+    for id in ["a", "b"] {
+        let app = App::with_config(&service, config(&root, ""))
+            .await
+            .unwrap()
+            .grpc_service(EchoServer::new(EchoService::new(id)));
+        running.push(app.start().await.unwrap());
+    }
+    let caller = registry(&root).await;
+    let channel = GrpcChannel::builder(&service)
+        .connect(&caller, WAIT)
+        .await
+        .unwrap();
+    eventually("both instances discovered", WAIT, || {
+        let n = channel.endpoints().len();
+        async move { (n == 2).then_some(()) }
+    })
+    .await
+    .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for _ in 0..8 {
+        let (channel, stop, ok) = (channel.clone(), Arc::clone(&stop), Arc::clone(&ok));
+        load.push(tokio::spawn(async move {
+            let mut client = EchoClient::new(channel);
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                match client
+                    .echo(EchoRequest {
+                        message: "x".into(),
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(_) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            failures
+        }));
+    }
+    eventually("load flowing", WAIT, || {
+        let n = ok.load(Ordering::Relaxed);
+        async move { (n > 200).then_some(()) }
+    })
+    .await
+    .unwrap();
+
+    // Stop instance "a" while the load runs.
+    let a = running.remove(0);
+    a.stop().await.unwrap();
+    let before = ok.load(Ordering::Relaxed);
+    eventually("load continues on b", WAIT, || {
+        let n = ok.load(Ordering::Relaxed);
+        async move { (n > before + 200).then_some(()) }
+    })
+    .await
+    .unwrap();
+    stop.store(true, Ordering::Release);
+    let mut failures = Vec::new();
+    for l in load {
+        failures.extend(l.await.unwrap());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed calls, e.g. {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert_eq!(channel.endpoints().len(), 1, "a is gone from discovery");
+    running.remove(0).stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn rest_routes_get_red_metrics_and_deadlines() {
+    use axum::routing::get;
+    let root = TestRoot::new();
+    let service = keel_testkit::unique("rest");
+    let routes = axum::Router::new()
+        .route("/fast/{id}", get(|| async { "ok" }))
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                "late"
+            }),
+        );
+    let running = App::with_config(&service, config(&root, ""))
+        .await
+        .unwrap()
+        .rest(routes)
+        .start()
+        .await
+        .unwrap();
+    let rest = running.rest_addr().unwrap();
+    let client = RestClient::builder(&service)
+        .max_attempts(1)
+        .base_url(&format!("http://{rest}"))
+        .unwrap();
+    for id in 0..3 {
+        let res = client
+            .request(http::Method::GET, &format!("/fast/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    // An incoming deadline is enforced: 504 well before the handler's 30 s.
+    let started = std::time::Instant::now();
+    let err = client
+        .request(http::Method::GET, "/slow")
+        .header("x-keel-deadline", "200")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().map(|s| s.as_u16()), Some(504), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let (_, metrics) = get_text(&admin(running.admin_addr()), "/metrics").await;
+    assert!(
+        metrics.contains(
+            r#"keel_server_requests_total{protocol="http",method="GET /fast/{id}",status="200"} 3"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"keel_server_errors_total{protocol="http",method="GET /slow"} 1"#),
+        "{metrics}"
+    );
+    running.stop().await.unwrap();
+}
