@@ -32,7 +32,7 @@ impl<'de> Deserialize<'de> for SlidingWindowType {
             "countbased" | "count" => Ok(SlidingWindowType::CountBased),
             "timebased" | "time" => Ok(SlidingWindowType::TimeBased),
             _ => Err(serde::de::Error::custom(format!(
-                "unknown sliding window type {s:?}: expected COUNT_BASED or TIME_BASED"
+                "unknown sliding window type {s:?}: expected COUNT_BASED or TIME_BASED (count or time)"
             ))),
         }
     }
@@ -58,6 +58,27 @@ impl<'de> Deserialize<'de> for SlidingWindowType {
 /// | `enableExponentialBackoff` | [`enable_exponential_backoff`](Self::enable_exponential_backoff) | true | false |
 /// | `exponentialBackoffMultiplier` | [`exponential_backoff_multiplier`](Self::exponential_backoff_multiplier) | 2.0 | 2.0 |
 /// | `exponentialMaxWaitDurationInOpenState` | [`exponential_max_wait_duration_in_open_state`](Self::exponential_max_wait_duration_in_open_state) | 60s | unbounded |
+/// | `maxWaitDurationInHalfOpenState` | [`max_wait_duration_in_half_open_state`](Self::max_wait_duration_in_half_open_state) (0 = no limit) | 0 | 0 |
+///
+/// The window may also be given in the nested form of Keel's `keel.toml`, instead of
+/// `slidingWindowType` and `slidingWindowSize` (giving both forms is an error):
+///
+/// ```
+/// # use keel_breaker::breaker::{BreakerConfig, SlidingWindowType};
+/// let config: BreakerConfig = toml::from_str(
+///     r#"failure_rate_threshold = 50
+///        sliding_window = { kind = "count", size = 20 }"#,
+/// )
+/// .unwrap();
+/// assert_eq!(config.sliding_window_type, SlidingWindowType::CountBased);
+/// assert_eq!(config.sliding_window_size, 20);
+/// ```
+///
+/// `kind` is `count` or `time` (also `COUNT_BASED` / `TIME_BASED`); `size` is calls for a count
+/// window and seconds for a time window. Either key may be left out (defaults as above).
+///
+/// Deserialising validates the result (see [`validate`](Self::validate)), so an out-of-range
+/// value is reported with the field's name when the configuration is read.
 ///
 /// Keel's defaults suit low-traffic services: a breaker that needs 100 calls before it may trip
 /// (resilience4j's default) never trips on a service that handles a few calls a minute.
@@ -65,11 +86,20 @@ impl<'de> Deserialize<'de> for SlidingWindowType {
 /// Semantics kept from resilience4j: rates are compared with `>=`; a call is slow when it takes
 /// longer than the slow-call threshold; in a count window the minimum number of calls is capped
 /// at the window size; the half-open verdict is taken once all permitted probes have completed.
-/// The open → half-open transition is evaluated lazily by the next `poll_ready` after the wait,
-/// and in per-endpoint ("gate") use a timer wakes the waiting task then, so both values of
-/// `automaticTransitionFromOpenToHalfOpenEnabled` let traffic resume without a scheduler thread.
+///
+/// Timed transitions never need a task of their own (Keel spawns none):
+///
+/// * open → half-open: with `automaticTransitionFromOpenToHalfOpenEnabled` (Keel's default) the
+///   breaker is half-open as soon as the wait has passed, for every observer:
+///   [`Breaker::state`](super::Breaker::state), [`Breaker::metrics`](super::Breaker::metrics),
+///   a [`StateWatch`](super::StateWatch) (which arms a timer while it waits) and a gate-mode
+///   `poll_ready` (which arms a timer and wakes the waiting task). Without it, as in
+///   resilience4j, the breaker stays open until the next call attempt; a gate-mode `poll_ready`
+///   that is waiting is such an attempt, so a balancer still gets the endpoint back.
+/// * half-open → open after `maxWaitDurationInHalfOpenState` (when not zero) without the probes
+///   having completed: observed the same way (state, metrics, `StateWatch`, `poll_ready`).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
+#[serde(remote = "Self", default, rename_all = "camelCase")]
 pub struct BreakerConfig {
     /// Failure rate (percent, 0 < x ≤ 100) at or above which the breaker opens.
     #[serde(alias = "failure-rate-threshold", alias = "failure_rate_threshold")]
@@ -106,7 +136,8 @@ pub struct BreakerConfig {
         alias = "permitted_number_of_calls_in_half_open_state"
     )]
     pub permitted_number_of_calls_in_half_open_state: u32,
-    /// Accepted for compatibility; see the type docs.
+    /// Whether the breaker becomes half-open as soon as the open wait has passed, for every
+    /// observer, rather than on the next call attempt; see the type docs.
     #[serde(
         alias = "automatic-transition-from-open-to-half-open-enabled",
         alias = "automatic_transition_from_open_to_half_open_enabled"
@@ -131,6 +162,14 @@ pub struct BreakerConfig {
         with = "crate::duration"
     )]
     pub exponential_max_wait_duration_in_open_state: Duration,
+    /// Longest time in half-open before the breaker re-opens if its probes have not all
+    /// completed; zero waits for the probes however long they take.
+    #[serde(
+        alias = "max-wait-duration-in-half-open-state",
+        alias = "max_wait_duration_in_half_open_state",
+        with = "crate::duration"
+    )]
+    pub max_wait_duration_in_half_open_state: Duration,
 }
 
 impl fmt::Debug for BreakerConfig {
@@ -157,8 +196,99 @@ impl fmt::Debug for BreakerConfig {
                 "enable_exponential_backoff",
                 &self.enable_exponential_backoff,
             )
+            .field(
+                "max_wait_duration_in_half_open_state",
+                &self.max_wait_duration_in_half_open_state,
+            )
             .finish_non_exhaustive()
     }
+}
+
+impl Serialize for BreakerConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // The derived (flat, camelCase) form, from `#[serde(remote = "Self")]`.
+        BreakerConfig::serialize(self, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for BreakerConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawBreakerConfig::deserialize(d)?;
+        let mut config = raw.config;
+        let flat = raw.sliding_window_type.is_some() || raw.sliding_window_size.is_some();
+        if let Some(nested) = raw.sliding_window {
+            if flat {
+                return Err(serde::de::Error::custom(
+                    "sliding_window: give either sliding_window = { kind, size } or \
+                     slidingWindowType / slidingWindowSize, not both",
+                ));
+            }
+            if let Some(kind) = nested.kind {
+                config.sliding_window_type = kind;
+            }
+            if let Some(size) = nested.size {
+                config.sliding_window_size = size;
+            }
+        }
+        if let Some(kind) = raw.sliding_window_type {
+            config.sliding_window_type = kind;
+        }
+        if let Some(size) = raw.sliding_window_size {
+            config.sliding_window_size = size;
+        }
+        config.validate().map_err(serde::de::Error::custom)?;
+        Ok(config)
+    }
+}
+
+/// What [`BreakerConfig`] reads: the flat fields, plus the window in either form.
+#[derive(Deserialize)]
+struct RawBreakerConfig {
+    #[serde(flatten, deserialize_with = "BreakerConfig::deserialize")]
+    config: BreakerConfig,
+    #[serde(
+        default,
+        rename = "slidingWindowType",
+        alias = "sliding-window-type",
+        alias = "sliding_window_type"
+    )]
+    sliding_window_type: Option<SlidingWindowType>,
+    #[serde(
+        default,
+        rename = "slidingWindowSize",
+        alias = "sliding-window-size",
+        alias = "sliding_window_size"
+    )]
+    sliding_window_size: Option<u32>,
+    #[serde(
+        default,
+        rename = "sliding_window",
+        alias = "slidingWindow",
+        alias = "sliding-window"
+    )]
+    sliding_window: Option<NestedWindow>,
+}
+
+/// `sliding_window = { kind = "count" | "time", size = N }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NestedWindow {
+    #[serde(default, deserialize_with = "nested_kind")]
+    kind: Option<SlidingWindowType>,
+    #[serde(default, deserialize_with = "nested_size")]
+    size: Option<u32>,
+}
+
+fn nested_kind<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SlidingWindowType>, D::Error> {
+    SlidingWindowType::deserialize(d)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format_args!("sliding_window.kind: {e}")))
+}
+
+fn nested_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    u32::deserialize(d)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format_args!("sliding_window.size: {e}")))
 }
 
 impl Default for BreakerConfig {
@@ -176,6 +306,7 @@ impl Default for BreakerConfig {
             enable_exponential_backoff: true,
             exponential_backoff_multiplier: 2.0,
             exponential_max_wait_duration_in_open_state: Duration::from_secs(60),
+            max_wait_duration_in_half_open_state: Duration::ZERO,
         }
     }
 }
@@ -210,7 +341,7 @@ impl BreakerConfig {
         };
         if self.sliding_window_size == 0 || self.sliding_window_size > max {
             return Err(ConfigError(format!(
-                "slidingWindowSize must be in 1..={max} for this window type"
+                "slidingWindowSize (sliding_window.size) must be in 1..={max} for this window type"
             )));
         }
         if self.minimum_number_of_calls == 0 {

@@ -37,7 +37,7 @@ pub use config::{BreakerConfig, SlidingWindowType};
 pub use error::{BreakerError, ConfigError};
 pub use future::ResponseFuture;
 pub use layer::CircuitBreakerLayer;
-pub use state::{Breaker, BreakerMetrics, State};
+pub use state::{Breaker, BreakerMetrics, State, StateWatch};
 
 use crate::BoxError;
 use crate::classify::{Classify, DefaultClassifier};
@@ -145,8 +145,15 @@ impl<S, C> CircuitBreaker<S, C> {
                 Err(denied) => denied,
             };
             self.breaker.count_rejected();
-            let Denied::Open { until_ms } = denied else {
-                return Poll::Pending;
+            // Open: probing may start at `until_ms`. Half-open with every probe taken: a
+            // released or completed probe wakes us (registered above), and so does the timer if
+            // the half-open period can time out.
+            let until_ms = match denied {
+                Denied::Open { until_ms } => until_ms,
+                Denied::HalfOpenFull {
+                    until_ms: Some(until_ms),
+                } => until_ms,
+                Denied::HalfOpenFull { until_ms: None } => return Poll::Pending,
             };
             let at = self.breaker.instant_at(until_ms);
             let timer = self
@@ -155,10 +162,11 @@ impl<S, C> CircuitBreaker<S, C> {
             if timer.deadline() != at {
                 timer.as_mut().reset(at);
             }
-            if timer.as_mut().poll(cx).is_pending() || !self.breaker.remaining(until_ms).is_zero() {
+            if timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            // The wait is over: loop to move to half-open.
+            // The wait is over: loop to take the transition (the timer fires at or after the
+            // millisecond the breaker waits for, so the next attempt sees it due).
         }
     }
 }
@@ -187,7 +195,7 @@ where
                         self.breaker.count_rejected();
                         self.denied = Some(match denied {
                             Denied::Open { .. } => BreakerError::open(),
-                            Denied::HalfOpenFull => BreakerError::half_open_full(),
+                            Denied::HalfOpenFull { .. } => BreakerError::half_open_full(),
                         });
                         return Poll::Ready(Ok(()));
                     }

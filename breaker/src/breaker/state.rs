@@ -6,10 +6,10 @@
 //! Everything else (tripping, half-open probes, the open timer) is rare and takes a mutex.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
-use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -270,8 +270,9 @@ pub(crate) enum Permit {
 pub(crate) enum Denied {
     /// Open; probing may start at this clock millisecond.
     Open { until_ms: u64 },
-    /// Half-open with every probe in flight.
-    HalfOpenFull,
+    /// Half-open with every probe in flight; re-opens at this clock millisecond if the probes
+    /// have not completed by then (`maxWaitDurationInHalfOpenState`).
+    HalfOpenFull { until_ms: Option<u64> },
 }
 
 struct Slow {
@@ -288,8 +289,12 @@ struct Shared {
     clock: Clock,
     min_calls: u64,
     slow_ms: u64,
+    /// `maxWaitDurationInHalfOpenState` in milliseconds; 0 = no limit.
+    max_half_open_ms: u64,
     state: AtomicU64,
     open_until_ms: AtomicU64,
+    /// When the current half-open period times out (valid while half-open and the limit is set).
+    half_open_until_ms: AtomicU64,
     window: Window,
     slow: Mutex<Slow>,
     tx: watch::Sender<State>,
@@ -348,6 +353,11 @@ impl Breaker {
         };
         let slow_ms =
             u64::try_from(config.slow_call_duration_threshold.as_millis()).unwrap_or(u64::MAX);
+        let max_half_open_ms = match config.max_wait_duration_in_half_open_state {
+            d if d.is_zero() => 0,
+            // At least 1 ms, so that a sub-millisecond limit is not mistaken for "no limit".
+            d => u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1),
+        };
         let (tx, _) = watch::channel(State::Closed);
         Ok(Self {
             shared: Arc::new(Shared {
@@ -355,8 +365,10 @@ impl Breaker {
                 clock,
                 min_calls: u64::from(min_calls),
                 slow_ms,
+                max_half_open_ms,
                 state: AtomicU64::new(word(0, CLOSED)),
                 open_until_ms: AtomicU64::new(0),
+                half_open_until_ms: AtomicU64::new(0),
                 window,
                 slow: Mutex::new(Slow {
                     consecutive_opens: 0,
@@ -380,19 +392,98 @@ impl Breaker {
         &self.shared.config
     }
 
-    /// The current state.
+    /// The current state, after applying any timed transition that is due (open → half-open
+    /// with automatic transition enabled, half-open → open after
+    /// `maxWaitDurationInHalfOpenState`).
     pub fn state(&self) -> State {
+        let current = self.shared.state.load(Ordering::Acquire);
+        if current & 3 != CLOSED
+            && self
+                .timed_transition_ms(current)
+                .is_some_and(|at| self.shared.clock.precise_ms() >= at)
+        {
+            let mut slow = self.lock();
+            self.apply_due(&mut slow, true);
+        }
         state_of(self.shared.state.load(Ordering::Acquire))
     }
 
     /// A receiver that sees every state change (the latest state, as a watch channel does).
+    ///
+    /// A bare receiver does not make time pass: a timed transition is published when something
+    /// observes or uses the breaker after it is due (a call, a gate-mode `poll_ready`,
+    /// [`state`](Self::state), [`metrics`](Self::metrics), a [`StateWatch`]). To be told of
+    /// timed transitions with no traffic, use [`watch`](Self::watch).
     pub fn subscribe(&self) -> watch::Receiver<State> {
         self.shared.tx.subscribe()
+    }
+
+    /// A [`StateWatch`]: like [`subscribe`](Self::subscribe), but waiting on it also makes the
+    /// breaker's timed transitions happen on time, with no traffic and no background task.
+    pub fn watch(&self) -> StateWatch {
+        StateWatch {
+            breaker: self.clone(),
+            rx: self.subscribe(),
+        }
+    }
+
+    /// When the next timed transition from the state word `current` is due (clock
+    /// milliseconds), if one is scheduled and observers should see it without a call attempt.
+    fn timed_transition_ms(&self, current: u64) -> Option<u64> {
+        let s = &self.shared;
+        match current & 3 {
+            OPEN if s.config.automatic_transition_from_open_to_half_open_enabled => {
+                Some(s.open_until_ms.load(Ordering::Acquire))
+            }
+            HALF_OPEN if s.max_half_open_ms > 0 => {
+                Some(s.half_open_until_ms.load(Ordering::Acquire))
+            }
+            _ => None,
+        }
+    }
+
+    /// The instant of the next timed transition observers will see (see
+    /// [`timed_transition_ms`](Self::timed_transition_ms)).
+    pub(crate) fn next_transition(&self) -> Option<tokio::time::Instant> {
+        let current = self.shared.state.load(Ordering::Acquire);
+        self.timed_transition_ms(current)
+            .map(|ms| self.shared.clock.instant_at(ms))
+    }
+
+    /// Applies the timed transitions that are due. `observer`: the open → half-open one only
+    /// when automatic transition is enabled (a call attempt applies it regardless).
+    fn apply_due(&self, slow: &mut Slow, observer: bool) {
+        let s = &self.shared;
+        loop {
+            let current = s.state.load(Ordering::Acquire);
+            let generation = current >> 2;
+            let now = s.clock.precise_ms();
+            match current & 3 {
+                OPEN if (!observer
+                    || s.config.automatic_transition_from_open_to_half_open_enabled)
+                    && now >= s.open_until_ms.load(Ordering::Acquire) =>
+                {
+                    self.to_half_open(slow, generation);
+                }
+                HALF_OPEN
+                    if s.max_half_open_ms > 0
+                        && now >= s.half_open_until_ms.load(Ordering::Acquire) =>
+                {
+                    tracing::info!(
+                        max_wait_ms = s.max_half_open_ms,
+                        "circuit breaker half-open too long"
+                    );
+                    self.to_open(slow, generation);
+                }
+                _ => return,
+            }
+        }
     }
 
     /// A snapshot of the counters.
     pub fn metrics(&self) -> BreakerMetrics {
         let s = &self.shared;
+        let state = self.state();
         let t = self.tally();
         let rate = |n: u64| {
             if t.total >= s.min_calls && t.total > 0 {
@@ -402,7 +493,7 @@ impl Breaker {
             }
         };
         BreakerMetrics {
-            state: Some(self.state()),
+            state: Some(state),
             opened: s.opened.load(Ordering::Relaxed),
             half_opened: s.half_opened.load(Ordering::Relaxed),
             closed: s.closed.load(Ordering::Relaxed),
@@ -456,24 +547,22 @@ impl Breaker {
             }
         }
         let mut slow = self.lock();
+        // A call attempt: open → half-open once the wait is over, whatever the automatic
+        // transition setting; a timed-out half-open re-opens.
+        self.apply_due(&mut slow, false);
         let current = s.state.load(Ordering::Acquire);
         let generation = current >> 2;
         match current & 3 {
             CLOSED => Ok(Permit::Closed { generation }),
-            OPEN => {
-                let until_ms = s.open_until_ms.load(Ordering::Acquire);
-                if s.clock.precise_ms() < until_ms {
-                    return Err(Denied::Open { until_ms });
-                }
-                self.to_half_open(&mut slow, generation);
-                slow.probes_available -= 1;
-                Ok(Permit::HalfOpen {
-                    generation: generation + 1,
-                })
-            }
+            OPEN => Err(Denied::Open {
+                until_ms: s.open_until_ms.load(Ordering::Acquire),
+            }),
             _ => {
                 if slow.probes_available == 0 {
-                    return Err(Denied::HalfOpenFull);
+                    return Err(Denied::HalfOpenFull {
+                        until_ms: (s.max_half_open_ms > 0)
+                            .then(|| s.half_open_until_ms.load(Ordering::Acquire)),
+                    });
                 }
                 slow.probes_available -= 1;
                 Ok(Permit::HalfOpen { generation })
@@ -560,6 +649,8 @@ impl Breaker {
     #[cold]
     fn record_probe(&self, generation: u64, failed: bool, slow_call: bool) {
         let mut slow = self.lock();
+        // A probe that completes after the half-open period timed out no longer counts.
+        self.apply_due(&mut slow, true);
         if self.shared.state.load(Ordering::Acquire) != word(generation, HALF_OPEN) {
             return;
         }
@@ -614,6 +705,12 @@ impl Breaker {
         slow.probes_done = 0;
         slow.probes_failed = 0;
         slow.probes_slow = 0;
+        if s.max_half_open_ms > 0 {
+            s.half_open_until_ms.store(
+                s.clock.precise_ms().saturating_add(s.max_half_open_ms),
+                Ordering::Release,
+            );
+        }
         s.state
             .store(word(generation + 1, HALF_OPEN), Ordering::Release);
         s.half_opened.fetch_add(1, Ordering::Relaxed);
@@ -637,14 +734,61 @@ impl Breaker {
         wake_all(slow);
     }
 
-    /// The milliseconds still to wait while open, per the precise clock.
-    pub(crate) fn remaining(&self, until_ms: u64) -> Duration {
-        Duration::from_millis(until_ms.saturating_sub(self.shared.clock.precise_ms()))
-    }
-
     /// The instant when the open wait ending at `until_ms` ends.
     pub(crate) fn instant_at(&self, until_ms: u64) -> tokio::time::Instant {
         self.shared.clock.instant_at(until_ms)
+    }
+}
+
+/// A watch on a [`Breaker`]'s state that also drives its timed transitions while waited on;
+/// see [`Breaker::watch`].
+///
+/// ```no_run
+/// # async fn example(breaker: keel_breaker::breaker::Breaker) {
+/// let mut watch = breaker.watch();
+/// loop {
+///     let state = watch.changed().await;
+///     println!("breaker is now {state:?}");
+/// }
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct StateWatch {
+    breaker: Breaker,
+    rx: watch::Receiver<State>,
+}
+
+impl StateWatch {
+    /// The latest state seen (without marking it seen).
+    pub fn current(&self) -> State {
+        *self.rx.borrow()
+    }
+
+    /// Waits for the next state change and returns the new state. While it waits, a timer is
+    /// armed for the next timed transition (open → half-open when automatic transition is
+    /// enabled, half-open → open after `maxWaitDurationInHalfOpenState`), which is applied when
+    /// it fires.
+    pub async fn changed(&mut self) -> State {
+        loop {
+            // Publishes a transition that is already due.
+            self.breaker.state();
+            if self.rx.has_changed().unwrap_or(false) {
+                return *self.rx.borrow_and_update();
+            }
+            let next = self.breaker.next_transition();
+            let mut changed = std::pin::pin!(self.rx.changed());
+            let mut sleep = std::pin::pin!(next.map(tokio::time::sleep_until));
+            std::future::poll_fn(|cx| {
+                if changed.as_mut().poll(cx).is_ready() {
+                    return std::task::Poll::Ready(());
+                }
+                match sleep.as_mut().as_pin_mut() {
+                    Some(sleep) => sleep.poll(cx),
+                    None => std::task::Poll::Pending,
+                }
+            })
+            .await;
+        }
     }
 }
 

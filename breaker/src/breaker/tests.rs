@@ -257,6 +257,66 @@ async fn gate_mode_is_not_ready_while_open_and_wakes_after_the_wait() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn gate_mode_wakes_a_task_waiting_in_poll_ready_after_the_open_wait() {
+    for automatic in [true, false] {
+        let cfg = BreakerConfig {
+            automatic_transition_from_open_to_half_open_enabled: automatic,
+            ..config()
+        };
+        let breaker = Breaker::new(cfg).unwrap();
+        for _ in 0..4 {
+            record(&breaker, FAIL);
+        }
+        let svc = CircuitBreakerLayer::new(breaker.clone())
+            .mode(Mode::Gate)
+            .layer_on(backend());
+        let start = tokio::time::Instant::now();
+        // A task parked in poll_ready, as a balancer's is; nothing else touches the breaker.
+        let waiter = tokio::spawn(async move {
+            let mut svc = svc;
+            svc.ready().await.map(|_| ()).unwrap();
+            tokio::time::Instant::now()
+        });
+        let ready_at = waiter.await.unwrap();
+        assert_eq!(
+            ready_at - start,
+            Duration::from_secs(1),
+            "woken when the wait in open elapses (automatic = {automatic})"
+        );
+        assert_eq!(breaker.state(), State::HalfOpen);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn gate_mode_waiter_follows_a_half_open_timeout_to_the_next_probe() {
+    let cfg = BreakerConfig {
+        permitted_number_of_calls_in_half_open_state: 1,
+        max_wait_duration_in_half_open_state: Duration::from_millis(300),
+        ..config()
+    };
+    let breaker = Breaker::new(cfg).unwrap();
+    for _ in 0..4 {
+        record(&breaker, FAIL);
+    }
+    advance(Duration::from_secs(1)).await;
+    let _stuck = breaker.try_acquire().expect("the only probe");
+    let (mock, _handle) = tower_test::mock::pair::<(), http::Response<()>>();
+    let svc = CircuitBreakerLayer::new(breaker.clone())
+        .mode(Mode::Gate)
+        .layer_on(mock);
+    let mut svc = tower_test::mock::Spawn::new(svc);
+    assert!(svc.poll_ready().is_pending(), "the only probe is taken");
+    advance(Duration::from_millis(300)).await;
+    assert!(svc.is_woken(), "the half-open timeout wakes the waiter");
+    assert!(svc.poll_ready().is_pending(), "re-opened: not ready");
+    assert_eq!(breaker.state(), State::Open);
+    advance(Duration::from_millis(1000)).await;
+    assert!(svc.is_woken(), "then the new open wait does");
+    assert!(matches!(svc.poll_ready(), std::task::Poll::Ready(Ok(()))));
+    assert_eq!(breaker.state(), State::HalfOpen);
+}
+
+#[tokio::test(start_paused = true)]
 async fn gate_mode_wakes_waiters_when_a_probe_completes() {
     let cfg = BreakerConfig {
         permitted_number_of_calls_in_half_open_state: 1,
@@ -396,9 +456,255 @@ fn config_reads_resilience4j_names() {
         serde_json::from_str(&serde_json::to_string(&camel).unwrap()).unwrap();
     assert_eq!(back, camel);
 
-    let bad: BreakerConfig = serde_json::from_str(r#"{"failureRateThreshold": 0}"#).unwrap();
+    // Out-of-range values are refused when the configuration is read, naming the field.
+    let err = serde_json::from_str::<BreakerConfig>(r#"{"failureRateThreshold": 0}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("failureRateThreshold"), "{err}");
+    let bad = BreakerConfig {
+        failure_rate_threshold: 0.0,
+        ..BreakerConfig::default()
+    };
     assert!(Breaker::new(bad).is_err());
     assert!(serde_json::from_str::<BreakerConfig>(r#"{"slidingWindowType": "SIZE"}"#).is_err());
+}
+
+#[test]
+fn config_reads_the_nested_window_of_keel_toml() {
+    #[derive(serde::Deserialize)]
+    struct Client {
+        breaker: BreakerConfig,
+    }
+    // As in DESIGN.md's keel.toml.
+    let client: Client = toml::from_str(
+        r#"breaker = { failure_rate_threshold = 50, sliding_window = { kind = "count", size = 20 } }"#,
+    )
+    .unwrap();
+    assert_eq!(client.breaker.failure_rate_threshold, 50.0);
+    assert_eq!(
+        client.breaker.sliding_window_type,
+        SlidingWindowType::CountBased
+    );
+    assert_eq!(client.breaker.sliding_window_size, 20);
+
+    let time: BreakerConfig = toml::from_str(
+        r#"
+        failure_rate_threshold = 40
+        max_wait_duration_in_half_open_state = "2s"
+        [sliding_window]
+        kind = "time"
+        size = 30
+        "#,
+    )
+    .unwrap();
+    assert_eq!(time.sliding_window_type, SlidingWindowType::TimeBased);
+    assert_eq!(time.sliding_window_size, 30, "seconds for a time window");
+    assert_eq!(time.failure_rate_threshold, 40.0);
+    assert_eq!(
+        time.max_wait_duration_in_half_open_state,
+        Duration::from_secs(2)
+    );
+
+    let json: BreakerConfig = serde_json::from_str(
+        r#"{"failureRateThreshold": 30, "sliding_window": {"kind": "TIME_BASED", "size": 10},
+            "maxWaitDurationInHalfOpenState": "500ms"}"#,
+    )
+    .unwrap();
+    assert_eq!(json.sliding_window_type, SlidingWindowType::TimeBased);
+    assert_eq!(json.sliding_window_size, 10);
+    assert_eq!(
+        json.max_wait_duration_in_half_open_state,
+        Duration::from_millis(500)
+    );
+    // The flat resilience4j form in TOML, too.
+    let flat: BreakerConfig =
+        toml::from_str("slidingWindowType = \"TIME_BASED\"\nslidingWindowSize = 15").unwrap();
+    assert_eq!(
+        (flat.sliding_window_type, flat.sliding_window_size),
+        (SlidingWindowType::TimeBased, 15)
+    );
+    // Partial nested forms keep the defaults for the rest.
+    let only_kind: BreakerConfig =
+        serde_json::from_str(r#"{"sliding_window": {"kind": "time"}}"#).unwrap();
+    assert_eq!(
+        (only_kind.sliding_window_type, only_kind.sliding_window_size),
+        (
+            SlidingWindowType::TimeBased,
+            BreakerConfig::default().sliding_window_size
+        )
+    );
+
+    // Bad values: the error names the field.
+    let cases = [
+        (
+            r#"sliding_window = { kind = "hourly", size = 20 }"#,
+            "sliding_window.kind",
+        ),
+        (
+            r#"sliding_window = { kind = "count", size = -1 }"#,
+            "sliding_window.size",
+        ),
+        (
+            r#"sliding_window = { kind = "count", size = 0 }"#,
+            "sliding_window.size",
+        ),
+        (
+            r#"sliding_window = { kind = "time", size = 7200 }"#,
+            "sliding_window.size",
+        ),
+        (r#"sliding_window = { kind = "count", sise = 20 }"#, "sise"),
+        (r#"failure_rate_threshold = 150"#, "failureRateThreshold"),
+        (
+            "sliding_window = { kind = \"count\" }\nslidingWindowSize = 5",
+            "not both",
+        ),
+        (
+            r#"max_wait_duration_in_half_open_state = "soon""#,
+            "invalid duration",
+        ),
+    ];
+    for (text, field) in cases {
+        let err = toml::from_str::<BreakerConfig>(text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field), "{text}: {err}");
+    }
+    let err = serde_json::from_str::<BreakerConfig>(
+        r#"{"sliding_window": {"kind": "count", "size": "twenty"}}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("sliding_window.size"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn half_open_too_long_reopens() {
+    let cfg = BreakerConfig {
+        max_wait_duration_in_half_open_state: Duration::from_millis(500),
+        ..config()
+    };
+    let breaker = Breaker::new(cfg).unwrap();
+    for _ in 0..4 {
+        record(&breaker, FAIL);
+    }
+    advance(Duration::from_secs(1)).await;
+    let first = breaker.try_acquire().expect("first probe");
+    assert_eq!(breaker.state(), State::HalfOpen);
+    // One probe of two done, the other never completes.
+    breaker.record(first, breaker.clock().now_ms(), Outcome::Success);
+    let _stuck = breaker.try_acquire().expect("second probe");
+    advance(Duration::from_millis(499)).await;
+    assert_eq!(breaker.state(), State::HalfOpen, "1 ms before the limit");
+    assert_eq!(breaker.metrics().opened, 1);
+    advance(Duration::from_millis(1)).await;
+    assert_eq!(
+        breaker.state(),
+        State::Open,
+        "half-open for maxWaitDurationInHalfOpenState without completing its probes"
+    );
+    assert_eq!(breaker.metrics().opened, 2);
+    // A probe of the timed-out period that completes late no longer counts.
+    breaker.record(_stuck, breaker.clock().now_ms(), Outcome::Success);
+    assert_eq!(breaker.state(), State::Open);
+    // The wait in open starts from the re-opening.
+    advance(Duration::from_millis(999)).await;
+    assert_eq!(breaker.state(), State::Open);
+    advance(Duration::from_millis(1)).await;
+    assert_eq!(breaker.state(), State::HalfOpen);
+}
+
+#[tokio::test(start_paused = true)]
+async fn half_open_without_limit_waits_for_its_probes() {
+    let breaker = Breaker::new(config()).unwrap();
+    for _ in 0..4 {
+        record(&breaker, FAIL);
+    }
+    advance(Duration::from_secs(1)).await;
+    let probe = breaker.try_acquire().expect("probe");
+    advance(Duration::from_secs(3600)).await;
+    assert_eq!(breaker.state(), State::HalfOpen);
+    breaker.record(probe, breaker.clock().now_ms(), Outcome::Success);
+    assert_eq!(breaker.state(), State::HalfOpen, "one of two probes done");
+}
+
+#[tokio::test(start_paused = true)]
+async fn half_open_timeout_is_seen_by_a_state_watch_without_traffic() {
+    let cfg = BreakerConfig {
+        max_wait_duration_in_half_open_state: Duration::from_millis(500),
+        ..config()
+    };
+    let breaker = Breaker::new(cfg).unwrap();
+    for _ in 0..4 {
+        record(&breaker, FAIL);
+    }
+    let mut watch = breaker.watch();
+    let start = tokio::time::Instant::now();
+    assert_eq!(watch.current(), State::Open);
+    // Nothing else happens: the watch's timer takes the breaker to half-open after 1 s ...
+    assert_eq!(watch.changed().await, State::HalfOpen);
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    let _probe = breaker.try_acquire().expect("probe");
+    // ... and back to open 500 ms later, the probe still in flight.
+    assert_eq!(watch.changed().await, State::Open);
+    assert_eq!(start.elapsed(), Duration::from_millis(1500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn automatic_transition_is_seen_without_traffic() {
+    let breaker = Breaker::new(config()).unwrap();
+    let mut raw = breaker.subscribe();
+    for _ in 0..4 {
+        record(&breaker, FAIL);
+    }
+    assert_eq!(*raw.borrow_and_update(), State::Open);
+    let mut watch = breaker.watch();
+    assert_eq!(watch.current(), State::Open);
+    let start = tokio::time::Instant::now();
+    let seen = tokio::spawn(async move { watch.changed().await });
+    // The spawned watcher is woken by its own timer; no call is made.
+    let state = seen.await.unwrap();
+    assert_eq!(state, State::HalfOpen);
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    assert!(raw.has_changed().unwrap(), "published to every subscriber");
+    assert_eq!(*raw.borrow_and_update(), State::HalfOpen);
+    let m = breaker.metrics();
+    assert_eq!((m.state, m.half_opened), (Some(State::HalfOpen), 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn state_and_metrics_see_the_automatic_transition() {
+    let breaker = Breaker::new(config()).unwrap();
+    for _ in 0..4 {
+        record(&breaker, FAIL);
+    }
+    advance(Duration::from_millis(999)).await;
+    assert_eq!(breaker.metrics().state, Some(State::Open));
+    advance(Duration::from_millis(1)).await;
+    assert_eq!(breaker.metrics().state, Some(State::HalfOpen));
+    assert_eq!(breaker.state(), State::HalfOpen);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_automatic_transition_open_lasts_until_a_call_attempt() {
+    let cfg = BreakerConfig {
+        automatic_transition_from_open_to_half_open_enabled: false,
+        ..config()
+    };
+    let breaker = Breaker::new(cfg).unwrap();
+    for _ in 0..4 {
+        record(&breaker, FAIL);
+    }
+    let mut watch = breaker.watch();
+    assert_eq!(watch.current(), State::Open);
+    advance(Duration::from_secs(10)).await;
+    assert_eq!(breaker.state(), State::Open, "resilience4j: lazy");
+    assert_eq!(breaker.metrics().state, Some(State::Open));
+    let pending = tokio::time::timeout(Duration::from_secs(5), watch.changed()).await;
+    assert!(pending.is_err(), "no timer without automatic transition");
+    // The call attempt takes it to half-open.
+    let mut svc = CircuitBreakerLayer::new(breaker.clone()).layer_on(backend());
+    call(&mut svc, 200, 0).await.unwrap();
+    assert_eq!(watch.changed().await, State::HalfOpen);
 }
 
 #[derive(Debug, Clone)]
