@@ -107,10 +107,18 @@ impl Error {
 
 fn is_transient(source: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
     use zookeeper_client::Error as Zk;
+    // `zookeeper-client` 0.11 fails the requests in flight when it drops a connection with the
+    // error that broke the connection, not `ConnectionLoss`: `Custom` ("no response from
+    // connection in …ms", a read or write I/O error). A request never sees `Custom` otherwise.
     matches!(
         source.downcast_ref::<Zk>(),
         Some(
-            Zk::ConnectionLoss | Zk::SessionExpired | Zk::Timeout | Zk::NoHosts | Zk::ClientClosed
+            Zk::ConnectionLoss
+                | Zk::SessionExpired
+                | Zk::Timeout
+                | Zk::NoHosts
+                | Zk::ClientClosed
+                | Zk::Custom(_)
         )
     )
 }
@@ -134,5 +142,68 @@ mod tests {
         assert!(e.to_string().starts_with("/x: zookeeper create"));
         assert!(e.is_unavailable());
         assert!(!Error::zk("create", "/x", zookeeper_client::Error::NoAuth).is_unavailable());
+    }
+
+    /// A server that opens a session, answers the client's first ping, then never answers again.
+    fn silent_after_handshake() -> std::net::SocketAddr {
+        use std::io::{Read, Write};
+        fn read_frame(conn: &mut std::net::TcpStream) -> std::io::Result<()> {
+            let mut len = [0u8; 4];
+            conn.read_exact(&mut len)?;
+            let len = usize::try_from(i32::from_be_bytes(len)).unwrap_or(0);
+            conn.read_exact(&mut vec![0u8; len])
+        }
+        fn write_frame(conn: &mut std::net::TcpStream, body: &[u8]) {
+            let len = i32::try_from(body.len()).unwrap();
+            conn.write_all(&len.to_be_bytes()).unwrap();
+            conn.write_all(body).unwrap();
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            read_frame(&mut conn).unwrap(); // ConnectRequest
+            let mut response = Vec::new();
+            response.extend(0i32.to_be_bytes()); // protocol version
+            response.extend(2000i32.to_be_bytes()); // negotiated session timeout, ms
+            response.extend(0x4b45_454ci64.to_be_bytes()); // session id
+            response.extend(16i32.to_be_bytes());
+            response.extend([0u8; 16]); // password
+            response.push(0); // not read-only
+            write_frame(&mut conn, &response);
+            read_frame(&mut conn).unwrap(); // the first ping
+            let mut pong = Vec::new();
+            pong.extend((-2i32).to_be_bytes()); // ping xid
+            pong.extend(0i64.to_be_bytes()); // zxid
+            pong.extend(0i32.to_be_bytes()); // no error
+            write_frame(&mut conn, &pong);
+            // Silence, until the client gives up on the connection.
+            while read_frame(&mut conn).is_ok() {}
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_request_cut_off_by_a_dropped_connection_is_unavailable() {
+        let addr = silent_after_handshake();
+        let client = zookeeper_client::Client::connector()
+            .with_session_timeout(Duration::from_secs(2))
+            .connect(&addr.to_string())
+            .await
+            .unwrap();
+        let options =
+            zookeeper_client::CreateMode::Ephemeral.with_acls(zookeeper_client::Acls::anyone_all());
+        let error =
+            tokio::time::timeout(Duration::from_secs(20), client.create("/x", b"", &options))
+                .await
+                .expect("the client gives up on a silent connection")
+                .unwrap_err();
+        assert!(
+            matches!(error, zookeeper_client::Error::Custom(_)),
+            "{error:?}"
+        );
+        assert!(Error::zk("create", "/x", error).is_unavailable());
     }
 }
