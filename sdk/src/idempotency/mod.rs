@@ -85,6 +85,8 @@
 //! ```
 
 mod body;
+#[cfg(any(feature = "redis", test))]
+mod codec;
 mod memory;
 mod record;
 #[cfg(feature = "redis")]
@@ -534,8 +536,9 @@ impl Rejection {
             let status = self.http_status();
             let body = serde_json::json!({
                 "type": "about:blank",
-                "title": self.message(),
+                "title": status.canonical_reason().unwrap_or_default(),
                 "status": status.as_u16(),
+                "detail": self.message(),
                 "code": self.code(),
             });
             let mut response = Response::new(IdempotencyBody::buffered(
