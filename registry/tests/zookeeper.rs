@@ -717,34 +717,35 @@ async fn zookeeper_restart_keeps_watches_and_registrations() {
     );
 }
 
+/// Whether the 3-node ensemble runs; without it the ensemble tests skip, or fail when
+/// `KEEL_REQUIRE_ENSEMBLE` is set.
+fn ensemble_running() -> bool {
+    if common::services_status().contains("ensemble member") {
+        return true;
+    }
+    assert!(
+        std::env::var_os("KEEL_REQUIRE_ENSEMBLE").is_none(),
+        "KEEL_REQUIRE_ENSEMBLE is set but no ensemble runs (scripts/services up --ensemble)"
+    );
+    eprintln!(
+        "SKIPPED: needs `scripts/services up --ensemble` (set KEEL_REQUIRE_ENSEMBLE=1 to fail instead)"
+    );
+    false
+}
+
+const ENSEMBLE: &str = "127.0.0.1:2181,127.0.0.1:2182,127.0.0.1:2183";
+
 #[tokio::test]
 #[ignore = "disruptive: restarts shared ZooKeeper; run serially by scripts/test"]
 async fn ensemble_member_down_discovery_keeps_working() {
-    // KNOWN BUG (open, issue 3): in about half the runs the consumer sees no change for over 60 s
-    // after the ensemble member it may be connected to is stopped, although the provider's
-    // registration succeeds. Until that is fixed the test runs only when asked for, so CI stays
-    // meaningful: `KEEL_RUN_KNOWN_BUGS=1 scripts/test -p keel-registry`.
-    if std::env::var_os("KEEL_RUN_KNOWN_BUGS").is_none() {
-        eprintln!(
-            "SKIPPED: known bug (consumer stalls when an ensemble member stops); set KEEL_RUN_KNOWN_BUGS=1"
-        );
+    if !ensemble_running() {
         return;
     }
-    if !common::services_status().contains("ensemble member") {
-        assert!(
-            std::env::var_os("KEEL_REQUIRE_ENSEMBLE").is_none(),
-            "KEEL_REQUIRE_ENSEMBLE is set but no ensemble runs (scripts/services up --ensemble)"
-        );
-        eprintln!(
-            "SKIPPED: needs `scripts/services up --ensemble` (set KEEL_REQUIRE_ENSEMBLE=1 to fail instead)"
-        );
-        return;
-    }
-    let ensemble = "127.0.0.1:2181,127.0.0.1:2182,127.0.0.1:2183";
+    common::trace();
     let root = TestRoot::new();
     let connect = || {
         ZkRegistry::connect(
-            ZkConfig::new(ensemble)
+            ZkConfig::new(ENSEMBLE)
                 .with_dialect(spring_at(&root))
                 .with_session_timeout(Duration::from_secs(6)),
         )
@@ -757,6 +758,15 @@ async fn ensemble_member_down_discovery_keeps_working() {
         .unwrap();
     let mut watch = Follower::new(consumer.watch("account").unwrap());
     watch.until(WAIT, "a", |s| s.contains_key("a")).await;
+    let consumer_session = consumer.session_id();
+    let member = tokio::task::spawn_blocking(move || common::member_serving(consumer_session))
+        .await
+        .unwrap();
+    tracing::info!(
+        session = format_args!("{consumer_session:#x}"),
+        ?member,
+        "consumer session before zookeeper-2 stops"
+    );
 
     let _guard = StartOnDrop("zookeeper-2");
     tokio::task::spawn_blocking(|| common::services(&["stop", "zookeeper-2"]))
@@ -771,8 +781,95 @@ async fn ensemble_member_down_discovery_keeps_working() {
             s.len() == 2
         })
         .await;
-    assert_eq!(consumer.snapshot("account").await.unwrap().len(), 2);
+    // b may have been read by the re-read that follows a reconnection; c, registered after it,
+    // reaches the consumer only through a watch that is armed on the member it now talks to.
+    let _c = provider
+        .register(instance("account", "c", 3))
+        .await
+        .unwrap();
+    watch
+        .until(Duration::from_secs(30), "c with a member down", |s| {
+            s.len() == 3
+        })
+        .await;
+    assert_eq!(consumer.snapshot("account").await.unwrap().len(), 3);
     tokio::task::spawn_blocking(|| common::services(&["start", "zookeeper-2"]))
         .await
         .unwrap();
+}
+
+/// Deterministic form of the case above: the consumer talks to member 2 only, keeps its session
+/// while member 2 restarts, and must still see a registration made after it reconnected.
+/// (`zookeeper-client` 0.11 does not re-send persistent watches when it reconnects, so Keel
+/// re-arms its watch itself.)
+#[tokio::test]
+#[ignore = "disruptive: restarts a shared ZooKeeper ensemble member; run serially by scripts/test"]
+async fn watch_rearmed_after_reconnect_to_restarted_member() {
+    if !ensemble_running() {
+        return;
+    }
+    common::trace();
+    let root = TestRoot::new();
+    let provider = ZkRegistry::connect(
+        ZkConfig::new("127.0.0.1:2181,127.0.0.1:2183")
+            .with_dialect(spring_at(&root))
+            .with_session_timeout(Duration::from_secs(6)),
+    )
+    .await
+    .unwrap();
+    // The longest session the members grant (20 ticks of 1 s): it outlives the restart.
+    let consumer = ZkRegistry::connect(
+        ZkConfig::new("127.0.0.1:2182")
+            .with_dialect(spring_at(&root))
+            .with_session_timeout(Duration::from_secs(20)),
+    )
+    .await
+    .unwrap();
+    let session = consumer.session_id();
+    let _a = provider
+        .register(instance("account", "a", 1))
+        .await
+        .unwrap();
+    let mut watch = Follower::new(consumer.watch("account").unwrap());
+    watch.until(WAIT, "a", |s| s.contains_key("a")).await;
+
+    let guard = StartOnDrop("zookeeper-2");
+    tokio::task::spawn_blocking(|| common::services(&["stop", "zookeeper-2"]))
+        .await
+        .unwrap();
+    let _b = provider
+        .register(instance("account", "b", 2))
+        .await
+        .unwrap();
+    tokio::task::spawn_blocking(|| common::services(&["start", "zookeeper-2"]))
+        .await
+        .unwrap();
+    drop(guard);
+    // Read by the re-read after the reconnection.
+    watch
+        .until(Duration::from_secs(60), "b after member 2 restarted", |s| {
+            s.contains_key("b")
+        })
+        .await;
+    let _c = provider
+        .register(instance("account", "c", 3))
+        .await
+        .unwrap();
+    watch
+        .until(
+            Duration::from_secs(30),
+            "c, registered after the consumer reconnected",
+            |s| s.contains_key("c"),
+        )
+        .await;
+    assert_eq!(
+        (consumer.session_id(), consumer.stats().session_expiries),
+        (session, 0),
+        "the consumer's session must survive the restart, or this test does not test a reconnect"
+    );
+    assert!(
+        consumer.stats().rearmed_watches >= 1,
+        "{:?}",
+        consumer.stats()
+    );
 }

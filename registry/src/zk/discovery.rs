@@ -2,7 +2,8 @@
 //! decoded children, and the published (held) view.
 //!
 //! No polling: the task reads ZooKeeper only when a watch event says something changed, after a
-//! reconnection (events may be lost during one, ZOOKEEPER-4698) and on a new session.
+//! reconnection (events may be lost during one, ZOOKEEPER-4698; the watch itself is added again
+//! first, see `ServiceWatch::rearm`) and on a new session.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -117,7 +118,10 @@ impl ServiceWatch {
                     for event in batch {
                         match event.event_type {
                             EventType::Session => match event.session_state {
-                                SessionState::Disconnected => disconnected = true,
+                                SessionState::Disconnected => {
+                                    tracing::debug!(path = %self.path, "zookeeper disconnected; serving last known state");
+                                    disconnected = true;
+                                }
                                 SessionState::SyncConnected | SessionState::ConnectedReadOnly => {
                                     resync |= disconnected;
                                     disconnected = false;
@@ -140,7 +144,15 @@ impl ServiceWatch {
                         }
                     }
                     let result = if resync {
-                        self.resync(client).await
+                        match self.rearm(client).await {
+                            Ok(rearmed) => {
+                                // The old watcher goes only now: the client keeps the path
+                                // watched throughout, so its drop removes nothing on the server.
+                                watcher = rearmed;
+                                self.resync(client).await
+                            }
+                            Err(error) => return self.failed("watch", error),
+                        }
                     } else {
                         for child in &deleted {
                             self.nodes.remove(child);
@@ -168,6 +180,23 @@ impl ServiceWatch {
                 }
             }
         }
+    }
+
+    /// Adds the persistent recursive watch again after a reconnection; call before re-reading.
+    ///
+    /// `zookeeper-client` 0.11 re-sends only one-shot watches when it reconnects: its
+    /// `WatchManager::resend_watches` never raises the request kind above `SetWatches`, so the
+    /// persistent watches (which need `SetWatches2`) are dropped from the request. The server the
+    /// session reconnected to, whether another member or the same one restarted, then knows no
+    /// watch of ours, and without this the service would look frozen until the session expires.
+    /// Adding a watch the server still has is harmless.
+    async fn rearm(&self, client: &Client) -> Result<zk::PersistentWatcher, zk::Error> {
+        let watcher = self
+            .op(client.watch(&self.path, AddWatchMode::PersistentRecursive))
+            .await?;
+        Stats::bump(&self.stats.rearmed_watches);
+        tracing::info!(path = %self.path, session = %client.session_id(), "zookeeper reconnected; watch re-armed, re-reading");
+        Ok(watcher)
     }
 
     /// The first event plus whatever follows within the debounce window or is already queued.

@@ -146,6 +146,8 @@ pub struct RegistryStats {
     pub held_removals: u64,
     /// Full re-reads of a service (start, reconnection, new session).
     pub resyncs: u64,
+    /// Watches added again after a reconnection within the same session.
+    pub rearmed_watches: u64,
 }
 
 #[derive(Debug, Default)]
@@ -155,6 +157,7 @@ pub(crate) struct Stats {
     reregistrations: AtomicU64,
     held_removals: AtomicU64,
     resyncs: AtomicU64,
+    rearmed_watches: AtomicU64,
 }
 
 impl Stats {
@@ -169,6 +172,7 @@ impl Stats {
             reregistrations: self.reregistrations.load(Ordering::Relaxed),
             held_removals: self.held_removals.load(Ordering::Relaxed),
             resyncs: self.resyncs.load(Ordering::Relaxed),
+            rearmed_watches: self.rearmed_watches.load(Ordering::Relaxed),
         }
     }
 }

@@ -168,3 +168,36 @@ impl Drop for StartOnDrop {
         }
     }
 }
+
+/// Sends tracing output at INFO and above (Keel's and `zookeeper-client`'s: which server a
+/// session connects to, disconnections, re-armed watches) to the test's captured output, so a
+/// failing disruptive test shows what the sessions did.
+pub fn trace() {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_test_writer()
+        .try_init();
+}
+
+/// The client ports of the ensemble members, member 1 first.
+pub const ENSEMBLE_PORTS: [u16; 3] = [2181, 2182, 2183];
+
+/// The ensemble member (1 to 3) that serves `session`, asked with the `cons` four-letter word;
+/// `None` when no member lists it.
+pub fn member_serving(session: i64) -> Option<usize> {
+    use std::io::{Read, Write};
+    let sid = format!("sid=0x{session:x},");
+    ENSEMBLE_PORTS
+        .iter()
+        .position(|port| {
+            let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", *port)) else {
+                return false;
+            };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut out = String::new();
+            stream.write_all(b"cons").is_ok()
+                && stream.read_to_string(&mut out).is_ok()
+                && out.contains(&sid)
+        })
+        .map(|i| i + 1)
+}
