@@ -59,12 +59,30 @@ impl Outcome {
     }
 }
 
+/// What a response's head says about its outcome.
+#[derive(Debug, Clone, Copy)]
+pub enum Verdict {
+    /// The outcome is known from the head.
+    Now(Outcome),
+    /// The outcome is only known at the end of the body (a gRPC status in trailers after the
+    /// messages): the function classifies the trailers, or `None` when the body ended without
+    /// any.
+    AtEnd(fn(Option<&http::HeaderMap>) -> Outcome),
+}
+
 /// Classifies responses and errors of a service whose response type is `Res`.
 ///
 /// Implement it to override the defaults ([`DefaultClassifier`]).
 pub trait Classify<Res> {
-    /// Classifies a response.
+    /// Classifies a response from its head (what the retry layer acts on: once a body streams
+    /// to the caller, the call is not replayed).
     fn classify_response(&self, response: &Res) -> Outcome;
+
+    /// Classifies a response for the circuit breaker, which can wait for the end of the body;
+    /// by default [`Verdict::Now`] of [`classify_response`](Self::classify_response).
+    fn classify_head(&self, response: &Res) -> Verdict {
+        Verdict::Now(self.classify_response(response))
+    }
 
     /// Classifies an error; by default [`classify_error`].
     fn classify_error(&self, error: &(dyn Error + 'static)) -> Outcome {
@@ -72,17 +90,67 @@ pub trait Classify<Res> {
     }
 }
 
-/// The default classifier: gRPC status from the `grpc-status` header (trailers-only responses),
-/// otherwise the HTTP status; errors through [`classify_error`].
+/// The default classifier: gRPC status from the `grpc-status` header (trailers-only responses)
+/// or, for the circuit breaker, from the trailers; otherwise the HTTP status; errors through
+/// [`classify_error`].
 ///
-/// A gRPC response whose status travels in trailers is classified by its headers only (HTTP 200,
-/// so success); errors the client turns into a [`tonic::Status`] are classified as errors.
+/// A gRPC response (`content-type: application/grpc…`, HTTP 200) without `grpc-status` in its
+/// headers carries its status in the trailers, after the messages: [`classify_head`] defers to
+/// them ([`classify_http_head`], [`classify_grpc_trailers`]); [`classify_response`] (head only,
+/// used by the retry layer) calls it a success.
+///
+/// [`classify_head`]: Classify::classify_head
+/// [`classify_response`]: Classify::classify_response
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultClassifier;
 
 impl<B> Classify<http::Response<B>> for DefaultClassifier {
     fn classify_response(&self, response: &http::Response<B>) -> Outcome {
         classify_http_response(response.status(), response.headers())
+    }
+
+    fn classify_head(&self, response: &http::Response<B>) -> Verdict {
+        classify_http_head(response.status(), response.headers())
+    }
+}
+
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
+    headers
+        .get(GRPC_STATUS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .map(Code::from_i32)
+}
+
+/// Classifies an HTTP response head, deferring to the trailers when it is a gRPC response whose
+/// status comes after the body: `grpc-status` in the headers (a trailers-only response) decides;
+/// else a 200 with a gRPC content type is [`Verdict::AtEnd`] with [`classify_grpc_trailers`];
+/// else the HTTP status.
+pub fn classify_http_head(status: http::StatusCode, headers: &http::HeaderMap) -> Verdict {
+    if headers.is_empty() {
+        return Verdict::Now(classify_http_status(status));
+    }
+    if let Some(code) = grpc_status(headers) {
+        return Verdict::Now(classify_grpc_code(code));
+    }
+    let grpc = headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc && status == http::StatusCode::OK {
+        return Verdict::AtEnd(classify_grpc_trailers);
+    }
+    Verdict::Now(classify_http_status(status))
+}
+
+/// Classifies the trailers of a gRPC response: by their `grpc-status`
+/// ([`classify_grpc_code`]); a body that ended without trailers, or trailers without a status,
+/// is a protocol error (the client reports `INTERNAL`), an UNKNOWN failure.
+pub fn classify_grpc_trailers(trailers: Option<&http::HeaderMap>) -> Outcome {
+    match trailers.and_then(grpc_status) {
+        Some(code) => classify_grpc_code(code),
+        None => Outcome::Failure(FailureClass::Unknown),
     }
 }
 
@@ -94,16 +162,11 @@ impl<T> Classify<tonic::Response<T>> for DefaultClassifier {
 
 /// Classifies an HTTP response head: `grpc-status` if present, else the HTTP status.
 pub fn classify_http_response(status: http::StatusCode, headers: &http::HeaderMap) -> Outcome {
-    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
     if headers.is_empty() {
         return classify_http_status(status);
     }
-    if let Some(code) = headers
-        .get(GRPC_STATUS)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<i32>().ok())
-    {
-        return classify_grpc_code(Code::from_i32(code));
+    if let Some(code) = grpc_status(headers) {
+        return classify_grpc_code(code);
     }
     classify_http_status(status)
 }
@@ -240,6 +303,47 @@ mod tests {
             classify_http_response(http::StatusCode::OK, &headers),
             Outcome::Failure(FailureClass::Rejected)
         );
+    }
+
+    #[test]
+    fn grpc_status_after_a_body_is_deferred_to_the_trailers() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc+proto"),
+        );
+        let Verdict::AtEnd(at_end) = classify_http_head(http::StatusCode::OK, &headers) else {
+            panic!("a gRPC 200 without grpc-status must wait for the trailers");
+        };
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
+        assert_eq!(
+            at_end(Some(&trailers)),
+            Outcome::Failure(FailureClass::Rejected)
+        );
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        assert_eq!(at_end(Some(&trailers)), Outcome::Success);
+        assert_eq!(at_end(None), Outcome::Failure(FailureClass::Unknown));
+        // Head-only classification (the retry layer's) is unchanged.
+        assert_eq!(
+            classify_http_response(http::StatusCode::OK, &headers),
+            Outcome::Success
+        );
+        // Trailers-only, non-gRPC and non-200 responses are decided at the head.
+        headers.insert("grpc-status", http::HeaderValue::from_static("4"));
+        assert!(matches!(
+            classify_http_head(http::StatusCode::OK, &headers),
+            Verdict::Now(Outcome::Failure(FailureClass::Unknown))
+        ));
+        let mut json = http::HeaderMap::new();
+        json.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        assert!(matches!(
+            classify_http_head(http::StatusCode::OK, &json),
+            Verdict::Now(Outcome::Success)
+        ));
     }
 
     #[test]

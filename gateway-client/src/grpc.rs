@@ -95,6 +95,16 @@ fn wire(body: ReplayBody<Body>) -> Body {
     Body::new(body)
 }
 
+/// The endpoint breaker's response body as a tonic body: unwrapped when its outcome is already
+/// recorded, kept (boxed) when the breaker waits for the `grpc-status` in the trailers.
+fn unwire(body: keel_breaker::breaker::ResponseBody<Body>) -> Body {
+    if body.is_pending() {
+        Body::new(body)
+    } else {
+        body.into_inner()
+    }
+}
+
 /// A gRPC channel over every instance of a service: give it to a tonic-generated client
 /// (`EchoClient::new(channel)`). Cheap to clone; clones share connections, balancer state,
 /// breakers, retry budget and metrics.
@@ -423,7 +433,7 @@ impl Future for ResponseFuture {
                     tracing::debug!(%error, "grpc call failed");
                     return Poll::Ready(Err(error.into_status()));
                 }
-                Ok(response)
+                Ok(response.map(unwire))
             }
             Err(error) => {
                 this.method.record(elapsed, true);

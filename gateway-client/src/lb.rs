@@ -122,7 +122,8 @@ where
     C: Service<http::Request<W>, Response = http::Response<ResB>> + Clone,
     C::Error: Into<BoxError>,
 {
-    type Response = http::Response<ResB>;
+    /// The breaker's body: it records a gRPC status that comes in the trailers.
+    type Response = http::Response<breaker::ResponseBody<ResB>>;
     type Error = BoxError;
     type Future = ResponseFuture<C, B, W>;
 
@@ -193,7 +194,7 @@ where
     C: Service<http::Request<W>, Response = http::Response<ResB>> + Clone,
     C::Error: Into<BoxError>,
 {
-    type Output = Result<http::Response<ResB>, BoxError>;
+    type Output = Result<http::Response<breaker::ResponseBody<ResB>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();

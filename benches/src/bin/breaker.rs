@@ -87,7 +87,7 @@ where
 #[inline(always)]
 fn drive<S, B>(svc: &mut S, body: B) -> bool
 where
-    S: Service<http::Request<B>, Response = http::Response<()>, Error = BoxError>,
+    S: Service<http::Request<B>, Error = BoxError>,
 {
     let mut cx = Context::from_waker(Waker::noop());
     if !matches!(svc.poll_ready(&mut cx), Poll::Ready(Ok(()))) {
@@ -100,7 +100,7 @@ where
 /// Nanoseconds per call on each of `threads` threads, each with its own clone of the stack.
 fn ns_per_op<S, B>(svc: &S, threads: usize, body: fn() -> B) -> f64
 where
-    S: Service<http::Request<B>, Response = http::Response<()>, Error = BoxError> + Clone + Send,
+    S: Service<http::Request<B>, Error = BoxError> + Clone + Send,
 {
     let barrier = Barrier::new(threads);
     let per_thread: Vec<f64> = std::thread::scope(|scope| {
@@ -128,7 +128,7 @@ where
 
 fn allocs_per_op<S, B>(svc: &S, body: fn() -> B) -> (f64, f64)
 where
-    S: Service<http::Request<B>, Response = http::Response<()>, Error = BoxError> + Clone,
+    S: Service<http::Request<B>, Error = BoxError> + Clone,
 {
     let mut svc = svc.clone();
     allocs::count(GLOBAL, 100_000, || {

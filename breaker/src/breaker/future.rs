@@ -5,16 +5,27 @@ use std::task::{Context, Poll, ready};
 
 use pin_project_lite::pin_project;
 
+use super::body::{FollowResponse, PendingOutcome};
 use super::state::Permit;
 use super::{Breaker, BreakerError};
 use crate::BoxError;
-use crate::classify::Classify;
+use crate::classify::{Classify, Outcome, Verdict};
 
-struct Guard {
+/// A call's permit until its outcome is recorded; dropped unrecorded, it is given back.
+pub(super) struct Guard {
     breaker: Breaker,
     permit: Permit,
     start_ms: u64,
     recorded: bool,
+}
+
+impl Guard {
+    /// Records `outcome`, judging slowness by the time from the start to `end_ms`.
+    pub(super) fn record_at(mut self, end_ms: u64, outcome: Outcome) {
+        self.recorded = true;
+        self.breaker
+            .record_timed(self.permit, self.start_ms, Some(end_ms), outcome);
+    }
 }
 
 impl Drop for Guard {
@@ -81,8 +92,9 @@ where
     F: Future<Output = Result<T, E>>,
     E: Into<BoxError>,
     C: Classify<T>,
+    T: FollowResponse,
 {
-    type Output = Result<T, BoxError>;
+    type Output = Result<T::Output, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -90,15 +102,25 @@ where
             let err = this.rejected.take().unwrap_or_else(BreakerError::not_ready);
             return Poll::Ready(Err(err.into()));
         };
-        let result = ready!(inner.poll(cx)).map_err(Into::into);
-        if let (Some(mut guard), Some(classifier)) = (this.guard.take(), this.classifier.as_ref()) {
-            let outcome = match &result {
-                Ok(res) => classifier.classify_response(res),
-                Err(err) => classifier.classify_error(err.as_ref()),
-            };
-            guard.recorded = true;
-            guard.breaker.record(guard.permit, guard.start_ms, outcome);
-        }
-        Poll::Ready(result)
+        let result: Result<T, BoxError> = ready!(inner.poll(cx)).map_err(Into::into);
+        let (Some(mut guard), Some(classifier)) = (this.guard.take(), this.classifier.as_ref())
+        else {
+            return Poll::Ready(result.map(T::settled));
+        };
+        let verdict = match &result {
+            Ok(res) => classifier.classify_head(res),
+            Err(err) => Verdict::Now(classifier.classify_error(err.as_ref())),
+        };
+        Poll::Ready(match verdict {
+            Verdict::Now(outcome) => {
+                guard.recorded = true;
+                guard.breaker.record(guard.permit, guard.start_ms, outcome);
+                result.map(T::settled)
+            }
+            Verdict::AtEnd(at_end) => {
+                let head_ms = guard.breaker.clock().now_ms();
+                result.map(|res| res.follow(PendingOutcome::new(guard, head_ms, at_end)))
+            }
+        })
     }
 }

@@ -15,10 +15,17 @@
 //! * [`Mode::FailFast`] (per service): `poll_ready` is ready and the call fails at once with a
 //!   [`BreakerError`].
 //!
+//! Outcomes are classified by a [`Classify`](crate::classify::Classify) implementation. Over
+//! HTTP the guarded service returns `http::Response<`[`ResponseBody`]`<B>>`: when the outcome is
+//! only known at the end of the body (a gRPC status in the trailers after the messages), it is
+//! recorded when the trailers pass through (see [`ResponseBody`] for the end-of-body rules);
+//! otherwise at the response head, as before, with no allocation either way.
+//!
 //! Why this is cheap when closed: see the notes on the state word and windows in the source
 //! (`state.rs`): no lock, no allocation, and with a coarse [`Clock`](crate::clock::Clock) no
 //! clock read beyond one atomic load.
 
+mod body;
 mod config;
 mod error;
 mod future;
@@ -33,6 +40,7 @@ use std::task::{Context, Poll};
 use tokio::time::Sleep;
 use tower_service::Service;
 
+pub use body::{FollowResponse, PendingOutcome, ResponseBody};
 pub use config::{BreakerConfig, SlidingWindowType};
 pub use error::{BreakerError, ConfigError};
 pub use future::ResponseFuture;
@@ -175,9 +183,10 @@ impl<S, C, Req> Service<Req> for CircuitBreaker<S, C>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
+    S::Response: FollowResponse,
     C: Classify<S::Response> + Clone,
 {
-    type Response = S::Response;
+    type Response = <S::Response as FollowResponse>::Output;
     type Error = BoxError;
     type Future = ResponseFuture<S::Future, C>;
 

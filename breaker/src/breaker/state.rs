@@ -597,6 +597,19 @@ impl Breaker {
     /// Records the outcome of a call that started at `start_ms` (clock milliseconds).
     #[inline]
     pub(crate) fn record(&self, permit: Permit, start_ms: u64, outcome: Outcome) {
+        self.record_timed(permit, start_ms, None, outcome);
+    }
+
+    /// Records an outcome; the call is slow if it took longer than the threshold from
+    /// `start_ms` to `end_ms` (default: now).
+    #[inline]
+    pub(crate) fn record_timed(
+        &self,
+        permit: Permit,
+        start_ms: u64,
+        end_ms: Option<u64>,
+        outcome: Outcome,
+    ) {
         let failed = match outcome {
             Outcome::Success => false,
             Outcome::Failure(_) => true,
@@ -607,7 +620,7 @@ impl Breaker {
         };
         let s = &self.shared;
         let now_ms = s.clock.now_ms();
-        let slow = now_ms.saturating_sub(start_ms) > s.slow_ms;
+        let slow = end_ms.unwrap_or(now_ms).saturating_sub(start_ms) > s.slow_ms;
         match permit {
             Permit::Closed { generation } => {
                 if s.state.load(Ordering::Acquire) != word(generation, CLOSED) {

@@ -39,9 +39,17 @@ fn backend() -> impl tower::Service<
     })
 }
 
-async fn call<S>(svc: &mut S, status: u16, delay_ms: u64) -> Result<http::Response<()>, BoxError>
+async fn call<S>(
+    svc: &mut S,
+    status: u16,
+    delay_ms: u64,
+) -> Result<http::Response<ResponseBody<()>>, BoxError>
 where
-    S: tower::Service<http::Request<(u16, u64)>, Response = http::Response<()>, Error = BoxError>,
+    S: tower::Service<
+            http::Request<(u16, u64)>,
+            Response = http::Response<ResponseBody<()>>,
+            Error = BoxError,
+        >,
 {
     svc.ready()
         .await?
@@ -795,4 +803,241 @@ impl LayerOn for CircuitBreakerLayer {
     fn layer_on<S>(&self, s: S) -> CircuitBreaker<S> {
         tower_layer::Layer::layer(self, s)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gRPC status in trailers after a body.
+
+/// A response body that yields its frames one per poll.
+#[derive(Debug)]
+struct Frames(std::collections::VecDeque<Result<http_body::Frame<bytes::Bytes>, BoxError>>);
+
+impl http_body::Body for Frames {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        std::task::Poll::Ready(self.0.pop_front())
+    }
+}
+
+fn trailers(code: tonic::Code) -> http::HeaderMap {
+    let mut t = http::HeaderMap::new();
+    t.insert("grpc-status", http::HeaderValue::from(code as i32));
+    t
+}
+
+/// A streaming gRPC response: HTTP 200 with a gRPC content type, a message, then `end`.
+fn grpc_response(end: Option<Result<http::HeaderMap, &'static str>>) -> http::Response<Frames> {
+    let mut frames = std::collections::VecDeque::new();
+    frames.push_back(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+        b"\0\0\0\0\x01x",
+    ))));
+    match end {
+        Some(Ok(t)) => frames.push_back(Ok(http_body::Frame::trailers(t))),
+        Some(Err(e)) => frames.push_back(Err(e.into())),
+        None => {}
+    }
+    let mut res = http::Response::new(Frames(frames));
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    res
+}
+
+type GrpcMock = tower_test::mock::Mock<(), http::Response<Frames>>;
+type GrpcHandle = tower_test::mock::Handle<(), http::Response<Frames>>;
+
+fn grpc_breaker(breaker: &Breaker) -> (CircuitBreaker<GrpcMock>, GrpcHandle) {
+    let (mock, handle) = tower_test::mock::pair::<(), http::Response<Frames>>();
+    (
+        CircuitBreakerLayer::new(breaker.clone()).layer_on(mock),
+        handle,
+    )
+}
+
+/// One call answered with `response`; returns the response without reading its body.
+async fn grpc_call(
+    svc: &mut CircuitBreaker<GrpcMock>,
+    handle: &mut GrpcHandle,
+    response: http::Response<Frames>,
+) -> http::Response<ResponseBody<Frames>> {
+    handle.allow(1);
+    let fut = svc.ready().await.unwrap().call(());
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(response);
+    fut.await.unwrap()
+}
+
+async fn read_to_end(res: http::Response<ResponseBody<Frames>>) -> Option<http::HeaderMap> {
+    use http_body_util::BodyExt;
+    res.into_body()
+        .collect()
+        .await
+        .ok()
+        .and_then(|c| c.trailers().cloned())
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_status_in_trailers_after_a_body_is_classified() {
+    let breaker = Breaker::new(config()).unwrap();
+    let (mut svc, mut handle) = grpc_breaker(&breaker);
+    for i in 0..4 {
+        let res = grpc_call(
+            &mut svc,
+            &mut handle,
+            grpc_response(Some(Ok(trailers(tonic::Code::Unavailable)))),
+        )
+        .await;
+        assert_eq!(res.status(), 200);
+        assert!(res.body().is_pending(), "HTTP 200 decides nothing for gRPC");
+        assert_eq!(
+            breaker.metrics().window_calls,
+            i,
+            "not recorded before the trailers"
+        );
+        let t = read_to_end(res).await.expect("trailers pass through");
+        assert_eq!(t["grpc-status"], "14");
+    }
+    assert_eq!(
+        breaker.state(),
+        State::Open,
+        "4 UNAVAILABLE in trailers of 4 calls"
+    );
+    assert_eq!(breaker.metrics().opened, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_ok_in_trailers_is_a_success_recorded_once() {
+    let breaker = Breaker::new(config()).unwrap();
+    let (mut svc, mut handle) = grpc_breaker(&breaker);
+    for _ in 0..3 {
+        let res = grpc_call(
+            &mut svc,
+            &mut handle,
+            grpc_response(Some(Ok(trailers(tonic::Code::Ok)))),
+        )
+        .await;
+        read_to_end(res).await.unwrap();
+    }
+    // Polling past the end records nothing more.
+    let res = grpc_call(
+        &mut svc,
+        &mut handle,
+        grpc_response(Some(Ok(trailers(tonic::Code::NotFound)))),
+    )
+    .await;
+    let mut body = std::pin::pin!(res.into_body());
+    while std::future::poll_fn(|cx| http_body::Body::poll_frame(body.as_mut(), cx))
+        .await
+        .is_some()
+    {}
+    assert!(
+        std::future::poll_fn(|cx| http_body::Body::poll_frame(body.as_mut(), cx))
+            .await
+            .is_none()
+    );
+    let m = breaker.metrics();
+    assert_eq!((m.window_calls, m.failure_rate), (4, 0.0));
+    assert_eq!(breaker.recount(), (4, 0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_body_end_without_trailers_or_error_fails_and_drop_is_not_counted() {
+    let breaker = Breaker::new(config()).unwrap();
+    let (mut svc, mut handle) = grpc_breaker(&breaker);
+    // Dropped before the trailers: the caller stopped reading; not counted.
+    let res = grpc_call(
+        &mut svc,
+        &mut handle,
+        grpc_response(Some(Ok(trailers(tonic::Code::Unavailable)))),
+    )
+    .await;
+    drop(res);
+    assert_eq!(breaker.metrics().window_calls, 0);
+    // Ended without trailers, and a body error: failures.
+    let res = grpc_call(&mut svc, &mut handle, grpc_response(None)).await;
+    assert!(read_to_end(res).await.is_none());
+    let res = grpc_call(&mut svc, &mut handle, grpc_response(Some(Err("reset")))).await;
+    assert!(read_to_end(res).await.is_none());
+    assert_eq!(breaker.recount(), (2, 2, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn trailers_only_and_plain_http_responses_are_decided_at_the_head() {
+    let breaker = Breaker::new(config()).unwrap();
+    let (mut svc, mut handle) = grpc_breaker(&breaker);
+    let mut trailers_only = http::Response::new(Frames(Default::default()));
+    trailers_only.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    trailers_only
+        .headers_mut()
+        .insert("grpc-status", http::HeaderValue::from_static("14"));
+    let res = grpc_call(&mut svc, &mut handle, trailers_only).await;
+    assert!(!res.body().is_pending());
+    let mut plain = http::Response::new(Frames(Default::default()));
+    *plain.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+    let res = grpc_call(&mut svc, &mut handle, plain).await;
+    assert!(!res.body().is_pending());
+    assert_eq!(breaker.recount(), (2, 2, 0), "both recorded at the head");
+    drop(res);
+    assert_eq!(breaker.recount(), (2, 2, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn half_open_probe_is_decided_by_its_trailers() {
+    let cfg = BreakerConfig {
+        permitted_number_of_calls_in_half_open_state: 1,
+        ..config()
+    };
+    let breaker = Breaker::new(cfg).unwrap();
+    for _ in 0..4 {
+        record(&breaker, FAIL);
+    }
+    advance(Duration::from_secs(1)).await;
+    let (mut svc, mut handle) = grpc_breaker(&breaker);
+    let res = grpc_call(
+        &mut svc,
+        &mut handle,
+        grpc_response(Some(Ok(trailers(tonic::Code::Ok)))),
+    )
+    .await;
+    assert_eq!(breaker.state(), State::HalfOpen, "probe still streaming");
+    // The only probe slot is still taken by the streaming call.
+    let err = svc.ready().await.unwrap().call(()).await.unwrap_err();
+    assert!(
+        err.downcast_ref::<BreakerError>()
+            .is_some_and(BreakerError::is_half_open_full)
+    );
+    read_to_end(res).await.unwrap();
+    assert_eq!(breaker.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_call_is_measured_to_the_response_head() {
+    let cfg = BreakerConfig {
+        slow_call_rate_threshold: 50.0,
+        ..config()
+    };
+    let breaker = Breaker::new(cfg).unwrap();
+    let (mut svc, mut handle) = grpc_breaker(&breaker);
+    for _ in 0..4 {
+        let res = grpc_call(
+            &mut svc,
+            &mut handle,
+            grpc_response(Some(Ok(trailers(tonic::Code::Ok)))),
+        )
+        .await;
+        // A long stream: its trailers come well after the slow-call threshold.
+        advance(Duration::from_secs(5)).await;
+        read_to_end(res).await.unwrap();
+    }
+    assert_eq!(breaker.recount(), (4, 0, 0), "a long stream is not slow");
+    assert_eq!(breaker.state(), State::Closed);
 }

@@ -16,6 +16,11 @@
 //! and time left before the request's [`Deadline`]. Between attempts
 //! it sleeps a random time in `[0, min(max_backoff, base × 2^retry))` ("full jitter"), and the
 //! deadline header is re-stamped with the time actually left.
+//!
+//! Outcomes are judged from the response head ([`Classify::classify_response`]): a gRPC status
+//! that arrives in the trailers after a body (not a trailers-only response) is not retried, since
+//! by then the response is streaming to the caller. The circuit breaker does wait for such a
+//! status ([`Classify::classify_head`]); the caller sees it as the call's `tonic::Status`.
 
 mod body;
 mod budget;

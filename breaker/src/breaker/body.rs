@@ -1,0 +1,187 @@
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use super::future::Guard;
+use crate::classify::{FailureClass, Outcome};
+
+/// The outcome of a call the breaker is still waiting for: recorded when the response body
+/// ends (see [`ResponseBody`]); if dropped first, the call is not counted, like a cancelled
+/// one.
+pub struct PendingOutcome {
+    guard: Guard,
+    head_ms: u64,
+    at_end: fn(Option<&http::HeaderMap>) -> Outcome,
+}
+
+impl fmt::Debug for PendingOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingOutcome").finish_non_exhaustive()
+    }
+}
+
+impl PendingOutcome {
+    pub(super) fn new(
+        guard: Guard,
+        head_ms: u64,
+        at_end: fn(Option<&http::HeaderMap>) -> Outcome,
+    ) -> Self {
+        Self {
+            guard,
+            head_ms,
+            at_end,
+        }
+    }
+
+    /// Records the outcome the trailers (or their absence) give.
+    pub fn finish(self, trailers: Option<&http::HeaderMap>) {
+        let outcome = (self.at_end)(trailers);
+        self.record(outcome);
+    }
+
+    fn record(self, outcome: Outcome) {
+        self.guard.record_at(self.head_ms, outcome);
+    }
+}
+
+/// Responses a [`CircuitBreaker`](super::CircuitBreaker) hands back, and how it follows one to
+/// the end of its body when the outcome is only known there ([`Verdict::AtEnd`]).
+///
+/// [`Verdict::AtEnd`]: crate::classify::Verdict::AtEnd
+pub trait FollowResponse: Sized {
+    /// What the guarded service returns.
+    type Output;
+
+    /// The response, its outcome already recorded.
+    fn settled(self) -> Self::Output;
+
+    /// The response, with `pending` to record when its body ends.
+    fn follow(self, pending: PendingOutcome) -> Self::Output;
+}
+
+impl<B> FollowResponse for http::Response<B> {
+    type Output = http::Response<ResponseBody<B>>;
+
+    #[inline]
+    fn settled(self) -> Self::Output {
+        self.map(|inner| ResponseBody {
+            inner,
+            pending: None,
+        })
+    }
+
+    fn follow(self, pending: PendingOutcome) -> Self::Output {
+        self.map(|inner| ResponseBody {
+            inner,
+            pending: Some(pending),
+        })
+    }
+}
+
+/// A [`tonic::Response`] has no trailers to wait for: a deferred outcome is decided at once,
+/// as for a body that ended without trailers.
+impl<T> FollowResponse for tonic::Response<T> {
+    type Output = Self;
+
+    fn settled(self) -> Self {
+        self
+    }
+
+    fn follow(self, pending: PendingOutcome) -> Self {
+        pending.finish(None);
+        self
+    }
+}
+
+pin_project! {
+    /// Response body of a [`CircuitBreaker`](super::CircuitBreaker) over HTTP: the inner body,
+    /// frame for frame. When the outcome waits for the trailers (a gRPC status after the
+    /// messages), it is recorded as they pass — once:
+    ///
+    /// * trailers: classified (for gRPC, by their `grpc-status`);
+    /// * end of body without trailers: classified with none (for gRPC, an UNKNOWN failure);
+    /// * a body error: an UNKNOWN failure;
+    /// * dropped before the end: not counted (the caller stopped reading; like a cancelled
+    ///   call, a half-open probe slot is given back).
+    ///
+    /// The slow-call threshold is measured to the response head, not to the end of the body,
+    /// so a long stream is not a slow call.
+    pub struct ResponseBody<B> {
+        #[pin]
+        inner: B,
+        pending: Option<PendingOutcome>,
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("inner", &self.inner)
+            .field("pending", &self.pending.is_some())
+            .finish()
+    }
+}
+
+impl<B> ResponseBody<B> {
+    /// Whether the outcome still waits for the end of this body.
+    pub fn is_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// The inner body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+
+    /// The inner body; a pending outcome is dropped (not counted).
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B: Body> Body for ResponseBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if this.pending.is_some() {
+            match &frame {
+                Some(Ok(frame)) => {
+                    if let Some(trailers) = frame.trailers_ref()
+                        && let Some(pending) = this.pending.take()
+                    {
+                        pending.finish(Some(trailers));
+                    }
+                }
+                Some(Err(_)) => {
+                    if let Some(pending) = this.pending.take() {
+                        pending.record(Outcome::Failure(FailureClass::Unknown));
+                    }
+                }
+                None => {
+                    if let Some(pending) = this.pending.take() {
+                        pending.finish(None);
+                    }
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // While the outcome is pending, ask to be polled to the end so that it is recorded.
+        self.pending.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
