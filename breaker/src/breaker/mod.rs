@@ -15,7 +15,7 @@
 //! * [`Mode::FailFast`] (per service): `poll_ready` is ready and the call fails at once with a
 //!   [`BreakerError`].
 //!
-//! Outcomes are classified by a [`Classify`](crate::classify::Classify) implementation. Over
+//! Outcomes are classified by a [`crate::classify::Classify`] implementation. Over
 //! HTTP the guarded service returns `http::Response<`[`ResponseBody`]`<B>>`: when the outcome is
 //! only known at the end of the body (a gRPC status in the trailers after the messages), it is
 //! recorded when the trailers pass through (see [`ResponseBody`] for the end-of-body rules);
