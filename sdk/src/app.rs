@@ -161,7 +161,7 @@ impl App {
                 let stats = zk.clone();
                 metrics.register_collector(Box::new(FnCounters {
                     counters: vec![(
-                        "keel_registry_malformed_nodes",
+                        "registry_malformed_nodes",
                         "Registry nodes skipped because their data did not parse",
                         Box::new(move || stats.stats().malformed_nodes),
                     )],
@@ -717,6 +717,7 @@ async fn idempotency_layer(
     Ok(layer
         .namespace(service)
         .ttl(config.ttl)
+        .lease(config.lease)
         .wait_timeout(config.wait))
 }
 
@@ -725,22 +726,22 @@ fn register_idempotency_metrics(metrics: &Metrics, stats: IdempotencyStats) {
     metrics.register_collector(Box::new(FnCounters {
         counters: vec![
             (
-                "keel_idempotency_executed",
+                "idempotency_executed",
                 "Requests with an idempotency key that executed",
                 Box::new(move || a.executed()),
             ),
             (
-                "keel_idempotency_replayed",
+                "idempotency_replayed",
                 "Repeated idempotency keys answered from the store (duplicates prevented)",
                 Box::new(move || b.replayed()),
             ),
             (
-                "keel_idempotency_conflicts",
+                "idempotency_conflicts",
                 "Repeated keys refused (in flight too long, or a different request body)",
                 Box::new(move || c.conflicts()),
             ),
             (
-                "keel_idempotency_store_errors",
+                "idempotency_store_errors",
                 "Requests refused because the idempotency store failed",
                 Box::new(move || d.store_errors()),
             ),

@@ -48,6 +48,9 @@
 //! [messaging.payments]
 //! broker = "kafka://127.0.0.1:9092"
 //!
+//! [app]                               # the service's own settings, read with Config::app_str
+//! greeting = "hello"
+//!
 //! [idempotency]
 //! store = "memory"                    # or "redis://127.0.0.1:6379" (feature `redis`)
 //! ttl = "24h"
@@ -66,7 +69,8 @@ use keel_breaker::breaker::BreakerConfig;
 use serde::{Deserialize, Deserializer};
 
 /// The top-level sections the environment may override.
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
+    "app",
     "service",
     "registry",
     "server",
@@ -125,6 +129,20 @@ pub struct Config {
     pub messaging: BTreeMap<String, MessagingConfig>,
     /// The server-side idempotency store.
     pub idempotency: IdempotencyConfig,
+    /// The service's own settings (free-form; Keel does not read them), e.g.
+    /// `[app] redis = "redis://127.0.0.1:6379"`, overridable as `KEEL_APP__REDIS`.
+    pub app: BTreeMap<String, serde_json::Value>,
+}
+
+impl Config {
+    /// The `[app]` setting `key` as text (strings as they are, numbers and booleans printed).
+    pub fn app_str(&self, key: &str) -> Option<String> {
+        match self.app.get(key)? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Null => None,
+            other => Some(other.to_string()),
+        }
+    }
 }
 
 impl Config {
@@ -440,6 +458,10 @@ pub struct IdempotencyConfig {
     /// How long a duplicate waits for the first call with its key to finish.
     #[serde(deserialize_with = "duration")]
     pub wait: Duration,
+    /// How long a claim on a key lasts without renewal (renewed while the handler runs): after
+    /// an instance dies mid-request, its keys are free again after this long.
+    #[serde(deserialize_with = "duration")]
+    pub lease: Duration,
 }
 
 impl Default for IdempotencyConfig {
@@ -448,6 +470,7 @@ impl Default for IdempotencyConfig {
             store: "memory".to_owned(),
             ttl: Duration::from_secs(24 * 3600),
             wait: Duration::from_secs(10),
+            lease: Duration::from_secs(30),
         }
     }
 }

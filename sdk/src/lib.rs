@@ -48,4 +48,4 @@ pub use keel_messaging as messaging;
 pub use keel_registry as registry;
 
 /// Re-exported so services need not pin their own versions to match Keel's.
-pub use {axum, tonic};
+pub use {axum, prometheus_client, tonic};

@@ -153,6 +153,16 @@ impl Metrics {
             .register_collector(collector);
     }
 
+    /// A counter of the service's own, exported as `keel_<name>_total`.
+    pub fn counter(&self, name: &str, help: &str) -> Counter {
+        let counter = Counter::default();
+        self.registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .register(name, help, counter.clone());
+        counter
+    }
+
     /// Renders every metric in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -189,7 +199,7 @@ impl Collector for ClientCollector {
             .collect();
         {
             let mut family = encoder.encode_descriptor(
-                "keel_client_requests",
+                "client_requests",
                 "Calls made, by downstream service and method",
                 None,
                 MetricType::Counter,
@@ -200,7 +210,7 @@ impl Collector for ClientCollector {
         }
         {
             let mut family = encoder.encode_descriptor(
-                "keel_client_errors",
+                "client_errors",
                 "Calls that failed, by downstream service and method",
                 None,
                 MetricType::Counter,
@@ -210,7 +220,7 @@ impl Collector for ClientCollector {
             }
         }
         let mut family = encoder.encode_descriptor(
-            "keel_client_request_duration_seconds",
+            "client_request_duration_seconds",
             "Call duration, by downstream service and method",
             None,
             MetricType::Histogram,
@@ -239,12 +249,15 @@ impl Collector for ClientCollector {
 
 /// Exports counters read from closures at scrape time (idempotency, registry).
 pub(crate) struct FnCounters {
-    pub(crate) counters: Vec<(
-        &'static str,
-        &'static str,
-        Box<dyn Fn() -> u64 + Send + Sync>,
-    )>,
+    pub(crate) counters: Vec<FnCounter>,
 }
+
+/// A counter read at scrape time: (name, help, read).
+pub(crate) type FnCounter = (
+    &'static str,
+    &'static str,
+    Box<dyn Fn() -> u64 + Send + Sync>,
+);
 
 impl fmt::Debug for FnCounters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
