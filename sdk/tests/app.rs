@@ -26,8 +26,6 @@ fn config(root: &TestRoot, extra: &str) -> Config {
         root = "{root}"
         [telemetry]
         format = "none"
-        [server]
-        drain = "300ms"
         {extra}
         "#,
         zk = servers(),
@@ -71,13 +69,15 @@ async fn registers_only_when_ready_then_serves_health_metrics_and_registry() {
     let root = TestRoot::new();
     let service = keel_testkit::unique("echo");
     let gate = Arc::new(AtomicBool::new(false));
-    let app = App::with_config(&service, config(&root, ""))
+    let polls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let app = App::with_config(&service, config(&root, "[server]\ndrain = \"2s\""))
         .await
         .unwrap()
         .grpc_service(EchoServer::new(EchoService::new("a")))
         .readiness_check("gate", {
-            let gate = Arc::clone(&gate);
+            let (gate, polls) = (Arc::clone(&gate), Arc::clone(&polls));
             move || {
+                polls.fetch_add(1, Ordering::AcqRel);
                 let open = gate.load(Ordering::Acquire);
                 async move {
                     if open {
@@ -91,15 +91,25 @@ async fn registers_only_when_ready_then_serves_health_metrics_and_registry() {
     let watcher = registry(&root).await;
     let starting = tokio::spawn(app.start());
 
-    // The check fails: nothing may be registered yet, however long we look.
-    for _ in 0..10 {
-        assert!(watcher.snapshot(&service).await.unwrap().is_empty());
-        tokio::task::yield_now().await;
-    }
+    // The check fails (and is retried): nothing may be registered meanwhile.
+    eventually("readiness check retried", WAIT, || {
+        let n = polls.load(Ordering::Acquire);
+        async move { (n >= 3).then_some(()) }
+    })
+    .await
+    .unwrap();
+    assert!(watcher.snapshot(&service).await.unwrap().is_empty());
     gate.store(true, Ordering::Release);
     let running = starting.await.unwrap().unwrap();
-    let instances = watcher.snapshot(&service).await.unwrap();
-    assert_eq!(instances.len(), 1);
+    let instances = eventually("registered", WAIT, || {
+        let (watcher, service) = (&watcher, &service);
+        async move {
+            let found = watcher.snapshot(service).await.unwrap();
+            (found.len() == 1).then_some(found)
+        }
+    })
+    .await
+    .unwrap();
     let grpc = running.grpc_addr().unwrap();
     assert_eq!(instances[0].endpoint.port, grpc.port());
     assert_eq!(
@@ -160,9 +170,31 @@ async fn registers_only_when_ready_then_serves_health_metrics_and_registry() {
     let view: serde_json::Value = serde_json::from_str(&view).unwrap();
     assert_eq!(view["registered"][0]["service"], service.as_str());
 
-    // Shutdown: deregistered, not ready.
-    running.stop().await.unwrap();
-    assert!(watcher.snapshot(&service).await.unwrap().is_empty());
+    // Shutdown: deregistered, then (during the drain window, still live and still serving)
+    // not ready and NOT_SERVING.
+    let stopping = tokio::spawn(running.stop());
+    eventually("deregistered", WAIT, || {
+        let watcher = &watcher;
+        let service = &service;
+        async move { watcher.snapshot(service).await.unwrap().is_empty().then_some(()) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(get_text(&admin, "/health/ready").await.0, 503);
+    assert_eq!(get_text(&admin, "/health/live").await.0, 200);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    stopping.await.unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -171,7 +203,7 @@ async fn graceful_shutdown_under_load_loses_no_request() {
     let service = keel_testkit::unique("echo");
     let mut running = Vec::new();
     for id in ["a", "b"] {
-        let app = App::with_config(&service, config(&root, ""))
+        let app = App::with_config(&service, config(&root, "[server]\ndrain = \"300ms\""))
             .await
             .unwrap()
             .grpc_service(EchoServer::new(EchoService::new(id)));
@@ -260,7 +292,7 @@ async fn rest_routes_get_red_metrics_and_deadlines() {
                 "late"
             }),
         );
-    let running = App::with_config(&service, config(&root, ""))
+    let running = App::with_config(&service, config(&root, "[server]\ndrain = \"300ms\""))
         .await
         .unwrap()
         .rest(routes)
@@ -303,4 +335,57 @@ async fn rest_routes_get_red_metrics_and_deadlines() {
         "{metrics}"
     );
     running.stop().await.unwrap();
+}
+
+/// Two instances sharing the Redis idempotency store: a repeat of a key executes nothing, even
+/// when it lands on the other instance.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn a_repeated_key_executes_once_across_instances_with_the_redis_store() {
+    use keel_testkit::echo::Faults;
+    let root = TestRoot::new();
+    let service = keel_testkit::unique("pay");
+    let faults = Faults::default();
+    let mut running = Vec::new();
+    for id in ["a", "b"] {
+        let app = App::with_config(
+            &service,
+            config(
+                &root,
+                "[server]\ndrain = \"100ms\"\n[idempotency]\nstore = \"redis://127.0.0.1:6379\"\nttl = \"1m\"",
+            ),
+        )
+        .await
+        .unwrap()
+        .grpc_service(EchoServer::new(EchoService::with_faults(id, faults.clone())));
+        running.push(app.start().await.unwrap());
+    }
+    let key = keel_testkit::unique("key");
+    let mut replies = Vec::new();
+    for r in &running {
+        let channel = GrpcChannel::builder(&service)
+            .endpoints([format!("http://{}", r.grpc_addr().unwrap())])
+            .unwrap();
+        let mut client = EchoClient::new(channel);
+        let mut req = tonic::Request::new(EchoRequest {
+            message: "debit 10".into(),
+            ..Default::default()
+        });
+        req.metadata_mut().insert("idempotency-key", key.parse().unwrap());
+        let reply = client.echo(req).await.unwrap();
+        replies.push((
+            reply.metadata().get("idempotent-replayed").is_some(),
+            reply.into_inner().server_id,
+        ));
+    }
+    assert_eq!(faults.calls(), 1, "the handler ran once for the key");
+    assert_eq!(replies[0], (false, "a".to_owned()));
+    assert_eq!(
+        replies[1],
+        (true, "a".to_owned()),
+        "instance b answered with a's stored response"
+    );
+    for r in running {
+        r.stop().await.unwrap();
+    }
 }
