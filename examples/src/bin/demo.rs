@@ -195,13 +195,25 @@ struct Outcome {
     errors: Mutex<Vec<String>>,
 }
 
-/// Sends one payment, retrying with the same key while the answer is not final.
+/// How long a payment is retried (with its key) before the demo counts it as failed: a client
+/// that got no final answer must retry with the same key, or the money moved by a first attempt
+/// would have no event.
+const PAYMENT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Sends one payment, retrying with the same key while the answer is not final. `Some(replayed)`
+/// once it succeeded.
 async fn pay(client: &RestClient, req: &PaymentRequest, outcome: &Outcome) -> Option<bool> {
+    let deadline = Instant::now() + PAYMENT_DEADLINE;
     let mut last = String::new();
-    for attempt in 0..8 {
+    let mut backoff = Duration::from_millis(50);
+    for attempt in 0.. {
         if attempt > 0 {
+            if Instant::now() + backoff > deadline {
+                break;
+            }
             outcome.retried.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
         let res = client
             .request(http::Method::POST, "/payments")
