@@ -33,6 +33,47 @@ fn consumer(topic: &str, group: &str) -> keel_messaging::ConsumerBuilder {
         .kafka_option("heartbeat.interval.ms", "1000")
 }
 
+fn recording(seen: &Seen) -> impl keel_messaging::Handler + use<> {
+    let seen = seen.clone();
+    move |m: Received| {
+        let seen = seen.clone();
+        async move { seen.record(&m).map(|_| ()) }
+    }
+}
+
+/// The volume test. It once stalled here (nothing consumed in 150 s): tansu 0.6.0 had no
+/// index on its header table, so each fetched record scanned every header ever stored, and one
+/// fetch of 10 000 records outlasted librdkafka's request timeout. `scripts/services` now adds
+/// the index; this runs in a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_messages_none_lost_key_order_kept() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let topic = unique("keel-msg-10k");
+    let publisher = Publisher::connect(BROKER).await.unwrap();
+    publisher.declare(&topic, 16).await.unwrap();
+    publish_all(&publisher, &topic, 10_000, 64, 2_000).await;
+
+    let seen = Seen::default();
+    let stop = CancellationToken::new();
+    let c = consumer(&topic, &unique("g")).build().unwrap();
+    let run = tokio::spawn(c.run(recording(&seen), stop.clone().cancelled_owned()));
+    eventually("all 10 000 consumed", WAIT, || async {
+        (seen.distinct() == 10_000).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {} of 10 000 consumed", seen.distinct()));
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(
+        seen.handled(),
+        10_000,
+        "nothing handled twice in a quiet run"
+    );
+    seen.assert_key_order();
+    publisher.close().await.unwrap();
+    kafka_delete_topic(KAFKA, &topic).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_dead_lettered_with_reason_trace_continues_others_flow() {
     let _turn = ONE_AT_A_TIME.lock().await;
