@@ -11,7 +11,14 @@ use keel_testkit::zk::TestRoot;
 fn every_payment_succeeds_once_and_the_books_balance_under_failure() {
     let root = TestRoot::new();
     let out = Command::new(env!("CARGO_BIN_EXE_demo"))
-        .args(["--payments", "400", "--concurrency", "8", "--accounts", "20"])
+        .args([
+            "--payments",
+            "400",
+            "--concurrency",
+            "8",
+            "--accounts",
+            "20",
+        ])
         .args(["--root", &root.path, "--zk", &keel_testkit::zk::servers()])
         .output()
         .unwrap();
@@ -24,8 +31,17 @@ fn every_payment_succeeds_once_and_the_books_balance_under_failure() {
     assert_eq!(summary["succeeded"], 400, "{stdout}");
     assert_eq!(summary["failed"], 0, "{stdout}");
     assert_eq!(summary["totals_match"], true, "{stdout}");
-    assert!(summary["ledger_events"].as_u64().unwrap() >= 400, "{stdout}");
+    assert!(
+        summary["ledger_events"].as_u64().unwrap() >= 400,
+        "{stdout}"
+    );
     // Every 20th payment is sent twice: each repeat must have been answered from the store.
-    assert!(summary["duplicates_prevented"].as_u64().unwrap() >= 20, "{stdout}");
-    assert!(stdout.contains("duplicates sent / answered from store    20 / 20"), "{stdout}");
+    assert!(
+        summary["duplicates_prevented"].as_u64().unwrap() >= 20,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("duplicates sent / answered from store    20 / 20"),
+        "{stdout}"
+    );
 }

@@ -1073,8 +1073,10 @@ impl Running {
         if let Some(handle) = admin {
             join_until("admin", handle, deadline, &mut first).await;
         }
-        self.telemetry.shutdown();
         tracing::info!(service = %self.name, "stopped");
+        // Flushing the exporter blocks (an HTTP export): off the async workers.
+        let telemetry = std::mem::replace(&mut self.telemetry, Telemetry::none());
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
         match first {
             Some(e) => Err(e),
             None => Ok(()),

@@ -10,6 +10,8 @@ use opentelemetry_otlp::{SpanExporter, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -59,14 +61,23 @@ impl Telemetry {
             .with_tracer(tracer)
             .with_context_activation(true);
 
-        let registry = tracing_subscriber::registry().with(filter).with(otel);
+        // The log filter applies to log output only: spans that carry trace context (info level,
+        // e.g. Keel's server and client spans) exist whatever the log level, or a `warn` log
+        // level would silently break trace propagation.
+        let otel = otel.with_filter(LevelFilter::INFO);
+        let registry = tracing_subscriber::registry().with(otel);
         let installed = match config.format {
             LogFormat::Json => registry
-                .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .flatten_event(true)
+                        .with_filter(filter),
+                )
                 .try_init()
                 .is_ok(),
             _ => registry
-                .with(tracing_subscriber::fmt::layer())
+                .with(tracing_subscriber::fmt::layer().with_filter(filter))
                 .try_init()
                 .is_ok(),
         };
@@ -75,7 +86,13 @@ impl Telemetry {
         })
     }
 
-    /// Flushes pending spans and stops the exporter.
+    /// Telemetry that installed nothing.
+    pub fn none() -> Self {
+        Self { provider: None }
+    }
+
+    /// Flushes pending spans and stops the exporter (blocking: call it off the async workers,
+    /// e.g. in `spawn_blocking`).
     pub fn shutdown(&self) {
         if let Some(provider) = &self.provider {
             if let Err(e) = provider.force_flush() {

@@ -176,7 +176,14 @@ async fn registers_only_when_ready_then_serves_health_metrics_and_registry() {
     eventually("deregistered", WAIT, || {
         let watcher = &watcher;
         let service = &service;
-        async move { watcher.snapshot(service).await.unwrap().is_empty().then_some(()) }
+        async move {
+            watcher
+                .snapshot(service)
+                .await
+                .unwrap()
+                .is_empty()
+                .then_some(())
+        }
     })
     .await
     .unwrap();
@@ -371,7 +378,8 @@ async fn a_repeated_key_executes_once_across_instances_with_the_redis_store() {
             message: "debit 10".into(),
             ..Default::default()
         });
-        req.metadata_mut().insert("idempotency-key", key.parse().unwrap());
+        req.metadata_mut()
+            .insert("idempotency-key", key.parse().unwrap());
         let reply = client.echo(req).await.unwrap();
         replies.push((
             reply.metadata().get("idempotent-replayed").is_some(),

@@ -105,7 +105,8 @@ impl Fleet {
         self.children.get(i).and_then(|(_, c)| c.id())
     }
 
-    /// SIGTERM and wait (the graceful path); SIGKILL after 30 s.
+    /// SIGTERM and wait (the graceful path); SIGKILL after 30 s. An exit other than 0 is an
+    /// error: a graceful shutdown must succeed.
     async fn terminate(&mut self, i: usize) -> Result<(), BoxError> {
         if let Some(pid) = self.pid(i) {
             Command::new("kill")
@@ -116,24 +117,31 @@ impl Fleet {
         if let Some((name, child)) = self.children.get_mut(i) {
             match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
                 Ok(Ok(status)) if status.success() => {}
-                Ok(Ok(status)) => eprintln!("demo: {name} exited with {status}"),
-                Ok(Err(e)) => eprintln!("demo: waiting for {name}: {e}"),
+                Ok(Ok(status)) => {
+                    return Err(format!("{name} exited with {status} after SIGTERM").into());
+                }
+                Ok(Err(e)) => return Err(format!("waiting for {name}: {e}").into()),
                 Err(_) => {
-                    eprintln!("demo: {name} did not stop within 30 s; killing it");
                     let _ = child.kill().await;
+                    return Err(format!("{name} did not stop within 30 s of SIGTERM").into());
                 }
             }
         }
         Ok(())
     }
 
-    async fn stop_all(&mut self) {
+    async fn stop_all(&mut self) -> Result<(), BoxError> {
+        let mut first = Ok(());
         for i in 0..self.children.len() {
             let running = matches!(self.children[i].1.try_wait(), Ok(None));
-            if running {
-                let _ = self.terminate(i).await;
+            if running && let Err(e) = self.terminate(i).await {
+                eprintln!("demo: {e}");
+                if first.is_ok() {
+                    first = Err(e);
+                }
             }
         }
+        first
     }
 }
 
@@ -295,13 +303,15 @@ async fn run() -> Result<bool, BoxError> {
         started: 0,
     };
     let result = drive(&args, &mut fleet, &prefix).await;
-    fleet.stop_all().await;
+    let stopped = fleet.stop_all().await;
     if let Ok(balances) =
         keel_examples::balances::Balances::connect("redis://127.0.0.1:6379", &prefix).await
     {
         let _ = balances.delete_all().await;
     }
-    result
+    let ok = result?;
+    stopped?;
+    Ok(ok)
 }
 
 async fn drive(args: &Args, fleet: &mut Fleet, prefix: &str) -> Result<bool, BoxError> {
