@@ -1,7 +1,7 @@
 //! Server-side idempotency: a request carrying an idempotency key executes once.
 //!
 //! Keel's clients send the same `idempotency-key` header
-//! ([`IDEMPOTENCY_KEY_HEADER`](keel_breaker::request::IDEMPOTENCY_KEY_HEADER)) with every attempt
+//! ([`IDEMPOTENCY_KEY_HEADER`]) with every attempt
 //! of a call, so a retry after a lost response, a timeout or a failover to another instance
 //! must not debit an account twice. [`IdempotencyLayer`] is the server half of that contract,
 //! as a tower layer for tonic servers and axum routers alike:
