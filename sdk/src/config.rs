@@ -10,8 +10,8 @@
 //! default), and every error names the offending key and where its value came from:
 //!
 //! ```text
-//! invalid type: found string "abc", expected a duration like "800ms" for key
-//! "default.server.drain" in /srv/payment/keel.toml TOML file
+//! invalid duration "soon": expected e.g. "800ms", "60s", "1m30s" for key "server.drain"
+//! in /srv/payment/keel.toml TOML file
 //! ```
 //!
 //! A complete file, every section optional:
@@ -106,7 +106,8 @@ impl From<figment::Error> for ConfigError {
     fn from(e: figment::Error) -> Self {
         let key = (!e.path.is_empty()).then(|| e.path.join("."));
         // figment's Display names the key and the source ("… for key "default.a.b" in FILE").
-        let message = e.to_string();
+        // (Keel uses no figment profiles: drop the "default." profile prefix from key paths.)
+        let message = e.to_string().replace("key \"default.", "key \"");
         Self { message, key }
     }
 }

@@ -5,7 +5,10 @@ use crate::config::ConfigError;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What can go wrong starting or running an [`App`](crate::App).
-#[derive(Debug, thiserror::Error)]
+///
+/// Its `Debug` output is the message and its causes, so `main` returning
+/// `Result<(), keel::Error>` (or a boxed error) prints something an operator can act on.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The configuration is malformed; the message names the key and its source.
@@ -72,5 +75,17 @@ impl Error {
     /// Whether this is a configuration error.
     pub fn is_config(&self) -> bool {
         matches!(self, Self::Config(_))
+    }
+}
+
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")?;
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            write!(f, "\n  caused by: {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
     }
 }
