@@ -10,7 +10,6 @@
 //!
 //! `demo [--payments N] [--concurrency C] [--accounts A] [--root /services] [--zk HOSTS]`
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -190,6 +189,16 @@ async fn scrape(instances: &[keel::core::ServiceInstance], names: &[&str]) -> u6
         }
     }
     total
+}
+
+/// The summary's rows, in the order they are added.
+#[derive(Default)]
+struct Table(Vec<(&'static str, String)>);
+
+impl Table {
+    fn insert(&mut self, name: &'static str, value: String) {
+        self.0.push((name, value));
+    }
 }
 
 #[derive(Default)]
@@ -493,7 +502,7 @@ async fn drive(args: &Args, fleet: &mut Fleet, prefix: &str) -> Result<bool, Box
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
     let ms = |q: f64| (h.value_at_quantile(q) as f64 / 1000.0 * 10.0).round() / 10.0;
-    let mut table = BTreeMap::new();
+    let mut table = Table::default();
     table.insert("payments attempted", args.payments.to_string());
     table.insert("succeeded", succeeded.to_string());
     table.insert(
@@ -529,7 +538,7 @@ async fn drive(args: &Args, fleet: &mut Fleet, prefix: &str) -> Result<bool, Box
     table.insert("ledger distinct payments", totals.payments.to_string());
     table.insert("totals match balances", totals_match.to_string());
     println!();
-    for (k, v) in &table {
+    for (k, v) in &table.0 {
         println!("  {k:<40} {v}");
     }
     for m in mismatches.iter().take(5) {
