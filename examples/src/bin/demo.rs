@@ -299,10 +299,24 @@ async fn run() -> Result<bool, BoxError> {
     ];
     println!("demo {run_id}: logs in {}", log_dir.display());
 
-    // The topic exists before anyone publishes or subscribes.
-    let kafka = keel::messaging::Publisher::connect("kafka://127.0.0.1:9092").await?;
-    kafka.declare(&topic, 4).await?;
-    kafka.close().await?;
+    // The topic exists before anyone publishes or subscribes (a busy broker may time out a
+    // first attempt: retry for up to two minutes).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let attempt = async {
+            let kafka = keel::messaging::Publisher::connect("kafka://127.0.0.1:9092").await?;
+            kafka.declare(&topic, 4).await?;
+            kafka.close().await
+        };
+        match attempt.await {
+            Ok(()) => break,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("demo: creating topic {topic}: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 
     let mut fleet = Fleet {
         bin_dir,
