@@ -74,7 +74,18 @@ def kafka(port):
     if correlation != 0x4B45454C or error != 0:
         raise RuntimeError("ApiVersions: correlation=%x error=%d" % (correlation, error))
     (count,) = struct.unpack(">i", reply[6:10])
-    return "ApiVersions: %d APIs" % count
+    # Metadata v0 for all topics: needs the broker's storage. tansu can answer ApiVersions while
+    # its storage task is dead (after an internal panic); it then fails everything else.
+    body = struct.pack(">hhih", 3, 0, 0x4B45454D, len(client_id)) + client_id + struct.pack(">i", 0)
+    with socket.create_connection((HOST, port), TIMEOUT) as s:
+        s.settimeout(TIMEOUT)
+        s.sendall(struct.pack(">i", len(body)) + body)
+        (size,) = struct.unpack(">i", recv_exact(s, 4))
+        reply = recv_exact(s, size)
+    (correlation, brokers) = struct.unpack(">ii", reply[:8])
+    if correlation != 0x4B45454D or brokers < 1:
+        raise RuntimeError("Metadata: correlation=%x brokers=%d" % (correlation, brokers))
+    return "ApiVersions: %d APIs, Metadata ok" % count
 
 
 def redis(port):
