@@ -257,12 +257,12 @@ impl App {
         } else {
             b.endpoints(&cfg.urls).map_err(client_err)?
         };
-        self.metrics.register_collector(Box::new(ClientCollector {
-            service: service.clone(),
-            metrics: channel.metrics().clone(),
-        }));
         let view = channel.clone();
-        self.add_view(service, Box::new(move || view.endpoints()));
+        self.track(
+            service,
+            channel.metrics().clone(),
+            Box::new(move || view.endpoints()),
+        );
         Ok(channel)
     }
 
@@ -290,12 +290,12 @@ impl App {
         } else {
             b.endpoints(&cfg.urls).map_err(client_err)?
         };
-        self.metrics.register_collector(Box::new(ClientCollector {
-            service: service.clone(),
-            metrics: client.metrics().clone(),
-        }));
         let view = client.clone();
-        self.add_view(service, Box::new(move || view.endpoints()));
+        self.track(
+            service,
+            client.metrics().clone(),
+            Box::new(move || view.endpoints()),
+        );
         Ok(client)
     }
 
@@ -446,7 +446,12 @@ impl App {
             .push(tokio::spawn(fut));
     }
 
-    fn add_view(&self, service: String, view: EndpointsView) {
+    /// Exports a client's metrics and shows its endpoints at `/registry`.
+    fn track(&self, service: String, metrics: keel_client::ClientMetrics, view: EndpointsView) {
+        self.metrics.register_collector(Box::new(ClientCollector {
+            service: service.clone(),
+            metrics,
+        }));
         self.clients
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
