@@ -143,13 +143,17 @@ where
     }
 }
 
-enum Admit<C> {
+pub(crate) enum Admit<C> {
     Ready(CircuitBreaker<C, DefaultClassifier>),
     Busy(CircuitBreaker<C, DefaultClassifier>),
     No,
 }
 
-fn admit<C, W, ResB>(set: &Set<C>, ep: &EndpointState<C>, cx: &mut Context<'_>) -> Admit<C>
+pub(crate) fn admit<C, W, ResB>(
+    set: &Set<C>,
+    ep: &EndpointState<C>,
+    cx: &mut Context<'_>,
+) -> Admit<C>
 where
     C: Service<http::Request<W>, Response = http::Response<ResB>> + Clone,
     C::Error: Into<BoxError>,

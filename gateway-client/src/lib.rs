@@ -55,6 +55,8 @@
 //! This crate has no feature flags; it needs a tokio runtime with the time driver.
 
 mod balance;
+#[doc(hidden)]
+pub mod bench;
 mod builder;
 mod discovery;
 mod error;

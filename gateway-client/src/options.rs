@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use http::{Extensions, HeaderMap, HeaderValue};
+use http::{Extensions, HeaderMap, HeaderName, HeaderValue};
 use keel_breaker::BoxError;
 use keel_breaker::breaker::BreakerConfig;
 use keel_breaker::classify::{FailureClass, Outcome, classify_error};
@@ -52,6 +52,10 @@ impl TlsConfig {
         self
     }
 }
+
+/// `x-request-id` as a [`HeaderName`]: inserting by `&'static str` copies a custom name into a
+/// new allocation on every call.
+const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(REQUEST_ID);
 
 /// Settings common to both clients.
 #[derive(Clone)]
@@ -178,10 +182,10 @@ impl<C> Shared<C> {
     /// whether it may be replayed after an UNKNOWN outcome.
     pub(crate) fn prepare(&self, headers: &mut HeaderMap, extensions: &mut Extensions) -> Memo {
         if self.request_id
-            && !headers.contains_key(REQUEST_ID)
+            && !headers.contains_key(&REQUEST_ID_HEADER)
             && let Some(id) = self.request_id()
         {
-            headers.insert(REQUEST_ID, id);
+            headers.insert(REQUEST_ID_HEADER, id);
         }
         if !headers.contains_key(TRACEPARENT) {
             inject_current(&mut HeaderInjector(headers));
