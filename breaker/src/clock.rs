@@ -15,11 +15,26 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// Aligns its contents to 128 bytes (two 64-byte lines: adjacent-line prefetchers pair them),
+/// so that a value written by one core does not share a cache line with other hot data.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+
+    #[inline]
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// A source of milliseconds since a fixed epoch (see the [module docs](self)).
 #[derive(Clone)]
 pub struct Clock {
     epoch: Instant,
-    coarse: Option<Arc<AtomicU64>>,
+    coarse: Option<Arc<Padded<AtomicU64>>>,
 }
 
 impl fmt::Debug for Clock {
@@ -50,7 +65,7 @@ impl Clock {
     /// stands still (the breaker's open-state timing always reads the precise time, so a stalled
     /// driver never keeps a breaker open).
     pub fn coarse(resolution: Duration) -> (Self, CoarseClockDriver) {
-        let now = Arc::new(AtomicU64::new(0));
+        let now = Arc::new(Padded(AtomicU64::new(0)));
         let clock = Self {
             epoch: Instant::now(),
             coarse: Some(Arc::clone(&now)),
@@ -90,7 +105,7 @@ impl Clock {
 /// Keeps a coarse [`Clock`] current; run it with `driver.run().await` on a task you own.
 pub struct CoarseClockDriver {
     clock: Clock,
-    now: Arc<AtomicU64>,
+    now: Arc<Padded<AtomicU64>>,
     resolution: Duration,
 }
 

@@ -1,29 +1,35 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use pin_project_lite::pin_project;
 
 use super::body::{FollowResponse, PendingOutcome};
 use super::state::Permit;
-use super::{Breaker, BreakerError};
+use super::{Breaker, BreakerError, Stripe};
 use crate::BoxError;
 use crate::classify::{Classify, Outcome, Verdict};
 
 /// A call's permit until its outcome is recorded; dropped unrecorded, it is given back.
 pub(super) struct Guard {
-    breaker: Breaker,
+    stripe: Arc<Stripe>,
     permit: Permit,
     start_ms: u64,
     recorded: bool,
 }
 
 impl Guard {
+    #[inline]
+    fn breaker(&self) -> &Breaker {
+        &self.stripe.0
+    }
+
     /// Records `outcome`, judging slowness by the time from the start to `end_ms`.
     pub(super) fn record_at(mut self, end_ms: u64, outcome: Outcome) {
         self.recorded = true;
-        self.breaker
+        self.breaker()
             .record_timed(self.permit, self.start_ms, Some(end_ms), outcome);
     }
 }
@@ -32,7 +38,7 @@ impl Drop for Guard {
     fn drop(&mut self) {
         if !self.recorded {
             // Dropped before completion: the call was cancelled; give a probe slot back.
-            self.breaker.release(self.permit);
+            self.breaker().release(self.permit);
         }
     }
 }
@@ -59,7 +65,7 @@ impl<F, C> fmt::Debug for ResponseFuture<F, C> {
 impl<F, C> ResponseFuture<F, C> {
     pub(super) fn called(
         inner: F,
-        breaker: Breaker,
+        stripe: Arc<Stripe>,
         permit: Permit,
         start_ms: u64,
         classifier: C,
@@ -67,7 +73,7 @@ impl<F, C> ResponseFuture<F, C> {
         Self {
             inner: Some(inner),
             guard: Some(Guard {
-                breaker,
+                stripe,
                 permit,
                 start_ms,
                 recorded: false,
@@ -114,11 +120,13 @@ where
         Poll::Ready(match verdict {
             Verdict::Now(outcome) => {
                 guard.recorded = true;
-                guard.breaker.record(guard.permit, guard.start_ms, outcome);
+                guard
+                    .breaker()
+                    .record(guard.permit, guard.start_ms, outcome);
                 result.map(T::settled)
             }
             Verdict::AtEnd(at_end) => {
-                let head_ms = guard.breaker.clock().now_ms();
+                let head_ms = guard.breaker().clock().now_ms();
                 result.map(|res| res.follow(PendingOutcome::new(guard, head_ms, at_end)))
             }
         })

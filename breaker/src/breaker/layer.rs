@@ -1,6 +1,6 @@
 use tower_layer::Layer;
 
-use super::{Breaker, CircuitBreaker, Mode};
+use super::{Breaker, CircuitBreaker, Mode, Stripes};
 use crate::classify::DefaultClassifier;
 
 /// Wraps services in a [`CircuitBreaker`] sharing one [`Breaker`].
@@ -9,6 +9,7 @@ use crate::classify::DefaultClassifier;
 #[derive(Debug, Clone)]
 pub struct CircuitBreakerLayer<C = DefaultClassifier> {
     breaker: Breaker,
+    stripes: Stripes,
     classifier: C,
     mode: Mode,
 }
@@ -17,6 +18,7 @@ impl CircuitBreakerLayer {
     /// A fail-fast layer with the default classifier.
     pub fn new(breaker: Breaker) -> Self {
         Self {
+            stripes: Stripes::new(&breaker),
             breaker,
             classifier: DefaultClassifier,
             mode: Mode::FailFast,
@@ -35,6 +37,7 @@ impl<C> CircuitBreakerLayer<C> {
     pub fn classifier<C2>(self, classifier: C2) -> CircuitBreakerLayer<C2> {
         CircuitBreakerLayer {
             breaker: self.breaker,
+            stripes: self.stripes,
             classifier,
             mode: self.mode,
         }
@@ -50,9 +53,10 @@ impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
     type Service = CircuitBreaker<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreaker::with_classifier(
+        CircuitBreaker::with_stripes(
             inner,
             self.breaker.clone(),
+            self.stripes.clone(),
             self.classifier.clone(),
             self.mode,
         )

@@ -32,9 +32,12 @@ mod future;
 mod layer;
 mod state;
 
+use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use tokio::time::Sleep;
@@ -61,10 +64,58 @@ pub enum Mode {
     Gate,
 }
 
+/// A handle on a [`Breaker`] that an in-flight call holds until its outcome is recorded.
+/// 128-byte aligned: each stripe's reference count has a cache line of its own.
+#[repr(align(128))]
+pub(super) struct Stripe(Breaker);
+
+/// Per-thread handles on one breaker. An in-flight call clones the `Arc` of its thread's stripe
+/// rather than the breaker's, so that calls on different cores do not bounce one reference
+/// count (two contended atomic writes per call) between them.
+#[derive(Clone)]
+pub(super) struct Stripes(Arc<[Arc<Stripe>]>);
+
+impl fmt::Debug for Stripes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Stripes").field(&self.0.len()).finish()
+    }
+}
+
+impl Stripes {
+    pub(super) fn new(breaker: &Breaker) -> Self {
+        static COUNT: OnceLock<usize> = OnceLock::new();
+        // A power of two (picked by masking), one per CPU up to 16.
+        let n = *COUNT.get_or_init(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .next_power_of_two()
+                .min(16)
+        });
+        Self((0..n).map(|_| Arc::new(Stripe(breaker.clone()))).collect())
+    }
+
+    /// This thread's stripe.
+    #[inline]
+    fn pick(&self) -> Arc<Stripe> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+        }
+        let mut i = INDEX.with(Cell::get);
+        if i == usize::MAX {
+            i = NEXT.fetch_add(1, Ordering::Relaxed) & (usize::MAX >> 1);
+            INDEX.with(|c| c.set(i));
+        }
+        let stripes = &self.0;
+        Arc::clone(&stripes[i & (stripes.len() - 1)])
+    }
+}
+
 /// A service guarded by a [`Breaker`].
 pub struct CircuitBreaker<S, C = DefaultClassifier> {
     inner: S,
     breaker: Breaker,
+    stripes: Stripes,
     classifier: C,
     mode: Mode,
     permit: Option<Permit>,
@@ -87,6 +138,7 @@ impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
         Self {
             inner: self.inner.clone(),
             breaker: self.breaker.clone(),
+            stripes: self.stripes.clone(),
             classifier: self.classifier.clone(),
             mode: self.mode,
             permit: None,
@@ -114,9 +166,21 @@ impl<S> CircuitBreaker<S> {
 impl<S, C> CircuitBreaker<S, C> {
     /// Guards `inner` with `breaker`, classifying outcomes with `classifier`.
     pub fn with_classifier(inner: S, breaker: Breaker, classifier: C, mode: Mode) -> Self {
+        let stripes = Stripes::new(&breaker);
+        Self::with_stripes(inner, breaker, stripes, classifier, mode)
+    }
+
+    pub(super) fn with_stripes(
+        inner: S,
+        breaker: Breaker,
+        stripes: Stripes,
+        classifier: C,
+        mode: Mode,
+    ) -> Self {
         Self {
             inner,
             breaker,
+            stripes,
             classifier,
             mode,
             permit: None,
@@ -228,7 +292,7 @@ where
         let fut = self.inner.call(req);
         ResponseFuture::called(
             fut,
-            self.breaker.clone(),
+            self.stripes.pick(),
             permit,
             start_ms,
             self.classifier.clone(),

@@ -3,7 +3,14 @@
 //! Closed-state fast path: one atomic load of the state word in `poll_ready`, and on completion
 //! one `fetch_add` on the ring index, one `swap` of a ring slot and (only when the slot's
 //! contribution changes) one `fetch_add` on a packed counter word — no lock, no allocation.
+//! When the count window is full of successes, recording one more success changes nothing (the
+//! window, read oldest to newest, is the same N successes), so it is only a load of the counter
+//! word: a healthy breaker's hot path writes no shared cache line at all.
 //! Everything else (tripping, half-open probes, the open timer) is rare and takes a mutex.
+//!
+//! Layout: what every call reads (the state word) and what calls write (ring index, counter
+//! word, metrics) sit on separate cache lines ([`Padded`]), and so does the `Arc`'s reference
+//! count, so that two cores recording at once do not invalidate each other's reads.
 
 use std::fmt;
 use std::future::Future;
@@ -16,7 +23,7 @@ use tokio::sync::watch;
 use super::ConfigError;
 use super::config::{BreakerConfig, SlidingWindowType};
 use crate::classify::Outcome;
-use crate::clock::Clock;
+use crate::clock::{Clock, Padded};
 
 /// The state of a circuit breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -126,6 +133,14 @@ impl CountWindow {
 
     #[inline]
     fn record(&self, failed: bool, slow: bool) -> Tally {
+        if !failed && !slow {
+            // A full window of successes plus one success is the same window: skip the ring
+            // (no shared write). Racing a concurrent failure, this success is ordered before it.
+            let t = self.tally();
+            if t.total == self.slots.len() as u64 && t.failed == 0 && t.slow == 0 {
+                return t;
+            }
+        }
         let value =
             SLOT_PRESENT | if failed { SLOT_FAILED } else { 0 } | if slow { SLOT_SLOW } else { 0 };
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
@@ -284,6 +299,9 @@ struct Slow {
     wakers: Vec<Waker>,
 }
 
+// 128-byte aligned so that the `Arc`'s reference counts (written whenever a `Breaker` is cloned or
+// dropped) do not share a cache line with the state word every call reads.
+#[repr(align(128))]
 struct Shared {
     config: BreakerConfig,
     clock: Clock,
@@ -295,9 +313,16 @@ struct Shared {
     open_until_ms: AtomicU64,
     /// When the current half-open period times out (valid while half-open and the limit is set).
     half_open_until_ms: AtomicU64,
-    window: Window,
+    /// On lines of its own: the ring index and counter word are written by calls.
+    window: Padded<Window>,
     slow: Mutex<Slow>,
     tx: watch::Sender<State>,
+    counts: Padded<Counts>,
+}
+
+/// Transition and rejection counters (written off the closed-state path).
+#[derive(Default)]
+struct Counts {
     opened: AtomicU64,
     half_opened: AtomicU64,
     closed: AtomicU64,
@@ -369,7 +394,7 @@ impl Breaker {
                 state: AtomicU64::new(word(0, CLOSED)),
                 open_until_ms: AtomicU64::new(0),
                 half_open_until_ms: AtomicU64::new(0),
-                window,
+                window: Padded(window),
                 slow: Mutex::new(Slow {
                     consecutive_opens: 0,
                     probes_available: 0,
@@ -379,10 +404,7 @@ impl Breaker {
                     wakers: Vec::new(),
                 }),
                 tx,
-                opened: AtomicU64::new(0),
-                half_opened: AtomicU64::new(0),
-                closed: AtomicU64::new(0),
-                rejected: AtomicU64::new(0),
+                counts: Padded::default(),
             }),
         })
     }
@@ -494,10 +516,10 @@ impl Breaker {
         };
         BreakerMetrics {
             state: Some(state),
-            opened: s.opened.load(Ordering::Relaxed),
-            half_opened: s.half_opened.load(Ordering::Relaxed),
-            closed: s.closed.load(Ordering::Relaxed),
-            rejected: s.rejected.load(Ordering::Relaxed),
+            opened: s.counts.opened.load(Ordering::Relaxed),
+            half_opened: s.counts.half_opened.load(Ordering::Relaxed),
+            closed: s.counts.closed.load(Ordering::Relaxed),
+            rejected: s.counts.rejected.load(Ordering::Relaxed),
             window_calls: t.total,
             failure_rate: rate(t.failed),
             slow_call_rate: rate(t.slow),
@@ -510,7 +532,7 @@ impl Breaker {
     }
 
     fn tally(&self) -> Tally {
-        match &self.shared.window {
+        match &self.shared.window.0 {
             Window::Count(w) => w.tally(),
             Window::Time(w) => w.tally(self.shared.clock.now_ms()),
         }
@@ -572,7 +594,7 @@ impl Breaker {
 
     /// Counts a refused call.
     pub(crate) fn count_rejected(&self) {
-        self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+        self.shared.counts.rejected.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Registers a task to wake on the next state change or released probe.
@@ -626,7 +648,7 @@ impl Breaker {
                 if s.state.load(Ordering::Acquire) != word(generation, CLOSED) {
                     return;
                 }
-                let trip = match &s.window {
+                let trip = match &s.window.0 {
                     Window::Count(w) => {
                         let t = w.record(failed, slow);
                         (t.failed > 0 || t.slow > 0) && self.exceeds(t)
@@ -702,7 +724,7 @@ impl Breaker {
             Ordering::Release,
         );
         s.state.store(word(generation + 1, OPEN), Ordering::Release);
-        s.opened.fetch_add(1, Ordering::Relaxed);
+        s.counts.opened.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             wait_ms,
             opens = slow.consecutive_opens,
@@ -726,7 +748,7 @@ impl Breaker {
         }
         s.state
             .store(word(generation + 1, HALF_OPEN), Ordering::Release);
-        s.half_opened.fetch_add(1, Ordering::Relaxed);
+        s.counts.half_opened.fetch_add(1, Ordering::Relaxed);
         tracing::info!("circuit breaker half-open");
         s.tx.send_replace(State::HalfOpen);
         wake_all(slow);
@@ -734,14 +756,14 @@ impl Breaker {
 
     fn to_closed(&self, slow: &mut Slow, generation: u64) {
         let s = &self.shared;
-        match &s.window {
+        match &s.window.0 {
             Window::Count(w) => w.reset(),
             Window::Time(w) => w.reset(),
         }
         slow.consecutive_opens = 0;
         s.state
             .store(word(generation + 1, CLOSED), Ordering::Release);
-        s.closed.fetch_add(1, Ordering::Relaxed);
+        s.counts.closed.fetch_add(1, Ordering::Relaxed);
         tracing::info!("circuit breaker closed");
         s.tx.send_replace(State::Closed);
         wake_all(slow);
@@ -815,7 +837,7 @@ fn wake_all(slow: &mut Slow) {
 impl Breaker {
     /// Recounts the window from its slots (count windows only).
     pub(crate) fn recount(&self) -> (u64, u64, u64) {
-        let Window::Count(w) = &self.shared.window else {
+        let Window::Count(w) = &self.shared.window.0 else {
             return (0, 0, 0);
         };
         let mut t = (0, 0, 0);
