@@ -37,6 +37,14 @@ use crate::message::{OutgoingMessage, Receipt, Received};
 use crate::publisher::PublisherBuilder;
 use crate::retry::{Outcome, RetryPolicy, process};
 
+/// Bound on opening a connection with its channels (a broker that accepts TCP but never
+/// finishes the handshake must not stall a reconnect loop).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on an acknowledgement (or a dead letter and its acknowledgement) on a live connection.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on closing a channel or connection that may already be dead.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn url(broker: &Broker) -> &str {
     match broker {
         Broker::Amqp { url } => url,
@@ -248,7 +256,11 @@ impl AmqpPublisher {
             if s.channel.status().connected() {
                 return Ok(s.channel.clone());
             }
-            let _ = s.connection.close(200, "reconnecting".into()).await;
+            let _ = tokio::time::timeout(
+                CLOSE_TIMEOUT,
+                s.connection.close(200, "reconnecting".into()),
+            )
+            .await;
         }
         *session = None;
         self.inner
@@ -256,12 +268,23 @@ impl AmqpPublisher {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
-        let connection =
-            Connection::connect(&self.inner.url, connection_properties(&self.inner.name)).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let opened = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            let connection =
+                Connection::connect(&self.inner.url, connection_properties(&self.inner.name))
+                    .await?;
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            Ok::<_, lapin::Error>((connection, channel))
+        })
+        .await;
+        let (connection, channel) = opened.map_err(|_| {
+            lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no RabbitMQ connection within {CONNECT_TIMEOUT:?}"),
+            ))
+        })??;
         *session = Some(Arc::new(Session {
             connection,
             channel: channel.clone(),
@@ -451,11 +474,16 @@ fn received(d: &Delivery, queue: &str) -> Received {
     }
 }
 
+/// Handles the deliveries of one lane in order. `stop` ends it after the message in hand;
+/// `lost` (the connection is gone) also abandons an acknowledgement under way: lapin can leave
+/// the future of an ack issued just as the connection dies pending forever, and the broker
+/// redelivers the message anyway.
 async fn lane<H: Handler>(
     mut rx: mpsc::Receiver<Delivery>,
     handler: Arc<H>,
     policy: RetryPolicy,
     stop: CancellationToken,
+    lost: CancellationToken,
     dead: DeadLetters,
 ) {
     loop {
@@ -472,26 +500,44 @@ async fn lane<H: Handler>(
             "rabbitmq",
         )
         .await;
-        let acked = match outcome {
-            Outcome::Handled => d.ack(BasicAckOptions::default()).await,
-            Outcome::DeadLetter { attempts, error } => {
-                if dead.send(&d, attempts, &error).await {
-                    d.ack(BasicAckOptions::default()).await
-                } else {
-                    // The queue's own dead-lettering still keeps it (without Keel's reason).
-                    d.nack(BasicNackOptions {
-                        requeue: false,
-                        ..BasicNackOptions::default()
-                    })
-                    .await
+        let settle = async {
+            match outcome {
+                Outcome::Handled => d.ack(BasicAckOptions::default()).await,
+                Outcome::DeadLetter { attempts, error } => {
+                    if dead.send(&d, attempts, &error).await {
+                        d.ack(BasicAckOptions::default()).await
+                    } else {
+                        // The queue's own dead-lettering still keeps it (without Keel's reason).
+                        d.nack(BasicNackOptions {
+                            requeue: false,
+                            ..BasicNackOptions::default()
+                        })
+                        .await
+                    }
                 }
+                // Left unacknowledged: the broker redelivers it.
+                Outcome::Abandoned => Ok(true),
             }
-            // Left unacknowledged: the broker redelivers it.
-            Outcome::Abandoned => Ok(true),
         };
-        if let Err(error) = acked {
+        let settled = tokio::select! {
+            biased;
+            () = lost.cancelled() => None,
+            r = tokio::time::timeout(SETTLE_TIMEOUT, settle) => Some(r),
+        };
+        match settled {
+            Some(Ok(Ok(_))) => {}
             // The channel is gone: the broker redelivers the message.
-            tracing::warn!(%error, "could not acknowledge; the message will be redelivered");
+            Some(Ok(Err(error))) => {
+                tracing::warn!(%error, "could not acknowledge; the message will be redelivered");
+            }
+            Some(Err(_)) => tracing::warn!(
+                tag = d.delivery_tag,
+                "no answer to an acknowledgement in {SETTLE_TIMEOUT:?}; the message stays unacknowledged"
+            ),
+            None => tracing::debug!(
+                tag = d.delivery_tag,
+                "connection lost while acknowledging; the message will be redelivered"
+            ),
         }
     }
 }
@@ -519,13 +565,16 @@ pub(crate) async fn run<H: Handler>(
         let connected = tokio::select! {
             biased;
             () = shutdown.clone() => return Ok(()),
-            c = open(&config, &name) => c,
+            c = tokio::time::timeout(CONNECT_TIMEOUT, open(&config, &name)) => c
+                .map_err(|_| BoxError::from(format!("no connection within {CONNECT_TIMEOUT:?}")))
+                .and_then(|c| c.map_err(BoxError::from)),
         };
         match connected {
             Ok((connection, channel, dlq_channel)) => {
                 delay = config.reconnect_backoff;
                 let end = session(&config, &handler, &channel, dlq_channel, shutdown.clone()).await;
-                let _ = connection.close(200, "bye".into()).await;
+                let _ =
+                    tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "bye".into())).await;
                 match end {
                     SessionEnd::Shutdown => return Ok(()),
                     SessionEnd::Lost => {
@@ -594,6 +643,7 @@ async fn session<H: Handler>(
         timeout: Duration::from_secs(30),
     };
     let stop = CancellationToken::new();
+    let lost = CancellationToken::new();
     let mut lanes = JoinSet::new();
     let mut senders = Vec::with_capacity(config.lanes);
     for _ in 0..config.lanes {
@@ -604,6 +654,7 @@ async fn session<H: Handler>(
             handler.clone(),
             config.retry,
             stop.clone(),
+            lost.clone(),
             dead.clone(),
         ));
     }
@@ -645,10 +696,15 @@ async fn session<H: Handler>(
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
             .await;
     }
-    // Finish in-flight handlers; queued deliveries stay unacknowledged and are redelivered.
+    // Finish in-flight handlers; queued deliveries stay unacknowledged and are redelivered. After
+    // a lost connection, acknowledgements under way are abandoned too (they cannot reach the
+    // broker; waiting on them could block this session — and every reconnect — for ever).
+    if matches!(end, SessionEnd::Lost) {
+        lost.cancel();
+    }
     stop.cancel();
     drop(senders);
     while lanes.join_next().await.is_some() {}
-    let _ = channel.close(200, "bye".into()).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "bye".into())).await;
     end
 }
