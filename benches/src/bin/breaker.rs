@@ -266,9 +266,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = ticker.join();
-    println!("{}", report.table());
-    let path = report.finish()?;
-    println!("wrote {}", path.display());
+    // Prints the table and the path of the JSON written.
+    report.finish()?;
     Ok(())
 }
 
