@@ -22,8 +22,12 @@ use tokio_util::sync::CancellationToken;
 
 const BROKER: &str = "kafka://127.0.0.1:9092";
 
-/// The sqlite-backed test broker (tansu) times out admin and group operations when several
-/// group tests hit it at once; the tests in this file take turns (test coordination only).
+/// The tests in this file take turns (test coordination only). This was added when concurrent
+/// runs timed out on admin and group operations and once crashed with SIGSEGV; the timeouts are
+/// explained by each test's cleanup then deleting *every* topic on tansu (see
+/// `keel_testkit::smoke::kafka_delete_topic`), which also killed the broker's storage. Without
+/// the lock, three concurrent runs passed since; the SIGSEGV was never reproduced or explained,
+/// so the lock stays until it is.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn consumer(topic: &str, group: &str) -> keel_messaging::ConsumerBuilder {
