@@ -105,6 +105,12 @@ impl ZkConfig {
 
     /// After a watch event, wait this long for more before reading ZooKeeper (events already
     /// queued are always batched; the default, zero, adds no delay).
+    ///
+    /// The window opens at the first event and nothing is applied before it closes, so a
+    /// change spread over several transactions (many providers' sessions expiring, one
+    /// transaction each) reaches the [`MassRemovalPolicy`] as a whole. Applying the first event at
+    /// once and batching only what follows would let the first removal of such a change
+    /// through unheld.
     pub fn with_debounce(mut self, debounce: Duration) -> Self {
         self.debounce = debounce;
         self
