@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -61,45 +60,8 @@ async fn restart_mid_publish_and_mid_consume_loses_no_confirmed_message() {
     // Publish in batches of 50 until well after the restart; a message handed back unconfirmed
     // is published again.
     let restarted = Arc::new(AtomicBool::new(false));
-    let publishing = {
-        let (publisher, topic, restarted) = (publisher.clone(), topic.clone(), restarted.clone());
-        tokio::spawn(async move {
-            let mut confirmed = HashSet::new();
-            let mut failures = 0u32;
-            let mut after = 0;
-            for from in (0..u64::MAX).step_by(50) {
-                if restarted.load(Ordering::SeqCst) {
-                    after += 1;
-                    if after > 20 {
-                        break;
-                    }
-                }
-                let mut pending: Vec<(u64, _)> = (from..)
-                    .zip(common::batch(&topic, from, from + 50, 8))
-                    .collect();
-                while !pending.is_empty() {
-                    let (seqs, messages): (Vec<u64>, Vec<_>) = pending.into_iter().unzip();
-                    let mut again = Vec::new();
-                    for (r, seq) in publisher.send_batch(messages).await.into_iter().zip(seqs) {
-                        match r {
-                            Ok(_) => {
-                                confirmed.insert(seq);
-                            }
-                            Err(e) => {
-                                failures += 1;
-                                again.push((seq, e.into_message()));
-                            }
-                        }
-                    }
-                    if !again.is_empty() {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                    pending = again;
-                }
-            }
-            (confirmed, failures)
-        })
-    };
+    let publishing =
+        common::publish_through_restart(publisher.clone(), topic.clone(), restarted.clone());
     eventually(
         "1 000 published and consumed before the restart",
         Duration::from_secs(90),

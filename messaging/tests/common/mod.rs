@@ -114,3 +114,50 @@ pub async fn publish_all(
         from = to;
     }
 }
+
+/// Publishes `destination` in batches of 50 (8 keys) until 20 batches after `restarted` turns
+/// true, publishing again whatever was handed back unconfirmed; returns the confirmed sequence
+/// numbers and how many publishes failed (and were retried).
+pub fn publish_through_restart(
+    publisher: keel_messaging::Publisher,
+    destination: String,
+    restarted: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(std::collections::HashSet<u64>, u32)> {
+    tokio::spawn(async move {
+        let mut confirmed = std::collections::HashSet::new();
+        let mut failures = 0u32;
+        let mut after = 0;
+        for from in (0..u64::MAX).step_by(50) {
+            if restarted.load(std::sync::atomic::Ordering::SeqCst) {
+                after += 1;
+                if after > 20 {
+                    break;
+                }
+            }
+            let mut pending: Vec<(u64, _)> = (from..)
+                .zip(batch(&destination, from, from + 50, 8))
+                .collect();
+            while !pending.is_empty() {
+                let (seqs, messages): (Vec<u64>, Vec<_>) = pending.into_iter().unzip();
+                let mut again = Vec::new();
+                for (r, seq) in publisher.send_batch(messages).await.into_iter().zip(seqs) {
+                    match r {
+                        Ok(_) => {
+                            confirmed.insert(seq);
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            again.push((seq, e.into_message()));
+                        }
+                    }
+                }
+                if !again.is_empty() {
+                    // Back off while the broker is away (not synchronisation: pacing).
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                pending = again;
+            }
+        }
+        (confirmed, failures)
+    })
+}
