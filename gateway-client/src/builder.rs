@@ -71,6 +71,29 @@ macro_rules! common_builder_methods {
             self
         }
 
+        /// A bulkhead for this downstream: at most `n` calls of this client (all its clones; a
+        /// call holds its slot through all its attempts) in flight at once. A call finding
+        /// every slot taken fails at once (see [`max_concurrent_wait`](Self::max_concurrent_wait))
+        /// with an error for which [`Error::is_bulkhead_full`](crate::Error::is_bulkhead_full)
+        /// holds: never sent, `RESOURCE_EXHAUSTED` / 503. Default: no limit.
+        pub fn max_concurrent(mut self, n: usize) -> Self {
+            let wait = self
+                .options
+                .bulkhead
+                .map_or(std::time::Duration::ZERO, |b| b.1);
+            self.options.bulkhead = Some((n.clamp(1, tokio::sync::Semaphore::MAX_PERMITS), wait));
+            self
+        }
+
+        /// How long a call may wait for a bulkhead slot before it is rejected (default zero:
+        /// rejected at once). Only with [`max_concurrent`](Self::max_concurrent).
+        pub fn max_concurrent_wait(mut self, wait: std::time::Duration) -> Self {
+            if let Some(bulkhead) = &mut self.options.bulkhead {
+                bulkhead.1 = wait;
+            }
+            self
+        }
+
         /// Whether to stamp an `x-request-id` on requests that have none (default true).
         pub fn request_id(mut self, yes: bool) -> Self {
             self.options.request_id = yes;

@@ -29,6 +29,7 @@ enum Kind {
     AllEjected,
     DeadlineExceeded,
     BudgetExhausted,
+    BulkheadFull,
     Status,
     Decode,
     Config,
@@ -137,6 +138,12 @@ impl Error {
         self.kind == Kind::BudgetExhausted
     }
 
+    /// The client's bulkhead ([`max_concurrent`](crate::GrpcBuilder::max_concurrent)) was
+    /// full: the call was never sent. Maps to `RESOURCE_EXHAUSTED` / 503.
+    pub fn is_bulkhead_full(&self) -> bool {
+        self.kind == Kind::BulkheadFull
+    }
+
     /// A REST call got a non-2xx response ([`status`](Self::status), [`body`](Self::body)).
     pub fn is_status(&self) -> bool {
         self.kind == Kind::Status
@@ -197,6 +204,9 @@ fn kind_of(error: &(dyn StdError + 'static)) -> Kind {
         }
         if err.is::<RetryBudgetExhausted>() {
             return Kind::BudgetExhausted;
+        }
+        if err.is::<keel_breaker::bulkhead::BulkheadFull>() {
+            return Kind::BulkheadFull;
         }
         next = err.source();
     }
@@ -261,6 +271,15 @@ mod tests {
         assert!(e.is_status());
         assert_eq!(e.http_status().as_u16(), 404);
         assert_eq!(e.body().as_ref(), b"nope");
+
+        let e = Error::from_box(Box::new(keel_breaker::bulkhead::BulkheadFull::default()));
+        assert!(e.is_bulkhead_full() && !e.is_retry_budget_exhausted());
+        assert_eq!(e.grpc_code(), tonic::Code::ResourceExhausted);
+        assert_eq!(e.http_status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            keel_breaker::classify::classify_error(&e).retry_class(),
+            Some(keel_breaker::classify::FailureClass::NotSent)
+        );
 
         let status = Error::from_box(Error::no_endpoints()).into_status();
         assert_eq!(status.code(), tonic::Code::Unavailable);

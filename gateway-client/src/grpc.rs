@@ -8,6 +8,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use keel_breaker::BoxError;
+use keel_breaker::bulkhead::Bulkhead;
 use keel_breaker::classify::{DefaultClassifier, NotSent, classify_http_response};
 use keel_breaker::deadline::{DeadlineLayer, DeadlineService};
 use keel_breaker::request::is_replay_safe;
@@ -81,13 +82,15 @@ impl Service<http::Request<Body>> for GrpcConn {
 }
 
 type Bal = Balancer<GrpcConn, Body, Body>;
-type Stack = DeadlineService<Retry<Bal>>;
-type StackFuture = keel_breaker::deadline::ResponseFuture<
-    keel_breaker::retry::ResponseFuture<
-        Bal,
-        <Bal as Service<http::Request<ReplayBody<Body>>>>::Future,
-        Body,
-        DefaultClassifier,
+type Stack = Bulkhead<DeadlineService<Retry<Bal>>>;
+type StackFuture = keel_breaker::bulkhead::ResponseFuture<
+    keel_breaker::deadline::ResponseFuture<
+        keel_breaker::retry::ResponseFuture<
+            Bal,
+            <Bal as Service<http::Request<ReplayBody<Body>>>>::Future,
+            Body,
+            DefaultClassifier,
+        >,
     >,
 >;
 
@@ -109,7 +112,8 @@ fn unwire(body: keel_breaker::breaker::ResponseBody<Body>) -> Body {
 /// (`EchoClient::new(channel)`). Cheap to clone; clones share connections, balancer state,
 /// breakers, retry budget and metrics.
 ///
-/// Per call, outermost first: propagation (`traceparent`, `tracestate`, `baggage` from the
+/// Per call, outermost first: the bulkhead when configured
+/// ([`max_concurrent`](GrpcBuilder::max_concurrent)) → propagation (`traceparent`, `tracestate`, `baggage` from the
 /// current OpenTelemetry context, `x-request-id`) and a client span and RED metrics → deadline
 /// (`grpc-timeout`) → budgeted, outcome-aware retry (a retry goes to another endpoint when
 /// there is one) → balancer → per-endpoint circuit breaker (an open one ejects the endpoint)
@@ -272,10 +276,10 @@ impl GrpcBuilder {
             Some(t) => DeadlineLayer::new(t),
             None => DeadlineLayer::propagate_only(),
         };
-        let stack = deadline.layer(Retry::new(
+        let stack = self.options.bulkhead(deadline.layer(Retry::new(
             Balancer::new(Arc::clone(&set), wire as fn(ReplayBody<Body>) -> Body),
             self.options.policy(),
-        ));
+        )));
         let shared = Arc::new(Shared::new(&self.options, set, closed));
         (GrpcChannel { stack, shared }, members)
     }

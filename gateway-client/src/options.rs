@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue};
 use keel_breaker::BoxError;
 use keel_breaker::breaker::BreakerConfig;
+use keel_breaker::bulkhead::Bulkhead;
 use keel_breaker::classify::{FailureClass, Outcome, classify_error};
 use keel_breaker::deadline::{Deadline, GRPC_TIMEOUT, parse_grpc_timeout};
 use keel_breaker::retry::{RetryBudget, RetryPolicy};
@@ -70,6 +71,8 @@ pub(crate) struct Options {
     pub(crate) tls: Option<TlsConfig>,
     pub(crate) connect_timeout: Duration,
     pub(crate) request_id: bool,
+    /// `(max concurrent calls, longest wait for a slot)`; `None`: no bulkhead.
+    pub(crate) bulkhead: Option<(usize, Duration)>,
 }
 
 impl fmt::Debug for Options {
@@ -81,6 +84,7 @@ impl fmt::Debug for Options {
             .field("max_attempts", &self.max_attempts)
             .field("breaker", &self.breaker)
             .field("tls", &self.tls)
+            .field("bulkhead", &self.bulkhead)
             .finish_non_exhaustive()
     }
 }
@@ -98,7 +102,18 @@ impl Options {
             tls: None,
             connect_timeout: Duration::from_secs(2),
             request_id: true,
+            bulkhead: None,
         }
+    }
+
+    /// `inner` behind the client's bulkhead: one slot per call (all attempts included), shared
+    /// by every clone of the client. Without a configured bulkhead the cap is
+    /// [`Semaphore::MAX_PERMITS`](tokio::sync::Semaphore::MAX_PERMITS), i.e. none.
+    pub(crate) fn bulkhead<S>(&self, inner: S) -> Bulkhead<S> {
+        let (permits, wait) = self
+            .bulkhead
+            .unwrap_or((tokio::sync::Semaphore::MAX_PERMITS, Duration::ZERO));
+        Bulkhead::new(inner, Arc::new(tokio::sync::Semaphore::new(permits)), wait)
     }
 
     pub(crate) fn policy(&self) -> RetryPolicy {
@@ -223,6 +238,7 @@ impl<C> Shared<C> {
             && !error.is_deadline_exceeded()
             && !error.is_no_endpoints()
             && !error.is_all_ejected()
+            && !error.is_bulkhead_full()
         {
             return Error::budget_exhausted(Box::new(error));
         }

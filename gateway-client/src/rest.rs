@@ -13,6 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use keel_breaker::BoxError;
+use keel_breaker::bulkhead::Bulkhead;
 use keel_breaker::classify::{NotSent, classify_http_status};
 use keel_breaker::deadline::{Deadline, DeadlineLayer, DeadlineService, Protocol};
 use keel_breaker::request::{IdempotencyKey, Idempotent, is_replay_safe};
@@ -100,14 +101,15 @@ fn map_hyper_error(error: hyper_util::client::legacy::Error) -> BoxError {
 }
 
 type Bal = Balancer<RestConnection, Full<Bytes>, Wire>;
-type Stack = DeadlineService<Retry<Bal>>;
+type Stack = Bulkhead<DeadlineService<Retry<Bal>>>;
 
 fn wire(body: Wire) -> Wire {
     body
 }
 
 /// A JSON-over-HTTP client over every instance of a service (or one base URL, e.g. an API
-/// gateway). Cheap to clone. Same stack as [`GrpcChannel`](crate::GrpcChannel): propagation,
+/// gateway). Cheap to clone. Same stack as [`GrpcChannel`](crate::GrpcChannel): bulkhead (when
+/// configured) → propagation,
 /// span and metrics → deadline (`x-keel-deadline`) → budgeted retry → balancer →
 /// per-endpoint breaker → pooled connection.
 ///
@@ -227,10 +229,10 @@ impl RestBuilder {
             None => DeadlineLayer::propagate_only(),
         }
         .protocol(Protocol::Rest);
-        let stack = deadline.layer(Retry::new(
+        let stack = self.options.bulkhead(deadline.layer(Retry::new(
             Balancer::new(Arc::clone(&set), wire as fn(Wire) -> Wire),
             self.options.policy(),
-        ));
+        )));
         let shared = Arc::new(Shared::new(&self.options, set, closed));
         Ok((
             RestClient {

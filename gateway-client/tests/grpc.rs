@@ -475,3 +475,138 @@ async fn typed_errors() {
     let _ = Endpoint::new("127.0.0.1", 1);
     let _ = ServiceInstance::new("x", "y", Endpoint::new("127.0.0.1", 1));
 }
+
+/// An echo service that holds every call until its gate lets it through.
+#[derive(Clone)]
+struct Gated {
+    gate: Arc<tokio::sync::Semaphore>,
+    entered: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl keel_testkit::echo::echo_server::Echo for Gated {
+    async fn echo(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+        self.entered.fetch_add(1, Ordering::Relaxed);
+        let _pass = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|_| tonic::Status::unavailable("gate closed"))?;
+        Ok(tonic::Response::new(EchoReply {
+            message: request.into_inner().message,
+            payload: Vec::new(),
+            server_id: "gated".into(),
+            metadata: Default::default(),
+        }))
+    }
+}
+
+async fn gated_server() -> (Gated, std::net::SocketAddr) {
+    let gated = Gated {
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        entered: Arc::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = keel_testkit::echo::echo_server::EchoServer::new(gated.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    (gated, addr)
+}
+
+/// The bulkhead (`max_concurrent`): calls beyond the cap are rejected before they are sent, with
+/// RESOURCE_EXHAUSTED and `is_bulkhead_full`, even when idempotent (no retry can help); with
+/// `max_concurrent_wait` a call waits for a slot, and is rejected when none frees in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulkhead_caps_concurrent_calls() {
+    let (gated, addr) = gated_server().await;
+    let channel = GrpcChannel::builder("echo")
+        .max_concurrent(2)
+        .endpoints([format!("http://{addr}")])
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut client = EchoClient::new(channel.clone());
+        held.push(tokio::spawn(async move {
+            echo(&mut client, request("held")).await
+        }));
+    }
+    eventually(
+        "two calls in the server",
+        Duration::from_secs(10),
+        || async { (gated.entered.load(Ordering::Relaxed) == 2).then_some(()) },
+    )
+    .await
+    .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    let mut req = request("third");
+    req.extensions_mut().insert(Idempotent);
+    let status = echo(&mut client, req).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    let error = Error::from_status(&status).expect("a client-side error");
+    assert!(error.is_bulkhead_full(), "{error:?}");
+    assert_eq!(error.http_status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(gated.entered.load(Ordering::Relaxed), 2, "never sent");
+
+    gated.gate.add_permits(1_000);
+    for h in held {
+        h.await.unwrap().unwrap();
+    }
+    // The slots are free again.
+    echo(&mut client, request("after")).await.unwrap();
+
+    // With a bounded wait: a call queues for the slot and gets it when the holder finishes…
+    let (gated, addr) = gated_server().await;
+    let channel = GrpcChannel::builder("echo")
+        .max_concurrent(1)
+        .max_concurrent_wait(Duration::from_secs(30))
+        .endpoints([format!("http://{addr}")])
+        .unwrap();
+    let mut first = EchoClient::new(channel.clone());
+    let first = tokio::spawn(async move { echo(&mut first, request("first")).await });
+    eventually(
+        "the first call in the server",
+        Duration::from_secs(10),
+        || async { (gated.entered.load(Ordering::Relaxed) == 1).then_some(()) },
+    )
+    .await
+    .unwrap();
+    let mut second = EchoClient::new(channel.clone());
+    let second = tokio::spawn(async move { echo(&mut second, request("second")).await });
+    gated.gate.add_permits(1_000);
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    assert_eq!(gated.entered.load(Ordering::Relaxed), 2);
+
+    // …and is rejected when the slot stays taken past the wait.
+    let (gated, addr) = gated_server().await;
+    let channel = GrpcChannel::builder("echo")
+        .max_concurrent(1)
+        .max_concurrent_wait(Duration::from_millis(200))
+        .endpoints([format!("http://{addr}")])
+        .unwrap();
+    let mut first = EchoClient::new(channel.clone());
+    let first = tokio::spawn(async move { echo(&mut first, request("first")).await });
+    eventually(
+        "the first call in the server",
+        Duration::from_secs(10),
+        || async { (gated.entered.load(Ordering::Relaxed) == 1).then_some(()) },
+    )
+    .await
+    .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    let status = echo(&mut client, request("second")).await.unwrap_err();
+    assert!(
+        Error::from_status(&status).is_some_and(Error::is_bulkhead_full),
+        "{status:?}"
+    );
+    assert_eq!(gated.entered.load(Ordering::Relaxed), 1, "never sent");
+    gated.gate.add_permits(1_000);
+    first.await.unwrap().unwrap();
+}

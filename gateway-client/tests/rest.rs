@@ -302,3 +302,55 @@ async fn hash_and_ejection_over_discovery() {
         );
     }
 }
+
+/// The bulkhead (`max_concurrent`) for REST: calls beyond the cap are rejected before they are
+/// sent, with `is_bulkhead_full` and 503, even when idempotent (GET).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulkhead_caps_concurrent_calls() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let entered = Arc::new(AtomicU64::new(0));
+    let app = axum::Router::new().fallback({
+        let (gate, entered) = (gate.clone(), entered.clone());
+        move || {
+            let (gate, entered) = (gate.clone(), entered.clone());
+            async move {
+                entered.fetch_add(1, Ordering::Relaxed);
+                let _pass = gate.acquire().await;
+                axum::Json(json!({"ok": true}))
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let client = RestClient::builder("gated")
+        .max_concurrent(2)
+        .endpoints([format!("http://{addr}")])
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let client = client.clone();
+        held.push(tokio::spawn(
+            async move { client.get::<Value>("/held").await },
+        ));
+    }
+    eventually(
+        "two calls in the server",
+        Duration::from_secs(10),
+        || async { (entered.load(Ordering::Relaxed) == 2).then_some(()) },
+    )
+    .await
+    .unwrap();
+    let error = client.get::<Value>("/third").await.unwrap_err();
+    assert!(error.is_bulkhead_full(), "{error:?}");
+    assert_eq!(error.http_status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error.grpc_code(), tonic::Code::ResourceExhausted);
+    assert_eq!(entered.load(Ordering::Relaxed), 2, "never sent");
+
+    gate.add_permits(1_000);
+    for h in held {
+        h.await.unwrap().unwrap();
+    }
+    let _: Value = client.get("/after").await.unwrap();
+}
