@@ -47,7 +47,10 @@ impl TlsConfig {
         }
     }
 
-    /// Verify server certificates against `name` instead of the instance's host.
+    /// Verify server certificates against `name` (also sent as SNI) instead of the instance's
+    /// host, for gRPC and REST alike: for instances registered by IP address whose certificates
+    /// name a service DNS name. A REST client with a `name` that is no valid DNS name or IP
+    /// address fails to build ([`Error::is_config`](crate::Error::is_config)).
     pub fn domain(mut self, name: impl Into<String>) -> Self {
         self.domain = Some(name.into());
         self

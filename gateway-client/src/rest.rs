@@ -178,11 +178,18 @@ impl RestBuilder {
         http.set_nodelay(true);
         http.enforce_http(false);
         http.set_connect_timeout(Some(self.options.connect_timeout));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(config)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+            .https_or_http();
+        let builder = match self.options.tls.as_ref().and_then(|t| t.domain.as_deref()) {
+            Some(domain) => {
+                let name = rustls::pki_types::ServerName::try_from(domain.to_owned())
+                    .map_err(|e| Error::config(format!("invalid TLS domain {domain:?}: {e}")))?;
+                builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+            }
+            None => builder,
+        };
+        let https = builder.enable_http1().wrap_connector(http);
         let prefix: Arc<str> = Arc::from(prefix.trim_end_matches('/'));
         Ok(Arc::new(move |instance: &ServiceInstance| {
             let scheme = if instance.tls {

@@ -105,3 +105,61 @@ async fn rest_over_tls_with_a_test_ca() {
     let err = untrusting.get::<Value>("/accounts/1").await.unwrap_err();
     assert!(!err.is_status(), "{err:?}");
 }
+
+/// The server certificate names only `account.internal`; the client calls `127.0.0.1` and
+/// verifies (and sends SNI) for the name given with `TlsConfig::domain`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_over_tls_with_a_domain_override() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (ca, cert, key) = common::test_pki_for(&["account.internal"]);
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+        PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let p = RestProvider::start_tls(
+        "r-tls-domain",
+        Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+    )
+    .await;
+    let url = format!("https://127.0.0.1:{}", p.addr.port());
+
+    // Without the override the certificate does not match the host.
+    let plain = RestClient::builder("secure")
+        .max_attempts(1)
+        .tls(TlsConfig::with_ca_pem(ca.as_bytes()))
+        .endpoints([&url])
+        .unwrap();
+    let err = plain.get::<Value>("/accounts/1").await.unwrap_err();
+    assert!(!err.is_status(), "{err:?}");
+
+    let client = RestClient::builder("secure")
+        .tls(TlsConfig::with_ca_pem(ca.as_bytes()).domain("account.internal"))
+        .endpoints([&url])
+        .unwrap();
+    let v: Value = client.get("/accounts/1").await.unwrap();
+    assert_eq!(v["server"], "r-tls-domain");
+
+    // The override is what is verified: a wrong one fails.
+    let wrong = RestClient::builder("secure")
+        .max_attempts(1)
+        .tls(TlsConfig::with_ca_pem(ca.as_bytes()).domain("billing.internal"))
+        .endpoints([&url])
+        .unwrap();
+    let err = wrong.get::<Value>("/accounts/1").await.unwrap_err();
+    assert!(!err.is_status(), "{err:?}");
+
+    // An override that is no server name is a configuration error.
+    let err = RestClient::builder("secure")
+        .tls(TlsConfig::with_ca_pem(ca.as_bytes()).domain("not a name"))
+        .endpoints([&url])
+        .unwrap_err();
+    assert!(err.is_config(), "{err:?}");
+}

@@ -195,6 +195,11 @@ impl Drop for RestProvider {
 /// A test CA and a server certificate for `localhost` and `127.0.0.1`:
 /// `(ca_pem, cert_pem, key_pem)`.
 pub fn test_pki() -> (String, String, String) {
+    test_pki_for(&["localhost", "127.0.0.1"])
+}
+
+/// A test CA and a server certificate for `names` only: `(ca_pem, cert_pem, key_pem)`.
+pub fn test_pki_for(names: &[&str]) -> (String, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -207,7 +212,7 @@ pub fn test_pki() -> (String, String, String) {
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+    let leaf = CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
         .unwrap()
         .signed_by(&key, &issuer)
         .unwrap();
