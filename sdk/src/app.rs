@@ -671,6 +671,11 @@ macro_rules! configure {
         if let Some(breaker) = &cfg.breaker {
             b = b.breaker(breaker.clone());
         }
+        if let Some(bulkhead) = &cfg.bulkhead {
+            b = b
+                .max_concurrent(bulkhead.max_concurrent)
+                .max_concurrent_wait(bulkhead.max_wait);
+        }
         b.max_attempts(cfg.retry.max_attempts)
             .backoff(cfg.retry.backoff_base, cfg.retry.backoff_max)
             .retry_budget(Arc::new(keel_breaker::retry::RetryBudget::new(

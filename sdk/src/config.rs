@@ -44,6 +44,7 @@
 //! timeout = "800ms"
 //! retry = { max_attempts = 3, budget_ratio = 0.1, min_per_second = 10 }
 //! breaker = { failureRateThreshold = 50, slidingWindowSize = 20 }
+//! bulkhead = { max_concurrent = 64, max_wait = "0ms" }
 //!
 //! [messaging.payments]
 //! broker = "kafka://127.0.0.1:9092"
@@ -429,6 +430,19 @@ pub struct ClientConfig {
     pub retry: RetryConfig,
     /// The per-endpoint breaker (resilience4j field names).
     pub breaker: Option<BreakerConfig>,
+    /// A cap on this client's concurrent calls (all its endpoints together).
+    pub bulkhead: Option<BulkheadConfig>,
+}
+
+/// `[clients.NAME] bulkhead = { max_concurrent = 64, max_wait = "0ms" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkheadConfig {
+    /// Calls in flight at most; one more fails at once (unsent) with RESOURCE_EXHAUSTED / 503.
+    pub max_concurrent: usize,
+    /// How long a call may wait for a free slot before failing (default: not at all).
+    #[serde(default, deserialize_with = "duration")]
+    pub max_wait: Duration,
 }
 
 /// `[messaging.NAME]`: a destination.
@@ -548,6 +562,7 @@ mod tests {
             timeout = "800ms"
             retry = { max_attempts = 3, budget_ratio = 0.1 }
             breaker = { failureRateThreshold = 40, slidingWindowSize = 20 }
+            bulkhead = { max_concurrent = 64 }
             [messaging.payments]
             broker = "kafka://127.0.0.1:9092"
             "#,
@@ -571,6 +586,8 @@ mod tests {
         assert_eq!(account.retry.max_attempts, 5);
         assert!((account.retry.budget_ratio - 0.1).abs() < 1e-6);
         assert!((account.breaker.as_ref().unwrap().failure_rate_threshold - 40.0).abs() < 1e-6);
+        assert_eq!(account.bulkhead.as_ref().unwrap().max_concurrent, 64);
+        assert_eq!(account.bulkhead.as_ref().unwrap().max_wait, Duration::ZERO);
         assert_eq!(config.service.zone.as_deref(), Some("sh-a"));
         assert_eq!(
             config.messaging["payments"].broker,
