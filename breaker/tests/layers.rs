@@ -152,3 +152,22 @@ async fn bulkhead_bounded_wait() {
     send.send_response(());
     waiter.await.unwrap().unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn unbounded_bulkhead_passes_every_call_through() {
+    use keel_breaker::bulkhead::Bulkhead;
+    let (svc, mut handle) = mock::pair::<Req, ()>();
+    handle.allow(100);
+    let mut calls = Vec::new();
+    for _ in 0..50 {
+        let mut b = Bulkhead::unbounded(svc.clone());
+        calls.push(b.ready().await.unwrap().call(http::Request::new(())));
+    }
+    for _ in 0..50 {
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(());
+    }
+    for c in calls {
+        c.await.unwrap();
+    }
+}

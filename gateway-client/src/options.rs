@@ -110,13 +110,15 @@ impl Options {
     }
 
     /// `inner` behind the client's bulkhead: one slot per call (all attempts included), shared
-    /// by every clone of the client. Without a configured bulkhead the cap is
-    /// [`Semaphore::MAX_PERMITS`](tokio::sync::Semaphore::MAX_PERMITS), i.e. none.
+    /// by every clone of the client. Without a configured bulkhead calls pass straight through
+    /// (no semaphore per call).
     pub(crate) fn bulkhead<S>(&self, inner: S) -> Bulkhead<S> {
-        let (permits, wait) = self
-            .bulkhead
-            .unwrap_or((tokio::sync::Semaphore::MAX_PERMITS, Duration::ZERO));
-        Bulkhead::new(inner, Arc::new(tokio::sync::Semaphore::new(permits)), wait)
+        match self.bulkhead {
+            Some((permits, wait)) => {
+                Bulkhead::new(inner, Arc::new(tokio::sync::Semaphore::new(permits)), wait)
+            }
+            None => Bulkhead::unbounded(inner),
+        }
     }
 
     pub(crate) fn policy(&self) -> RetryPolicy {

@@ -36,6 +36,14 @@ impl<F> ResponseFuture<F> {
         }
     }
 
+    pub(super) fn unlimited(inner: F) -> Self {
+        Self {
+            inner: Some(inner),
+            permit: None,
+            rejected: None,
+        }
+    }
+
     pub(super) fn rejected(err: BulkheadFull) -> Self {
         Self {
             inner: None,

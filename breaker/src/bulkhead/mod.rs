@@ -31,7 +31,8 @@ use crate::BoxError;
 /// A service with a concurrency cap; see the [module docs](self).
 pub struct Bulkhead<S> {
     inner: S,
-    semaphore: PollSemaphore,
+    /// `None`: unbounded (a pass-through, no semaphore touched per call).
+    semaphore: Option<PollSemaphore>,
     max_wait: Duration,
     permit: Option<OwnedSemaphorePermit>,
     denied: Option<BulkheadFull>,
@@ -42,7 +43,13 @@ impl<S: fmt::Debug> fmt::Debug for Bulkhead<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Bulkhead")
             .field("inner", &self.inner)
-            .field("available", &self.semaphore.available_permits())
+            .field(
+                "available",
+                &self
+                    .semaphore
+                    .as_ref()
+                    .map(PollSemaphore::available_permits),
+            )
             .field("max_wait", &self.max_wait)
             .finish_non_exhaustive()
     }
@@ -50,11 +57,12 @@ impl<S: fmt::Debug> fmt::Debug for Bulkhead<S> {
 
 impl<S: Clone> Clone for Bulkhead<S> {
     fn clone(&self) -> Self {
-        Self::new(
-            self.inner.clone(),
-            self.semaphore.clone_inner(),
-            self.max_wait,
-        )
+        match &self.semaphore {
+            Some(semaphore) => {
+                Self::new(self.inner.clone(), semaphore.clone_inner(), self.max_wait)
+            }
+            None => Self::unbounded(self.inner.clone()),
+        }
     }
 }
 
@@ -63,8 +71,21 @@ impl<S> Bulkhead<S> {
     pub fn new(inner: S, semaphore: Arc<Semaphore>, max_wait: Duration) -> Self {
         Self {
             inner,
-            semaphore: PollSemaphore::new(semaphore),
+            semaphore: Some(PollSemaphore::new(semaphore)),
             max_wait,
+            permit: None,
+            denied: None,
+            timer: None,
+        }
+    }
+
+    /// Wraps `inner` without a cap: calls pass straight through (no semaphore, no permit), so a
+    /// stack can keep one type whether or not a bulkhead is configured.
+    pub fn unbounded(inner: S) -> Self {
+        Self {
+            inner,
+            semaphore: None,
+            max_wait: Duration::ZERO,
             permit: None,
             denied: None,
             timer: None,
@@ -82,9 +103,12 @@ where
     type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let Some(semaphore) = self.semaphore.as_mut() else {
+            return self.inner.poll_ready(cx).map_err(Into::into);
+        };
         if self.permit.is_none() && self.denied.is_none() {
             if self.max_wait.is_zero() {
-                match self.semaphore.clone_inner().try_acquire_owned() {
+                match semaphore.clone_inner().try_acquire_owned() {
                     Ok(permit) => self.permit = Some(permit),
                     Err(_) => {
                         self.denied = Some(BulkheadFull::new());
@@ -92,7 +116,7 @@ where
                     }
                 }
             } else {
-                match self.semaphore.poll_acquire(cx) {
+                match semaphore.poll_acquire(cx) {
                     Poll::Ready(Some(permit)) => {
                         self.permit = Some(permit);
                         self.timer = None;
@@ -112,7 +136,7 @@ where
                         self.timer = None;
                         // Leave the semaphore's queue: a stale waiter would otherwise take the
                         // next free slot and sit on it.
-                        self.semaphore = PollSemaphore::new(self.semaphore.clone_inner());
+                        *semaphore = PollSemaphore::new(semaphore.clone_inner());
                         self.denied = Some(BulkheadFull::after_wait());
                         return Poll::Ready(Ok(()));
                     }
@@ -126,6 +150,9 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
+        if self.semaphore.is_none() {
+            return ResponseFuture::unlimited(self.inner.call(req));
+        }
         if let Some(err) = self.denied.take() {
             return ResponseFuture::rejected(err);
         }
