@@ -116,7 +116,8 @@ impl<B> Classify<http::Response<B>> for DefaultClassifier {
 
 const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
-fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
+/// The `grpc-status` in `headers` (a trailers-only response's headers, or trailers), if any.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
     headers
         .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())

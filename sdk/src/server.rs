@@ -14,8 +14,9 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderValue, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use keel_breaker::classify::grpc_status;
 use keel_breaker::deadline::Deadline;
 use keel_breaker::request::{IDEMPOTENCY_KEY_HEADER, IdempotencyKey};
 use keel_core::propagation::{HeaderExtractor, extract};
@@ -235,22 +236,15 @@ impl<F> std::fmt::Debug for ServerFuture<F> {
     }
 }
 
-fn grpc_code(headers: &HeaderMap) -> Option<i32> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
-fn grpc_code_name(code: i32) -> String {
-    format!("{:?}", tonic::Code::from_i32(code))
+fn grpc_code_name(code: tonic::Code) -> String {
+    format!("{code:?}")
 }
 
 /// gRPC codes counted as server errors in the RED metrics (the caller's mistakes are not).
-fn grpc_is_error(code: i32) -> bool {
+fn grpc_is_error(code: tonic::Code) -> bool {
     use tonic::Code;
     matches!(
-        Code::from_i32(code),
+        code,
         Code::Unknown
             | Code::DeadlineExceeded
             | Code::ResourceExhausted
@@ -283,7 +277,7 @@ where
                         if grpc {
                             // Trailers-only: the status is in the headers; otherwise the body's
                             // trailers carry it.
-                            if let Some(code) = grpc_code(&parts.headers) {
+                            if let Some(code) = grpc_status(&parts.headers) {
                                 r.record(&grpc_code_name(code), grpc_is_error(code));
                             }
                         } else {
@@ -383,7 +377,7 @@ where
                     match &frame {
                         Some(Ok(f)) => {
                             if let Some(trailers) = f.trailers_ref() {
-                                let code = grpc_code(trailers).unwrap_or(0);
+                                let code = grpc_status(trailers).unwrap_or(tonic::Code::Ok);
                                 r.record(&grpc_code_name(code), grpc_is_error(code));
                             }
                         }

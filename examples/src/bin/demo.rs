@@ -338,7 +338,6 @@ async fn run() -> Result<bool, BoxError> {
 }
 
 async fn drive(args: &Args, fleet: &mut Fleet, prefix: &str) -> Result<bool, BoxError> {
-    let _ = prefix;
     let registry = ZkRegistry::connect(ZkConfig::new(args.zk.clone()).with_dialect(
         keel::registry::Dialect::Spring(
             keel::registry::dialect::SpringOptions::default().with_root(args.root.clone()),
