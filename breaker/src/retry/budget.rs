@@ -13,14 +13,21 @@ use crate::clock::Clock;
 /// lets low-traffic services retry at all. The window advances in one-second slots; expired slots
 /// give back what they held. Lock-free: atomics only.
 ///
+/// A deposit (every request) writes one atomic: the current second's slot. The balance (reserve
+/// plus the slots) is summed only on a withdrawal (a retry, which is rare), and a withdrawal takes
+/// its share from the current slot with a compare-and-swap, so concurrent withdrawals cannot
+/// overdraw the balance they read.
+///
 /// Why a budget rather than just a cap on attempts: with "3 attempts" every caller triples the
 /// load on a struggling dependency exactly when it can least take it; a budget bounds the extra
 /// load to a fixed fraction of the normal load.
 pub struct RetryBudget {
     clock: Clock,
+    /// Net deposits (deposits minus withdrawals) of each second of the window, by second modulo
+    /// the window's length.
     slots: Box<[AtomicI64]>,
-    balance: AtomicI64,
     last_second: AtomicU64,
+    reserve: i64,
     deposit: i64,
     withdraw: i64,
 }
@@ -29,7 +36,7 @@ impl fmt::Debug for RetryBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryBudget")
             .field("ttl_secs", &self.slots.len())
-            .field("balance", &self.balance.load(Ordering::Relaxed))
+            .field("balance", &self.balance())
             .finish_non_exhaustive()
     }
 }
@@ -48,8 +55,8 @@ impl RetryBudget {
         Self::with_clock(ttl, min_per_sec, retry_ratio, Clock::default())
     }
 
-    /// As [`new`](Self::new), reading time from `clock` (a coarse clock makes a deposit a few
-    /// atomic operations with no clock read).
+    /// As [`new`](Self::new), reading time from `clock` (with a coarse clock a deposit is one
+    /// atomic add and no clock read).
     pub fn with_clock(ttl: Duration, min_per_sec: u32, retry_ratio: f32, clock: Clock) -> Self {
         let ttl_secs = ttl.as_secs().clamp(1, 60);
         let ratio = f64::from(retry_ratio).clamp(0.0, 1000.0);
@@ -65,67 +72,95 @@ impl RetryBudget {
         Self {
             clock,
             slots: (0..ttl_secs).map(|_| AtomicI64::new(0)).collect(),
-            balance: AtomicI64::new(reserve),
             last_second: AtomicU64::new(0),
+            reserve,
             deposit,
             withdraw,
         }
     }
 
+    /// Moves the window to the current second (clearing the slots of the seconds that left it);
+    /// returns the current second's slot.
+    #[inline]
     fn advance(&self) -> usize {
         let now = self.clock.now_ms() / 1000;
         let n = self.slots.len() as u64;
-        let mut last = self.last_second.load(Ordering::Acquire);
+        let last = self.last_second.load(Ordering::Acquire);
+        if now > last {
+            self.advance_slow(now, last);
+        }
+        (now % n) as usize
+    }
+
+    #[cold]
+    fn advance_slow(&self, now: u64, mut last: u64) {
+        let n = self.slots.len() as u64;
         while now > last {
             match self
                 .last_second
                 .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => {
-                    // Slots for seconds (last, now] are reused: give back what they held.
+                    // Slots for seconds (last, now] are reused: what they held leaves the window.
                     let from = last + 1;
                     let to = now.min(last + n);
                     for second in from..=to {
-                        let held = self.slots[(second % n) as usize].swap(0, Ordering::AcqRel);
-                        self.balance.fetch_sub(held, Ordering::AcqRel);
+                        self.slots[(second % n) as usize].store(0, Ordering::Release);
                     }
                     break;
                 }
                 Err(actual) => last = actual,
             }
         }
-        (now % n) as usize
+    }
+
+    /// The reserve plus the net deposits of the window, leaving out slot `skip` (if in range).
+    fn balance_without(&self, skip: usize) -> i64 {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != skip)
+            .fold(self.reserve, |sum, (_, slot)| {
+                sum.saturating_add(slot.load(Ordering::Acquire))
+            })
+    }
+
+    /// The reserve plus the net deposits of the window.
+    fn balance(&self) -> i64 {
+        self.balance_without(usize::MAX)
     }
 
     /// Records a request.
+    #[inline]
     pub fn deposit(&self) {
         if self.deposit == 0 {
             return;
         }
         let slot = self.advance();
         self.slots[slot].fetch_add(self.deposit, Ordering::AcqRel);
-        self.balance.fetch_add(self.deposit, Ordering::AcqRel);
     }
 
     /// Takes one retry from the budget; false when the budget is spent.
     pub fn withdraw(&self) -> bool {
-        let slot = self.advance();
-        let mut balance = self.balance.load(Ordering::Acquire);
+        let index = self.advance();
+        let slot = &self.slots[index];
+        let mut current = slot.load(Ordering::Acquire);
         loop {
+            // Only the current slot is written by deposits and withdrawals, so the swap below
+            // fails if anything that decides this withdrawal changed meanwhile (a slot cleared
+            // in between is the window moving on: the retry counts as made just before).
+            let balance = self.balance_without(index).saturating_add(current);
             if balance < self.withdraw {
                 return false;
             }
-            match self.balance.compare_exchange_weak(
-                balance,
-                balance - self.withdraw,
+            match slot.compare_exchange_weak(
+                current,
+                current - self.withdraw,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => {
-                    self.slots[slot].fetch_sub(self.withdraw, Ordering::AcqRel);
-                    return true;
-                }
-                Err(actual) => balance = actual,
+                Ok(_) => return true,
+                Err(actual) => current = actual,
             }
         }
     }
