@@ -21,7 +21,8 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<B> {
-        Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        // Trailers boxed: rare on requests, and this body is moved with every request.
+        Full { data: Option<Bytes>, trailers: Option<Box<HeaderMap>> },
         Stream { prefix: Option<Bytes>, error: Option<BoxError>, #[pin] rest: B },
     }
 }
@@ -41,12 +42,21 @@ impl<B> fmt::Debug for ReplayBody<B> {
 impl<B> ReplayBody<B> {
     /// A body of `data` (and optional trailers).
     pub fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Self::buffered(data, trailers.map(Box::new))
+    }
+
+    pub(crate) fn buffered(data: Bytes, trailers: Option<Box<HeaderMap>>) -> Self {
         Self {
             kind: Kind::Full {
                 data: (!data.is_empty()).then_some(data),
                 trailers,
             },
         }
+    }
+
+    /// The caller's body, sent as it is (never replayed).
+    pub(crate) fn once(body: B) -> Self {
+        Self::stream(None, None, body)
     }
 
     fn stream(prefix: Option<Bytes>, error: Option<BoxError>, rest: B) -> Self {
@@ -82,7 +92,7 @@ where
                 if let Some(data) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
             }
             KindProj::Stream {
                 prefix,
@@ -131,21 +141,37 @@ where
 }
 
 /// The outcome of trying to buffer a request body.
-pub(crate) enum Collected<B> {
+pub(crate) enum Collected {
     /// The whole body, within the cap.
     Whole {
         data: Bytes,
-        trailers: Option<HeaderMap>,
+        trailers: Option<Box<HeaderMap>>,
     },
-    /// Too large, failed, or not immediately available: send once.
-    Once(ReplayBody<B>),
+    /// Too large, failed, or not immediately available: send once, as what was read so far
+    /// (`prefix`, then `error` if reading failed) followed by the rest of the body.
+    Partial {
+        prefix: Option<Bytes>,
+        error: Option<BoxError>,
+    },
+}
+
+impl Collected {
+    /// The body to send: buffered, or the rest of `body` after what was read.
+    pub(crate) fn into_body<B>(self, body: B) -> ReplayBody<B> {
+        match self {
+            Collected::Whole { data, trailers } => ReplayBody::buffered(data, trailers),
+            Collected::Partial { prefix, error } => ReplayBody::stream(prefix, error, body),
+        }
+    }
 }
 
 /// Buffers `body` if it is complete *without waiting* and at most `cap` bytes. A body that is
 /// still being produced (it returns `Pending`) is a stream and is sent as is, never replayed;
 /// this is what keeps client-streaming calls from being buffered or replayed, while a unary
 /// gRPC request (encoded in one go) or an in-memory REST body is buffered.
-pub(crate) fn collect<B>(mut body: B, cap: usize) -> Collected<B>
+///
+/// The body is read in place: after [`Collected::Partial`] it holds the rest of the stream.
+pub(crate) fn collect<B>(body: &mut B, cap: usize) -> Collected
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -157,7 +183,10 @@ where
         };
     }
     if body.size_hint().lower() > cap as u64 {
-        return Collected::Once(ReplayBody::stream(None, None, body));
+        return Collected::Partial {
+            prefix: None,
+            error: None,
+        };
     }
     let mut cx = Context::from_waker(Waker::noop());
     let mut first: Option<Bytes> = None;
@@ -167,7 +196,7 @@ where
         None => first,
     };
     loop {
-        match Pin::new(&mut body).poll_frame(&mut cx) {
+        match Pin::new(&mut *body).poll_frame(&mut cx) {
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
                     let len = first.as_ref().map_or(0, Bytes::len)
@@ -184,15 +213,14 @@ where
                         first = Some(data);
                     }
                     if len > cap {
-                        return Collected::Once(ReplayBody::stream(
-                            joined(first, more),
-                            None,
-                            body,
-                        ));
+                        return Collected::Partial {
+                            prefix: joined(first, more),
+                            error: None,
+                        };
                     }
                 }
                 Err(frame) => {
-                    let trailers = frame.into_trailers().ok();
+                    let trailers = frame.into_trailers().ok().map(Box::new);
                     return Collected::Whole {
                         data: joined(first, more).unwrap_or_default(),
                         trailers,
@@ -200,11 +228,10 @@ where
                 }
             },
             Poll::Ready(Some(Err(err))) => {
-                return Collected::Once(ReplayBody::stream(
-                    joined(first, more),
-                    Some(err.into()),
-                    body,
-                ));
+                return Collected::Partial {
+                    prefix: joined(first, more),
+                    error: Some(err.into()),
+                };
             }
             Poll::Ready(None) => {
                 return Collected::Whole {
@@ -213,7 +240,10 @@ where
                 };
             }
             Poll::Pending => {
-                return Collected::Once(ReplayBody::stream(joined(first, more), None, body));
+                return Collected::Partial {
+                    prefix: joined(first, more),
+                    error: None,
+                };
             }
         }
     }

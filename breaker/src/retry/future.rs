@@ -17,9 +17,21 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Called { #[pin] fut: F },
-        Backoff { #[pin] sleep: Sleep },
+        // Boxed: only a retry sleeps, and the timer is large.
+        Backoff { sleep: Pin<Box<Sleep>> },
         Ready,
     }
+}
+
+/// What a call that may be retried keeps between attempts.
+pub(super) struct Retrying<S, C> {
+    pub(super) service: S,
+    pub(super) policy: Arc<RetryPolicy>,
+    pub(super) classifier: C,
+    pub(super) template: Template,
+    pub(super) attempts: u32,
+    pub(super) replay_safe: bool,
+    pub(super) deadline: Option<Deadline>,
 }
 
 pin_project! {
@@ -27,48 +39,72 @@ pin_project! {
     pub struct ResponseFuture<S, F, B, C> {
         #[pin]
         state: State<F>,
-        service: S,
-        template: Option<Template>,
-        attempts: u32,
-        policy: Arc<RetryPolicy>,
-        classifier: C,
-        replay_safe: bool,
-        deadline: Option<Deadline>,
+        // `None` when the call cannot be retried (one attempt allowed, or a streaming body).
+        retry: Option<Retrying<S, C>>,
         _body: std::marker::PhantomData<fn(B)>,
     }
 }
 
 impl<S, F, B, C> fmt::Debug for ResponseFuture<S, F, B, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture")
-            .field("attempts", &self.attempts)
-            .field("replayable", &self.template.is_some())
-            .field("replay_safe", &self.replay_safe)
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("ResponseFuture");
+        d.field("replayable", &self.retry.is_some());
+        if let Some(retry) = &self.retry {
+            d.field("attempts", &retry.attempts)
+                .field("replay_safe", &retry.replay_safe);
+        }
+        d.finish_non_exhaustive()
     }
 }
 
 impl<S, F, B, C> ResponseFuture<S, F, B, C> {
-    pub(super) fn new(
-        fut: F,
-        service: S,
-        template: Option<Template>,
-        policy: Arc<RetryPolicy>,
-        classifier: C,
-        replay_safe: bool,
-        deadline: Option<Deadline>,
-    ) -> Self {
+    /// A call that is never retried.
+    #[inline]
+    pub(super) fn once(fut: F) -> Self {
         Self {
             state: State::Called { fut },
-            service,
-            template,
-            attempts: 1,
-            policy,
-            classifier,
-            replay_safe,
-            deadline,
+            retry: None,
             _body: std::marker::PhantomData,
         }
+    }
+
+    /// A call that may be retried.
+    #[inline]
+    pub(super) fn retrying(fut: F, retry: Retrying<S, C>) -> Self {
+        Self {
+            state: State::Called { fut },
+            retry: Some(retry),
+            _body: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<S, C> Retrying<S, C> {
+    /// The backoff before the next attempt, if the call is to be retried after `outcome`.
+    #[cold]
+    fn next_delay(&self, outcome: crate::classify::Outcome) -> Option<std::time::Duration> {
+        if self.attempts >= self.policy.max_attempts
+            || !self.policy.wants_retry(outcome, self.replay_safe)
+        {
+            return None;
+        }
+        let delay = self.policy.backoff_for(self.attempts);
+        if let Some(deadline) = self.deadline
+            && Instant::now() + delay >= deadline.0
+        {
+            return None;
+        }
+        if !self.policy.budget.withdraw() {
+            tracing::debug!(attempts = self.attempts, "retry budget exhausted");
+            return None;
+        }
+        tracing::debug!(
+            attempt = self.attempts + 1,
+            ?outcome,
+            delay_ms = delay.as_millis() as u64,
+            "retrying"
+        );
+        Some(delay)
     }
 }
 
@@ -88,48 +124,35 @@ where
             match this.state.as_mut().project() {
                 StateProj::Called { fut } => {
                     let result = ready!(fut.poll(cx)).map_err(Into::into);
-                    let outcome = match &result {
-                        Ok(res) => this.classifier.classify_response(res),
-                        Err(err) => this.classifier.classify_error(err.as_ref()),
+                    let Some(retry) = this.retry.as_mut() else {
+                        return Poll::Ready(result);
                     };
-                    if this.template.is_none()
-                        || *this.attempts >= this.policy.max_attempts
-                        || !this.policy.wants_retry(outcome, *this.replay_safe)
-                    {
+                    let outcome = match &result {
+                        Ok(res) => retry.classifier.classify_response(res),
+                        Err(err) => retry.classifier.classify_error(err.as_ref()),
+                    };
+                    if outcome.retry_class().is_none() {
                         return Poll::Ready(result);
                     }
-                    let delay = this.policy.backoff_for(*this.attempts);
-                    if let Some(deadline) = this.deadline
-                        && Instant::now() + delay >= deadline.0
-                    {
+                    let Some(delay) = retry.next_delay(outcome) else {
                         return Poll::Ready(result);
-                    }
-                    if !this.policy.budget.withdraw() {
-                        tracing::debug!(attempts = *this.attempts, "retry budget exhausted");
-                        return Poll::Ready(result);
-                    }
-                    tracing::debug!(
-                        attempt = *this.attempts + 1,
-                        ?outcome,
-                        delay_ms = delay.as_millis() as u64,
-                        "retrying"
-                    );
+                    };
                     this.state.set(State::Backoff {
-                        sleep: tokio::time::sleep(delay),
+                        sleep: Box::pin(tokio::time::sleep(delay)),
                     });
                 }
                 StateProj::Backoff { sleep } => {
-                    ready!(sleep.poll(cx));
+                    ready!(sleep.as_mut().poll(cx));
                     this.state.set(State::Ready);
                 }
                 StateProj::Ready => {
-                    ready!(this.service.poll_ready(cx)).map_err(Into::into)?;
-                    let Some(template) = this.template.as_ref() else {
+                    let Some(retry) = this.retry.as_mut() else {
                         return Poll::Ready(Err("retry without a request to replay".into()));
                     };
-                    let req = template.build(*this.deadline);
-                    *this.attempts += 1;
-                    let fut = this.service.call(req);
+                    ready!(retry.service.poll_ready(cx)).map_err(Into::into)?;
+                    let req = retry.template.build(retry.deadline);
+                    retry.attempts += 1;
+                    let fut = retry.service.call(req);
                     this.state.set(State::Called { fut });
                 }
             }

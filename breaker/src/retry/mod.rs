@@ -44,7 +44,7 @@ pub use layer::RetryLayer;
 use crate::BoxError;
 use crate::classify::{Classify, DefaultClassifier, FailureClass, Outcome};
 use crate::deadline::Deadline;
-use crate::request::{is_replay_safe, stamp_idempotency_key};
+use crate::request::{IDEMPOTENCY_KEY_HEADER, idempotency_key_to_stamp, is_replay_safe};
 use body::{Collected, collect};
 
 /// What to retry and how often.
@@ -197,13 +197,37 @@ pub(crate) struct Template {
     headers: http::HeaderMap,
     extensions: http::Extensions,
     data: Bytes,
-    trailers: Option<http::HeaderMap>,
+    /// Boxed: request trailers are rare, and the template lives in every call's future.
+    trailers: Option<Box<http::HeaderMap>>,
 }
 
 impl Template {
+    /// Copies what to replay from `req` (whose body is `data` and `trailers`, buffered).
+    fn new(
+        parts: &http::request::Parts,
+        data: Bytes,
+        trailers: Option<Box<http::HeaderMap>>,
+    ) -> Self {
+        Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: if parts.headers.is_empty() {
+                http::HeaderMap::new()
+            } else {
+                parts.headers.clone()
+            },
+            extensions: parts.extensions.clone(),
+            data,
+            trailers,
+        }
+    }
+
     fn build<B>(&self, deadline: Option<Deadline>) -> http::Request<ReplayBody<B>> {
-        let mut req =
-            http::Request::new(ReplayBody::full(self.data.clone(), self.trailers.clone()));
+        let mut req = http::Request::new(ReplayBody::buffered(
+            self.data.clone(),
+            self.trailers.clone(),
+        ));
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
@@ -233,42 +257,43 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let (mut parts, body) = req.into_parts();
-        stamp_idempotency_key(&mut parts.headers, &parts.extensions);
-        let replay_safe = is_replay_safe(&parts.headers, &parts.extensions);
-        let deadline = parts.extensions.get::<Deadline>().copied();
+        let (mut parts, mut body) = req.into_parts();
+        if !parts.extensions.is_empty()
+            && let Some(key) = idempotency_key_to_stamp(&parts.headers, &parts.extensions)
+        {
+            parts.headers.insert(IDEMPOTENCY_KEY_HEADER, key);
+        }
         self.policy.budget.deposit();
-        let (body, template) = if self.policy.max_attempts > 1 {
-            match collect(body, self.policy.max_replay_body) {
-                Collected::Whole { data, trailers } => {
-                    let template = Template {
-                        method: parts.method.clone(),
-                        uri: parts.uri.clone(),
-                        version: parts.version,
-                        headers: parts.headers.clone(),
-                        extensions: parts.extensions.clone(),
-                        data: data.clone(),
-                        trailers: trailers.clone(),
-                    };
-                    (ReplayBody::full(data, trailers), Some(template))
-                }
-                Collected::Once(body) => (body, None),
-            }
-        } else {
-            match collect(body, 0) {
-                Collected::Whole { data, trailers } => (ReplayBody::full(data, trailers), None),
-                Collected::Once(body) => (body, None),
+        if self.policy.max_attempts <= 1 {
+            // Never retried: the body goes as it is, unbuffered.
+            let req = http::Request::from_parts(parts, ReplayBody::once(body));
+            return ResponseFuture::once(self.inner.call(req));
+        }
+        let (data, trailers) = match collect(&mut body, self.policy.max_replay_body) {
+            Collected::Whole { data, trailers } => (data, trailers),
+            partial => {
+                let req = http::Request::from_parts(parts, partial.into_body(body));
+                return ResponseFuture::once(self.inner.call(req));
             }
         };
-        let fut = self.inner.call(http::Request::from_parts(parts, body));
-        ResponseFuture::new(
+        drop(body);
+        let template = Template::new(&parts, data.clone(), trailers.clone());
+        let replay_safe = !(parts.headers.is_empty() && parts.extensions.is_empty())
+            && is_replay_safe(&parts.headers, &parts.extensions);
+        let deadline = parts.extensions.get::<Deadline>().copied();
+        let req = http::Request::from_parts(parts, ReplayBody::buffered(data, trailers));
+        let fut = self.inner.call(req);
+        ResponseFuture::retrying(
             fut,
-            self.inner.clone(),
-            template,
-            Arc::clone(&self.policy),
-            self.classifier.clone(),
-            replay_safe,
-            deadline,
+            future::Retrying {
+                service: self.inner.clone(),
+                policy: Arc::clone(&self.policy),
+                classifier: self.classifier.clone(),
+                template,
+                attempts: 1,
+                replay_safe,
+                deadline,
+            },
         )
     }
 }
