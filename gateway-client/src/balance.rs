@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use keel_breaker::breaker::Breaker;
+use keel_breaker::breaker::{Breaker, CircuitBreakerLayer, Mode};
 use keel_core::ServiceInstance;
 use tokio::time::Instant;
 
@@ -161,6 +161,8 @@ pub(crate) struct EndpointState<C> {
     pub(crate) instance: ServiceInstance,
     pub(crate) conn: C,
     pub(crate) breaker: Breaker,
+    /// Builds the per-call breaker guard (built once: it holds the breaker's per-CPU stripes).
+    pub(crate) gate: CircuitBreakerLayer,
     pub(crate) load: Load,
     pub(crate) weight: u64,
     pub(crate) added_ns: u64,
@@ -324,6 +326,7 @@ impl<C> Set<C> {
             uid: self.next_uid.fetch_add(1, Ordering::Relaxed),
             instance,
             conn,
+            gate: CircuitBreakerLayer::new(breaker.clone()).mode(Mode::Gate),
             breaker,
             load: Load::new(self.config.default_rtt),
             weight,

@@ -11,10 +11,11 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use keel_breaker::BoxError;
-use keel_breaker::breaker::{self, CircuitBreaker, Mode, State};
+use keel_breaker::breaker::{self, CircuitBreaker, State};
 use keel_breaker::classify::DefaultClassifier;
 use keel_breaker::retry::ReplayBody;
 use pin_project_lite::pin_project;
+use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::balance::{EndpointState, HashKey, Set, Snapshot};
@@ -165,12 +166,7 @@ where
     if skip != 0 && set.now_ns() < skip {
         return Admit::No;
     }
-    let mut cb = CircuitBreaker::with_classifier(
-        ep.conn.clone(),
-        ep.breaker.clone(),
-        DefaultClassifier,
-        Mode::Gate,
-    );
+    let mut cb = ep.gate.layer(ep.conn.clone());
     match cb.poll_ready(cx) {
         Poll::Ready(Ok(())) => {
             if skip != 0 {

@@ -19,6 +19,7 @@ mod error;
 mod future;
 mod layer;
 
+use std::io::Write as _;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -86,23 +87,9 @@ pub enum Protocol {
 
 /// Formats a gRPC `TimeoutValue`: at most 8 digits and a unit, rounded down.
 pub fn format_grpc_timeout(remaining: Duration) -> String {
-    const MAX: u128 = 99_999_999;
-    let ms = remaining.as_millis();
-    if ms == 0 {
-        let us = remaining.as_micros();
-        if us == 0 {
-            return format!("{}n", remaining.as_nanos());
-        }
-        return format!("{us}u");
-    }
-    if ms <= MAX {
-        return format!("{ms}m");
-    }
-    let secs = remaining.as_secs();
-    if u128::from(secs) <= MAX {
-        return format!("{secs}S");
-    }
-    format!("{}M", (secs / 60).min(99_999_999))
+    let mut out = Vec::with_capacity(10);
+    write_grpc_timeout(&mut out, remaining);
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// Parses a gRPC `TimeoutValue` (`799m`, `1S`, `100u`, …).
@@ -139,14 +126,43 @@ pub fn stamp(headers: &mut HeaderMap, deadline: Deadline, protocol: Protocol) {
                     .is_some_and(|ct| ct.starts_with("application/grpc"))
         }
     };
-    let (name, value) = if grpc {
-        (GRPC_TIMEOUT, format_grpc_timeout(remaining))
+    // Formatted on the stack: the header value is the call's only allocation here.
+    let mut buf = [0u8; 24];
+    let mut out = std::io::Cursor::new(&mut buf[..]);
+    let name = if grpc {
+        write_grpc_timeout(&mut out, remaining);
+        GRPC_TIMEOUT
     } else {
-        (KEEL_DEADLINE, remaining.as_millis().to_string())
+        let _ = write!(out, "{}", remaining.as_millis());
+        KEEL_DEADLINE
     };
-    if let Ok(value) = HeaderValue::from_str(&value) {
+    let len = usize::try_from(out.position()).unwrap_or(0);
+    if let Ok(value) = HeaderValue::from_bytes(&buf[..len]) {
         headers.insert(name, value);
     }
+}
+
+/// [`format_grpc_timeout`] into `out` (at most 9 bytes; a 24-byte buffer never fills).
+fn write_grpc_timeout(out: &mut impl std::io::Write, remaining: Duration) {
+    const MAX: u128 = 99_999_999;
+    let ms = remaining.as_millis();
+    let _ = if ms == 0 {
+        let us = remaining.as_micros();
+        if us == 0 {
+            write!(out, "{}n", remaining.as_nanos())
+        } else {
+            write!(out, "{us}u")
+        }
+    } else if ms <= MAX {
+        write!(out, "{ms}m")
+    } else {
+        let secs = remaining.as_secs();
+        if u128::from(secs) <= MAX {
+            write!(out, "{secs}S")
+        } else {
+            write!(out, "{}M", (secs / 60).min(99_999_999))
+        }
+    };
 }
 
 /// Re-stamps the deadline header already present in `headers` (used before each retry).
