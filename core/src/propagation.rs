@@ -57,18 +57,16 @@ pub const REQUEST_ID: &str = "x-request-id";
 ///
 /// Nothing is written for a context without a valid span; no `baggage` header for empty baggage.
 pub fn inject(cx: &Context, injector: &mut dyn Injector) {
-    let span = cx.span();
-    let sc = span.span_context();
+    inject_span(cx.span().span_context(), cx, injector);
+}
+
+/// Writes `sc` as the W3C trace context (e.g. a client span started under `cx`) and the baggage
+/// of `cx` through `injector`.
+///
+/// Nothing is written for an invalid `sc`; no `baggage` header for empty baggage.
+pub fn inject_span(sc: &SpanContext, cx: &Context, injector: &mut dyn Injector) {
     if sc.is_valid() {
-        injector.set(
-            TRACEPARENT,
-            format!(
-                "00-{}-{}-{:02x}",
-                sc.trace_id(),
-                sc.span_id(),
-                sc.trace_flags().to_u8() & TraceFlags::SAMPLED.to_u8()
-            ),
-        );
+        injector.set(TRACEPARENT, traceparent(sc));
         let state = sc.trace_state().header();
         if !state.is_empty() {
             injector.set(TRACESTATE, state);
@@ -95,6 +93,19 @@ pub fn inject(cx: &Context, injector: &mut dyn Injector) {
 /// [`inject`] for the current context ([`Context::current`]).
 pub fn inject_current(injector: &mut dyn Injector) {
     inject(&Context::current(), injector);
+}
+
+/// The `traceparent` value of `sc` (`00-{trace id}-{span id}-{flags}`), in one allocation.
+pub fn traceparent(sc: &SpanContext) -> String {
+    let mut out = String::with_capacity(55);
+    let _ = write!(
+        out,
+        "00-{}-{}-{:02x}",
+        sc.trace_id(),
+        sc.span_id(),
+        sc.trace_flags().to_u8() & TraceFlags::SAMPLED.to_u8()
+    );
+    out
 }
 
 /// Reads W3C trace context and baggage through `extractor` into a new context.
@@ -212,10 +223,14 @@ pub struct HeaderInjector<'a>(pub &'a mut HeaderMap);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(key.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) {
+        // The W3C names as static header names, and the value's buffer reused: no copies.
+        let name = match key {
+            TRACEPARENT => Ok(HeaderName::from_static(TRACEPARENT)),
+            TRACESTATE => Ok(HeaderName::from_static(TRACESTATE)),
+            BAGGAGE => Ok(HeaderName::from_static(BAGGAGE)),
+            _ => HeaderName::from_bytes(key.as_bytes()),
+        };
+        if let (Ok(name), Ok(value)) = (name, HeaderValue::try_from(value)) {
             self.0.insert(name, value);
         }
     }

@@ -15,6 +15,7 @@ use keel_breaker::request::is_replay_safe;
 use keel_breaker::retry::{ReplayBody, Retry};
 use keel_core::{Endpoint, ServiceInstance};
 use keel_registry::Registry;
+use opentelemetry::KeyValue;
 use pin_project_lite::pin_project;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -30,6 +31,7 @@ use crate::error::Error;
 use crate::lb::{Balancer, Memo};
 use crate::metrics::{ClientMetrics, MethodMetrics};
 use crate::options::{Options, Shared};
+use crate::span::{self, CallSpan};
 
 /// One endpoint's HTTP/2 connection: a tonic [`Channel`] whose connect failures (TCP or TLS)
 /// are marked [`NotSent`], so they are retried elsewhere and map to `UNAVAILABLE`; a failure
@@ -364,26 +366,23 @@ impl Service<http::Request<Body>> for GrpcChannel {
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
-        let memo = self
-            .shared
-            .prepare(&mut parts.headers, &mut parts.extensions);
+        let shared = &self.shared;
+        let method = shared.metrics.method(parts.uri.path());
+        let parent = span::parent(&parts.headers);
+        let span = CallSpan::start(&shared.tracer, "grpc.client", &parent, || {
+            [
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("rpc.service", span::shared(&shared.service_value)),
+                KeyValue::new("rpc.method", span::shared(&method.name)),
+            ]
+        });
+        let memo = shared.prepare(&mut parts.headers, &mut parts.extensions, &span, &parent);
+        drop(parent);
         let replay_safe = is_replay_safe(&parts.headers, &parts.extensions);
-        let method = self.shared.metrics.method(parts.uri.path());
-        let span = tracing::info_span!(
-            "grpc.client",
-            otel.kind = "client",
-            rpc.system = "grpc",
-            rpc.service = %self.shared.service,
-            rpc.method = %parts.uri.path(),
-        );
-        let req = http::Request::from_parts(parts, body);
-        let fut = {
-            let _enter = span.enter();
-            self.stack.call(req)
-        };
+        let fut = self.stack.call(http::Request::from_parts(parts, body));
         ResponseFuture {
             fut,
-            span,
+            span: Some(span),
             start: Instant::now(),
             method,
             memo,
@@ -398,7 +397,7 @@ pin_project! {
     pub struct ResponseFuture {
         #[pin]
         fut: StackFuture,
-        span: tracing::Span,
+        span: Option<CallSpan>,
         start: Instant,
         method: Arc<MethodMetrics>,
         memo: Memo,
@@ -418,16 +417,25 @@ impl Future for ResponseFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let _enter = this.span.enter();
         let result = ready!(this.fut.poll(cx));
         let elapsed = this.start.elapsed();
+        let span = this.span.take();
         Poll::Ready(match result {
             Ok(response) => {
-                let failed = response
+                let status = response
                     .headers()
                     .get("grpc-status")
-                    .is_some_and(|s| s.as_bytes() != b"0");
+                    .filter(|s| s.as_bytes() != b"0");
+                let failed = status.is_some();
                 this.method.record(elapsed, failed);
+                match (span, status) {
+                    (Some(span), Some(code)) => {
+                        let code = code.to_str().ok().and_then(|c| c.parse().ok()).unwrap_or(2);
+                        span.fail_with(format!("grpc-status {code}"), "rpc.grpc.status_code", code);
+                    }
+                    (Some(span), None) => span.succeed(),
+                    (None, _) => {}
+                }
                 let outcome = classify_http_response(response.status(), response.headers());
                 if failed
                     && this.shared.exhausted(outcome, this.memo, *this.replay_safe)
@@ -443,6 +451,9 @@ impl Future for ResponseFuture {
                 this.method.record(elapsed, true);
                 let error = this.shared.failure(error, this.memo, *this.replay_safe);
                 tracing::debug!(%error, "grpc call failed");
+                if let Some(span) = span {
+                    span.fail(error.to_string());
+                }
                 Err(error.into_status())
             }
         })

@@ -65,6 +65,7 @@ mod lb;
 pub mod metrics;
 mod options;
 mod rest;
+mod span;
 
 pub use balance::{Balance, HashKey};
 pub use discovery::Discovery;

@@ -16,8 +16,9 @@ pub const BUCKETS: [f64; 11] = [
 ];
 
 /// Counters of one method.
-#[derive(Default)]
 pub(crate) struct MethodMetrics {
+    /// The method's name, shared with the client spans' attributes.
+    pub(crate) name: opentelemetry::StringValue,
     requests: AtomicU64,
     errors: AtomicU64,
     duration_ns: AtomicU64,
@@ -80,7 +81,15 @@ impl ClientMetrics {
             return Arc::clone(m);
         }
         let mut map = self.methods.write().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(map.entry(method.into()).or_default())
+        Arc::clone(map.entry(method.into()).or_insert_with(|| {
+            Arc::new(MethodMetrics {
+                name: opentelemetry::StringValue::from(Arc::<str>::from(method)),
+                requests: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
+                duration_ns: AtomicU64::new(0),
+                buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            })
+        }))
     }
 
     /// Every method's counters, sorted by method.

@@ -13,13 +13,15 @@ use keel_breaker::bulkhead::Bulkhead;
 use keel_breaker::classify::{FailureClass, Outcome, classify_error};
 use keel_breaker::deadline::{Deadline, GRPC_TIMEOUT, parse_grpc_timeout};
 use keel_breaker::retry::{RetryBudget, RetryPolicy};
-use keel_core::propagation::{HeaderInjector, REQUEST_ID, TRACEPARENT, inject_current};
+use keel_core::propagation::{HeaderInjector, REQUEST_ID, inject_span};
+use opentelemetry::Context;
 use tokio::sync::oneshot;
 
 use crate::balance::{BalanceConfig, Set};
 use crate::error::Error;
 use crate::lb::Memo;
 use crate::metrics::ClientMetrics;
+use crate::span::CallSpan;
 
 /// TLS settings: the CA that signs the servers' certificates, and optionally the name to
 /// verify them against (default: the instance's host).
@@ -145,6 +147,10 @@ pub fn default_endpoint_breaker() -> BreakerConfig {
 /// State shared by every clone of one client.
 pub(crate) struct Shared<C> {
     pub(crate) service: String,
+    /// The service name as a span attribute value (shared, not copied per call).
+    pub(crate) service_value: opentelemetry::StringValue,
+    /// The tracer of the client spans.
+    pub(crate) tracer: opentelemetry::global::BoxedTracer,
     pub(crate) set: Arc<Set<C>>,
     pub(crate) metrics: ClientMetrics,
     pub(crate) max_attempts: u32,
@@ -171,6 +177,10 @@ impl<C> Shared<C> {
     ) -> Self {
         Self {
             service: options.service.clone(),
+            service_value: opentelemetry::StringValue::from(Arc::<str>::from(
+                options.service.as_str(),
+            )),
+            tracer: crate::span::tracer(),
             set,
             metrics: ClientMetrics::default(),
             max_attempts: options.max_attempts,
@@ -198,18 +208,22 @@ impl<C> Shared<C> {
         HeaderValue::from_bytes(&buf).ok()
     }
 
-    /// Stamps the outgoing headers and extensions of one call; returns the call's memo and
-    /// whether it may be replayed after an UNKNOWN outcome.
-    pub(crate) fn prepare(&self, headers: &mut HeaderMap, extensions: &mut Extensions) -> Memo {
+    /// Stamps the outgoing headers and extensions of one call (the trace context is `span`'s,
+    /// the baggage `parent`'s); returns the call's memo.
+    pub(crate) fn prepare(
+        &self,
+        headers: &mut HeaderMap,
+        extensions: &mut Extensions,
+        span: &CallSpan,
+        parent: &Context,
+    ) -> Memo {
         if self.request_id
             && !headers.contains_key(&REQUEST_ID_HEADER)
             && let Some(id) = self.request_id()
         {
             headers.insert(REQUEST_ID_HEADER, id);
         }
-        if !headers.contains_key(TRACEPARENT) {
-            inject_current(&mut HeaderInjector(headers));
-        }
+        inject_span(span.span_context(), parent, &mut HeaderInjector(headers));
         if extensions.get::<Deadline>().is_none()
             && let Some(timeout) = headers
                 .get(GRPC_TIMEOUT)

@@ -20,6 +20,7 @@ use keel_breaker::request::{IdempotencyKey, Idempotent, is_replay_safe};
 use keel_breaker::retry::{ReplayBody, Retry};
 use keel_core::ServiceInstance;
 use keel_registry::Registry;
+use opentelemetry::KeyValue;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
@@ -35,6 +36,7 @@ use crate::grpc::{EndpointInfo, endpoint_info, instance_from_url, wait_ready};
 use crate::lb::Balancer;
 use crate::metrics::ClientMetrics;
 use crate::options::{Options, Shared};
+use crate::span::{self, CallSpan};
 
 type Wire = ReplayBody<Full<Bytes>>;
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -90,6 +92,21 @@ impl Service<http::Request<Wire>> for RestConnection {
         }
         futures::TryFutureExt::map_err(self.client.request(req), map_hyper_error)
     }
+}
+
+/// The method as a span attribute value (static for the standard methods).
+fn method_value(method: &Method) -> opentelemetry::Value {
+    let name = match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => return opentelemetry::Value::from(method.to_string()),
+    };
+    opentelemetry::Value::from(name)
 }
 
 fn map_hyper_error(error: hyper_util::client::legacy::Error) -> BoxError {
@@ -521,23 +538,24 @@ impl RestRequest {
             h.insert(ACCEPT, HeaderValue::from_static("application/json"));
         }
         let (mut parts, body) = req.into_parts();
-        let memo = client
-            .shared
-            .prepare(&mut parts.headers, &mut parts.extensions);
+        let route = route.unwrap_or_else(|| route_of(&method, &path));
+        let metrics = client.shared.metrics.method(&route);
+        let parent = span::parent(&parts.headers);
+        let shared = &client.shared;
+        let span = CallSpan::start(&shared.tracer, "http.client", &parent, || {
+            [
+                KeyValue::new("http.request.method", method_value(&method)),
+                KeyValue::new("http.route", span::shared(&metrics.name)),
+                KeyValue::new("peer.service", span::shared(&shared.service_value)),
+            ]
+        });
+        let memo = shared.prepare(&mut parts.headers, &mut parts.extensions, &span, &parent);
+        drop(parent);
         let replay_safe =
             method.is_idempotent() || is_replay_safe(&parts.headers, &parts.extensions);
         if replay_safe && parts.extensions.get::<Idempotent>().is_none() {
             parts.extensions.insert(Idempotent);
         }
-        let route = route.unwrap_or_else(|| route_of(&method, &path));
-        let metrics = client.shared.metrics.method(&route);
-        let span = tracing::info_span!(
-            "http.client",
-            otel.kind = "client",
-            http.request.method = %method,
-            http.route = %route,
-            peer.service = %client.shared.service,
-        );
         let start = Instant::now();
         let result = async {
             std::future::poll_fn(|cx| client.stack.poll_ready(cx))
@@ -568,12 +586,23 @@ impl RestRequest {
             }
             Ok(http::Response::from_parts(head, bytes))
         };
-        let result = tracing::Instrument::instrument(result, span).await;
+        let result = result.await;
         let failed = match &result {
             Ok(_) => false,
             Err(e) => e.status().is_none_or(|s| s.is_server_error()),
         };
         metrics.record(start.elapsed(), failed);
+        match &result {
+            Ok(_) => span.succeed(),
+            Err(e) => match e.status() {
+                Some(status) => span.fail_with(
+                    e.to_string(),
+                    "http.response.status_code",
+                    i64::from(status.as_u16()),
+                ),
+                None => span.fail(e.to_string()),
+            },
+        }
         result
     }
 

@@ -25,7 +25,9 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Installs the subscriber and tracer provider described by `config` for `service`.
+    /// Installs the subscriber and tracer provider described by `config` for `service`; the
+    /// provider also becomes OpenTelemetry's global one, through which Keel's clients and
+    /// consumers make their spans (clients resolve it when they are built).
     ///
     /// When a global subscriber is already installed (e.g. by a test harness, or a second App in
     /// one process) Keel keeps it and logs nothing about it.
@@ -81,6 +83,11 @@ impl Telemetry {
                 .try_init()
                 .is_ok(),
         };
+        if installed {
+            // Keel's clients and consumers make their spans through the OpenTelemetry API
+            // (`opentelemetry::global::tracer`): they go to this provider too.
+            opentelemetry::global::set_tracer_provider(provider.clone());
+        }
         Ok(Self {
             provider: installed.then_some(provider),
         })
