@@ -189,6 +189,22 @@ mod tests {
         assert!(!budget.withdraw());
     }
 
+    #[test]
+    fn concurrent_withdrawals_never_overdraw() {
+        // No deposits (ratio 0): exactly the reserve of 5 × 10 retries can be taken, whatever
+        // the interleaving of the threads.
+        let budget = RetryBudget::new(Duration::from_secs(10), 5, 0.0);
+        let taken: u32 = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| (0..1000).map(|_| u32::from(budget.withdraw())).sum::<u32>())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(taken, 50);
+    }
+
     // One step of a random run: wait some milliseconds, then a request that fails and wants
     // a number of retries.
     fn steps() -> impl Strategy<Value = Vec<(u64, u8)>> {
