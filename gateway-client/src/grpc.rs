@@ -100,15 +100,9 @@ fn wire(body: ReplayBody<Body>) -> Body {
     Body::new(body)
 }
 
-/// The endpoint breaker's response body as a tonic body: unwrapped when its outcome is already
-/// recorded, kept (boxed) when the breaker waits for the `grpc-status` in the trailers.
-fn unwire(body: keel_breaker::breaker::ResponseBody<Body>) -> Body {
-    if body.is_pending() {
-        Body::new(body)
-    } else {
-        body.into_inner()
-    }
-}
+/// The body of a [`GrpcChannel`] response: tonic's body, through which the endpoint's breaker
+/// sees the `grpc-status` that arrives in the trailers (not boxed again per call).
+pub type ResponseBody = keel_breaker::breaker::ResponseBody<Body>;
 
 /// A gRPC channel over every instance of a service: give it to a tonic-generated client
 /// (`EchoClient::new(channel)`). Cheap to clone; clones share connections, balancer state,
@@ -354,7 +348,7 @@ impl GrpcBuilder {
 }
 
 impl Service<http::Request<Body>> for GrpcChannel {
-    type Response = http::Response<Body>;
+    type Response = http::Response<ResponseBody>;
     type Error = tonic::Status;
     type Future = ResponseFuture;
 
@@ -413,7 +407,7 @@ impl fmt::Debug for ResponseFuture {
 }
 
 impl Future for ResponseFuture {
-    type Output = Result<http::Response<Body>, tonic::Status>;
+    type Output = Result<http::Response<ResponseBody>, tonic::Status>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -445,7 +439,7 @@ impl Future for ResponseFuture {
                     tracing::debug!(%error, "grpc call failed");
                     return Poll::Ready(Err(error.into_status()));
                 }
-                Ok(response.map(unwire))
+                Ok(response)
             }
             Err(error) => {
                 this.method.record(elapsed, true);
