@@ -18,8 +18,9 @@
 //! with the one server instance (C2: the real ZooKeeper of `scripts/services`, under a unique
 //! root deleted at the end), p2c, per-endpoint breaker, budgeted retry (3 attempts), a 5 s
 //! timeout propagated as the deadline, request id, and tracing on: Keel's `Telemetry` with its
-//! defaults (a `tracing` subscriber at `info` with the OpenTelemetry layer, no exporter) is
-//! installed after the `A5-*-bare` rows, so every Keel call makes a client span with
+//! defaults (a `tracing` subscriber at `info` with the OpenTelemetry layer and an SDK tracer
+//! provider, also the global one, without exporter) is installed after the `A5-*-bare` rows and
+//! the Keel arms are built again then, so every Keel call makes a recorded client span with
 //! OpenTelemetry ids and propagates `traceparent`. The raw arms are plain tonic / hyper-util
 //! with the same settings where they overlap (one HTTP/2 connection with `TCP_NODELAY` and
 //! default windows; an HTTP/1.1 keep-alive pool with `TCP_NODELAY`; the same 64 B payload; the
@@ -786,6 +787,9 @@ async fn run(pinned: bool) -> Result<()> {
         "keel-bench-client",
         &keel::config::TelemetryConfig::default(),
     )?;
+    // Keel's clients resolve the (now installed) tracer provider when they are built.
+    let (keel_g, _) = keel_grpc(&registry, server.grpc).await?;
+    let (keel_r, _) = keel_rest(&registry, server.rest).await?;
 
     a5(&mut report, "grpc", &raw_g, &keel_g, "gRPC, tracing on").await;
     a5(&mut report, "rest", &raw_r, &keel_r, "REST, tracing on").await;
