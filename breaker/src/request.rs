@@ -33,19 +33,10 @@ pub fn is_replay_safe(headers: &HeaderMap, extensions: &Extensions) -> bool {
 /// already set. A key that is not a valid header value is left out (and the request then counts
 /// as idempotent only through the extension).
 pub fn stamp_idempotency_key(headers: &mut HeaderMap, extensions: &Extensions) {
-    if let Some(value) = idempotency_key_to_stamp(headers, extensions) {
+    if let Some(IdempotencyKey(key)) = extensions.get::<IdempotencyKey>()
+        && !headers.contains_key(IDEMPOTENCY_KEY_HEADER)
+        && let Ok(value) = HeaderValue::from_str(key)
+    {
         headers.insert(IDEMPOTENCY_KEY_HEADER, value);
     }
-}
-
-/// The header value [`stamp_idempotency_key`] would insert, if any.
-pub(crate) fn idempotency_key_to_stamp(
-    headers: &HeaderMap,
-    extensions: &Extensions,
-) -> Option<HeaderValue> {
-    let IdempotencyKey(key) = extensions.get::<IdempotencyKey>()?;
-    if headers.contains_key(IDEMPOTENCY_KEY_HEADER) {
-        return None;
-    }
-    HeaderValue::from_str(key).ok()
 }

@@ -44,7 +44,7 @@ pub use layer::RetryLayer;
 use crate::BoxError;
 use crate::classify::{Classify, DefaultClassifier, FailureClass, Outcome};
 use crate::deadline::Deadline;
-use crate::request::{IDEMPOTENCY_KEY_HEADER, idempotency_key_to_stamp, is_replay_safe};
+use crate::request::{is_replay_safe, stamp_idempotency_key};
 use body::{Collected, collect};
 
 /// What to retry and how often.
@@ -258,11 +258,7 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let (mut parts, mut body) = req.into_parts();
-        if !parts.extensions.is_empty()
-            && let Some(key) = idempotency_key_to_stamp(&parts.headers, &parts.extensions)
-        {
-            parts.headers.insert(IDEMPOTENCY_KEY_HEADER, key);
-        }
+        stamp_idempotency_key(&mut parts.headers, &parts.extensions);
         self.policy.budget.deposit();
         if self.policy.max_attempts <= 1 {
             // Never retried: the body goes as it is, unbuffered.
@@ -278,8 +274,7 @@ where
         };
         drop(body);
         let template = Template::new(&parts, data.clone(), trailers.clone());
-        let replay_safe = !(parts.headers.is_empty() && parts.extensions.is_empty())
-            && is_replay_safe(&parts.headers, &parts.extensions);
+        let replay_safe = is_replay_safe(&parts.headers, &parts.extensions);
         let deadline = parts.extensions.get::<Deadline>().copied();
         let req = http::Request::from_parts(parts, ReplayBody::buffered(data, trailers));
         let fut = self.inner.call(req);
