@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use keel_breaker::BoxError;
 use keel_breaker::bulkhead::Bulkhead;
-use keel_breaker::classify::{DefaultClassifier, NotSent, classify_http_response};
+use keel_breaker::classify::{DefaultClassifier, NotSent, classify_http_response, grpc_status};
 use keel_breaker::deadline::{DeadlineLayer, DeadlineService};
 use keel_breaker::request::is_replay_safe;
 use keel_breaker::retry::{ReplayBody, Retry};
@@ -126,7 +126,7 @@ pub struct GrpcChannel {
 impl fmt::Debug for GrpcChannel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GrpcChannel")
-            .field("service", &self.shared.service)
+            .field("service", &self.shared.service.as_str())
             .finish_non_exhaustive()
     }
 }
@@ -362,16 +362,13 @@ impl Service<http::Request<Body>> for GrpcChannel {
         let (mut parts, body) = req.into_parts();
         let shared = &self.shared;
         let method = shared.metrics.method(parts.uri.path());
-        let parent = span::parent(&parts.headers);
-        let span = CallSpan::start(&shared.tracer, "grpc.client", &parent, || {
+        let (span, memo) = shared.begin(&mut parts, "grpc.client", || {
             [
                 KeyValue::new("rpc.system", "grpc"),
-                KeyValue::new("rpc.service", span::shared(&shared.service_value)),
+                KeyValue::new("rpc.service", span::shared(&shared.service)),
                 KeyValue::new("rpc.method", span::shared(&method.name)),
             ]
         });
-        let memo = shared.prepare(&mut parts.headers, &mut parts.extensions, &span, &parent);
-        drop(parent);
         let replay_safe = is_replay_safe(&parts.headers, &parts.extensions);
         let fut = self.stack.call(http::Request::from_parts(parts, body));
         ResponseFuture {
@@ -416,19 +413,19 @@ impl Future for ResponseFuture {
         let span = this.span.take();
         Poll::Ready(match result {
             Ok(response) => {
-                let status = response
+                let failed = response
                     .headers()
                     .get("grpc-status")
-                    .filter(|s| s.as_bytes() != b"0");
-                let failed = status.is_some();
+                    .is_some_and(|s| s.as_bytes() != b"0");
                 this.method.record(elapsed, failed);
-                match (span, status) {
-                    (Some(span), Some(code)) => {
-                        let code = code.to_str().ok().and_then(|c| c.parse().ok()).unwrap_or(2);
+                match span {
+                    Some(span) if failed => {
+                        let code =
+                            grpc_status(response.headers()).unwrap_or(tonic::Code::Unknown) as i64;
                         span.fail_with(format!("grpc-status {code}"), "rpc.grpc.status_code", code);
                     }
-                    (Some(span), None) => span.succeed(),
-                    (None, _) => {}
+                    Some(span) => span.succeed(),
+                    None => {}
                 }
                 let outcome = classify_http_response(response.status(), response.headers());
                 if failed

@@ -14,7 +14,7 @@ use keel_breaker::classify::{FailureClass, Outcome, classify_error};
 use keel_breaker::deadline::{Deadline, GRPC_TIMEOUT, parse_grpc_timeout};
 use keel_breaker::retry::{RetryBudget, RetryPolicy};
 use keel_core::propagation::{HeaderInjector, REQUEST_ID, inject_span};
-use opentelemetry::Context;
+use opentelemetry::{Context, KeyValue};
 use tokio::sync::oneshot;
 
 use crate::balance::{BalanceConfig, Set};
@@ -146,9 +146,8 @@ pub fn default_endpoint_breaker() -> BreakerConfig {
 
 /// State shared by every clone of one client.
 pub(crate) struct Shared<C> {
-    pub(crate) service: String,
-    /// The service name as a span attribute value (shared, not copied per call).
-    pub(crate) service_value: opentelemetry::StringValue,
+    /// The downstream service's name (shared with the span attributes, not copied per call).
+    pub(crate) service: opentelemetry::StringValue,
     /// The tracer of the client spans.
     pub(crate) tracer: opentelemetry::global::BoxedTracer,
     pub(crate) set: Arc<Set<C>>,
@@ -163,7 +162,7 @@ pub(crate) struct Shared<C> {
 impl<C> fmt::Debug for Shared<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Shared")
-            .field("service", &self.service)
+            .field("service", &self.service.as_str())
             .field("set", &self.set)
             .finish_non_exhaustive()
     }
@@ -176,10 +175,7 @@ impl<C> Shared<C> {
         closed: Option<oneshot::Sender<()>>,
     ) -> Self {
         Self {
-            service: options.service.clone(),
-            service_value: opentelemetry::StringValue::from(Arc::<str>::from(
-                options.service.as_str(),
-            )),
+            service: opentelemetry::StringValue::from(Arc::<str>::from(options.service.as_str())),
             tracer: crate::span::tracer(),
             set,
             metrics: ClientMetrics::default(),
@@ -208,9 +204,22 @@ impl<C> Shared<C> {
         HeaderValue::from_bytes(&buf).ok()
     }
 
-    /// Stamps the outgoing headers and extensions of one call (the trace context is `span`'s,
-    /// the baggage `parent`'s); returns the call's memo.
-    pub(crate) fn prepare(
+    /// Starts one call: its client span `name` (with `attributes`) under the caller's context,
+    /// whose trace context (and the caller's baggage) it stamps on the outgoing headers, with the
+    /// request id; the deadline and the call's memo go into the extensions.
+    pub(crate) fn begin<const N: usize>(
+        &self,
+        parts: &mut http::request::Parts,
+        name: &'static str,
+        attributes: impl FnOnce() -> [KeyValue; N],
+    ) -> (CallSpan, Memo) {
+        let parent = crate::span::parent(&parts.headers);
+        let span = CallSpan::start(&self.tracer, name, &parent, attributes);
+        let memo = self.prepare(&mut parts.headers, &mut parts.extensions, &span, &parent);
+        (span, memo)
+    }
+
+    fn prepare(
         &self,
         headers: &mut HeaderMap,
         extensions: &mut Extensions,

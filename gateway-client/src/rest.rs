@@ -36,7 +36,7 @@ use crate::grpc::{EndpointInfo, endpoint_info, instance_from_url, wait_ready};
 use crate::lb::Balancer;
 use crate::metrics::ClientMetrics;
 use crate::options::{Options, Shared};
-use crate::span::{self, CallSpan};
+use crate::span;
 
 type Wire = ReplayBody<Full<Bytes>>;
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -141,7 +141,7 @@ pub struct RestClient {
 impl fmt::Debug for RestClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RestClient")
-            .field("service", &self.shared.service)
+            .field("service", &self.shared.service.as_str())
             .finish_non_exhaustive()
     }
 }
@@ -540,17 +540,14 @@ impl RestRequest {
         let (mut parts, body) = req.into_parts();
         let route = route.unwrap_or_else(|| route_of(&method, &path));
         let metrics = client.shared.metrics.method(&route);
-        let parent = span::parent(&parts.headers);
         let shared = &client.shared;
-        let span = CallSpan::start(&shared.tracer, "http.client", &parent, || {
+        let (span, memo) = shared.begin(&mut parts, "http.client", || {
             [
                 KeyValue::new("http.request.method", method_value(&method)),
                 KeyValue::new("http.route", span::shared(&metrics.name)),
-                KeyValue::new("peer.service", span::shared(&shared.service_value)),
+                KeyValue::new("peer.service", span::shared(&shared.service)),
             ]
         });
-        let memo = shared.prepare(&mut parts.headers, &mut parts.extensions, &span, &parent);
-        drop(parent);
         let replay_safe =
             method.is_idempotent() || is_replay_safe(&parts.headers, &parts.extensions);
         if replay_safe && parts.extensions.get::<Idempotent>().is_none() {
