@@ -5,10 +5,10 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use keel_breaker::breaker::{BreakerConfig, State};
+use keel_breaker::breaker::State;
 use keel_breaker::request::{IdempotencyKey, Idempotent};
 use keel_breaker::retry::RetryBudget;
 use keel_client::{Balance, Error, GrpcChannel, HashKey};
@@ -18,7 +18,7 @@ use keel_testkit::echo::{EchoReply, EchoRequest, echo_client::EchoClient};
 use keel_testkit::eventually;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 
-use common::{ZkRoot, instance, providers};
+use common::{EchoLoad, ZkRoot, instance, providers, quick_breaker, state_of};
 
 fn request(message: &str) -> tonic::Request<EchoRequest> {
     tonic::Request::new(EchoRequest {
@@ -32,26 +32,6 @@ async fn echo(
     req: tonic::Request<EchoRequest>,
 ) -> Result<EchoReply, tonic::Status> {
     client.echo(req).await.map(tonic::Response::into_inner)
-}
-
-fn quick_breaker(wait: Duration) -> BreakerConfig {
-    BreakerConfig {
-        failure_rate_threshold: 50.0,
-        sliding_window_size: 10,
-        minimum_number_of_calls: 4,
-        wait_duration_in_open_state: wait,
-        permitted_number_of_calls_in_half_open_state: 2,
-        enable_exponential_backoff: false,
-        ..BreakerConfig::default()
-    }
-}
-
-fn state_of(channel: &GrpcChannel, id: &str) -> Option<(State, u64)> {
-    channel
-        .endpoints()
-        .into_iter()
-        .find(|e| e.id == id)
-        .map(|e| (e.state, e.calls))
 }
 
 /// C2 / issue 5: three providers found in ZooKeeper under steady load; one dies abruptly. No call
@@ -85,26 +65,7 @@ async fn killed_provider_is_ejected_without_failed_calls() {
     .await
     .unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let mut client = EchoClient::new(channel.clone());
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        load.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let mut req = request("load");
-                req.extensions_mut().insert(Idempotent);
-                match echo(&mut client, req).await {
-                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(status) => {
-                        eprintln!("failed call: {status:?}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        }));
-    }
+    let load = EchoLoad::start(&channel, 4);
     eventually("every provider serves", Duration::from_secs(10), || async {
         channel
             .endpoints()
@@ -123,20 +84,17 @@ async fn killed_provider_is_ejected_without_failed_calls() {
     })
     .await
     .unwrap();
-    let ok_at_ejection = ok.load(Ordering::Relaxed);
+    let ok_at_ejection = load.ok();
     eventually(
         "load continues after ejection",
         Duration::from_secs(10),
-        || async { (ok.load(Ordering::Relaxed) > ok_at_ejection + 500).then_some(()) },
+        || async { (load.ok() > ok_at_ejection + 500).then_some(()) },
     )
     .await
     .unwrap();
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.await.unwrap();
-    }
+    let (_, failed) = load.stop().await;
 
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "no call may fail");
+    assert_eq!(failed, 0, "no call may fail");
     assert_eq!(
         state_of(&channel, "p-1").map(|(_, calls)| calls),
         Some(ejected_at),

@@ -12,19 +12,16 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use keel_breaker::breaker::{BreakerConfig, State};
-use keel_breaker::request::Idempotent;
+use keel_breaker::breaker::State;
 use keel_client::GrpcChannel;
 use keel_registry::dialect::SpringOptions;
 use keel_registry::{Dialect, Registry, ZkConfig, ZkRegistry};
-use keel_testkit::echo::{EchoProvider, EchoRequest, echo_client::EchoClient};
+use keel_testkit::echo::EchoProvider;
 use keel_testkit::eventually;
 
-use common::{ZkRoot, instance};
+use common::{EchoLoad, ZkRoot, instance, quick_breaker, state_of};
 
 /// Set (to the provider id) in a re-executed child: run as a provider.
 const CHILD_ENV: &str = "KEEL_CLIENT_TEST_PROVIDER_ID";
@@ -172,28 +169,6 @@ impl Drop for ProviderProcess {
     }
 }
 
-fn quick_breaker() -> BreakerConfig {
-    BreakerConfig {
-        failure_rate_threshold: 50.0,
-        sliding_window_size: 10,
-        minimum_number_of_calls: 4,
-        // Long enough that no half-open probe reaches the dead provider during the test.
-        wait_duration_in_open_state: Duration::from_secs(120),
-        permitted_number_of_calls_in_half_open_state: 2,
-        enable_exponential_backoff: false,
-        ..BreakerConfig::default()
-    }
-}
-
-/// `(state, calls)` of endpoint `id`, `None` once discovery has removed it.
-fn state_of(channel: &GrpcChannel, id: &str) -> Option<(State, u64)> {
-    channel
-        .endpoints()
-        .into_iter()
-        .find(|e| e.id == id)
-        .map(|e| (e.state, e.calls))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_provider_process_is_ejected_without_failed_calls() {
     if std::env::var(CHILD_ENV).is_ok() {
@@ -207,7 +182,8 @@ async fn sigkilled_provider_process_is_ejected_without_failed_calls() {
     }
     let channel = GrpcChannel::builder(SERVICE)
         .timeout(Duration::from_secs(5))
-        .breaker(quick_breaker())
+        // Long enough that no half-open probe reaches the dead provider during the test.
+        .breaker(quick_breaker(Duration::from_secs(120)))
         .connect(&registry, Duration::from_secs(10))
         .await
         .unwrap();
@@ -219,29 +195,7 @@ async fn sigkilled_provider_process_is_ejected_without_failed_calls() {
     .await
     .unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let mut client = EchoClient::new(channel.clone());
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        load.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let mut req = tonic::Request::new(EchoRequest {
-                    message: "load".into(),
-                    payload: Vec::new(),
-                });
-                req.extensions_mut().insert(Idempotent);
-                match client.echo(req).await {
-                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(status) => {
-                        eprintln!("failed call: {status:?}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        }));
-    }
+    let load = EchoLoad::start(&channel, 4);
     eventually(
         "every provider process serves",
         Duration::from_secs(10),
@@ -278,7 +232,7 @@ async fn sigkilled_provider_process_is_ejected_without_failed_calls() {
     let traffic_after_ejection = |channel: &GrpcChannel| {
         state_of(channel, &victim_id).is_some_and(|(_, calls)| calls != ejected_at)
     };
-    let ok_at_ejection = ok.load(Ordering::Relaxed);
+    let ok_at_ejection = load.ok();
     eventually(
         "load continues after ejection",
         Duration::from_secs(10),
@@ -287,7 +241,7 @@ async fn sigkilled_provider_process_is_ejected_without_failed_calls() {
                 !traffic_after_ejection(&channel),
                 "a call reached the ejected provider"
             );
-            (ok.load(Ordering::Relaxed) > ok_at_ejection + 500).then_some(())
+            (load.ok() > ok_at_ejection + 500).then_some(())
         },
     )
     .await
@@ -308,30 +262,19 @@ async fn sigkilled_provider_process_is_ejected_without_failed_calls() {
     )
     .await
     .unwrap();
-    let ok_at_removal = ok.load(Ordering::Relaxed);
+    let ok_at_removal = load.ok();
     eventually(
         "load continues after removal",
         Duration::from_secs(10),
-        || async { (ok.load(Ordering::Relaxed) > ok_at_removal + 200).then_some(()) },
+        || async { (load.ok() > ok_at_removal + 200).then_some(()) },
     )
     .await
     .unwrap();
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.await.unwrap();
-    }
+    let (ok, failed) = load.stop().await;
 
-    eprintln!(
-        "{} ok, {} failed; {victim_id} ejected after {ejected_at} calls",
-        ok.load(Ordering::Relaxed),
-        failed.load(Ordering::Relaxed)
-    );
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "no call may fail");
-    assert!(
-        ok.load(Ordering::Relaxed) > 1000,
-        "steady load ran: {} ok",
-        ok.load(Ordering::Relaxed)
-    );
+    eprintln!("{ok} ok, {failed} failed; {victim_id} ejected after {ejected_at} calls");
+    assert_eq!(failed, 0, "no call may fail");
+    assert!(ok > 1000, "steady load ran: {ok} ok");
     for e in channel.endpoints() {
         assert_ne!(e.id, victim_id, "{victim_addr} still listed");
     }

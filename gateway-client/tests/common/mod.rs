@@ -3,7 +3,15 @@
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+
+use keel_breaker::breaker::{BreakerConfig, State};
+use keel_breaker::request::Idempotent;
+use keel_client::GrpcChannel;
+use keel_testkit::echo::{EchoRequest, echo_client::EchoClient};
+use tokio::task::JoinHandle;
 
 use keel_core::{Endpoint, ServiceInstance};
 use keel_registry::dialect::SpringOptions;
@@ -217,4 +225,88 @@ pub fn test_pki_for(names: &[&str]) -> (String, String, String) {
         .signed_by(&key, &issuer)
         .unwrap();
     (ca_cert.pem(), leaf.pem(), key.serialize_pem())
+}
+
+/// A breaker that decides quickly: 50 % of a 10-call window, after 4 calls; 2 half-open probes
+/// after `wait`.
+pub fn quick_breaker(wait: Duration) -> BreakerConfig {
+    BreakerConfig {
+        failure_rate_threshold: 50.0,
+        sliding_window_size: 10,
+        minimum_number_of_calls: 4,
+        wait_duration_in_open_state: wait,
+        permitted_number_of_calls_in_half_open_state: 2,
+        enable_exponential_backoff: false,
+        ..BreakerConfig::default()
+    }
+}
+
+/// `(state, calls)` of endpoint `id`, `None` once discovery has removed it.
+pub fn state_of(channel: &GrpcChannel, id: &str) -> Option<(State, u64)> {
+    channel
+        .endpoints()
+        .into_iter()
+        .find(|e| e.id == id)
+        .map(|e| (e.state, e.calls))
+}
+
+/// Steady load: `callers` tasks making idempotent echo calls through a channel until stopped,
+/// counting the calls that succeeded and those that failed (printed).
+pub struct EchoLoad {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl EchoLoad {
+    pub fn start(channel: &GrpcChannel, callers: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let tasks = (0..callers)
+            .map(|_| {
+                let mut client = EchoClient::new(channel.clone());
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut req = tonic::Request::new(EchoRequest {
+                            message: "load".into(),
+                            payload: Vec::new(),
+                        });
+                        req.extensions_mut().insert(Idempotent);
+                        match client.echo(req).await {
+                            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(status) => {
+                                eprintln!("failed call: {status:?}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            ok,
+            failed,
+            tasks,
+        }
+    }
+
+    /// Calls that succeeded so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops the callers and waits for them; returns `(ok, failed)`.
+    pub async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
 }
