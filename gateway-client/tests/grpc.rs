@@ -478,6 +478,33 @@ async fn gated_server() -> (Gated, std::net::SocketAddr) {
     (gated, addr)
 }
 
+/// A gRPC channel with one bulkhead slot (a call waits up to `wait` for it) to a gated server,
+/// and the call ("first") that holds the slot, already in the server.
+async fn one_slot_held(
+    wait: Duration,
+) -> (
+    Gated,
+    GrpcChannel,
+    tokio::task::JoinHandle<Result<EchoReply, tonic::Status>>,
+) {
+    let (gated, addr) = gated_server().await;
+    let channel = GrpcChannel::builder("echo")
+        .max_concurrent(1)
+        .max_concurrent_wait(wait)
+        .endpoints([format!("http://{addr}")])
+        .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    let first = tokio::spawn(async move { echo(&mut client, request("first")).await });
+    eventually(
+        "the first call in the server",
+        Duration::from_secs(10),
+        || async { (gated.entered.load(Ordering::Relaxed) == 1).then_some(()) },
+    )
+    .await
+    .unwrap();
+    (gated, channel, first)
+}
+
 /// The bulkhead (`max_concurrent`): calls beyond the cap are rejected before they are sent, with
 /// RESOURCE_EXHAUSTED and `is_bulkhead_full`, even when idempotent (no retry can help); with
 /// `max_concurrent_wait` a call waits for a slot, and is rejected when none frees in time.
@@ -520,21 +547,7 @@ async fn bulkhead_caps_concurrent_calls() {
     echo(&mut client, request("after")).await.unwrap();
 
     // With a bounded wait: a call queues for the slot and gets it when the holder finishes…
-    let (gated, addr) = gated_server().await;
-    let channel = GrpcChannel::builder("echo")
-        .max_concurrent(1)
-        .max_concurrent_wait(Duration::from_secs(30))
-        .endpoints([format!("http://{addr}")])
-        .unwrap();
-    let mut first = EchoClient::new(channel.clone());
-    let first = tokio::spawn(async move { echo(&mut first, request("first")).await });
-    eventually(
-        "the first call in the server",
-        Duration::from_secs(10),
-        || async { (gated.entered.load(Ordering::Relaxed) == 1).then_some(()) },
-    )
-    .await
-    .unwrap();
+    let (gated, channel, first) = one_slot_held(Duration::from_secs(30)).await;
     let mut second = EchoClient::new(channel.clone());
     let second = tokio::spawn(async move { echo(&mut second, request("second")).await });
     gated.gate.add_permits(1_000);
@@ -543,21 +556,7 @@ async fn bulkhead_caps_concurrent_calls() {
     assert_eq!(gated.entered.load(Ordering::Relaxed), 2);
 
     // …and is rejected when the slot stays taken past the wait.
-    let (gated, addr) = gated_server().await;
-    let channel = GrpcChannel::builder("echo")
-        .max_concurrent(1)
-        .max_concurrent_wait(Duration::from_millis(200))
-        .endpoints([format!("http://{addr}")])
-        .unwrap();
-    let mut first = EchoClient::new(channel.clone());
-    let first = tokio::spawn(async move { echo(&mut first, request("first")).await });
-    eventually(
-        "the first call in the server",
-        Duration::from_secs(10),
-        || async { (gated.entered.load(Ordering::Relaxed) == 1).then_some(()) },
-    )
-    .await
-    .unwrap();
+    let (gated, channel, first) = one_slot_held(Duration::from_millis(200)).await;
     let mut client = EchoClient::new(channel.clone());
     let status = echo(&mut client, request("second")).await.unwrap_err();
     assert!(
