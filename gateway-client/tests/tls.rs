@@ -67,11 +67,10 @@ async fn grpc_over_tls_with_a_test_ca() {
     server.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rest_over_tls_with_a_test_ca() {
+/// A TLS acceptor serving the PEM certificate `cert` with private key `key`.
+fn tls_acceptor(cert: &str, key: &str) -> tokio_rustls::TlsAcceptor {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let (ca, cert, key) = test_pki();
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -83,11 +82,13 @@ async fn rest_over_tls_with_a_test_ca() {
         PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
     )
     .unwrap();
-    let p = RestProvider::start_tls(
-        "r-tls",
-        Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
-    )
-    .await;
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_over_tls_with_a_test_ca() {
+    let (ca, cert, key) = test_pki();
+    let p = RestProvider::start_tls("r-tls", Some(tls_acceptor(&cert, &key))).await;
     let url = format!("https://127.0.0.1:{}", p.addr.port());
     let client = RestClient::builder("secure")
         .tls(TlsConfig::with_ca_pem(ca.as_bytes()))
@@ -110,25 +111,8 @@ async fn rest_over_tls_with_a_test_ca() {
 /// verifies (and sends SNI) for the name given with `TlsConfig::domain`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_over_tls_with_a_domain_override() {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let (ca, cert, key) = common::test_pki_for(&["account.internal"]);
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
-        PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-    )
-    .unwrap();
-    let p = RestProvider::start_tls(
-        "r-tls-domain",
-        Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
-    )
-    .await;
+    let p = RestProvider::start_tls("r-tls-domain", Some(tls_acceptor(&cert, &key))).await;
     let url = format!("https://127.0.0.1:{}", p.addr.port());
 
     // Without the override the certificate does not match the host.
