@@ -74,14 +74,6 @@ async fn dead_letters(queue: &str, n: usize) -> Vec<Headers> {
     out
 }
 
-fn recording(seen: &Seen) -> impl keel_messaging::Handler + use<> {
-    let seen = seen.clone();
-    move |m: Received| {
-        let seen = seen.clone();
-        async move { seen.record(&m).map(|_| ()) }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_messages_none_lost_key_order_kept() {
     let queue = unique("keel-msg-10k");
@@ -97,7 +89,7 @@ async fn ten_thousand_messages_none_lost_key_order_kept() {
         .lanes(8)
         .build()
         .unwrap();
-    let run = tokio::spawn(consumer.run(recording(&seen), stop.clone().cancelled_owned()));
+    let run = tokio::spawn(consumer.run(seen.handler(), stop.clone().cancelled_owned()));
     eventually("all 10 000 consumed", WAIT, || async {
         (seen.distinct() == 10_000).then_some(())
     })
@@ -218,7 +210,7 @@ async fn consumer_resumes_after_the_server_closes_its_connection() {
         .reconnect_backoff(Duration::from_millis(50))
         .build()
         .unwrap();
-    let run = tokio::spawn(consumer.run(recording(&seen), stop.clone().cancelled_owned()));
+    let run = tokio::spawn(consumer.run(seen.handler(), stop.clone().cancelled_owned()));
     eventually("first 100 consumed", WAIT, || async {
         (seen.distinct() == 100).then_some(())
     })

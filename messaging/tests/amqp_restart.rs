@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::Seen;
-use keel_messaging::{Consumer, Publisher, Received};
+use keel_messaging::{Consumer, Publisher};
 use keel_testkit::services::{AMQP, run, script};
 use keel_testkit::{eventually, unique};
 use tokio_util::sync::CancellationToken;
@@ -47,14 +47,7 @@ async fn restart_mid_publish_and_mid_consume_loses_no_confirmed_message() {
         .reconnect_backoff(Duration::from_millis(100))
         .build()
         .unwrap();
-    let handler = {
-        let seen = seen.clone();
-        move |m: Received| {
-            let seen = seen.clone();
-            async move { seen.record(&m).map(|_| ()) }
-        }
-    };
-    let consuming = tokio::spawn(consumer.run(handler, stop.clone().cancelled_owned()));
+    let consuming = tokio::spawn(consumer.run(seen.handler(), stop.clone().cancelled_owned()));
 
     // Publish in batches of 50 until well after the restart; a message handed back unconfirmed
     // is published again.

@@ -37,14 +37,6 @@ fn consumer(topic: &str, group: &str) -> keel_messaging::ConsumerBuilder {
         .kafka_option("heartbeat.interval.ms", "1000")
 }
 
-fn recording(seen: &Seen) -> impl keel_messaging::Handler + use<> {
-    let seen = seen.clone();
-    move |m: Received| {
-        let seen = seen.clone();
-        async move { seen.record(&m).map(|_| ()) }
-    }
-}
-
 /// The volume test. It once stalled here (nothing consumed in 150 s): tansu 0.6.0 had no
 /// index on its header table, so each fetched record scanned every header ever stored, and one
 /// fetch of 10 000 records outlasted librdkafka's request timeout. `scripts/services` now adds
@@ -60,7 +52,7 @@ async fn ten_thousand_messages_none_lost_key_order_kept() {
     let seen = Seen::default();
     let stop = CancellationToken::new();
     let c = consumer(&topic, &unique("g")).build().unwrap();
-    let run = tokio::spawn(c.run(recording(&seen), stop.clone().cancelled_owned()));
+    let run = tokio::spawn(c.run(seen.handler(), stop.clone().cancelled_owned()));
     eventually("all 10 000 consumed", WAIT, || async {
         (seen.distinct() == 10_000).then_some(())
     })

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::Seen;
-use keel_messaging::{Consumer, Publisher, Received};
+use keel_messaging::{Consumer, Publisher};
 use keel_testkit::services::{KAFKA, run, script};
 use keel_testkit::smoke::kafka_delete_topic;
 use keel_testkit::{eventually, unique};
@@ -48,14 +48,7 @@ async fn restart_mid_publish_and_mid_consume_loses_no_confirmed_message() {
         .kafka_option("heartbeat.interval.ms", "1000")
         .build()
         .unwrap();
-    let handler = {
-        let seen = seen.clone();
-        move |m: Received| {
-            let seen = seen.clone();
-            async move { seen.record(&m).map(|_| ()) }
-        }
-    };
-    let consuming = tokio::spawn(consumer.run(handler, stop.clone().cancelled_owned()));
+    let consuming = tokio::spawn(consumer.run(seen.handler(), stop.clone().cancelled_owned()));
 
     // Publish in batches of 50 until well after the restart; a message handed back unconfirmed
     // is published again.

@@ -20,6 +20,15 @@ struct SeenInner {
 }
 
 impl Seen {
+    /// A handler that records every message it handles here.
+    pub fn handler(&self) -> impl keel_messaging::Handler + use<> {
+        let seen = self.clone();
+        move |m: Received| {
+            let seen = seen.clone();
+            async move { seen.record(&m).map(|_| ()) }
+        }
+    }
+
     pub fn record(&self, m: &Received) -> Result<u64, HandlerError> {
         let v: serde_json::Value =
             serde_json::from_slice(&m.payload).map_err(HandlerError::permanent)?;
