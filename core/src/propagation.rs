@@ -96,7 +96,7 @@ pub fn inject_current(injector: &mut dyn Injector) {
 }
 
 /// The `traceparent` value of `sc` (`00-{trace id}-{span id}-{flags}`), in one allocation.
-pub fn traceparent(sc: &SpanContext) -> String {
+fn traceparent(sc: &SpanContext) -> String {
     let mut out = String::with_capacity(55);
     let _ = write!(
         out,
