@@ -199,7 +199,7 @@ pub fn classify_http_status(status: http::StatusCode) -> Outcome {
 /// (connecting, resolving, no endpoint). Transports wrap such errors in it so that the retry
 /// layer knows they are safe to replay.
 #[derive(Debug, thiserror::Error)]
-#[error("request was not sent")]
+#[error("request was not sent: {0}")]
 pub struct NotSent(#[source] pub crate::BoxError);
 
 impl NotSent {

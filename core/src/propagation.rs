@@ -95,17 +95,32 @@ pub fn inject_current(injector: &mut dyn Injector) {
     inject(&Context::current(), injector);
 }
 
-/// The `traceparent` value of `sc` (`00-{trace id}-{span id}-{flags}`), in one allocation.
+/// The `traceparent` value of `sc` (`00-{trace id}-{span id}-{flags}`), in one allocation and
+/// without the formatting machinery (this runs on every outgoing call).
 fn traceparent(sc: &SpanContext) -> String {
-    let mut out = String::with_capacity(55);
-    let _ = write!(
-        out,
-        "00-{}-{}-{:02x}",
-        sc.trace_id(),
-        sc.span_id(),
-        sc.trace_flags().to_u8() & TraceFlags::SAMPLED.to_u8()
-    );
-    out
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 55];
+    out[..3].copy_from_slice(b"00-");
+    let mut at = 3;
+    let flags = sc.trace_flags().to_u8() & TraceFlags::SAMPLED.to_u8();
+    let fields: [&[u8]; 3] = [
+        &sc.trace_id().to_bytes(),
+        &sc.span_id().to_bytes(),
+        &[flags],
+    ];
+    for (i, field) in fields.iter().enumerate() {
+        if i > 0 {
+            out[at] = b'-';
+            at += 1;
+        }
+        for byte in *field {
+            out[at] = HEX[usize::from(byte >> 4)];
+            out[at + 1] = HEX[usize::from(byte & 15)];
+            at += 2;
+        }
+    }
+    // Only ASCII was written.
+    out.iter().map(|&b| char::from(b)).collect()
 }
 
 /// Reads W3C trace context and baggage through `extractor` into a new context.
@@ -230,7 +245,12 @@ impl Injector for HeaderInjector<'_> {
             BAGGAGE => Ok(HeaderName::from_static(BAGGAGE)),
             _ => HeaderName::from_bytes(key.as_bytes()),
         };
-        if let (Ok(name), Ok(value)) = (name, HeaderValue::try_from(value)) {
+        if let (Ok(name), Ok(mut value)) = (name, HeaderValue::try_from(value)) {
+            // A `traceparent` is new on every request: HTTP/2 sends it "never indexed" instead
+            // of adding it to (and evicting useful entries from) both ends' HPACK tables.
+            if key == TRACEPARENT {
+                value.set_sensitive(true);
+            }
             self.0.insert(name, value);
         }
     }
@@ -287,6 +307,24 @@ mod tests {
         );
         let back = extract(&HeaderExtractor(&headers));
         assert_eq!(back.span().span_context(), &remote());
+    }
+
+    #[test]
+    fn traceparent_is_never_indexed_and_formats_unsampled_flags() {
+        let sc = SpanContext::new(
+            TraceId::from(0x0000000000000000000000000000a0ff_u128),
+            SpanId::from(0x0100000000000000_u64),
+            TraceFlags::default(),
+            true,
+            TraceState::default(),
+        );
+        let mut headers = HeaderMap::new();
+        inject_span(&sc, &Context::new(), &mut HeaderInjector(&mut headers));
+        assert_eq!(
+            headers[TRACEPARENT],
+            "00-0000000000000000000000000000a0ff-0100000000000000-00"
+        );
+        assert!(headers[TRACEPARENT].is_sensitive());
     }
 
     #[test]

@@ -7,9 +7,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use keel_breaker::BoxError;
 use keel_breaker::bulkhead::Bulkhead;
-use keel_breaker::classify::{DefaultClassifier, NotSent, classify_http_response, grpc_status};
+use keel_breaker::classify::{DefaultClassifier, classify_http_response, grpc_status};
 use keel_breaker::deadline::{DeadlineLayer, DeadlineService};
 use keel_breaker::request::is_replay_safe;
 use keel_breaker::retry::{ReplayBody, Retry};
@@ -20,68 +19,18 @@ use pin_project_lite::pin_project;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tonic::body::Body;
-use tonic::transport::Channel;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::balance::Set;
 use crate::builder::common_builder_methods;
+use crate::conn::{Alpn, GrpcConn, https_connector};
 use crate::discovery::{Connect, Discovery, Factory, Members};
 use crate::error::Error;
 use crate::lb::{Balancer, Memo};
 use crate::metrics::{ClientMetrics, MethodMetrics};
 use crate::options::{Options, Shared};
 use crate::span::{self, CallSpan};
-
-/// One endpoint's HTTP/2 connection: a tonic [`Channel`] whose connect failures (TCP or TLS)
-/// are marked [`NotSent`], so they are retried elsewhere and map to `UNAVAILABLE`; a failure
-/// after the request was written stays an UNKNOWN outcome.
-#[derive(Clone, Debug)]
-pub(crate) struct GrpcConn(Channel);
-
-fn chain_has_hyper(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(err) = next {
-        if err.is::<hyper::Error>() {
-            return true;
-        }
-        next = err.source();
-    }
-    false
-}
-
-fn map_channel_error(error: tonic::transport::Error) -> BoxError {
-    let error: BoxError = Box::new(error);
-    if chain_has_hyper(error.as_ref()) {
-        return error;
-    }
-    // tonic recognises its connect errors (and only those, here) as UNAVAILABLE.
-    match tonic::Status::try_from_error(error) {
-        Ok(status) if status.code() == tonic::Code::Unavailable => Box::new(NotSent::new(status)),
-        Ok(status) => Box::new(status),
-        Err(error) => error,
-    }
-}
-
-impl Service<http::Request<Body>> for GrpcConn {
-    type Response = http::Response<Body>;
-    type Error = BoxError;
-    type Future = futures::future::MapErr<
-        tonic::transport::channel::ResponseFuture,
-        fn(tonic::transport::Error) -> BoxError,
-    >;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.0.poll_ready(cx).map_err(map_channel_error)
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        futures::TryFutureExt::map_err(
-            self.0.call(req),
-            map_channel_error as fn(tonic::transport::Error) -> BoxError,
-        )
-    }
-}
 
 type Bal = Balancer<GrpcConn, Body, Body>;
 type Stack = Bulkhead<DeadlineService<Retry<Bal>>>;
@@ -226,45 +175,34 @@ pub(crate) fn instance_from_url(service: &str, url: &str) -> Result<ServiceInsta
     Ok(ServiceInstance::new(service, url, Endpoint::new(host, port)).with_tls(tls))
 }
 
-fn host_for_uri(endpoint: &Endpoint) -> String {
-    if endpoint.host.contains(':') {
-        format!("[{}]:{}", endpoint.host, endpoint.port)
-    } else {
-        format!("{}:{}", endpoint.host, endpoint.port)
-    }
-}
-
 impl GrpcBuilder {
     common_builder_methods!();
 
-    fn connector(&self) -> Connect<GrpcConn> {
-        let tls = self.options.tls.clone();
+    fn connector(&self) -> Result<Connect<GrpcConn>, Error> {
+        let https = https_connector(
+            self.options.tls.as_ref(),
+            self.options.connect_timeout,
+            Alpn::H2,
+        )?;
+        let has_tls = self.options.tls.is_some();
         let connect_timeout = self.options.connect_timeout;
-        Arc::new(move |instance: &ServiceInstance| {
-            let scheme = if instance.tls { "https" } else { "http" };
-            let url = format!("{scheme}://{}", host_for_uri(&instance.endpoint));
-            let mut endpoint = tonic::transport::Endpoint::from_shared(url)?
-                .tcp_nodelay(true)
-                .connect_timeout(connect_timeout);
-            if instance.tls {
-                let tls = tls
-                    .as_ref()
-                    .ok_or("the instance serves TLS but the client has no TLS configuration")?;
-                let mut config = tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem));
-                if let Some(domain) = &tls.domain {
-                    config = config.domain_name(domain.clone());
-                }
-                endpoint = endpoint.tls_config(config)?;
+        Ok(Arc::new(move |instance: &ServiceInstance| {
+            if instance.tls && !has_tls {
+                return Err(
+                    "the instance serves TLS but the client has no TLS configuration".into(),
+                );
             }
-            Ok::<_, BoxError>(GrpcConn(endpoint.connect_lazy()))
-        })
+            GrpcConn::new(instance, https.clone(), connect_timeout)
+        }))
     }
 
-    fn finish(self, closed: Option<oneshot::Sender<()>>) -> (GrpcChannel, Members<GrpcConn>) {
+    fn finish(
+        self,
+        closed: Option<oneshot::Sender<()>>,
+    ) -> Result<(GrpcChannel, Members<GrpcConn>), Error> {
         let set = Arc::new(Set::new(self.options.balance.clone()));
         let factory = Factory {
-            connect: self.connector(),
+            connect: self.connector()?,
             breaker: self.options.breaker.clone(),
         };
         let members = Members::new(Arc::clone(&set), factory);
@@ -277,17 +215,17 @@ impl GrpcBuilder {
             self.options.policy(),
         )));
         let shared = Arc::new(Shared::new(&self.options, set, closed));
-        (GrpcChannel { stack, shared }, members)
+        Ok((GrpcChannel { stack, shared }, members))
     }
 
     /// A channel over fixed endpoints (`http://host:port` or `https://host:port`), e.g. an API
     /// gateway or a local development set-up.
     ///
-    /// Must be called inside a tokio runtime: each endpoint's connection is a lazily connecting
-    /// [`tonic::transport::Channel`], whose connection task tonic spawns.
+    /// Nothing is dialled or spawned here: the first call to an endpoint opens its HTTP/2
+    /// connection (and spawns the connection's task on the caller's tokio runtime).
     ///
     /// # Errors
-    /// [`Error::is_config`] for a malformed URL or breaker configuration.
+    /// [`Error::is_config`] for a malformed URL, breaker or TLS configuration.
     pub fn endpoints<I, S>(self, urls: I) -> Result<GrpcChannel, Error>
     where
         I: IntoIterator<Item = S>,
@@ -302,7 +240,7 @@ impl GrpcBuilder {
             .into_iter()
             .map(|u| instance_from_url(&service, u.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
-        let (channel, mut members) = self.finish(None);
+        let (channel, mut members) = self.finish(None)?;
         members.apply(keel_registry::Change::Reset(instances));
         members.publish();
         Ok(channel)
@@ -324,7 +262,7 @@ impl GrpcBuilder {
             .watch(&self.options.service)
             .map_err(|e| Error::config(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
-        let (channel, members) = self.finish(Some(tx));
+        let (channel, members) = self.finish(Some(tx))?;
         Ok((channel, Discovery::new(members, watch, rx)))
     }
 

@@ -58,6 +58,7 @@ mod balance;
 #[doc(hidden)]
 pub mod bench;
 mod builder;
+mod conn;
 mod discovery;
 mod error;
 mod grpc;

@@ -201,7 +201,11 @@ impl<C> Shared<C> {
             buf[2 * i] = hex[usize::from(byte >> 4)];
             buf[2 * i + 1] = hex[usize::from(byte & 15)];
         }
-        HeaderValue::from_bytes(&buf).ok()
+        let mut value = HeaderValue::from_bytes(&buf).ok()?;
+        // New on every call: HTTP/2 sends it "never indexed" rather than churning the HPACK
+        // tables of both ends.
+        value.set_sensitive(true);
+        Some(value)
     }
 
     /// Starts one call: its client span `name` (with `attributes`) under the caller's context,
@@ -271,5 +275,24 @@ impl<C> Shared<C> {
             return Error::budget_exhausted(Box::new(error));
         }
         error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_unique_and_never_indexed() {
+        let options = Options::new("svc");
+        let shared: Shared<()> =
+            Shared::new(&options, Arc::new(Set::new(options.balance.clone())), None);
+        let (a, b) = (shared.request_id(), shared.request_id());
+        let (Some(a), Some(b)) = (a, b) else {
+            panic!("no request id");
+        };
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(a.is_sensitive() && b.is_sensitive());
     }
 }

@@ -10,7 +10,6 @@ use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, Method};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use keel_breaker::BoxError;
 use keel_breaker::bulkhead::Bulkhead;
@@ -30,6 +29,7 @@ use tower_service::Service;
 
 use crate::balance::{HashKey, Set};
 use crate::builder::common_builder_methods;
+use crate::conn::{Alpn, Https, https_connector, origin};
 use crate::discovery::{Connect, Discovery, Factory, Members};
 use crate::error::Error;
 use crate::grpc::{EndpointInfo, endpoint_info, instance_from_url, wait_ready};
@@ -39,7 +39,6 @@ use crate::options::{Options, Shared};
 use crate::span;
 
 type Wire = ReplayBody<Full<Bytes>>;
-type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// The connection pool to one REST endpoint (HTTP/1.1 keep-alive, or TLS).
 #[derive(Clone)]
@@ -174,56 +173,18 @@ impl RestBuilder {
     }
 
     fn connector(&self, prefix: &str) -> Result<Connect<RestConnection>, Error> {
-        let mut roots = rustls::RootCertStore::empty();
-        if let Some(tls) = &self.options.tls {
-            use rustls::pki_types::CertificateDer;
-            use rustls::pki_types::pem::PemObject;
-            for cert in CertificateDer::pem_slice_iter(&tls.ca_pem) {
-                let cert = cert.map_err(|e| Error::config(format!("invalid CA PEM: {e}")))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| Error::config(format!("invalid CA certificate: {e}")))?;
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::config(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(self.options.connect_timeout));
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(config)
-            .https_or_http();
-        let builder = match self.options.tls.as_ref().and_then(|t| t.domain.as_deref()) {
-            Some(domain) => {
-                let name = rustls::pki_types::ServerName::try_from(domain.to_owned())
-                    .map_err(|e| Error::config(format!("invalid TLS domain {domain:?}: {e}")))?;
-                builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
-            }
-            None => builder,
-        };
-        let https = builder.enable_http1().wrap_connector(http);
+        let https = https_connector(
+            self.options.tls.as_ref(),
+            self.options.connect_timeout,
+            Alpn::Http1,
+        )?;
         let prefix: Arc<str> = Arc::from(prefix.trim_end_matches('/'));
         Ok(Arc::new(move |instance: &ServiceInstance| {
-            let scheme = if instance.tls {
-                http::uri::Scheme::HTTPS
-            } else {
-                http::uri::Scheme::HTTP
-            };
-            let host = &instance.endpoint.host;
-            let authority = if host.contains(':') {
-                format!("[{host}]:{}", instance.endpoint.port)
-            } else {
-                format!("{host}:{}", instance.endpoint.port)
-            };
+            let (scheme, authority) = origin(instance)?;
             Ok::<_, BoxError>(RestConnection {
                 client: Client::builder(TokioExecutor::new()).build(https.clone()),
                 scheme,
-                authority: authority.parse()?,
+                authority,
                 prefix: Arc::clone(&prefix),
             })
         }))

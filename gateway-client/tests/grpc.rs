@@ -567,3 +567,105 @@ async fn bulkhead_caps_concurrent_calls() {
     gated.gate.add_permits(1_000);
     first.await.unwrap().unwrap();
 }
+
+/// Accepts on a new port and forwards every connection to `to`, counting the connections.
+async fn counting_proxy(to: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Issue 5, connections per endpoint: 64 calls started at once on a new channel share one
+/// dialled HTTP/2 connection, and later calls reuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_share_one_connection() {
+    let (ps, _faults) = providers(1).await;
+    let (proxy, accepted) = counting_proxy(ps[0].addr()).await;
+    let channel = GrpcChannel::builder("echo")
+        .endpoints([format!("http://{proxy}")])
+        .unwrap();
+    let calls: Vec<_> = (0..64)
+        .map(|i| {
+            let mut client = EchoClient::new(channel.clone());
+            tokio::spawn(async move { echo(&mut client, request(&i.to_string())).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let mut client = EchoClient::new(channel.clone());
+    for i in 0..10 {
+        echo(&mut client, request(&i.to_string())).await.unwrap();
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one connection for 74 calls"
+    );
+}
+
+/// A provider that dies and comes back on the same port: while nothing listens, calls fail as
+/// UNAVAILABLE without being sent (the dial failed); once it is back, a new connection is dialled
+/// and calls reach the new process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redials_after_the_provider_restarts() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let first = keel_testkit::echo::EchoProvider::serve_on(listener, "first", Default::default());
+    let channel = GrpcChannel::builder("echo")
+        .max_attempts(1)
+        .breaker(quick_breaker(Duration::from_millis(50)))
+        .endpoints([format!("http://{addr}")])
+        .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    assert_eq!(
+        echo(&mut client, request("a")).await.unwrap().server_id,
+        "first"
+    );
+
+    first.kill();
+    let dial = eventually(
+        "a call fails to dial the gone provider",
+        Duration::from_secs(5),
+        || {
+            let mut client = client.clone();
+            async move {
+                echo(&mut client, request("b"))
+                    .await
+                    .err()
+                    .filter(|s| s.message().contains("connecting to"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(dial.code(), tonic::Code::Unavailable, "{dial:?}");
+    assert!(dial.message().contains(&addr.to_string()), "{dial:?}");
+
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let _second =
+        keel_testkit::echo::EchoProvider::serve_on(listener, "second", Default::default());
+    let reply = eventually(
+        "calls reach the restarted provider",
+        Duration::from_secs(10),
+        || {
+            let mut client = client.clone();
+            async move { echo(&mut client, request("d")).await.ok() }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.server_id, "second");
+}

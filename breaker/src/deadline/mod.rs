@@ -137,7 +137,10 @@ pub fn stamp(headers: &mut HeaderMap, deadline: Deadline, protocol: Protocol) {
         KEEL_DEADLINE
     };
     let len = usize::try_from(out.position()).unwrap_or(0);
-    if let Ok(value) = HeaderValue::from_bytes(&buf[..len]) {
+    if let Ok(mut value) = HeaderValue::from_bytes(&buf[..len]) {
+        // The time left changes from call to call: HTTP/2 sends it "never indexed" rather than
+        // churning the HPACK tables of both ends.
+        value.set_sensitive(true);
         headers.insert(name, value);
     }
 }
@@ -242,5 +245,22 @@ mod tests {
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_grpc_timeout("123456789m"), None, "max 8 digits");
         assert_eq!(parse_grpc_timeout("10x"), None);
+    }
+
+    #[test]
+    fn stamped_deadline_is_never_indexed() {
+        let mut headers = HeaderMap::new();
+        stamp(
+            &mut headers,
+            Deadline::after(Duration::from_secs(5)),
+            Protocol::Grpc,
+        );
+        let value = &headers[GRPC_TIMEOUT];
+        let left = value.to_str().ok().and_then(parse_grpc_timeout);
+        assert!(
+            left.is_some_and(|d| d <= Duration::from_secs(5)),
+            "{value:?}"
+        );
+        assert!(value.is_sensitive());
     }
 }

@@ -1,0 +1,319 @@
+//! Connections to one endpoint: the TLS-capable connector both clients dial with, and gRPC's
+//! HTTP/2 connection, held directly on hyper.
+//!
+//! A [`GrpcConn`] is one lazily dialled HTTP/2 connection shared by every call to its endpoint.
+//! A call takes a handle to the open connection (a lock held for one clone) and hands its
+//! request straight to hyper's connection task: no `tower::buffer` worker in between, as a
+//! `tonic::transport::Channel` has, so a call costs one task hop less. The first call dials;
+//! calls arriving meanwhile wait for that dial instead of starting their own, and when it fails
+//! they fail with it ([`NotSent`], `UNAVAILABLE`: retried elsewhere, counted by the endpoint's
+//! breaker). A closed connection (server gone, GOAWAY) is dialled again by the next call. The
+//! connection ends when the endpoint leaves discovery and its last in-flight call completes.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Uri};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::client::legacy::connect::HttpConnector;
+use keel_breaker::BoxError;
+use keel_breaker::classify::NotSent;
+use keel_core::ServiceInstance;
+use tonic::body::Body;
+use tower_service::Service;
+
+use crate::error::Error;
+use crate::options::TlsConfig;
+
+/// The connector of both clients: TCP (`TCP_NODELAY`, connect timeout), and rustls for `https`.
+pub(crate) type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// Which protocol the TLS handshake offers (ALPN).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Alpn {
+    /// `http/1.1` (REST).
+    Http1,
+    /// `h2` (gRPC).
+    H2,
+}
+
+/// The connector for `tls` (the CA to trust, the name to verify), dialling with
+/// `connect_timeout`.
+pub(crate) fn https_connector(
+    tls: Option<&TlsConfig>,
+    connect_timeout: Duration,
+    alpn: Alpn,
+) -> Result<Https, Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(tls) = tls {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        for cert in CertificateDer::pem_slice_iter(&tls.ca_pem) {
+            let cert = cert.map_err(|e| Error::config(format!("invalid CA PEM: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| Error::config(format!("invalid CA certificate: {e}")))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http();
+    let builder = match tls.and_then(|t| t.domain.as_deref()) {
+        Some(domain) => {
+            let name = rustls::pki_types::ServerName::try_from(domain.to_owned())
+                .map_err(|e| Error::config(format!("invalid TLS domain {domain:?}: {e}")))?;
+            builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+        }
+        None => builder,
+    };
+    Ok(match alpn {
+        Alpn::Http1 => builder.enable_http1().wrap_connector(http),
+        Alpn::H2 => builder.enable_http2().wrap_connector(http),
+    })
+}
+
+/// `scheme` and `host:port` of an instance (IPv6 hosts bracketed).
+pub(crate) fn origin(instance: &ServiceInstance) -> Result<(Scheme, Authority), BoxError> {
+    let scheme = if instance.tls {
+        Scheme::HTTPS
+    } else {
+        Scheme::HTTP
+    };
+    let host = &instance.endpoint.host;
+    let authority = if host.contains(':') {
+        format!("[{host}]:{}", instance.endpoint.port)
+    } else {
+        format!("{host}:{}", instance.endpoint.port)
+    };
+    Ok((scheme, authority.parse()?))
+}
+
+/// The `user-agent` of Keel's gRPC calls (unless the caller set one).
+const USER_AGENT: HeaderValue =
+    HeaderValue::from_static(concat!("keel-client/", env!("CARGO_PKG_VERSION")));
+
+/// A connected byte stream (TCP or TLS), type-erased.
+trait Io: hyper::rt::Read + hyper::rt::Write + Unpin + Send {}
+
+impl<T: hyper::rt::Read + hyper::rt::Write + Unpin + Send> Io for T {}
+
+/// Spawns hyper's per-request tasks (the one streaming a request body) boxed: hyper's task type
+/// is an enum as large as a whole HTTP/2 connection, which tokio would otherwise copy into every
+/// call's task (measured: ~2 000 instructions more per call than a box and a small task).
+#[derive(Debug, Clone, Copy)]
+struct BoxingExecutor;
+
+impl<F> hyper::rt::Executor<F> for BoxingExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::spawn(Box::pin(future));
+    }
+}
+
+/// One endpoint's HTTP/2 connection for gRPC; clones share it.
+#[derive(Clone)]
+pub(crate) struct GrpcConn(Arc<Inner>);
+
+struct Inner {
+    scheme: Scheme,
+    authority: Authority,
+    /// `scheme://authority`, what the connector dials.
+    target: Uri,
+    connector: Https,
+    connect_timeout: Duration,
+    /// The open connection, if any (a handle is cloned out per call).
+    open: Mutex<Option<SendRequest<Body>>>,
+    /// Held by the one call that dials; the others wait on it.
+    dialling: tokio::sync::Mutex<()>,
+    /// Dials that failed so far, and the last one's error.
+    failed: AtomicU64,
+    last_failure: Mutex<String>,
+}
+
+impl fmt::Debug for GrpcConn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcConn")
+            .field("target", &self.0.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrpcConn {
+    /// A connection to `instance`, dialled by the first call.
+    pub(crate) fn new(
+        instance: &ServiceInstance,
+        connector: Https,
+        connect_timeout: Duration,
+    ) -> Result<Self, BoxError> {
+        let (scheme, authority) = origin(instance)?;
+        let target = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()?;
+        Ok(Self(Arc::new(Inner {
+            scheme,
+            authority,
+            target,
+            connector,
+            connect_timeout,
+            open: Mutex::new(None),
+            dialling: tokio::sync::Mutex::new(()),
+            failed: AtomicU64::new(0),
+            last_failure: Mutex::new(String::new()),
+        })))
+    }
+
+    fn open(&self) -> Option<SendRequest<Body>> {
+        let open = self.0.open.lock().unwrap_or_else(PoisonError::into_inner);
+        open.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    /// A handle to the open connection, dialling it first when there is none.
+    async fn sender(&self) -> Result<SendRequest<Body>, BoxError> {
+        if let Some(sender) = self.open() {
+            return Ok(sender);
+        }
+        let failed_before = self.0.failed.load(Ordering::Acquire);
+        let _dialling = self.0.dialling.lock().await;
+        if let Some(sender) = self.open() {
+            return Ok(sender);
+        }
+        if self.0.failed.load(Ordering::Acquire) != failed_before {
+            // The dial this call waited for failed: fail with it rather than dial again.
+            let error = self
+                .0
+                .last_failure
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            return Err(unavailable(error));
+        }
+        match tokio::time::timeout(self.0.connect_timeout, self.dial()).await {
+            Ok(Ok(sender)) => {
+                *self.0.open.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
+                Ok(sender)
+            }
+            Ok(Err(error)) => Err(self.failed(format!(
+                "connecting to {} failed: {}",
+                self.0.target,
+                chain(error.as_ref())
+            ))),
+            Err(_) => Err(self.failed(format!(
+                "connecting to {} timed out after {:?}",
+                self.0.target, self.0.connect_timeout
+            ))),
+        }
+    }
+
+    fn failed(&self, message: String) -> BoxError {
+        *self
+            .0
+            .last_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = message.clone();
+        self.0.failed.fetch_add(1, Ordering::AcqRel);
+        unavailable(message)
+    }
+
+    /// TCP (and TLS), then the HTTP/2 handshake; the connection's task is spawned here.
+    async fn dial(&self) -> Result<SendRequest<Body>, BoxError> {
+        let mut connector = self.0.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
+        // Boxed: hyper's connection task (and every per-request task, whose type is the same
+        // enum) would otherwise hold the TLS stream inline, kilobytes copied per call.
+        let io: Box<dyn Io> = Box::new(connector.call(self.0.target.clone()).await?);
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(BoxingExecutor)
+            .handshake(io)
+            .await?;
+        let target = self.0.target.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%target, %error, "HTTP/2 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn send(self, mut req: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = Some(self.0.scheme.clone());
+        parts.authority = Some(self.0.authority.clone());
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        *req.uri_mut() = Uri::from_parts(parts)?;
+        if !req.headers().contains_key(http::header::USER_AGENT) {
+            req.headers_mut()
+                .insert(http::header::USER_AGENT, USER_AGENT);
+        }
+        let mut sender = self.sender().await?;
+        if sender.ready().await.is_err() {
+            // Closed since it was taken: nothing was sent, the next call dials again.
+            return Err(unavailable(format!(
+                "the connection to {} closed",
+                self.0.target
+            )));
+        }
+        let response = sender.send_request(req).await?;
+        Ok(response.map(Body::new))
+    }
+}
+
+/// A connect failure: nothing was sent (retried elsewhere); `UNAVAILABLE` to the caller.
+fn unavailable(message: String) -> BoxError {
+    Box::new(NotSent::new(tonic::Status::unavailable(message)))
+}
+
+/// `error` and its sources, `: `-separated.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut next = error.source();
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = err.source();
+    }
+    out
+}
+
+/// Response future of [`GrpcConn`].
+pub(crate) type ConnFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Body>, BoxError>> + Send>>;
+
+impl Service<http::Request<Body>> for GrpcConn {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = ConnFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // The call dials when needed; its failure is the call's (and the breaker's) outcome.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        Box::pin(self.clone().send(req))
+    }
+}
