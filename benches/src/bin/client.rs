@@ -49,6 +49,7 @@
 //! `keel-grpc`, `raw-rest`, `keel-rest`) prints allocations per call (and, with `--c64`,
 //! req/s and client CPU per call at 64 in flight); run it under `heaptrack` to see where the
 //! allocations come from.
+//! `target/release/client b5` runs B5 alone (tracing on) and prints its row.
 
 use std::alloc::System;
 use std::collections::BTreeMap;
@@ -108,6 +109,26 @@ fn main() -> Result<()> {
     }
     if args.first().map(String::as_str) == Some("profile") {
         return profile(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("b5") {
+        // B5 alone (tracing on, as in the full run), for quick comparisons; writes no JSON.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        return rt.block_on(async move {
+            tokio::spawn(async move {
+                let _telemetry = keel::Telemetry::install(
+                    "keel-bench-client",
+                    &keel::config::TelemetryConfig::default(),
+                )?;
+                let mut report = Report::new("client-b5");
+                b5(&mut report).await?;
+                println!("{}", report.table());
+                Ok::<_, BoxError>(())
+            })
+            .await?
+        });
     }
     let pinned = pin_enabled() && taskset(&["-a", "-p", "-c", &CLIENT_CPU.to_string()], None);
     let rt = tokio::runtime::Builder::new_multi_thread()
