@@ -4,6 +4,7 @@
 //! copy of a service as a registry knows it, an [`Endpoint`] is where to reach it.
 //! [`propagation`] carries W3C trace context and baggage over any header map (HTTP, gRPC
 //! metadata, Kafka and AMQP headers); it depends only on the OpenTelemetry *API*, never an SDK.
+//! [`header`] makes the header values Keel stamps on every request.
 //!
 //! ```
 //! use keel_core::{Endpoint, InstanceStatus, ServiceInstance};
@@ -15,6 +16,7 @@
 //! assert_eq!(instance.metadata.get("zone").map(String::as_str), Some("sh-a"));
 //! ```
 
+pub mod header;
 mod instance;
 pub mod propagation;
 

@@ -66,12 +66,18 @@ pub fn inject(cx: &Context, injector: &mut dyn Injector) {
 /// Nothing is written for an invalid `sc`; no `baggage` header for empty baggage.
 pub fn inject_span(sc: &SpanContext, cx: &Context, injector: &mut dyn Injector) {
     if sc.is_valid() {
-        injector.set(TRACEPARENT, traceparent(sc));
+        // Only ASCII hex digits and dashes were written: the conversion cannot fail.
+        let value = String::from_utf8(traceparent(sc).to_vec()).unwrap_or_default();
+        injector.set(TRACEPARENT, value);
         let state = sc.trace_state().header();
         if !state.is_empty() {
             injector.set(TRACESTATE, state);
         }
     }
+    inject_baggage(cx, injector);
+}
+
+fn inject_baggage(cx: &Context, injector: &mut dyn Injector) {
     let baggage = cx.baggage();
     if !baggage.is_empty() {
         let mut header = String::new();
@@ -95,9 +101,9 @@ pub fn inject_current(injector: &mut dyn Injector) {
     inject(&Context::current(), injector);
 }
 
-/// The `traceparent` value of `sc` (`00-{trace id}-{span id}-{flags}`), in one allocation and
+/// The `traceparent` value of `sc` (`00-{trace id}-{span id}-{flags}`), formatted on the stack
 /// without the formatting machinery (this runs on every outgoing call).
-fn traceparent(sc: &SpanContext) -> String {
+fn traceparent(sc: &SpanContext) -> [u8; 55] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 55];
     out[..3].copy_from_slice(b"00-");
@@ -119,8 +125,23 @@ fn traceparent(sc: &SpanContext) -> String {
             at += 2;
         }
     }
-    // Only ASCII was written.
-    out.iter().map(|&b| char::from(b)).collect()
+    out
+}
+
+/// [`inject_span`] straight into an [`http::HeaderMap`]: the `traceparent` value is made with
+/// [`per_call_value`](crate::header::per_call_value) (one allocation that clones share, sent
+/// never-indexed over HTTP/2) rather than through a `String`.
+pub fn inject_span_headers(sc: &SpanContext, cx: &Context, headers: &mut HeaderMap) {
+    if sc.is_valid()
+        && let Some(value) = crate::header::per_call_value(&traceparent(sc))
+    {
+        headers.insert(HeaderName::from_static(TRACEPARENT), value);
+        let state = sc.trace_state().header();
+        if !state.is_empty() {
+            HeaderInjector(headers).set(TRACESTATE, state);
+        }
+    }
+    inject_baggage(cx, &mut HeaderInjector(headers));
 }
 
 /// Reads W3C trace context and baggage through `extractor` into a new context.
@@ -325,6 +346,23 @@ mod tests {
             "00-0000000000000000000000000000a0ff-0100000000000000-00"
         );
         assert!(headers[TRACEPARENT].is_sensitive());
+    }
+
+    #[test]
+    fn header_map_injection_matches_the_injector_path() {
+        let cx = Context::new()
+            .with_remote_span_context(remote())
+            .with_baggage([KeyValue::new("tenant", "a b")]);
+        let mut generic = HeaderMap::new();
+        inject(&cx, &mut HeaderInjector(&mut generic));
+        let mut direct = HeaderMap::new();
+        inject_span_headers(&remote(), &cx, &mut direct);
+        assert_eq!(generic, direct);
+        assert_eq!(direct.len(), 3, "{direct:?}");
+        assert!(direct[TRACEPARENT].is_sensitive());
+        let mut none = HeaderMap::new();
+        inject_span_headers(&SpanContext::empty_context(), &Context::new(), &mut none);
+        assert!(none.is_empty());
     }
 
     #[test]

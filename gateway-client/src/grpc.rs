@@ -32,6 +32,9 @@ use crate::metrics::{ClientMetrics, MethodMetrics};
 use crate::options::{Options, Shared};
 use crate::span::{self, CallSpan};
 
+/// `grpc-status` as a [`http::HeaderName`]: a lookup by `&str` parses the name every time.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 type Bal = Balancer<GrpcConn, Body, Body>;
 type Stack = Bulkhead<DeadlineService<Retry<Bal>>>;
 type StackFuture = keel_breaker::bulkhead::ResponseFuture<
@@ -353,7 +356,7 @@ impl Future for ResponseFuture {
             Ok(response) => {
                 let failed = response
                     .headers()
-                    .get("grpc-status")
+                    .get(GRPC_STATUS)
                     .is_some_and(|s| s.as_bytes() != b"0");
                 this.method.record(elapsed, failed);
                 match span {

@@ -13,7 +13,7 @@ use keel_breaker::bulkhead::Bulkhead;
 use keel_breaker::classify::{FailureClass, Outcome, classify_error};
 use keel_breaker::deadline::{Deadline, GRPC_TIMEOUT, parse_grpc_timeout};
 use keel_breaker::retry::{RetryBudget, RetryPolicy};
-use keel_core::propagation::{HeaderInjector, REQUEST_ID, inject_span};
+use keel_core::propagation::{REQUEST_ID, inject_span_headers};
 use opentelemetry::{Context, KeyValue};
 use tokio::sync::oneshot;
 
@@ -201,11 +201,8 @@ impl<C> Shared<C> {
             buf[2 * i] = hex[usize::from(byte >> 4)];
             buf[2 * i + 1] = hex[usize::from(byte & 15)];
         }
-        let mut value = HeaderValue::from_bytes(&buf).ok()?;
-        // New on every call: HTTP/2 sends it "never indexed" rather than churning the HPACK
-        // tables of both ends.
-        value.set_sensitive(true);
-        Some(value)
+        // One allocation that the retry layer's copy shares; never indexed over HTTP/2.
+        keel_core::header::per_call_value(&buf)
     }
 
     /// Starts one call: its client span `name` (with `attributes`) under the caller's context,
@@ -236,7 +233,7 @@ impl<C> Shared<C> {
         {
             headers.insert(REQUEST_ID_HEADER, id);
         }
-        inject_span(span.span_context(), parent, &mut HeaderInjector(headers));
+        inject_span_headers(span.span_context(), parent, headers);
         if extensions.get::<Deadline>().is_none()
             && let Some(timeout) = headers
                 .get(GRPC_TIMEOUT)

@@ -19,11 +19,10 @@ mod error;
 mod future;
 mod layer;
 
-use std::io::Write as _;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -87,9 +86,9 @@ pub enum Protocol {
 
 /// Formats a gRPC `TimeoutValue`: at most 8 digits and a unit, rounded down.
 pub fn format_grpc_timeout(remaining: Duration) -> String {
-    let mut out = Vec::with_capacity(10);
-    write_grpc_timeout(&mut out, remaining);
-    String::from_utf8(out).unwrap_or_default()
+    let mut buf = [0u8; 24];
+    let len = write_grpc_timeout(&mut buf, remaining);
+    String::from_utf8(buf[..len].to_vec()).unwrap_or_default()
 }
 
 /// Parses a gRPC `TimeoutValue` (`799m`, `1S`, `100u`, …).
@@ -128,44 +127,62 @@ pub fn stamp(headers: &mut HeaderMap, deadline: Deadline, protocol: Protocol) {
     };
     // Formatted on the stack: the header value is the call's only allocation here.
     let mut buf = [0u8; 24];
-    let mut out = std::io::Cursor::new(&mut buf[..]);
-    let name = if grpc {
-        write_grpc_timeout(&mut out, remaining);
-        GRPC_TIMEOUT
+    let (name, len) = if grpc {
+        (GRPC_TIMEOUT, write_grpc_timeout(&mut buf, remaining))
     } else {
-        let _ = write!(out, "{}", remaining.as_millis());
-        KEEL_DEADLINE
+        let ms = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
+        (KEEL_DEADLINE, write_u64(&mut buf, ms))
     };
-    let len = usize::try_from(out.position()).unwrap_or(0);
-    if let Ok(mut value) = HeaderValue::from_bytes(&buf[..len]) {
-        // The time left changes from call to call: HTTP/2 sends it "never indexed" rather than
-        // churning the HPACK tables of both ends.
-        value.set_sensitive(true);
+    // Changes from call to call: sent never-indexed over HTTP/2, and one allocation that the
+    // retry layer's copy of the headers shares.
+    if let Some(value) = keel_core::header::per_call_value(&buf[..len]) {
         headers.insert(name, value);
     }
 }
 
-/// [`format_grpc_timeout`] into `out` (at most 9 bytes; a 24-byte buffer never fills).
-fn write_grpc_timeout(out: &mut impl std::io::Write, remaining: Duration) {
+/// Writes `n` in decimal at the start of `buf` (20 bytes suffice for any `u64`); returns the
+/// length.
+fn write_u64(buf: &mut [u8; 24], mut n: u64) -> usize {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let len = digits.len() - i;
+    buf[..len].copy_from_slice(&digits[i..]);
+    len
+}
+
+/// [`format_grpc_timeout`] into `buf` (at most 9 bytes); returns the length.
+fn write_grpc_timeout(buf: &mut [u8; 24], remaining: Duration) -> usize {
     const MAX: u128 = 99_999_999;
     let ms = remaining.as_millis();
-    let _ = if ms == 0 {
+    let (value, unit) = if ms == 0 {
         let us = remaining.as_micros();
         if us == 0 {
-            write!(out, "{}n", remaining.as_nanos())
+            (remaining.as_nanos(), b'n')
         } else {
-            write!(out, "{us}u")
+            (us, b'u')
         }
     } else if ms <= MAX {
-        write!(out, "{ms}m")
+        (ms, b'm')
     } else {
         let secs = remaining.as_secs();
         if u128::from(secs) <= MAX {
-            write!(out, "{secs}S")
+            (u128::from(secs), b'S')
         } else {
-            write!(out, "{}M", (secs / 60).min(99_999_999))
+            (u128::from((secs / 60).min(99_999_999)), b'M')
         }
     };
+    // Every branch is at most 8 digits (nanoseconds and microseconds below 1 ms are < 10^6).
+    let len = write_u64(buf, u64::try_from(value).unwrap_or(99_999_999));
+    buf[len] = unit;
+    len + 1
 }
 
 /// Re-stamps the deadline header already present in `headers` (used before each retry).
@@ -240,6 +257,13 @@ mod tests {
         assert_eq!(format_grpc_timeout(Duration::from_micros(799_900)), "799m");
         assert_eq!(format_grpc_timeout(Duration::from_micros(950)), "950u");
         assert_eq!(format_grpc_timeout(Duration::from_secs(200_000)), "200000S");
+        assert_eq!(format_grpc_timeout(Duration::from_nanos(7)), "7n");
+        assert_eq!(format_grpc_timeout(Duration::ZERO), "0n");
+        assert_eq!(format_grpc_timeout(Duration::from_millis(5000)), "5000m");
+        assert_eq!(
+            format_grpc_timeout(Duration::from_secs(100_000_000 * 60)),
+            "99999999M"
+        );
         assert_eq!(parse_grpc_timeout("799m"), Some(Duration::from_millis(799)));
         assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
