@@ -36,6 +36,10 @@
 //!   2 000 calls per round, 1 + 5 pairs; `-bare` rows before tracing is installed.
 //! * B5: the whole default gRPC stack in process: server and client in this process on one
 //!   worker (so wall time is CPU time), one call at a time, 0.5 s; ns/call Keel − raw.
+//! * `-vs-propagating` variants of A1, A5-grpc and B5: the raw arm is tonic sending what Keel
+//!   propagates (a per-call `traceparent` and `x-request-id`, never indexed, and the timeout as
+//!   `grpc-timeout`), so the row shows Keel's stack without the wire cost of carrying the
+//!   context, which no implementation avoids.
 //! * B6-n{10,100,10k}: the balancer's per-call pick (snapshot load, p2c choice, breaker
 //!   admission — the code the balancer runs, through `keel_client::bench`) while another
 //!   thread (on the other CPU) replaces one instance every millisecond; ns/pick, median of 5
@@ -46,10 +50,11 @@
 //!
 //! A full run takes about two minutes. For profiling one arm alone:
 //! `target/release/client profile keel-grpc 20000 [--tracing] [--c64]` (arms: `raw-grpc`,
-//! `keel-grpc`, `raw-rest`, `keel-rest`) prints allocations per call (and, with `--c64`,
-//! req/s and client CPU per call at 64 in flight); run it under `heaptrack` to see where the
-//! allocations come from.
-//! `target/release/client b5` runs B5 alone (tracing on) and prints its row.
+//! `raw-grpc-propagating`, `keel-grpc`, `raw-rest`, `keel-rest`) prints allocations per call
+//! (and, with `--c64`, req/s and client CPU per call at 64 in flight); run it under `heaptrack`
+//! to see where the allocations come from, or under `valgrind --tool=callgrind` for
+//! instructions per call (repeatable on a noisy box: run N and 3N calls and subtract).
+//! `target/release/client b5` runs B5 alone (tracing on) and prints its rows.
 
 use std::alloc::System;
 use std::collections::BTreeMap;
@@ -139,9 +144,9 @@ fn main() -> Result<()> {
     rt.block_on(async move { tokio::spawn(run(pinned)).await? })
 }
 
-/// `profile ARM [CALLS] [--tracing]` (ARM = raw-grpc, keel-grpc, raw-rest, keel-rest): only
-/// sequential calls of one arm, for an allocation profiler (`heaptrack target/release/client
-/// profile keel-grpc 20000`).
+/// `profile ARM [CALLS] [--tracing]` (ARM = raw-grpc, raw-grpc-propagating, keel-grpc,
+/// raw-rest, keel-rest): only sequential calls of one arm, for an allocation profiler
+/// (`heaptrack target/release/client profile keel-grpc 20000`).
 fn profile(args: &[String]) -> Result<()> {
     let arm = args
         .first()
@@ -170,6 +175,9 @@ fn profile(args: &[String]) -> Result<()> {
             };
             let (allocs, bytes) = match arm.as_str() {
                 "raw-grpc" => allocs_per_call(&raw_grpc(server.grpc).await?.0, calls).await,
+                "raw-grpc-propagating" => {
+                    allocs_per_call(&raw_grpc_propagating(server.grpc).await?.0, calls).await
+                }
                 "keel-grpc" => {
                     allocs_per_call(&keel_grpc(&registry, server.grpc).await?.0, calls).await
                 }
@@ -458,6 +466,35 @@ impl Arm for RawGrpc {
     }
 }
 
+/// Raw tonic sending what Keel propagates, the way a careful hand-written client would: a
+/// `traceparent` (a new span id per call under one trace) and an `x-request-id`, both formatted
+/// per call and marked sensitive (never indexed by HPACK, as Keel sends them), and the 5 s
+/// timeout as `grpc-timeout` (`Request::set_timeout`, which tonic's channel also enforces). It
+/// separates what carrying the context costs on the wire from what Keel's stack costs.
+#[derive(Clone)]
+struct RawGrpcPropagating {
+    client: EchoClient<Channel>,
+    trace: u128,
+    calls: u64,
+}
+
+impl Arm for RawGrpcPropagating {
+    async fn call(&mut self) -> bool {
+        self.calls += 1;
+        let mut req = tonic::Request::new(echo_request());
+        req.set_timeout(TIMEOUT);
+        let traceparent = format!("00-{:032x}-{:016x}-01", self.trace, self.calls);
+        let request_id = format!("{:016x}{:016x}", self.trace as u64, self.calls);
+        for (key, value) in [("traceparent", traceparent), ("x-request-id", request_id)] {
+            if let Ok(mut value) = tonic::metadata::MetadataValue::try_from(value) {
+                value.set_sensitive(true);
+                req.metadata_mut().insert(key, value);
+            }
+        }
+        self.client.echo(req).await.is_ok()
+    }
+}
+
 #[derive(Clone)]
 struct KeelGrpc {
     client: EchoClient<GrpcChannel>,
@@ -539,7 +576,7 @@ fn grpc_setup(server: SocketAddr) -> Setup {
         protocol: "h2c",
         connections: "1 per endpoint",
         tcp_nodelay: true,
-        windows: "tonic defaults",
+        windows: "hyper h2 defaults (tonic sets none)",
         payload: PAYLOAD,
     }
 }
@@ -562,6 +599,25 @@ async fn raw_grpc(addr: SocketAddr) -> Result<(RawGrpc, Setup)> {
         .connect()
         .await?;
     Ok((RawGrpc(EchoClient::new(channel)), grpc_setup(addr)))
+}
+
+/// A trace id that differs from run to run (never zero).
+fn random_trace() -> u128 {
+    use std::hash::BuildHasher;
+    let state = std::collections::hash_map::RandomState::new();
+    (u128::from(state.hash_one(1u8)) << 64) | u128::from(state.hash_one(2u8)) | 1
+}
+
+async fn raw_grpc_propagating(addr: SocketAddr) -> Result<(RawGrpcPropagating, Setup)> {
+    let (RawGrpc(client), setup) = raw_grpc(addr).await?;
+    Ok((
+        RawGrpcPropagating {
+            client,
+            trace: random_trace(),
+            calls: 0,
+        },
+        setup,
+    ))
 }
 
 async fn keel_grpc(registry: &dyn Registry, addr: SocketAddr) -> Result<(KeelGrpc, Setup)> {
@@ -813,6 +869,16 @@ async fn run(pinned: bool) -> Result<()> {
     let (keel_r, _) = keel_rest(&registry, server.rest).await?;
 
     a5(&mut report, "grpc", &raw_g, &keel_g, "gRPC, tracing on").await;
+    let (raw_gp, raw_gps) = raw_grpc_propagating(server.grpc).await?;
+    parity("gRPC, raw propagating", &raw_gps, &keel_gs)?;
+    a5(
+        &mut report,
+        "grpc-vs-propagating",
+        &raw_gp,
+        &keel_g,
+        "gRPC, tracing on, vs raw tonic sending the same traceparent, request id and timeout",
+    )
+    .await;
     a5(&mut report, "rest", &raw_r, &keel_r, "REST, tracing on").await;
 
     // A1
@@ -832,6 +898,26 @@ async fn run(pinned: bool) -> Result<()> {
         report.push(throughput_row(
             &format!("A1-c{c}"),
             &format!("gRPC unary req/s, Keel channel / raw tonic, c={c}"),
+            &cmp,
+            &pairs,
+        ));
+    }
+
+    // A1 against raw tonic that sends the same context headers (variant rows)
+    for c in [1usize, 16, 64] {
+        let (cmp, pairs) = interleave_async::<_, _, Load>(
+            ROUNDS,
+            WARMUP,
+            || closed_loop(&raw_gp, c, A1_ROUND),
+            || closed_loop(&keel_g, c, A1_ROUND),
+            |l| l.rate,
+        )
+        .await;
+        report.push(throughput_row(
+            &format!("A1-vs-propagating-c{c}"),
+            &format!(
+                "gRPC unary req/s, Keel / raw tonic sending the same traceparent, request id and timeout, c={c}"
+            ),
             &cmp,
             &pairs,
         ));
@@ -999,6 +1085,23 @@ async fn b5(report: &mut Report) -> Result<()> {
     report.push(Row::delta(
         "B5",
         "whole default gRPC stack vs raw tonic, server in process, 1 worker, 1 call at a time",
+        "ns_added",
+        &cmp,
+        1500.0,
+        500.0,
+    ));
+    let (raw_p, _) = raw_grpc_propagating(addr).await?;
+    let (cmp, _) = interleave_async::<_, _, Load>(
+        ROUNDS,
+        WARMUP,
+        || closed_loop(&raw_p, 1, B5_ROUND),
+        || closed_loop(&keel, 1, B5_ROUND),
+        ns_per_call,
+    )
+    .await;
+    report.push(Row::delta(
+        "B5-vs-propagating",
+        "as B5, raw tonic sending the same traceparent, request id and timeout",
         "ns_added",
         &cmp,
         1500.0,
