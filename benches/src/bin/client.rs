@@ -884,14 +884,7 @@ async fn run(pinned: bool) -> Result<()> {
     // A1
     let mut capacity = f64::NAN;
     for c in [1usize, 16, 64] {
-        let (cmp, pairs) = interleave_async::<_, _, Load>(
-            ROUNDS,
-            WARMUP,
-            || closed_loop(&raw_g, c, A1_ROUND),
-            || closed_loop(&keel_g, c, A1_ROUND),
-            |l| l.rate,
-        )
-        .await;
+        let (cmp, pairs) = closed_pairs(&raw_g, &keel_g, c, A1_ROUND).await;
         if c == 64 {
             capacity = cmp.median_a();
         }
@@ -905,14 +898,7 @@ async fn run(pinned: bool) -> Result<()> {
 
     // A1 against raw tonic that sends the same context headers (variant rows)
     for c in [1usize, 16, 64] {
-        let (cmp, pairs) = interleave_async::<_, _, Load>(
-            ROUNDS,
-            WARMUP,
-            || closed_loop(&raw_gp, c, A1_ROUND),
-            || closed_loop(&keel_g, c, A1_ROUND),
-            |l| l.rate,
-        )
-        .await;
+        let (cmp, pairs) = closed_pairs(&raw_gp, &keel_g, c, A1_ROUND).await;
         report.push(throughput_row(
             &format!("A1-vs-propagating-c{c}"),
             &format!(
@@ -965,14 +951,7 @@ async fn run(pinned: bool) -> Result<()> {
 
     // A4
     for c in [1usize, 64] {
-        let (cmp, pairs) = interleave_async::<_, _, Load>(
-            ROUNDS,
-            WARMUP,
-            || closed_loop(&raw_r, c, A4_ROUND),
-            || closed_loop(&keel_r, c, A4_ROUND),
-            |l| l.rate,
-        )
-        .await;
+        let (cmp, pairs) = closed_pairs(&raw_r, &keel_r, c, A4_ROUND).await;
         report.push(throughput_row(
             &format!("A4-c{c}"),
             &format!("REST GET+JSON req/s, Keel RestClient / raw hyper-util, c={c}"),
@@ -991,6 +970,23 @@ async fn run(pinned: bool) -> Result<()> {
     println!("client bench: {:.0} s", started.elapsed().as_secs_f64());
     report.finish()?;
     Ok(())
+}
+
+/// Interleaved closed-loop rounds of `raw` and `keel` with `c` calls in flight: req/s compared.
+async fn closed_pairs<R: Arm, K: Arm>(
+    raw: &R,
+    keel: &K,
+    c: usize,
+    round: Duration,
+) -> (Comparison, Vec<(Load, Load)>) {
+    interleave_async::<_, _, Load>(
+        ROUNDS,
+        WARMUP,
+        || closed_loop(raw, c, round),
+        || closed_loop(keel, c, round),
+        |l| l.rate,
+    )
+    .await
 }
 
 fn throughput_row(id: &str, what: &str, cmp: &Comparison, pairs: &[(Load, Load)]) -> Row {
@@ -1073,41 +1069,37 @@ async fn b5(report: &mut Report) -> Result<()> {
     let (raw, raw_s) = raw_grpc(addr).await?;
     let (keel, keel_s) = keel_grpc(&registry, addr).await?;
     parity("B5", &raw_s, &keel_s)?;
-    let ns_per_call = |l: &Load| 1e9 / l.rate;
-    let (cmp, _) = interleave_async::<_, _, Load>(
-        ROUNDS,
-        WARMUP,
-        || closed_loop(&raw, 1, B5_ROUND),
-        || closed_loop(&keel, 1, B5_ROUND),
-        ns_per_call,
-    )
-    .await;
-    report.push(Row::delta(
+    let row = b5_row(
+        &raw,
+        &keel,
         "B5",
         "whole default gRPC stack vs raw tonic, server in process, 1 worker, 1 call at a time",
-        "ns_added",
-        &cmp,
-        1500.0,
-        500.0,
-    ));
+    )
+    .await;
+    report.push(row);
     let (raw_p, _) = raw_grpc_propagating(addr).await?;
+    let row = b5_row(
+        &raw_p,
+        &keel,
+        "B5-vs-propagating",
+        "as B5, raw tonic sending the same traceparent, request id and timeout",
+    )
+    .await;
+    report.push(row);
+    Ok(())
+}
+
+/// One B5 row: ns per sequential call, `keel` − `raw`, interleaved rounds.
+async fn b5_row<R: Arm, K: Arm>(raw: &R, keel: &K, id: &str, what: &str) -> Row {
     let (cmp, _) = interleave_async::<_, _, Load>(
         ROUNDS,
         WARMUP,
-        || closed_loop(&raw_p, 1, B5_ROUND),
-        || closed_loop(&keel, 1, B5_ROUND),
-        ns_per_call,
+        || closed_loop(raw, 1, B5_ROUND),
+        || closed_loop(keel, 1, B5_ROUND),
+        |l: &Load| 1e9 / l.rate,
     )
     .await;
-    report.push(Row::delta(
-        "B5-vs-propagating",
-        "as B5, raw tonic sending the same traceparent, request id and timeout",
-        "ns_added",
-        &cmp,
-        1500.0,
-        500.0,
-    ));
-    Ok(())
+    Row::delta(id, what, "ns_added", &cmp, 1500.0, 500.0)
 }
 
 // ---------------------------------------------------------------------------------------------
