@@ -17,7 +17,7 @@ use keel_core::propagation::{REQUEST_ID, inject_span_headers};
 use opentelemetry::{Context, KeyValue};
 use tokio::sync::oneshot;
 
-use crate::balance::{BalanceConfig, Set};
+use crate::balance::{BalanceConfig, HashKey, Set};
 use crate::error::Error;
 use crate::lb::Memo;
 use crate::metrics::ClientMetrics;
@@ -127,6 +127,18 @@ impl Options {
         RetryPolicy::new(Arc::clone(&self.budget))
             .max_attempts(self.max_attempts)
             .backoff(self.backoff.0, self.backoff.1)
+            .attempt_extensions(balancer_extensions)
+    }
+}
+
+/// What each attempt carries below the retry layer: only the balancer reads extensions there
+/// (the call's memo and its hash key); the rest stay with the call, uncloned.
+fn balancer_extensions(from: &Extensions, to: &mut Extensions) {
+    if let Some(memo) = from.get::<Memo>() {
+        to.insert(memo.clone());
+    }
+    if let Some(key) = from.get::<HashKey>() {
+        to.insert(*key);
     }
 }
 

@@ -56,8 +56,12 @@ pub struct RetryPolicy {
     max_replay_body: usize,
     retry_not_sent: bool,
     retry_rejected: bool,
+    attempt_extensions: Option<CopyExtensions>,
     budget: Arc<RetryBudget>,
 }
+
+/// Copies the request extensions an attempt needs; see [`RetryPolicy::attempt_extensions`].
+pub type CopyExtensions = fn(&http::Extensions, &mut http::Extensions);
 
 impl fmt::Debug for RetryPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -88,6 +92,7 @@ impl RetryPolicy {
             max_replay_body: 64 * 1024,
             retry_not_sent: true,
             retry_rejected: true,
+            attempt_extensions: None,
             budget,
         }
     }
@@ -120,6 +125,33 @@ impl RetryPolicy {
     /// Whether REJECTED failures are retried (default true).
     pub fn retry_rejected(mut self, yes: bool) -> Self {
         self.retry_rejected = yes;
+        self
+    }
+
+    /// Which request extensions every attempt carries to the inner service. By default each
+    /// attempt carries a clone of all of them. A stack whose inner services read only some of
+    /// them can name those with a function that copies them: each attempt then carries only
+    /// the copies, and the request's own extensions are kept for replay without being cloned
+    /// (per call one map and one box per other extension less). The layer itself reads the
+    /// request's own extensions ([`Idempotent`](crate::request::Idempotent), keys, deadline)
+    /// either way.
+    ///
+    /// ```
+    /// use keel_breaker::retry::RetryPolicy;
+    ///
+    /// /// The only extension the services below the retry layer read.
+    /// #[derive(Clone, Copy)]
+    /// struct RouteKey(u64);
+    ///
+    /// let policy = RetryPolicy::default().attempt_extensions(|from, to| {
+    ///     if let Some(key) = from.get::<RouteKey>() {
+    ///         to.insert(*key);
+    ///     }
+    /// });
+    /// # drop(policy);
+    /// ```
+    pub fn attempt_extensions(mut self, copy: CopyExtensions) -> Self {
+        self.attempt_extensions = Some(copy);
         self
     }
 
@@ -196,18 +228,31 @@ pub(crate) struct Template {
     version: http::Version,
     headers: http::HeaderMap,
     extensions: http::Extensions,
+    /// What each attempt carries of `extensions` (`None`: a clone of all).
+    copy: Option<CopyExtensions>,
     data: Bytes,
     /// Boxed: request trailers are rare, and the template lives in every call's future.
     trailers: Option<Box<http::HeaderMap>>,
 }
 
 impl Template {
-    /// Copies what to replay from `req` (whose body is `data` and `trailers`, buffered).
+    /// Keeps what to replay of `parts` (whose body is `data` and `trailers`, buffered): a copy
+    /// of the head, and the extensions themselves when `copy` says what attempts carry (`parts`
+    /// is left with that), else a clone of them.
     fn new(
-        parts: &http::request::Parts,
+        parts: &mut http::request::Parts,
+        copy: Option<CopyExtensions>,
         data: Bytes,
         trailers: Option<Box<http::HeaderMap>>,
     ) -> Self {
+        let extensions = match copy {
+            Some(copy) => {
+                let mut attempt = http::Extensions::new();
+                copy(&parts.extensions, &mut attempt);
+                std::mem::replace(&mut parts.extensions, attempt)
+            }
+            None => parts.extensions.clone(),
+        };
         Self {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
@@ -217,9 +262,21 @@ impl Template {
             } else {
                 parts.headers.clone()
             },
-            extensions: parts.extensions.clone(),
+            extensions,
+            copy,
             data,
             trailers,
+        }
+    }
+
+    fn attempt_extensions(&self) -> http::Extensions {
+        match self.copy {
+            Some(copy) => {
+                let mut attempt = http::Extensions::new();
+                copy(&self.extensions, &mut attempt);
+                attempt
+            }
+            None => self.extensions.clone(),
         }
     }
 
@@ -232,7 +289,7 @@ impl Template {
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers.clone();
-        *req.extensions_mut() = self.extensions.clone();
+        *req.extensions_mut() = self.attempt_extensions();
         if let Some(deadline) = deadline {
             crate::deadline::restamp(req.headers_mut(), deadline);
         }
@@ -273,9 +330,14 @@ where
             }
         };
         drop(body);
-        let template = Template::new(&parts, data.clone(), trailers.clone());
         let replay_safe = is_replay_safe(&parts.headers, &parts.extensions);
         let deadline = parts.extensions.get::<Deadline>().copied();
+        let template = Template::new(
+            &mut parts,
+            self.policy.attempt_extensions,
+            data.clone(),
+            trailers.clone(),
+        );
         let req = http::Request::from_parts(parts, ReplayBody::buffered(data, trailers));
         let fut = self.inner.call(req);
         ResponseFuture::retrying(

@@ -241,3 +241,35 @@ async fn retries_restamp_the_deadline_and_stop_before_it() {
         "stopped by the deadline: {attempts}"
     );
 }
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Route(u8);
+
+#[derive(Clone, Debug)]
+struct Private;
+
+/// With `attempt_extensions`, every attempt (first and replayed) carries only what the copy
+/// function forwards, while the layer still decides on the call's own markings (`Idempotent`
+/// here, not forwarded: the UNKNOWN outcome is retried).
+#[tokio::test(start_paused = true)]
+async fn attempts_carry_only_the_forwarded_extensions() {
+    let policy = policy().attempt_extensions(|from, to| {
+        if let Some(route) = from.get::<Route>() {
+            to.insert(*route);
+        }
+    });
+    let mut req = request("get");
+    req.extensions_mut().insert(Idempotent);
+    req.extensions_mut().insert(Route(7));
+    req.extensions_mut().insert(Private);
+    let (task, mut handle) = spawn_call(policy, req);
+    for code in [500, 200] {
+        let (req, send) = handle.next_request().await.unwrap();
+        assert_eq!(req.extensions().get::<Route>(), Some(&Route(7)));
+        assert!(req.extensions().get::<Private>().is_none());
+        assert!(req.extensions().get::<Idempotent>().is_none());
+        send.send_response(status(code));
+    }
+    assert_eq!(task.await.unwrap().unwrap().status(), 200);
+    assert_no_more_requests(&mut handle).await;
+}
