@@ -73,6 +73,9 @@ pub type ResponseBody = keel_breaker::breaker::ResponseBody<Body>;
 pub struct GrpcChannel {
     stack: Stack,
     shared: Arc<Shared<GrpcConn>>,
+    /// The metrics of the method this clone called last: a clone that keeps calling one
+    /// method skips the shared map's lock and lookup.
+    last_method: Option<Arc<MethodMetrics>>,
 }
 
 impl fmt::Debug for GrpcChannel {
@@ -218,7 +221,14 @@ impl GrpcBuilder {
             self.options.policy(),
         )));
         let shared = Arc::new(Shared::new(&self.options, set, closed));
-        Ok((GrpcChannel { stack, shared }, members))
+        Ok((
+            GrpcChannel {
+                stack,
+                shared,
+                last_method: None,
+            },
+            members,
+        ))
     }
 
     /// A channel over fixed endpoints (`http://host:port` or `https://host:port`), e.g. an API
@@ -302,7 +312,14 @@ impl Service<http::Request<Body>> for GrpcChannel {
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
         let shared = &self.shared;
-        let method = shared.metrics.method(parts.uri.path());
+        let method = match &self.last_method {
+            Some(last) if last.name.as_str() == parts.uri.path() => Arc::clone(last),
+            _ => {
+                let method = shared.metrics.method(parts.uri.path());
+                self.last_method = Some(Arc::clone(&method));
+                method
+            }
+        };
         let (span, memo) = shared.begin(&mut parts, "grpc.client", || {
             [
                 KeyValue::new("rpc.system", "grpc"),

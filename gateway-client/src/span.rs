@@ -21,6 +21,9 @@ use opentelemetry::global::{BoxedSpan, BoxedTracer};
 use opentelemetry::trace::{Span as _, SpanBuilder, SpanContext, SpanKind, Status, Tracer as _};
 use opentelemetry::{Context, KeyValue, StringValue};
 
+/// `traceparent` as a [`http::HeaderName`] (a lookup by `&str` parses the name first).
+const TRACEPARENT_HEADER: http::HeaderName = http::HeaderName::from_static(TRACEPARENT);
+
 /// The tracer client spans are made with: the global provider's, resolved once per client.
 pub(crate) fn tracer() -> BoxedTracer {
     opentelemetry::global::tracer("keel-client")
@@ -29,7 +32,7 @@ pub(crate) fn tracer() -> BoxedTracer {
 /// The caller's context for a request: the current one, or the one in its `traceparent`.
 pub(crate) fn parent(headers: &HeaderMap) -> Context {
     let current = Context::current();
-    if headers.contains_key(TRACEPARENT) {
+    if headers.contains_key(TRACEPARENT_HEADER) {
         extract_with_context(&current, &HeaderExtractor(headers))
     } else {
         current

@@ -669,3 +669,39 @@ async fn redials_after_the_provider_restarts() {
     .unwrap();
     assert_eq!(reply.server_id, "second");
 }
+
+/// RED metrics follow the method each call names, also when one channel clone alternates
+/// between methods (it caches the metrics of the method it called last).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_the_method_called() {
+    use tower_service::Service as _;
+
+    let (ps, _faults) = providers(1).await;
+    let mut channel = GrpcChannel::builder("echo")
+        .endpoints([format!("http://{}", ps[0].addr())])
+        .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    // One clone alternating between two methods the provider does not serve.
+    for path in ["/keel.echo.v1.Echo/One", "/keel.echo.v1.Echo/Two"].repeat(2) {
+        std::future::poll_fn(|cx| channel.poll_ready(cx))
+            .await
+            .unwrap();
+        let req = http::Request::builder()
+            .uri(path)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::empty())
+            .unwrap();
+        let res = channel.call(req).await.unwrap();
+        assert_eq!(res.headers()["grpc-status"], "12", "{path}: UNIMPLEMENTED");
+        echo(&mut client, request("a")).await.unwrap();
+    }
+    for (path, counts) in [
+        ("/keel.echo.v1.Echo/One", (2, 2)),
+        ("/keel.echo.v1.Echo/Two", (2, 2)),
+        ("/keel.echo.v1.Echo/Echo", (4, 0)),
+    ] {
+        let m = channel.metrics().get(path).unwrap();
+        assert_eq!((m.requests, m.errors), counts, "{path}");
+    }
+}
