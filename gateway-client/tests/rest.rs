@@ -8,26 +8,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::Method;
-use keel_breaker::breaker::{BreakerConfig, State};
+use keel_breaker::breaker::State;
 use keel_client::{Balance, HashKey, RestClient};
 use keel_registry::{Registry, StaticRegistry};
 use keel_testkit::eventually;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use serde_json::{Value, json};
 
-use common::{RestProvider, instance};
-
-fn quick_breaker(wait: Duration) -> BreakerConfig {
-    BreakerConfig {
-        failure_rate_threshold: 50.0,
-        sliding_window_size: 10,
-        minimum_number_of_calls: 4,
-        wait_duration_in_open_state: wait,
-        permitted_number_of_calls_in_half_open_state: 2,
-        enable_exponential_backoff: false,
-        ..BreakerConfig::default()
-    }
-}
+use common::{RestProvider, instance, quick_breaker};
 
 /// JSON verbs, a typed error for non-2xx with the body kept, and the API-gateway mode (base URL
 /// with a path prefix, default headers).
