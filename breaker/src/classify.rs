@@ -114,7 +114,8 @@ impl<B> Classify<http::Response<B>> for DefaultClassifier {
     }
 }
 
-const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+/// The `grpc-status` header (or trailer) name.
+pub const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 /// The `grpc-status` in `headers` (a trailers-only response's headers, or trailers), if any.
 pub fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {

@@ -8,7 +8,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use keel_breaker::bulkhead::Bulkhead;
-use keel_breaker::classify::{DefaultClassifier, classify_http_response, grpc_status};
+use keel_breaker::classify::{DefaultClassifier, GRPC_STATUS, classify_http_response, grpc_status};
 use keel_breaker::deadline::{DeadlineLayer, DeadlineService};
 use keel_breaker::request::is_replay_safe;
 use keel_breaker::retry::{ReplayBody, Retry};
@@ -31,9 +31,6 @@ use crate::lb::{Balancer, Memo};
 use crate::metrics::{ClientMetrics, MethodMetrics};
 use crate::options::{Options, Shared};
 use crate::span::{self, CallSpan};
-
-/// `grpc-status` as a [`http::HeaderName`]: a lookup by `&str` parses the name every time.
-const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 type Bal = Balancer<GrpcConn, Body, Body>;
 type Stack = Bulkhead<DeadlineService<Retry<Bal>>>;
