@@ -228,8 +228,6 @@ pub(crate) struct Template {
     version: http::Version,
     headers: http::HeaderMap,
     extensions: http::Extensions,
-    /// What each attempt carries of `extensions` (`None`: a clone of all).
-    copy: Option<CopyExtensions>,
     data: Bytes,
     /// Boxed: request trailers are rare, and the template lives in every call's future.
     trailers: Option<Box<http::HeaderMap>>,
@@ -263,14 +261,15 @@ impl Template {
                 parts.headers.clone()
             },
             extensions,
-            copy,
             data,
             trailers,
         }
     }
 
-    fn attempt_extensions(&self) -> http::Extensions {
-        match self.copy {
+    /// What one attempt carries of the call's extensions (`copy`: the policy's
+    /// [`attempt_extensions`](RetryPolicy::attempt_extensions)).
+    fn attempt_extensions(&self, copy: Option<CopyExtensions>) -> http::Extensions {
+        match copy {
             Some(copy) => {
                 let mut attempt = http::Extensions::new();
                 copy(&self.extensions, &mut attempt);
@@ -280,7 +279,11 @@ impl Template {
         }
     }
 
-    fn build<B>(&self, deadline: Option<Deadline>) -> http::Request<ReplayBody<B>> {
+    fn build<B>(
+        &self,
+        copy: Option<CopyExtensions>,
+        deadline: Option<Deadline>,
+    ) -> http::Request<ReplayBody<B>> {
         let mut req = http::Request::new(ReplayBody::buffered(
             self.data.clone(),
             self.trailers.clone(),
@@ -289,7 +292,7 @@ impl Template {
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers.clone();
-        *req.extensions_mut() = self.attempt_extensions();
+        *req.extensions_mut() = self.attempt_extensions(copy);
         if let Some(deadline) = deadline {
             crate::deadline::restamp(req.headers_mut(), deadline);
         }
