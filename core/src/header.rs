@@ -50,6 +50,23 @@ pub fn per_call_value(bytes: &[u8]) -> Option<HeaderValue> {
     Some(value)
 }
 
+/// Writes `bytes` as lowercase hex into the start of `out` (which must hold twice as many
+/// bytes; the rest is left alone), without the formatting machinery: for ids formatted on every
+/// request.
+///
+/// ```
+/// let mut out = [0u8; 4];
+/// keel_core::header::hex_into(&mut out, &[0x0a, 0xf7]);
+/// assert_eq!(&out, b"0af7");
+/// ```
+pub fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 15)];
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

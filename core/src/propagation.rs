@@ -104,27 +104,11 @@ pub fn inject_current(injector: &mut dyn Injector) {
 /// The `traceparent` value of `sc` (`00-{trace id}-{span id}-{flags}`), formatted on the stack
 /// without the formatting machinery (this runs on every outgoing call).
 fn traceparent(sc: &SpanContext) -> [u8; 55] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 55];
-    out[..3].copy_from_slice(b"00-");
-    let mut at = 3;
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    crate::header::hex_into(&mut out[3..35], &sc.trace_id().to_bytes());
+    crate::header::hex_into(&mut out[36..52], &sc.span_id().to_bytes());
     let flags = sc.trace_flags().to_u8() & TraceFlags::SAMPLED.to_u8();
-    let fields: [&[u8]; 3] = [
-        &sc.trace_id().to_bytes(),
-        &sc.span_id().to_bytes(),
-        &[flags],
-    ];
-    for (i, field) in fields.iter().enumerate() {
-        if i > 0 {
-            out[at] = b'-';
-            at += 1;
-        }
-        for byte in *field {
-            out[at] = HEX[usize::from(byte >> 4)];
-            out[at + 1] = HEX[usize::from(byte & 15)];
-            at += 2;
-        }
-    }
+    crate::header::hex_into(&mut out[53..], &[flags]);
     out
 }
 
@@ -266,12 +250,15 @@ impl Injector for HeaderInjector<'_> {
             BAGGAGE => Ok(HeaderName::from_static(BAGGAGE)),
             _ => HeaderName::from_bytes(key.as_bytes()),
         };
-        if let (Ok(name), Ok(mut value)) = (name, HeaderValue::try_from(value)) {
-            // A `traceparent` is new on every request: HTTP/2 sends it "never indexed" instead
-            // of adding it to (and evicting useful entries from) both ends' HPACK tables.
-            if key == TRACEPARENT {
-                value.set_sensitive(true);
-            }
+        // A `traceparent` is new on every request: a per-call value, which HTTP/2 sends "never
+        // indexed" instead of adding it to (and evicting useful entries from) both ends' HPACK
+        // tables.
+        let value = if key == TRACEPARENT {
+            crate::header::per_call_value(value.as_bytes())
+        } else {
+            HeaderValue::try_from(value).ok()
+        };
+        if let (Ok(name), Some(value)) = (name, value) {
             self.0.insert(name, value);
         }
     }

@@ -202,17 +202,8 @@ impl<C> Shared<C> {
     fn request_id(&self) -> Option<HeaderValue> {
         let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 32];
-        let hex = b"0123456789abcdef";
-        for (i, byte) in self
-            .id_prefix
-            .to_be_bytes()
-            .iter()
-            .chain(n.to_be_bytes().iter())
-            .enumerate()
-        {
-            buf[2 * i] = hex[usize::from(byte >> 4)];
-            buf[2 * i + 1] = hex[usize::from(byte & 15)];
-        }
+        keel_core::header::hex_into(&mut buf[..16], &self.id_prefix.to_be_bytes());
+        keel_core::header::hex_into(&mut buf[16..], &n.to_be_bytes());
         // One allocation that the retry layer's copy shares; never indexed over HTTP/2.
         keel_core::header::per_call_value(&buf)
     }
