@@ -13,7 +13,6 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -145,8 +144,7 @@ struct Inner {
     /// Held by the one call that dials; the others wait on it.
     dialling: tokio::sync::Mutex<()>,
     /// Dials that failed so far, and the last one's error.
-    failed: AtomicU64,
-    last_failure: Mutex<String>,
+    failures: Mutex<(u64, String)>,
 }
 
 impl fmt::Debug for GrpcConn {
@@ -178,8 +176,7 @@ impl GrpcConn {
             connect_timeout,
             open: Mutex::new(None),
             dialling: tokio::sync::Mutex::new(()),
-            failed: AtomicU64::new(0),
-            last_failure: Mutex::new(String::new()),
+            failures: Mutex::new((0, String::new())),
         })))
     }
 
@@ -193,19 +190,17 @@ impl GrpcConn {
         if let Some(sender) = self.open() {
             return Ok(sender);
         }
-        let failed_before = self.0.failed.load(Ordering::Acquire);
+        let failed_before = self.failures().0;
         let _dialling = self.0.dialling.lock().await;
         if let Some(sender) = self.open() {
             return Ok(sender);
         }
-        if self.0.failed.load(Ordering::Acquire) != failed_before {
+        let waited_for_failed_dial = {
+            let (failed, last) = &*self.failures();
+            (*failed != failed_before).then(|| last.clone())
+        };
+        if let Some(error) = waited_for_failed_dial {
             // The dial this call waited for failed: fail with it rather than dial again.
-            let error = self
-                .0
-                .last_failure
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
             return Err(unavailable(error));
         }
         match tokio::time::timeout(self.0.connect_timeout, self.dial()).await {
@@ -225,13 +220,17 @@ impl GrpcConn {
         }
     }
 
-    fn failed(&self, message: String) -> BoxError {
-        *self
-            .0
-            .last_failure
+    fn failures(&self) -> std::sync::MutexGuard<'_, (u64, String)> {
+        self.0
+            .failures
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = message.clone();
-        self.0.failed.fetch_add(1, Ordering::AcqRel);
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn failed(&self, message: String) -> BoxError {
+        let mut failures = self.failures();
+        failures.0 += 1;
+        failures.1.clone_from(&message);
         unavailable(message)
     }
 
