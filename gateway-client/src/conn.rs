@@ -1,5 +1,5 @@
 //! Connections to one endpoint: the TLS-capable connector both clients dial with, and gRPC's
-//! HTTP/2 connection, held directly on hyper.
+//! HTTP/2 connection, held directly on hyper (REST's HTTP/1.1 pool is in `h1`).
 //!
 //! A [`GrpcConn`] is one lazily dialled HTTP/2 connection shared by every call to its endpoint.
 //! A call takes a handle to the open connection (a lock held for one clone) and hands its
@@ -108,9 +108,18 @@ const USER_AGENT: HeaderValue =
     HeaderValue::from_static(concat!("keel-client/", env!("CARGO_PKG_VERSION")));
 
 /// A connected byte stream (TCP or TLS), type-erased.
-trait Io: hyper::rt::Read + hyper::rt::Write + Unpin + Send {}
+pub(crate) trait Io: hyper::rt::Read + hyper::rt::Write + Unpin + Send {}
 
 impl<T: hyper::rt::Read + hyper::rt::Write + Unpin + Send> Io for T {}
+
+/// Dials `target` (`scheme://authority/`) with `connector`. Boxed: hyper's connection task (and
+/// for HTTP/2 every per-request task, whose type is the same enum) would otherwise hold the TLS
+/// stream inline, kilobytes copied per call.
+pub(crate) async fn connect_io(connector: &Https, target: &Uri) -> Result<Box<dyn Io>, BoxError> {
+    let mut connector = connector.clone();
+    std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
+    Ok(Box::new(connector.call(target.clone()).await?))
+}
 
 /// Spawns hyper's per-request tasks (the one streaming a request body) boxed: hyper's task type
 /// is an enum as large as a whole HTTP/2 connection, which tokio would otherwise copy into every
@@ -236,11 +245,7 @@ impl GrpcConn {
 
     /// TCP (and TLS), then the HTTP/2 handshake; the connection's task is spawned here.
     async fn dial(&self) -> Result<SendRequest<Body>, BoxError> {
-        let mut connector = self.0.connector.clone();
-        std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
-        // Boxed: hyper's connection task (and every per-request task, whose type is the same
-        // enum) would otherwise hold the TLS stream inline, kilobytes copied per call.
-        let io: Box<dyn Io> = Box::new(connector.call(self.0.target.clone()).await?);
+        let io = connect_io(&self.0.connector, &self.0.target).await?;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(BoxingExecutor)
             .handshake(io)
             .await?;
@@ -284,7 +289,7 @@ fn unavailable(message: String) -> BoxError {
 }
 
 /// `error` and its sources, `: `-separated.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut out = error.to_string();
     let mut next = error.source();
     while let Some(err) = next {

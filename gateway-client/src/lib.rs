@@ -62,6 +62,7 @@ mod conn;
 mod discovery;
 mod error;
 mod grpc;
+mod h1;
 mod lb;
 pub mod metrics;
 mod options;

@@ -2,18 +2,14 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, Method};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use keel_breaker::BoxError;
 use keel_breaker::bulkhead::Bulkhead;
-use keel_breaker::classify::{NotSent, classify_http_status};
+use keel_breaker::classify::classify_http_status;
 use keel_breaker::deadline::{Deadline, DeadlineLayer, DeadlineService, Protocol};
 use keel_breaker::request::{IdempotencyKey, Idempotent, is_replay_safe};
 use keel_breaker::retry::{ReplayBody, Retry};
@@ -29,10 +25,11 @@ use tower_service::Service;
 
 use crate::balance::{HashKey, Set};
 use crate::builder::common_builder_methods;
-use crate::conn::{Alpn, Https, https_connector, origin};
+use crate::conn::{Alpn, https_connector};
 use crate::discovery::{Connect, Discovery, Factory, Members};
 use crate::error::Error;
 use crate::grpc::{EndpointInfo, endpoint_info, instance_from_url, wait_ready};
+use crate::h1::RestConn;
 use crate::lb::Balancer;
 use crate::metrics::ClientMetrics;
 use crate::options::{Options, Shared};
@@ -40,58 +37,8 @@ use crate::span;
 
 type Wire = ReplayBody<Full<Bytes>>;
 
-/// The connection pool to one REST endpoint (HTTP/1.1 keep-alive, or TLS).
-#[derive(Clone)]
-pub(crate) struct RestConnection {
-    client: Client<Https, Wire>,
-    scheme: http::uri::Scheme,
-    authority: http::uri::Authority,
-    prefix: Arc<str>,
-}
-
-impl fmt::Debug for RestConnection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RestConnection")
-            .field("authority", &self.authority)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Service<http::Request<Wire>> for RestConnection {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = BoxError;
-    type Future = futures::future::MapErr<
-        hyper_util::client::legacy::ResponseFuture,
-        fn(hyper_util::client::legacy::Error) -> BoxError,
-    >;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: http::Request<Wire>) -> Self::Future {
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", http::uri::PathAndQuery::as_str);
-        let joined = if self.prefix.is_empty() {
-            None
-        } else {
-            Some(format!("{}{}", self.prefix, path))
-        };
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = match joined {
-            Some(p) => p.parse().ok(),
-            None => req.uri().path_and_query().cloned(),
-        };
-        if let Ok(uri) = http::Uri::from_parts(parts) {
-            *req.uri_mut() = uri;
-        }
-        futures::TryFutureExt::map_err(self.client.request(req), map_hyper_error)
-    }
-}
+/// The connections to one REST endpoint.
+pub(crate) type RestConnection = RestConn<Wire>;
 
 /// The method as a span attribute value (static for the standard methods).
 fn method_value(method: &Method) -> opentelemetry::Value {
@@ -106,14 +53,6 @@ fn method_value(method: &Method) -> opentelemetry::Value {
         _ => return opentelemetry::Value::from(method.to_string()),
     };
     opentelemetry::Value::from(name)
-}
-
-fn map_hyper_error(error: hyper_util::client::legacy::Error) -> BoxError {
-    if error.is_connect() {
-        Box::new(NotSent::new(error))
-    } else {
-        Box::new(error)
-    }
 }
 
 type Bal = Balancer<RestConnection, Full<Bytes>, Wire>;
@@ -178,15 +117,15 @@ impl RestBuilder {
             self.options.connect_timeout,
             Alpn::Http1,
         )?;
+        let connect_timeout = self.options.connect_timeout;
         let prefix: Arc<str> = Arc::from(prefix.trim_end_matches('/'));
         Ok(Arc::new(move |instance: &ServiceInstance| {
-            let (scheme, authority) = origin(instance)?;
-            Ok::<_, BoxError>(RestConnection {
-                client: Client::builder(TokioExecutor::new()).build(https.clone()),
-                scheme,
-                authority,
-                prefix: Arc::clone(&prefix),
-            })
+            RestConn::new(
+                instance,
+                https.clone(),
+                connect_timeout,
+                Arc::clone(&prefix),
+            )
         }))
     }
 

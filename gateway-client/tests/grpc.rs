@@ -18,7 +18,7 @@ use keel_testkit::echo::{EchoReply, EchoRequest, echo_client::EchoClient};
 use keel_testkit::eventually;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 
-use common::{EchoLoad, ZkRoot, instance, providers, quick_breaker, state_of};
+use common::{EchoLoad, ZkRoot, counting_proxy, instance, providers, quick_breaker, state_of};
 
 fn request(message: &str) -> tonic::Request<EchoRequest> {
     tonic::Request::new(EchoRequest {
@@ -566,25 +566,6 @@ async fn bulkhead_caps_concurrent_calls() {
     assert_eq!(gated.entered.load(Ordering::Relaxed), 1, "never sent");
     gated.gate.add_permits(1_000);
     first.await.unwrap().unwrap();
-}
-
-/// Accepts on a new port and forwards every connection to `to`, counting the connections.
-async fn counting_proxy(to: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicU64>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicU64::new(0));
-    let count = Arc::clone(&accepted);
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                }
-            });
-        }
-    });
-    (addr, accepted)
 }
 
 /// Issue 5, connections per endpoint: 64 calls started at once on a new channel share one

@@ -15,7 +15,7 @@ use keel_testkit::eventually;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use serde_json::{Value, json};
 
-use common::{RestProvider, instance, quick_breaker};
+use common::{RestProvider, counting_proxy, instance, quick_breaker};
 
 /// JSON verbs, a typed error for non-2xx with the body kept, and the API-gateway mode (base URL
 /// with a path prefix, default headers).
@@ -341,4 +341,110 @@ async fn bulkhead_caps_concurrent_calls() {
         h.await.unwrap().unwrap();
     }
     let _: Value = client.get("/after").await.unwrap();
+}
+
+/// Issue 5, connections per endpoint: sequential calls reuse one keep-alive connection (sent
+/// with the endpoint's `Host`); a burst opens one connection per call in flight, and the calls
+/// after it reuse those instead of dialling more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_kept_alive_and_reused() {
+    let p = RestProvider::start("r-0").await;
+    let (proxy, accepted) = counting_proxy(p.addr).await;
+    let client = RestClient::builder("echo-rest")
+        .endpoints([format!("http://{proxy}")])
+        .unwrap();
+    for i in 0..20 {
+        let got: Value = client.get(&format!("/seq/{i}")).await.unwrap();
+        assert_eq!(got["headers"]["host"], proxy.to_string());
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "20 calls, one connection"
+    );
+
+    let burst: Vec<_> = (0..8)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.post::<_, Value>("/pay", &json!({ "i": i })).await })
+        })
+        .collect();
+    for call in burst {
+        call.await.unwrap().unwrap();
+    }
+    let after_burst = accepted.load(Ordering::SeqCst);
+    assert!((1..=9).contains(&after_burst), "{after_burst} connections");
+    for i in 0..20 {
+        let _: Value = client.post("/pay", &json!({ "i": i })).await.unwrap();
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        after_burst,
+        "calls after the burst reuse its connections"
+    );
+}
+
+/// A server that closes every connection after its response (`Connection: close`): the closed
+/// connection is never reused, and non-idempotent calls, which must not be replayed, all succeed
+/// on a new connection each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_server_closed_are_not_reused() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"{\"ok\":true}")),
+                    ))
+                });
+                let mut builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                builder.http1().keep_alive(false);
+                let _ = builder
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let (proxy, accepted) = counting_proxy(addr).await;
+    let client = RestClient::builder("closing")
+        .max_attempts(1)
+        .endpoints([format!("http://{proxy}")])
+        .unwrap();
+    for i in 0..10 {
+        let got: Value = client.post("/pay", &json!({ "i": i })).await.unwrap();
+        assert_eq!(got["ok"], true);
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        10,
+        "one connection per call"
+    );
+    server.abort();
+}
+
+/// Nothing listens on the endpoint: the call fails without being sent, naming the address it
+/// could not connect to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_dial_names_the_endpoint() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let client = RestClient::builder("nobody")
+        .max_attempts(1)
+        .endpoints([format!("http://{addr}")])
+        .unwrap();
+    let err = client
+        .post::<_, Value>("/pay", &json!({}))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("connecting to http://{addr}/ failed")),
+        "{text}"
+    );
+    assert_eq!(err.http_status().as_u16(), 502, "{err:?}");
 }
