@@ -3,10 +3,10 @@
 use bytes::Bytes;
 use http::HeaderValue;
 
-/// The longest value [`per_call_value`] keeps inline.
+/// The longest value [`shared_bytes`] keeps in one allocation.
 const INLINE: usize = 64;
 
-/// `len` bytes inline: the one allocation behind a [`per_call_value`].
+/// `len` bytes inline: the one allocation behind a [`shared_bytes`].
 struct Inline {
     buf: [u8; INLINE],
     len: usize,
@@ -35,19 +35,30 @@ impl AsRef<[u8]> for Inline {
 /// assert_eq!(value.clone(), value);
 /// ```
 pub fn per_call_value(bytes: &[u8]) -> Option<HeaderValue> {
-    let mut value = if bytes.len() <= INLINE {
-        let mut buf = [0u8; INLINE];
-        buf[..bytes.len()].copy_from_slice(bytes);
-        HeaderValue::from_maybe_shared(Bytes::from_owner(Inline {
-            buf,
-            len: bytes.len(),
-        }))
-        .ok()?
-    } else {
-        HeaderValue::from_bytes(bytes).ok()?
-    };
+    let mut value = HeaderValue::from_maybe_shared(shared_bytes(bytes)).ok()?;
     value.set_sensitive(true);
     Some(value)
+}
+
+/// A copy of `bytes` that clones share: one allocation for up to 64 bytes, where
+/// [`Bytes::copy_from_slice`] allocates again on its first clone. For per-request values that
+/// a retry layer's copy of the request clones (header values, the request path).
+///
+/// ```
+/// let path = keel_core::header::shared_bytes(b"/accounts/7");
+/// assert_eq!(path.clone(), &b"/accounts/7"[..]);
+/// ```
+pub fn shared_bytes(bytes: &[u8]) -> Bytes {
+    if bytes.len() <= INLINE {
+        let mut buf = [0u8; INLINE];
+        buf[..bytes.len()].copy_from_slice(bytes);
+        Bytes::from_owner(Inline {
+            buf,
+            len: bytes.len(),
+        })
+    } else {
+        Bytes::copy_from_slice(bytes)
+    }
 }
 
 /// Writes `bytes` as lowercase hex into the start of `out` (which must hold twice as many

@@ -31,7 +31,7 @@ use crate::error::Error;
 use crate::grpc::{EndpointInfo, endpoint_info, instance_from_url, wait_ready};
 use crate::h1::RestConn;
 use crate::lb::Balancer;
-use crate::metrics::ClientMetrics;
+use crate::metrics::{ClientMetrics, MethodMetrics};
 use crate::options::{Options, Shared};
 use crate::span;
 
@@ -260,7 +260,10 @@ impl RestClient {
         RestRequest {
             client: self.clone(),
             method,
-            path: path.to_owned(),
+            path: http::uri::PathAndQuery::from_maybe_shared(keel_core::header::shared_bytes(
+                path.as_bytes(),
+            ))
+            .map_err(|e| format!("invalid path {path:?}: {e}")),
             headers: HeaderMap::new(),
             body: Ok(Bytes::new()),
             extensions: http::Extensions::new(),
@@ -327,29 +330,49 @@ impl RestClient {
 pub struct RestRequest {
     client: RestClient,
     method: Method,
-    path: String,
+    path: Result<http::uri::PathAndQuery, String>,
     headers: HeaderMap,
     body: Result<Bytes, String>,
     extensions: http::Extensions,
     route: Option<String>,
 }
 
-fn route_of(method: &Method, path: &str) -> String {
-    let path = path.split('?').next().unwrap_or("");
-    let mut out = String::with_capacity(path.len() + 8);
-    out.push_str(method.as_str());
-    out.push(' ');
+/// The metrics of `method path` with segments holding digits masked as `{id}` (e.g.
+/// `GET /accounts/{id}`), formatted on the stack when it fits.
+fn route_metrics(metrics: &ClientMetrics, method: &Method, path: &str) -> Arc<MethodMetrics> {
+    const STACK: usize = 128;
+    let mut buf = [0u8; STACK];
+    let mut len = 0;
+    let mut heap = String::new();
+    let mut push = |piece: &str| {
+        if heap.is_empty() && len + piece.len() <= STACK {
+            buf[len..len + piece.len()].copy_from_slice(piece.as_bytes());
+            len += piece.len();
+        } else {
+            if heap.is_empty() {
+                heap.push_str(std::str::from_utf8(&buf[..len]).unwrap_or_default());
+            }
+            heap.push_str(piece);
+        }
+    };
+    push(method.as_str());
+    push(" ");
     for (i, segment) in path.split('/').enumerate() {
         if i > 0 {
-            out.push('/');
+            push("/");
         }
         if segment.bytes().any(|b| b.is_ascii_digit()) {
-            out.push_str("{id}");
+            push("{id}");
         } else {
-            out.push_str(segment);
+            push(segment);
         }
     }
-    out
+    if heap.is_empty() {
+        // Whole `str` pieces were copied in, so the bytes are UTF-8.
+        metrics.method(std::str::from_utf8(&buf[..len]).unwrap_or_default())
+    } else {
+        metrics.method(&heap)
+    }
 }
 
 impl RestRequest {
@@ -420,12 +443,14 @@ impl RestRequest {
             route,
         } = self;
         let body = body.map_err(Error::decode)?;
-        let uri: http::Uri = path
-            .parse()
-            .map_err(|e| Error::config(format!("invalid path {path:?}: {e}")))?;
+        let path = path.map_err(Error::config)?;
+        let metrics = match &route {
+            Some(route) => client.shared.metrics.method(route),
+            None => route_metrics(&client.shared.metrics, &method, path.path()),
+        };
         let mut req = http::Request::new(Full::new(body));
         *req.method_mut() = method.clone();
-        *req.uri_mut() = uri;
+        *req.uri_mut() = http::Uri::from(path);
         *req.extensions_mut() = extensions;
         let h = req.headers_mut();
         for (k, v) in client.headers.iter() {
@@ -438,8 +463,6 @@ impl RestRequest {
             h.insert(ACCEPT, HeaderValue::from_static("application/json"));
         }
         let (mut parts, body) = req.into_parts();
-        let route = route.unwrap_or_else(|| route_of(&method, &path));
-        let metrics = client.shared.metrics.method(&route);
         let shared = &client.shared;
         let (span, memo) = shared.begin(&mut parts, "http.client", || {
             [
@@ -512,5 +535,55 @@ impl RestRequest {
         let body = res.into_body();
         let body: &[u8] = if body.is_empty() { b"null" } else { &body };
         serde_json::from_slice(body).map_err(Error::decode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_mask_id_segments_and_drop_the_query() {
+        let metrics = ClientMetrics::default();
+        let path = http::uri::PathAndQuery::from_static("/accounts/7/moves/a1b?full=1");
+        let m = route_metrics(&metrics, &Method::GET, path.path());
+        assert_eq!(m.name.as_str(), "GET /accounts/{id}/moves/{id}");
+        let m = route_metrics(&metrics, &Method::POST, "/");
+        assert_eq!(m.name.as_str(), "POST /");
+    }
+
+    #[test]
+    fn routes_longer_than_the_stack_buffer() {
+        let metrics = ClientMetrics::default();
+        let long = "segment".repeat(30);
+        let path = format!("/{long}/42/{long}");
+        let m = route_metrics(&metrics, &Method::DELETE, &path);
+        assert_eq!(m.name.as_str(), format!("DELETE /{long}/{{id}}/{long}"));
+        let at_edge = format!("/{}", "x".repeat(128 - "GET /".len()));
+        let m = route_metrics(&metrics, &Method::GET, &at_edge);
+        assert_eq!(m.name.as_str(), format!("GET {at_edge}"));
+        let over = format!("{at_edge}y");
+        let m = route_metrics(&metrics, &Method::GET, &over);
+        assert_eq!(m.name.as_str(), format!("GET {over}"));
+    }
+
+    #[test]
+    fn an_invalid_path_is_a_config_error_naming_it() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let client = RestClient::builder("x")
+                .endpoints(["http://127.0.0.1:9"])
+                .unwrap();
+            let err = client
+                .request(Method::GET, "/a b")
+                .send()
+                .await
+                .unwrap_err();
+            assert!(err.is_config(), "{err:?}");
+            assert!(err.to_string().contains("\"/a b\""), "{err}");
+        });
     }
 }
