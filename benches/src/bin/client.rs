@@ -201,6 +201,14 @@ fn profile(args: &[String]) -> Result<()> {
                         )
                         .await
                     }
+                    "raw-grpc-propagating" => {
+                        closed_loop(
+                            &raw_grpc_propagating(server.grpc).await?.0,
+                            64,
+                            A1_ROUND * 3,
+                        )
+                        .await
+                    }
                     "raw-rest" => closed_loop(&raw_rest(server.rest)?.0, 64, A1_ROUND * 3).await,
                     _ => {
                         closed_loop(
@@ -212,8 +220,8 @@ fn profile(args: &[String]) -> Result<()> {
                     }
                 };
                 println!(
-                    "{arm} c=64: {:.0}/s, client CPU {:.1} us/call",
-                    load.rate, load.cpu_us_per_call
+                    "{arm} c=64: {:.0}/s ({} calls), client CPU {:.1} us/call",
+                    load.rate, load.calls, load.cpu_us_per_call
                 );
             }
             server.stop().await;
@@ -656,6 +664,7 @@ async fn keel_rest(registry: &dyn Registry, addr: SocketAddr) -> Result<(KeelRes
 #[derive(Debug, Clone, Copy, Default)]
 struct Load {
     rate: f64,
+    calls: u64,
     cpu_us_per_call: f64,
     errors: u64,
 }
@@ -691,6 +700,7 @@ async fn closed_loop<A: Arm>(arm: &A, c: usize, dur: Duration) -> Load {
     let cpu = cpu_ns().saturating_sub(cpu0) as f64;
     Load {
         rate: ok as f64 / elapsed,
+        calls: ok + failed,
         cpu_us_per_call: cpu / 1e3 / (ok + failed).max(1) as f64,
         errors: failed,
     }
