@@ -23,13 +23,13 @@ fn grpc_request() -> Req {
 
 #[tokio::test(start_paused = true)]
 async fn deadline_stamps_grpc_timeout_and_takes_the_sooner_incoming_deadline() {
-    let (svc, mut handle) = mock::pair::<Req, ()>();
+    let (svc, mut handle) = mock::pair::<Req, http::Response<()>>();
     let mut svc = DeadlineLayer::new(Duration::from_millis(800)).layer(svc);
     handle.allow(2);
     let call = svc.ready().await.unwrap().call(grpc_request());
     let (req, send) = handle.next_request().await.unwrap();
     assert_eq!(req.headers()[GRPC_TIMEOUT], "800m");
-    send.send_response(());
+    send.send_response(http::Response::new(()));
     call.await.unwrap();
 
     // An incoming deadline 300 ms away wins over the layer's 800 ms; 1 ms later 299 remain.
@@ -40,13 +40,13 @@ async fn deadline_stamps_grpc_timeout_and_takes_the_sooner_incoming_deadline() {
     let call = svc.ready().await.unwrap().call(req);
     let (req, send) = handle.next_request().await.unwrap();
     assert_eq!(req.headers()[GRPC_TIMEOUT], "299m");
-    send.send_response(());
+    send.send_response(http::Response::new(()));
     call.await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
 async fn deadline_rest_header_is_remaining_milliseconds() {
-    let (svc, mut handle) = mock::pair::<Req, ()>();
+    let (svc, mut handle) = mock::pair::<Req, http::Response<()>>();
     let mut svc = DeadlineLayer::new(Duration::from_secs(2))
         .protocol(Protocol::Rest)
         .layer(svc);
@@ -56,13 +56,13 @@ async fn deadline_rest_header_is_remaining_milliseconds() {
     assert_eq!(req.headers()[KEEL_DEADLINE], "2000");
     let incoming = Deadline::from_headers(req.headers()).unwrap();
     assert_eq!(incoming.remaining(), Duration::from_secs(2));
-    send.send_response(());
+    send.send_response(http::Response::new(()));
     call.await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
 async fn expired_deadline_fails_before_sending() {
-    let (svc, mut handle) = mock::pair::<Req, ()>();
+    let (svc, mut handle) = mock::pair::<Req, http::Response<()>>();
     let mut svc = DeadlineLayer::propagate_only().layer(svc);
     handle.allow(1);
     let mut req = grpc_request();
@@ -77,7 +77,7 @@ async fn expired_deadline_fails_before_sending() {
 
 #[tokio::test(start_paused = true)]
 async fn deadline_elapses_in_flight() {
-    let (svc, mut handle) = mock::pair::<Req, ()>();
+    let (svc, mut handle) = mock::pair::<Req, http::Response<()>>();
     let mut svc = DeadlineLayer::new(Duration::from_millis(50)).layer(svc);
     handle.allow(1);
     let call = tokio::spawn(svc.ready().await.unwrap().call(grpc_request()));
@@ -170,4 +170,49 @@ async fn unbounded_bulkhead_passes_every_call_through() {
     for c in calls {
         c.await.unwrap();
     }
+}
+
+/// A response whose head arrives in time but whose body does not end: reading the body fails
+/// with the elapsed deadline; a body that ends in time is read whole.
+#[tokio::test(start_paused = true)]
+async fn deadline_bounds_the_response_body() {
+    use http_body_util::BodyExt;
+
+    type Body = http_body_util::StreamBody<
+        futures::channel::mpsc::Receiver<Result<http_body::Frame<bytes::Bytes>, BoxError>>,
+    >;
+    let (svc, mut handle) = mock::pair::<Req, http::Response<Body>>();
+    let mut svc = DeadlineLayer::new(Duration::from_millis(100)).layer(svc);
+    handle.allow(2);
+
+    let call = svc.ready().await.unwrap().call(grpc_request());
+    let (_req, send) = handle.next_request().await.unwrap();
+    let (mut tx, rx) = futures::channel::mpsc::channel(4);
+    send.send_response(http::Response::new(http_body_util::StreamBody::new(rx)));
+    let response = call.await.unwrap();
+    tx.try_send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+        b"part",
+    ))))
+    .unwrap();
+    // Not `Unpin` (the timer is inline): pinned to be read frame by frame.
+    let mut body = std::pin::pin!(response.into_body());
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "part");
+    let started = tokio::time::Instant::now();
+    let err = body.frame().await.unwrap().unwrap_err();
+    assert!(err.downcast_ref::<DeadlineExceeded>().unwrap().is_elapsed());
+    assert_eq!(started.elapsed(), Duration::from_millis(100));
+
+    let call = svc.ready().await.unwrap().call(grpc_request());
+    let (_req, send) = handle.next_request().await.unwrap();
+    let (mut tx, rx) = futures::channel::mpsc::channel(4);
+    send.send_response(http::Response::new(http_body_util::StreamBody::new(rx)));
+    let response = call.await.unwrap();
+    tx.try_send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+        b"whole",
+    ))))
+    .unwrap();
+    drop(tx);
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(bytes, "whole");
 }

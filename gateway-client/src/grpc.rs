@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use keel_breaker::BoxError;
 use keel_breaker::bulkhead::Bulkhead;
 use keel_breaker::classify::{DefaultClassifier, GRPC_STATUS, classify_http_response, grpc_status};
 use keel_breaker::deadline::{DeadlineLayer, DeadlineService};
@@ -50,8 +51,23 @@ fn wire(body: ReplayBody<Body>) -> Body {
 }
 
 /// The body of a [`GrpcChannel`] response: tonic's body, through which the endpoint's breaker
-/// sees the `grpc-status` that arrives in the trailers (not boxed again per call).
-pub type ResponseBody = keel_breaker::breaker::ResponseBody<Body>;
+/// sees the `grpc-status` that arrives in the trailers, and which fails with
+/// `DEADLINE_EXCEEDED` if the provider stops sending before the body ends (not boxed again per
+/// call).
+pub type ResponseBody = http_body_util::combinators::MapErr<
+    keel_breaker::deadline::ResponseBody<keel_breaker::breaker::ResponseBody<Body>>,
+    fn(BoxError) -> tonic::Status,
+>;
+
+/// A body error as tonic reports it; the deadline passing while the body is read is
+/// `DEADLINE_EXCEEDED` (tonic would call an error it does not know `UNKNOWN`).
+fn body_status(error: BoxError) -> tonic::Status {
+    if error.is::<keel_breaker::deadline::DeadlineExceeded>() {
+        Error::from_box(error).into_status()
+    } else {
+        tonic::Status::from_error(error)
+    }
+}
 
 /// A gRPC channel over every instance of a service: give it to a tonic-generated client
 /// (`EchoClient::new(channel)`). Cheap to clone; clones share connections, balancer state,
@@ -391,7 +407,8 @@ impl Future for ResponseFuture {
                     tracing::debug!(%error, "grpc call failed");
                     return Poll::Ready(Err(error.into_status()));
                 }
-                Ok(response)
+                Ok(response
+                    .map(|body| http_body_util::BodyExt::map_err(body, body_status as fn(_) -> _)))
             }
             Err(error) => {
                 this.method.record(elapsed, true);

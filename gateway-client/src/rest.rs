@@ -489,11 +489,7 @@ impl RestRequest {
             };
             let status = res.status();
             let (head, body) = res.into_parts();
-            let bytes = body
-                .collect()
-                .await
-                .map_err(|e| Error::from_box(Box::new(e)))?
-                .to_bytes();
+            let bytes = body.collect().await.map_err(Error::from_box)?.to_bytes();
             if !status.is_success() {
                 let error = Error::http(status, bytes);
                 if client

@@ -686,3 +686,22 @@ async fn metrics_follow_the_method_called() {
         assert_eq!((m.requests, m.errors), counts, "{path}");
     }
 }
+
+/// The deadline bounds the whole call, body included: a provider that sends its response
+/// headers and then hangs fails the call with DEADLINE_EXCEEDED when the deadline passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_bounds_a_response_body_that_never_ends() {
+    let (addr, server) = common::stalling_server("application/grpc").await;
+    let channel = GrpcChannel::builder("stalling")
+        .timeout(Duration::from_millis(300))
+        .max_attempts(1)
+        .endpoints([format!("http://{addr}")])
+        .unwrap();
+    let mut client = EchoClient::new(channel);
+    let status = tokio::time::timeout(Duration::from_secs(10), echo(&mut client, request("x")))
+        .await
+        .expect("the call must end at its deadline, not hang")
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    server.abort();
+}

@@ -448,3 +448,43 @@ async fn a_failed_dial_names_the_endpoint() {
     );
     assert_eq!(err.http_status().as_u16(), 502, "{err:?}");
 }
+
+/// The deadline bounds the whole call, body included: a provider that sends its response head
+/// and then hangs fails the call with a deadline error when the deadline passes, and the
+/// connection with the unfinished response is not reused: the next call gets a new one and its
+/// own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_bounds_a_response_body_that_never_ends() {
+    let (addr, server) = common::stalling_server("application/json").await;
+    let (proxy, accepted) = counting_proxy(addr).await;
+    let client = RestClient::builder("stalling")
+        .timeout(Duration::from_millis(300))
+        .max_attempts(1)
+        .endpoints([format!("http://{proxy}")])
+        .unwrap();
+    let ok: Value = client.get("/ok").await.unwrap();
+    assert_eq!(ok["ok"], true);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(10), client.get::<Value>("/hang"))
+        .await
+        .expect("the call must end at its deadline, not hang");
+    let err = result.unwrap_err();
+    assert!(err.is_deadline_exceeded(), "{err:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "/hang reused the idle one"
+    );
+
+    let ok: Value = client.get("/ok").await.unwrap();
+    assert_eq!(ok["ok"], true);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the connection left mid-body is not reused"
+    );
+    server.abort();
+}

@@ -4,9 +4,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
-use super::DeadlineExceeded;
+use super::{DeadlineExceeded, ResponseBody};
 use crate::BoxError;
 
 pin_project! {
@@ -16,6 +16,7 @@ pin_project! {
         inner: Option<F>,
         #[pin]
         sleep: Option<Sleep>,
+        deadline: Option<Instant>,
     }
 }
 
@@ -28,10 +29,11 @@ impl<F> fmt::Debug for ResponseFuture<F> {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(super) fn new(inner: F, sleep: Option<Sleep>) -> Self {
+    pub(super) fn new(inner: F, deadline: Option<Instant>) -> Self {
         Self {
             inner: Some(inner),
-            sleep,
+            sleep: deadline.map(tokio::time::sleep_until),
+            deadline,
         }
     }
 
@@ -39,16 +41,17 @@ impl<F> ResponseFuture<F> {
         Self {
             inner: None,
             sleep: None,
+            deadline: None,
         }
     }
 }
 
-impl<F, T, E> Future for ResponseFuture<F>
+impl<F, B, E> Future for ResponseFuture<F>
 where
-    F: Future<Output = Result<T, E>>,
+    F: Future<Output = Result<http::Response<B>, E>>,
     E: Into<BoxError>,
 {
-    type Output = Result<T, BoxError>;
+    type Output = Result<http::Response<ResponseBody<B>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -56,7 +59,11 @@ where
             return Poll::Ready(Err(DeadlineExceeded::before_send().into()));
         };
         if let Poll::Ready(result) = inner.poll(cx) {
-            return Poll::Ready(result.map_err(Into::into));
+            let deadline = *this.deadline;
+            return Poll::Ready(match result {
+                Ok(response) => Ok(response.map(|body| ResponseBody::new(body, deadline))),
+                Err(error) => Err(error.into()),
+            });
         }
         match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
             Some(Poll::Ready(())) => Poll::Ready(Err(DeadlineExceeded::elapsed().into())),

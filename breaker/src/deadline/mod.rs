@@ -4,7 +4,9 @@
 //! done (a server puts the incoming one there with [`Deadline::from_headers`]). The
 //! [`DeadlineService`] takes the sooner of that and its own timeout, fails at once with
 //! [`DeadlineExceeded`] (nothing sent) if it has passed, and otherwise writes the *remaining*
-//! time into the request for the next hop and fails the call when the deadline passes:
+//! time into the request for the next hop and fails the call when the deadline passes, also
+//! while the response body is still being read (its [`ResponseBody`] then ends with
+//! [`DeadlineExceeded`]):
 //!
 //! * gRPC: `grpc-timeout`, in the gRPC wire format (at most 8 digits and a unit, e.g. `799m`
 //!   for 799 ms, `950u` below a millisecond; rounded down).
@@ -15,6 +17,7 @@
 //! The retry layer re-stamps whichever header is present before each attempt, so a retry
 //! carries the time actually left, and it never sleeps past the deadline.
 
+mod body;
 mod error;
 mod future;
 mod layer;
@@ -26,6 +29,7 @@ use http::{HeaderMap, HeaderName};
 use tokio::time::Instant;
 use tower_service::Service;
 
+pub use body::ResponseBody;
 pub use error::DeadlineExceeded;
 pub use future::ResponseFuture;
 pub use layer::DeadlineLayer;
@@ -213,12 +217,12 @@ impl<S> DeadlineService<S> {
     }
 }
 
-impl<S, B> Service<http::Request<B>> for DeadlineService<S>
+impl<S, B, ResB> Service<http::Request<B>> for DeadlineService<S>
 where
-    S: Service<http::Request<B>>,
+    S: Service<http::Request<B>, Response = http::Response<ResB>>,
     S::Error: Into<BoxError>,
 {
-    type Response = S::Response;
+    type Response = http::Response<ResponseBody<ResB>>;
     type Error = BoxError;
     type Future = ResponseFuture<S::Future>;
 
@@ -240,10 +244,7 @@ where
         }
         req.extensions_mut().insert(deadline);
         stamp(req.headers_mut(), deadline, self.protocol);
-        ResponseFuture::new(
-            self.inner.call(req),
-            Some(tokio::time::sleep_until(deadline.0)),
-        )
+        ResponseFuture::new(self.inner.call(req), Some(deadline.0))
     }
 }
 

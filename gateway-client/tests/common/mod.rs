@@ -329,3 +329,44 @@ pub async fn counting_proxy(to: SocketAddr) -> (SocketAddr, Arc<AtomicU64>) {
     });
     (addr, accepted)
 }
+
+/// A server (HTTP/1.1 and h2c) that answers `GET /ok` with `{"ok":true}` and every other
+/// request with `content_type`, status 200, and a body that never ends: a provider that hangs
+/// after its response head.
+pub async fn stalling_server(content_type: &'static str) -> (SocketAddr, JoinHandle<()>) {
+    use futures::StreamExt as _;
+    type Frames = futures::stream::BoxStream<
+        'static,
+        Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<_>| async move {
+                    let (frames, content_type): (Frames, _) = if req.uri().path() == "/ok" {
+                        let ok =
+                            http_body::Frame::data(bytes::Bytes::from_static(b"{\"ok\":true}"));
+                        (futures::stream::iter([Ok(ok)]).boxed(), "application/json")
+                    } else {
+                        (futures::stream::pending().boxed(), content_type)
+                    };
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .header("content-type", content_type)
+                            .body(http_body_util::StreamBody::new(frames))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    (addr, task)
+}
