@@ -398,9 +398,12 @@ impl Future for ResponseFuture {
                     Some(span) => span.succeed(),
                     None => {}
                 }
-                let outcome = classify_http_response(response.status(), response.headers());
                 if failed
-                    && this.shared.exhausted(outcome, this.memo, *this.replay_safe)
+                    && this.shared.exhausted(
+                        classify_http_response(response.status(), response.headers()),
+                        this.memo,
+                        *this.replay_safe,
+                    )
                     && let Some(status) = tonic::Status::from_header_map(response.headers())
                 {
                     let error = Error::budget_exhausted(Box::new(status));

@@ -705,3 +705,68 @@ async fn deadline_bounds_a_response_body_that_never_ends() {
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     server.abort();
 }
+
+/// Issue 5, connections per endpoint: when an instance leaves discovery (deregistered from
+/// ZooKeeper while still running), the channel closes its connection to it once its calls have
+/// moved on to the remaining instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_closes_when_the_instance_leaves_discovery() {
+    let root = ZkRoot::new().await;
+    let registry = root.registry().await;
+    let (ps, _faults) = providers(2).await;
+    let (proxy, accepted, open) = common::tracking_proxy(ps[0].addr()).await;
+    let leaving = registry
+        .register(instance("echo", "p-0", proxy))
+        .await
+        .unwrap();
+    let _staying = registry
+        .register(instance("echo", "p-1", ps[1].addr()))
+        .await
+        .unwrap();
+    let channel = GrpcChannel::builder("echo")
+        .connect(&registry, Duration::from_secs(10))
+        .await
+        .unwrap();
+    eventually(
+        "both instances discovered",
+        Duration::from_secs(10),
+        || async { (channel.endpoints().len() == 2).then_some(()) },
+    )
+    .await
+    .unwrap();
+    let client = EchoClient::new(channel.clone());
+    eventually(
+        "a call reaches the leaving instance",
+        Duration::from_secs(10),
+        || {
+            let mut client = client.clone();
+            async move {
+                let reply = echo(&mut client, request("who")).await.ok()?;
+                (reply.server_id == "p-0").then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    leaving.deregister().await.unwrap();
+    eventually(
+        "the leaving instance is dropped",
+        Duration::from_secs(10),
+        || async { (channel.endpoints().len() == 1).then_some(()) },
+    )
+    .await
+    .unwrap();
+    eventually("its connection is closed", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        let open = Arc::clone(&open);
+        async move {
+            let reply = echo(&mut client, request("who")).await.unwrap();
+            assert_eq!(reply.server_id, "p-1");
+            (open.load(Ordering::SeqCst) == 0).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+}

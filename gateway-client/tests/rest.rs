@@ -488,3 +488,67 @@ async fn deadline_bounds_a_response_body_that_never_ends() {
     );
     server.abort();
 }
+
+/// Issue 5, connections per endpoint: when an instance leaves discovery (deregistered from
+/// ZooKeeper while still running), the client closes its connections to it once its calls have
+/// moved on to the remaining instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_close_when_the_instance_leaves_discovery() {
+    let root = common::ZkRoot::new().await;
+    let registry = root.registry().await;
+    let (leaving, staying) = (
+        RestProvider::start("leaving").await,
+        RestProvider::start("staying").await,
+    );
+    let (proxy, accepted, open) = common::tracking_proxy(leaving.addr).await;
+    let leaving_reg = registry
+        .register(instance("accounts", "leaving", proxy))
+        .await
+        .unwrap();
+    let _staying_reg = registry
+        .register(instance("accounts", "staying", staying.addr))
+        .await
+        .unwrap();
+    let client = RestClient::builder("accounts")
+        .connect(&registry, Duration::from_secs(10))
+        .await
+        .unwrap();
+    eventually(
+        "both instances discovered",
+        Duration::from_secs(10),
+        || async { (client.endpoints().len() == 2).then_some(()) },
+    )
+    .await
+    .unwrap();
+    eventually(
+        "a call reaches the leaving instance",
+        Duration::from_secs(10),
+        || async {
+            let got: Value = client.get("/who").await.ok()?;
+            (got["server"] == "leaving").then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    assert!(accepted.load(Ordering::SeqCst) >= 1);
+
+    leaving_reg.deregister().await.unwrap();
+    eventually(
+        "the leaving instance is dropped",
+        Duration::from_secs(10),
+        || async { (client.endpoints().len() == 1).then_some(()) },
+    )
+    .await
+    .unwrap();
+    eventually(
+        "its connections are closed",
+        Duration::from_secs(10),
+        || async {
+            let got: Value = client.get("/who").await.unwrap();
+            assert_eq!(got["server"], "staying");
+            (open.load(Ordering::SeqCst) == 0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}

@@ -313,21 +313,32 @@ impl EchoLoad {
 
 /// Accepts on a new port and forwards every connection to `to`, counting the connections.
 pub async fn counting_proxy(to: SocketAddr) -> (SocketAddr, Arc<AtomicU64>) {
+    let (addr, accepted, _open) = tracking_proxy(to).await;
+    (addr, accepted)
+}
+
+/// [`counting_proxy`], also counting the connections still open (a connection is closed once
+/// both sides have finished).
+pub async fn tracking_proxy(to: SocketAddr) -> (SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicU64::new(0));
-    let count = Arc::clone(&accepted);
+    let open = Arc::new(AtomicU64::new(0));
+    let (count, live) = (Arc::clone(&accepted), Arc::clone(&open));
     tokio::spawn(async move {
         while let Ok((mut inbound, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
+            live.fetch_add(1, Ordering::SeqCst);
+            let live = Arc::clone(&live);
             tokio::spawn(async move {
                 if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                 }
+                live.fetch_sub(1, Ordering::SeqCst);
             });
         }
     });
-    (addr, accepted)
+    (addr, accepted, open)
 }
 
 /// A server (HTTP/1.1 and h2c) that answers `GET /ok` with `{"ok":true}` and every other
