@@ -23,9 +23,10 @@
 //! the Keel arms are built again then, so every Keel call makes a recorded client span with
 //! OpenTelemetry ids and propagates `traceparent`. The raw arms are plain tonic / hyper-util
 //! with the same settings where they overlap (one HTTP/2 connection with `TCP_NODELAY` and
-//! default windows; an HTTP/1.1 keep-alive pool with `TCP_NODELAY`; the same 64 B payload; the
-//! REST raw arm also decodes the JSON reply). `Setup` records those settings and the run refuses
-//! to compare arms whose set-ups differ.
+//! default windows; an HTTP/1.1 keep-alive pool with `TCP_NODELAY` that opens a connection per
+//! call in flight and reuses idle ones — hyper-util's legacy client for raw, Keel's own pool on
+//! hyper for Keel; the same 64 B payload; the REST raw arm also decodes the JSON reply). `Setup`
+//! records those settings and the run refuses to compare arms whose set-ups differ.
 //!
 //! # What each id measures (durations per arm and round)
 //! * A1-c{1,16,64}: closed loop, c calls in flight, 1 s; req/s Keel ÷ raw. 1 warm-up + 5 pairs.
@@ -593,7 +594,7 @@ fn rest_setup(server: SocketAddr) -> Setup {
     Setup {
         server,
         protocol: "http/1.1",
-        connections: "hyper-util legacy pool defaults",
+        connections: "HTTP/1.1 keep-alive pool, one connection per call in flight",
         tcp_nodelay: true,
         windows: "n/a",
         payload: PAYLOAD,
