@@ -19,10 +19,12 @@ use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Uri};
+use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
 use keel_breaker::BoxError;
 use keel_breaker::classify::NotSent;
+use keel_breaker::retry::ReplayBody;
 use keel_core::ServiceInstance;
 use tonic::body::Body;
 use tower_service::Service;
@@ -137,7 +139,12 @@ where
     }
 }
 
-/// One endpoint's HTTP/2 connection for gRPC; clones share it.
+/// What a gRPC call sends: tonic's encoded body as the retry layer keeps it for replay, handed
+/// to hyper as it is (not boxed again).
+pub(crate) type Wire = ReplayBody<Body>;
+
+/// One endpoint's HTTP/2 connection for gRPC; clones share it. Responses come back with
+/// hyper's body as it is.
 #[derive(Clone)]
 pub(crate) struct GrpcConn(Arc<Inner>);
 
@@ -149,7 +156,7 @@ struct Inner {
     connector: Https,
     connect_timeout: Duration,
     /// The open connection, if any (a handle is cloned out per call).
-    open: Mutex<Option<SendRequest<Body>>>,
+    open: Mutex<Option<SendRequest<Wire>>>,
     /// Held by the one call that dials; the others wait on it.
     dialling: tokio::sync::Mutex<()>,
     /// Dials that failed so far, and the last one's error.
@@ -189,13 +196,13 @@ impl GrpcConn {
         })))
     }
 
-    fn open(&self) -> Option<SendRequest<Body>> {
+    fn open(&self) -> Option<SendRequest<Wire>> {
         let open = self.0.open.lock().unwrap_or_else(PoisonError::into_inner);
         open.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 
     /// A handle to the open connection, dialling it first when there is none.
-    async fn sender(&self) -> Result<SendRequest<Body>, BoxError> {
+    async fn sender(&self) -> Result<SendRequest<Wire>, BoxError> {
         if let Some(sender) = self.open() {
             return Ok(sender);
         }
@@ -244,7 +251,7 @@ impl GrpcConn {
     }
 
     /// TCP (and TLS), then the HTTP/2 handshake; the connection's task is spawned here.
-    async fn dial(&self) -> Result<SendRequest<Body>, BoxError> {
+    async fn dial(&self) -> Result<SendRequest<Wire>, BoxError> {
         let io = connect_io(&self.0.connector, &self.0.target).await?;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(BoxingExecutor)
             .handshake(io)
@@ -258,7 +265,10 @@ impl GrpcConn {
         Ok(sender)
     }
 
-    async fn send(self, mut req: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
+    async fn send(
+        self,
+        mut req: http::Request<Wire>,
+    ) -> Result<http::Response<Incoming>, BoxError> {
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         parts.scheme = Some(self.0.scheme.clone());
         parts.authority = Some(self.0.authority.clone());
@@ -278,8 +288,7 @@ impl GrpcConn {
                 self.0.target
             )));
         }
-        let response = sender.send_request(req).await?;
-        Ok(response.map(Body::new))
+        Ok(sender.send_request(req).await?)
     }
 }
 
@@ -305,10 +314,10 @@ pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 
 /// Response future of [`GrpcConn`].
 pub(crate) type ConnFuture =
-    Pin<Box<dyn Future<Output = Result<http::Response<Body>, BoxError>> + Send>>;
+    Pin<Box<dyn Future<Output = Result<http::Response<Incoming>, BoxError>> + Send>>;
 
-impl Service<http::Request<Body>> for GrpcConn {
-    type Response = http::Response<Body>;
+impl Service<http::Request<Wire>> for GrpcConn {
+    type Response = http::Response<Incoming>;
     type Error = BoxError;
     type Future = ConnFuture;
 
@@ -317,7 +326,7 @@ impl Service<http::Request<Body>> for GrpcConn {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, req: http::Request<Wire>) -> Self::Future {
         Box::pin(self.clone().send(req))
     }
 }

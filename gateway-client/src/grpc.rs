@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use hyper::body::Incoming;
 use keel_breaker::BoxError;
 use keel_breaker::bulkhead::Bulkhead;
 use keel_breaker::classify::{DefaultClassifier, GRPC_STATUS, classify_http_response, grpc_status};
 use keel_breaker::deadline::{DeadlineLayer, DeadlineService};
 use keel_breaker::request::is_replay_safe;
-use keel_breaker::retry::{ReplayBody, Retry};
+use keel_breaker::retry::Retry;
 use keel_core::{Endpoint, ServiceInstance};
 use keel_registry::Registry;
 use opentelemetry::KeyValue;
@@ -25,7 +26,7 @@ use tower_service::Service;
 
 use crate::balance::Set;
 use crate::builder::common_builder_methods;
-use crate::conn::{Alpn, GrpcConn, https_connector};
+use crate::conn::{Alpn, GrpcConn, Wire, https_connector};
 use crate::discovery::{Connect, Discovery, Factory, Members};
 use crate::error::Error;
 use crate::lb::{Balancer, Memo};
@@ -33,21 +34,21 @@ use crate::metrics::{ClientMetrics, MethodMetrics};
 use crate::options::{Options, Shared};
 use crate::span::{self, CallSpan};
 
-type Bal = Balancer<GrpcConn, Body, Body>;
+type Bal = Balancer<GrpcConn, Body, Wire>;
 type Stack = Bulkhead<DeadlineService<Retry<Bal>>>;
 type StackFuture = keel_breaker::bulkhead::ResponseFuture<
     keel_breaker::deadline::ResponseFuture<
         keel_breaker::retry::ResponseFuture<
             Bal,
-            <Bal as Service<http::Request<ReplayBody<Body>>>>::Future,
+            <Bal as Service<http::Request<Wire>>>::Future,
             Body,
             DefaultClassifier,
         >,
     >,
 >;
 
-fn wire(body: ReplayBody<Body>) -> Body {
-    Body::new(body)
+fn wire(body: Wire) -> Wire {
+    body
 }
 
 /// The body of a [`GrpcChannel`] response: tonic's body, through which the endpoint's breaker
@@ -55,7 +56,7 @@ fn wire(body: ReplayBody<Body>) -> Body {
 /// `DEADLINE_EXCEEDED` if the provider stops sending before the body ends (not boxed again per
 /// call).
 pub type ResponseBody = http_body_util::combinators::MapErr<
-    keel_breaker::deadline::ResponseBody<keel_breaker::breaker::ResponseBody<Body>>,
+    keel_breaker::deadline::ResponseBody<keel_breaker::breaker::ResponseBody<Incoming>>,
     fn(BoxError) -> tonic::Status,
 >;
 
@@ -230,7 +231,7 @@ impl GrpcBuilder {
             None => DeadlineLayer::propagate_only(),
         };
         let stack = self.options.bulkhead(deadline.layer(Retry::new(
-            Balancer::new(Arc::clone(&set), wire as fn(ReplayBody<Body>) -> Body),
+            Balancer::new(Arc::clone(&set), wire as fn(Wire) -> Wire),
             self.options.policy(),
         )));
         let shared = Arc::new(Shared::new(&self.options, set, closed));
