@@ -139,9 +139,38 @@ where
     }
 }
 
-/// What a gRPC call sends: tonic's encoded body as the retry layer keeps it for replay, handed
-/// to hyper as it is (not boxed again).
-pub(crate) type Wire = ReplayBody<Body>;
+pin_project_lite::pin_project! {
+    /// What a gRPC call sends: tonic's encoded body as the retry layer keeps it for replay,
+    /// handed to hyper without boxing it again. Its size is not announced: gRPC requests carry
+    /// no `content-length`, which hyper would otherwise add (a header value allocated per call)
+    /// for a body whose size it knows.
+    pub(crate) struct Wire {
+        #[pin]
+        inner: ReplayBody<Body>,
+    }
+}
+
+impl Wire {
+    pub(crate) fn new(inner: ReplayBody<Body>) -> Self {
+        Self { inner }
+    }
+}
+
+impl http_body::Body for Wire {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
 
 /// One endpoint's HTTP/2 connection for gRPC; clones share it. Responses come back with
 /// hyper's body as it is.

@@ -13,7 +13,7 @@ use keel_breaker::bulkhead::Bulkhead;
 use keel_breaker::classify::{DefaultClassifier, GRPC_STATUS, classify_http_response, grpc_status};
 use keel_breaker::deadline::{DeadlineLayer, DeadlineService};
 use keel_breaker::request::is_replay_safe;
-use keel_breaker::retry::Retry;
+use keel_breaker::retry::{ReplayBody, Retry};
 use keel_core::{Endpoint, ServiceInstance};
 use keel_registry::Registry;
 use opentelemetry::KeyValue;
@@ -40,15 +40,15 @@ type StackFuture = keel_breaker::bulkhead::ResponseFuture<
     keel_breaker::deadline::ResponseFuture<
         keel_breaker::retry::ResponseFuture<
             Bal,
-            <Bal as Service<http::Request<Wire>>>::Future,
+            <Bal as Service<http::Request<ReplayBody<Body>>>>::Future,
             Body,
             DefaultClassifier,
         >,
     >,
 >;
 
-fn wire(body: Wire) -> Wire {
-    body
+fn wire(body: ReplayBody<Body>) -> Wire {
+    Wire::new(body)
 }
 
 /// The body of a [`GrpcChannel`] response: tonic's body, through which the endpoint's breaker
@@ -231,7 +231,7 @@ impl GrpcBuilder {
             None => DeadlineLayer::propagate_only(),
         };
         let stack = self.options.bulkhead(deadline.layer(Retry::new(
-            Balancer::new(Arc::clone(&set), wire as fn(Wire) -> Wire),
+            Balancer::new(Arc::clone(&set), wire as fn(ReplayBody<Body>) -> Wire),
             self.options.policy(),
         )));
         let shared = Arc::new(Shared::new(&self.options, set, closed));
