@@ -172,28 +172,44 @@ async fn unbounded_bulkhead_passes_every_call_through() {
     }
 }
 
+type StreamingBody = http_body_util::StreamBody<
+    futures::channel::mpsc::Receiver<Result<http_body::Frame<bytes::Bytes>, BoxError>>,
+>;
+
+/// Makes a call through `svc`, answers it with a streaming body, sends `first` on that body
+/// and returns the response and the body's sender.
+async fn streamed_response<S>(
+    svc: &mut S,
+    handle: &mut mock::Handle<Req, http::Response<StreamingBody>>,
+    first: &'static [u8],
+) -> (
+    S::Response,
+    futures::channel::mpsc::Sender<Result<http_body::Frame<bytes::Bytes>, BoxError>>,
+)
+where
+    S: Service<Req, Error = BoxError>,
+{
+    let call = svc.ready().await.unwrap().call(grpc_request());
+    let (_req, send) = handle.next_request().await.unwrap();
+    let (mut tx, rx) = futures::channel::mpsc::channel(4);
+    send.send_response(http::Response::new(http_body_util::StreamBody::new(rx)));
+    let response = call.await.unwrap();
+    tx.try_send(Ok(http_body::Frame::data(bytes::Bytes::from_static(first))))
+        .unwrap();
+    (response, tx)
+}
+
 /// A response whose head arrives in time but whose body does not end: reading the body fails
 /// with the elapsed deadline; a body that ends in time is read whole.
 #[tokio::test(start_paused = true)]
 async fn deadline_bounds_the_response_body() {
     use http_body_util::BodyExt;
 
-    type Body = http_body_util::StreamBody<
-        futures::channel::mpsc::Receiver<Result<http_body::Frame<bytes::Bytes>, BoxError>>,
-    >;
-    let (svc, mut handle) = mock::pair::<Req, http::Response<Body>>();
+    let (svc, mut handle) = mock::pair::<Req, http::Response<StreamingBody>>();
     let mut svc = DeadlineLayer::new(Duration::from_millis(100)).layer(svc);
     handle.allow(2);
 
-    let call = svc.ready().await.unwrap().call(grpc_request());
-    let (_req, send) = handle.next_request().await.unwrap();
-    let (mut tx, rx) = futures::channel::mpsc::channel(4);
-    send.send_response(http::Response::new(http_body_util::StreamBody::new(rx)));
-    let response = call.await.unwrap();
-    tx.try_send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
-        b"part",
-    ))))
-    .unwrap();
+    let (response, _tx) = streamed_response(&mut svc, &mut handle, b"part").await;
     // Not `Unpin` (the timer is inline): pinned to be read frame by frame.
     let mut body = std::pin::pin!(response.into_body());
     let first = body.frame().await.unwrap().unwrap();
@@ -203,15 +219,7 @@ async fn deadline_bounds_the_response_body() {
     assert!(err.downcast_ref::<DeadlineExceeded>().unwrap().is_elapsed());
     assert_eq!(started.elapsed(), Duration::from_millis(100));
 
-    let call = svc.ready().await.unwrap().call(grpc_request());
-    let (_req, send) = handle.next_request().await.unwrap();
-    let (mut tx, rx) = futures::channel::mpsc::channel(4);
-    send.send_response(http::Response::new(http_body_util::StreamBody::new(rx)));
-    let response = call.await.unwrap();
-    tx.try_send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
-        b"whole",
-    ))))
-    .unwrap();
+    let (response, tx) = streamed_response(&mut svc, &mut handle, b"whole").await;
     drop(tx);
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(bytes, "whole");

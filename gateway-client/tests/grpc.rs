@@ -711,29 +711,14 @@ async fn deadline_bounds_a_response_body_that_never_ends() {
 /// moved on to the remaining instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_closes_when_the_instance_leaves_discovery() {
-    let root = ZkRoot::new().await;
-    let registry = root.registry().await;
     let (ps, _faults) = providers(2).await;
-    let (proxy, accepted, open) = common::tracking_proxy(ps[0].addr()).await;
-    let leaving = registry
-        .register(instance("echo", "p-0", proxy))
-        .await
-        .unwrap();
-    let _staying = registry
-        .register(instance("echo", "p-1", ps[1].addr()))
-        .await
-        .unwrap();
+    let (_root, registry, leaving, _staying, accepted, open) =
+        common::leaving_and_staying("echo", ps[0].addr(), ps[1].addr()).await;
     let channel = GrpcChannel::builder("echo")
         .connect(&registry, Duration::from_secs(10))
         .await
         .unwrap();
-    eventually(
-        "both instances discovered",
-        Duration::from_secs(10),
-        || async { (channel.endpoints().len() == 2).then_some(()) },
-    )
-    .await
-    .unwrap();
+    common::endpoints_become("both instances discovered", 2, || channel.endpoints().len()).await;
     let client = EchoClient::new(channel.clone());
     eventually(
         "a call reaches the leaving instance",
@@ -751,13 +736,10 @@ async fn connection_closes_when_the_instance_leaves_discovery() {
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 
     leaving.deregister().await.unwrap();
-    eventually(
-        "the leaving instance is dropped",
-        Duration::from_secs(10),
-        || async { (channel.endpoints().len() == 1).then_some(()) },
-    )
-    .await
-    .unwrap();
+    common::endpoints_become("the leaving instance is dropped", 1, || {
+        channel.endpoints().len()
+    })
+    .await;
     eventually("its connection is closed", Duration::from_secs(10), || {
         let mut client = client.clone();
         let open = Arc::clone(&open);

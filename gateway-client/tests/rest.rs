@@ -494,32 +494,17 @@ async fn deadline_bounds_a_response_body_that_never_ends() {
 /// moved on to the remaining instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_close_when_the_instance_leaves_discovery() {
-    let root = common::ZkRoot::new().await;
-    let registry = root.registry().await;
     let (leaving, staying) = (
         RestProvider::start("leaving").await,
         RestProvider::start("staying").await,
     );
-    let (proxy, accepted, open) = common::tracking_proxy(leaving.addr).await;
-    let leaving_reg = registry
-        .register(instance("accounts", "leaving", proxy))
-        .await
-        .unwrap();
-    let _staying_reg = registry
-        .register(instance("accounts", "staying", staying.addr))
-        .await
-        .unwrap();
+    let (_root, registry, leaving_reg, _staying_reg, accepted, open) =
+        common::leaving_and_staying("accounts", leaving.addr, staying.addr).await;
     let client = RestClient::builder("accounts")
         .connect(&registry, Duration::from_secs(10))
         .await
         .unwrap();
-    eventually(
-        "both instances discovered",
-        Duration::from_secs(10),
-        || async { (client.endpoints().len() == 2).then_some(()) },
-    )
-    .await
-    .unwrap();
+    common::endpoints_become("both instances discovered", 2, || client.endpoints().len()).await;
     eventually(
         "a call reaches the leaving instance",
         Duration::from_secs(10),
@@ -533,13 +518,10 @@ async fn connections_close_when_the_instance_leaves_discovery() {
     assert!(accepted.load(Ordering::SeqCst) >= 1);
 
     leaving_reg.deregister().await.unwrap();
-    eventually(
-        "the leaving instance is dropped",
-        Duration::from_secs(10),
-        || async { (client.endpoints().len() == 1).then_some(()) },
-    )
-    .await
-    .unwrap();
+    common::endpoints_become("the leaving instance is dropped", 1, || {
+        client.endpoints().len()
+    })
+    .await;
     eventually(
         "its connections are closed",
         Duration::from_secs(10),

@@ -341,6 +341,47 @@ pub async fn tracking_proxy(to: SocketAddr) -> (SocketAddr, Arc<AtomicU64>, Arc<
     (addr, accepted, open)
 }
 
+/// Waits (up to 10 s) until `count` (a client's endpoint count) is `n`.
+pub async fn endpoints_become(what: &str, n: usize, count: impl Fn() -> usize) {
+    keel_testkit::eventually(what, Duration::from_secs(10), || {
+        let now = count();
+        async move { (now == n).then_some(()) }
+    })
+    .await
+    .unwrap();
+}
+
+/// Two instances of `service` registered under a fresh ZooKeeper root: `leaving` (reached
+/// through a [`tracking_proxy`], whose accepted and open connection counts are returned) and
+/// `staying`. Returns the root (keep it), the registry, the leaving instance's registration and
+/// the counters.
+pub async fn leaving_and_staying(
+    service: &str,
+    leaving: SocketAddr,
+    staying: SocketAddr,
+) -> (
+    ZkRoot,
+    ZkRegistry,
+    keel_registry::Registration,
+    keel_registry::Registration,
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+) {
+    use keel_registry::Registry as _;
+    let root = ZkRoot::new().await;
+    let registry = root.registry().await;
+    let (proxy, accepted, open) = tracking_proxy(leaving).await;
+    let leaving = registry
+        .register(instance(service, "leaving", proxy))
+        .await
+        .unwrap();
+    let staying = registry
+        .register(instance(service, "staying", staying))
+        .await
+        .unwrap();
+    (root, registry, leaving, staying, accepted, open)
+}
+
 /// A server (HTTP/1.1 and h2c) that answers `GET /ok` with `{"ok":true}` and every other
 /// request with `content_type`, status 200, and a body that never ends: a provider that hangs
 /// after its response head.
