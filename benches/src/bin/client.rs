@@ -55,7 +55,8 @@
 //! (and, with `--c64`, req/s and client CPU per call at 64 in flight); run it under `heaptrack`
 //! to see where the allocations come from, or under `valgrind --tool=callgrind` for
 //! instructions per call (repeatable on a noisy box: run N and 3N calls and subtract).
-//! `target/release/client b5` runs B5 alone (tracing on) and prints its rows.
+//! `target/release/client b5` runs B5 alone (tracing on) and prints its rows; `client b6`
+//! likewise B6.
 
 use std::alloc::System;
 use std::collections::BTreeMap;
@@ -115,6 +116,14 @@ fn main() -> Result<()> {
     }
     if args.first().map(String::as_str) == Some("profile") {
         return profile(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("b6") {
+        // B6 alone, for quick comparisons; writes no JSON.
+        let pinned = pin_enabled() && taskset(&["-a", "-p", "-c", &CLIENT_CPU.to_string()], None);
+        let mut report = Report::new("client-b6");
+        b6(&mut report, pinned);
+        println!("{}", report.table());
+        return Ok(());
     }
     if args.first().map(String::as_str) == Some("b5") {
         // B5 alone (tracing on, as in the full run), for quick comparisons; writes no JSON.
