@@ -534,3 +534,66 @@ async fn connections_close_when_the_instance_leaves_discovery() {
     .await
     .unwrap();
 }
+
+/// A server that closes each keep-alive connection right after its response, without saying
+/// so (as an idle timeout does): once the client has seen the close, the next call — a
+/// non-idempotent one, never replayed — goes to a new connection and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_the_server_dropped_are_skipped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // One request (head and its content-length body), one answer, then close.
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                let complete = |seen: &[u8]| {
+                    let text = String::from_utf8_lossy(seen).to_ascii_lowercase();
+                    let Some(end) = text.find("\r\n\r\n") else {
+                        return false;
+                    };
+                    let length = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    seen.len() >= end + 4 + length
+                };
+                while !complete(&seen) {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = br#"{"ok":true}"#;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(body).await;
+            });
+        }
+    });
+    let (proxy, accepted, open) = common::tracking_proxy(addr).await;
+    let client = RestClient::builder("dropping")
+        .max_attempts(1)
+        .endpoints([format!("http://{proxy}")])
+        .unwrap();
+    for i in 1..=5u64 {
+        let got: Value = client.post("/pay", &json!({ "i": i })).await.unwrap();
+        assert_eq!(got["ok"], true);
+        assert_eq!(accepted.load(Ordering::SeqCst), i);
+        eventually(
+            "the client saw the close",
+            Duration::from_secs(5),
+            || async { (open.load(Ordering::SeqCst) == 0).then_some(()) },
+        )
+        .await
+        .unwrap();
+    }
+    server.abort();
+}
