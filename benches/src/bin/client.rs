@@ -37,7 +37,7 @@
 //!   2 000 calls per round, 1 + 5 pairs; `-bare` rows before tracing is installed.
 //! * B5: the whole default gRPC stack in process: server and client in this process on one
 //!   worker (so wall time is CPU time), one call at a time, 0.5 s; ns/call Keel − raw.
-//! * `-vs-propagating` variants of A1, A5-grpc and B5: the raw arm is tonic sending what Keel
+//! * `-vs-propagating` variants of A1, A2, A5-grpc and B5: the raw arm is tonic sending what Keel
 //!   propagates (a per-call `traceparent` and `x-request-id`, never indexed, and the timeout as
 //!   `grpc-timeout`), so the row shows Keel's stack without the wire cost of carrying the
 //!   context, which no implementation avoids.
@@ -929,45 +929,18 @@ async fn run(pinned: bool) -> Result<()> {
         ));
     }
 
-    // A2
+    // A2, against bare raw tonic and (variant rows) raw tonic sending the same context
     let rate = (capacity * 0.5).max(100.0);
-    let (p50, p99) = {
-        let (_, pairs) = interleave_async::<_, _, Latency>(
-            ROUNDS,
-            WARMUP,
-            || open_loop(&raw_g, rate, A2_ROUND),
-            || open_loop(&keel_g, rate, A2_ROUND),
-            |l| l.p50_us,
-        )
-        .await;
-        let errors: u64 = pairs.iter().map(|(a, b)| a.errors + b.errors).sum();
-        (
-            comparison(
-                pairs.iter().map(|p| p.0.p50_us).collect(),
-                pairs.iter().map(|p| p.1.p50_us).collect(),
-            ),
-            (
-                comparison(
-                    pairs.iter().map(|p| p.0.p99_us).collect(),
-                    pairs.iter().map(|p| p.1.p99_us).collect(),
-                ),
-                errors,
-            ),
-        )
-    };
-    let (p99, a2_errors) = p99;
-    for (id, cmp, bar, goal) in [("A2-p50", &p50, 5.0, 2.0), ("A2-p99", &p99, 25.0, 10.0)] {
-        report.push(Row::delta(
-            id,
-            &format!(
-                "gRPC latency added, open loop {rate:.0}/s (50% of raw c64), from intended send; {a2_errors} errors"
-            ),
-            "us_added",
-            cmp,
-            bar,
-            goal,
-        ));
-    }
+    a2(&mut report, "A2", &raw_g, &keel_g, rate, "").await;
+    a2(
+        &mut report,
+        "A2-vs-propagating",
+        &raw_gp,
+        &keel_g,
+        rate,
+        ", vs raw tonic sending the same traceparent, request id and timeout",
+    )
+    .await;
 
     // A4
     for c in [1usize, 64] {
@@ -990,6 +963,47 @@ async fn run(pinned: bool) -> Result<()> {
     println!("client bench: {:.0} s", started.elapsed().as_secs_f64());
     report.finish()?;
     Ok(())
+}
+
+/// A2 rows `{prefix}-p50` and `{prefix}-p99`: latency added by `keel` over `raw`, open loop at
+/// `rate`, interleaved rounds.
+async fn a2<R: Arm, K: Arm>(
+    report: &mut Report,
+    prefix: &str,
+    raw: &R,
+    keel: &K,
+    rate: f64,
+    what: &str,
+) {
+    let (_, pairs) = interleave_async::<_, _, Latency>(
+        ROUNDS,
+        WARMUP,
+        || open_loop(raw, rate, A2_ROUND),
+        || open_loop(keel, rate, A2_ROUND),
+        |l| l.p50_us,
+    )
+    .await;
+    let errors: u64 = pairs.iter().map(|(a, b)| a.errors + b.errors).sum();
+    let p50 = comparison(
+        pairs.iter().map(|p| p.0.p50_us).collect(),
+        pairs.iter().map(|p| p.1.p50_us).collect(),
+    );
+    let p99 = comparison(
+        pairs.iter().map(|p| p.0.p99_us).collect(),
+        pairs.iter().map(|p| p.1.p99_us).collect(),
+    );
+    for (suffix, cmp, bar, goal) in [("p50", &p50, 5.0, 2.0), ("p99", &p99, 25.0, 10.0)] {
+        report.push(Row::delta(
+            &format!("{prefix}-{suffix}"),
+            &format!(
+                "gRPC latency added, open loop {rate:.0}/s (50% of raw c64), from intended send{what}; {errors} errors"
+            ),
+            "us_added",
+            cmp,
+            bar,
+            goal,
+        ));
+    }
 }
 
 /// Interleaved closed-loop rounds of `raw` and `keel` with `c` calls in flight: req/s compared.
