@@ -10,9 +10,8 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use keel_breaker::BoxError;
 use keel_breaker::bulkhead::Bulkhead;
-use keel_breaker::classify::{DefaultClassifier, GRPC_STATUS, classify_http_response, grpc_status};
+use keel_breaker::classify::{DefaultClassifier, GRPC_STATUS, grpc_status};
 use keel_breaker::deadline::{DeadlineLayer, DeadlineService};
-use keel_breaker::request::is_replay_safe;
 use keel_breaker::retry::{ReplayBody, Retry};
 use keel_core::{Endpoint, ServiceInstance};
 use keel_registry::Registry;
@@ -29,9 +28,9 @@ use crate::builder::common_builder_methods;
 use crate::conn::{Alpn, GrpcConn, Wire, https_connector};
 use crate::discovery::{Connect, Discovery, Factory, Members};
 use crate::error::Error;
-use crate::lb::{Balancer, Memo};
+use crate::lb::Balancer;
 use crate::metrics::{ClientMetrics, MethodMetrics};
-use crate::options::{Options, Shared};
+use crate::options::{Options, Shared, budget_refused};
 use crate::span::{self, CallSpan};
 
 type Bal = Balancer<GrpcConn, Body, Wire>;
@@ -334,22 +333,19 @@ impl Service<http::Request<Body>> for GrpcChannel {
                 method
             }
         };
-        let (span, memo) = shared.begin(&mut parts, "grpc.client", || {
+        let span = shared.begin(&mut parts, "grpc.client", || {
             [
                 KeyValue::new("rpc.system", "grpc"),
                 KeyValue::new("rpc.service", span::shared(&shared.service)),
                 KeyValue::new("rpc.method", span::shared(&method.name)),
             ]
         });
-        let replay_safe = is_replay_safe(&parts.headers, &parts.extensions);
         let fut = self.stack.call(http::Request::from_parts(parts, body));
         ResponseFuture {
             fut,
             span: Some(span),
             start: Instant::now(),
             method,
-            memo,
-            replay_safe,
             shared: Arc::clone(&self.shared),
         }
     }
@@ -363,8 +359,6 @@ pin_project! {
         span: Option<CallSpan>,
         start: Instant,
         method: Arc<MethodMetrics>,
-        memo: Memo,
-        replay_safe: bool,
         shared: Arc<Shared<GrpcConn>>,
     }
 }
@@ -379,8 +373,9 @@ impl Future for ResponseFuture {
     type Output = Result<http::Response<ResponseBody>, tonic::Status>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let result = ready!(this.fut.poll(cx));
+        let mut this = self.project();
+        let result = ready!(this.fut.as_mut().poll(cx));
+        let refused = budget_refused(this.fut.as_ref().get_ref());
         let elapsed = this.start.elapsed();
         let span = this.span.take();
         Poll::Ready(match result {
@@ -400,11 +395,7 @@ impl Future for ResponseFuture {
                     None => {}
                 }
                 if failed
-                    && this.shared.exhausted(
-                        classify_http_response(response.status(), response.headers()),
-                        this.memo,
-                        *this.replay_safe,
-                    )
+                    && refused
                     && let Some(status) = tonic::Status::from_header_map(response.headers())
                 {
                     let error = Error::budget_exhausted(Box::new(status));
@@ -416,7 +407,7 @@ impl Future for ResponseFuture {
             }
             Err(error) => {
                 this.method.record(elapsed, true);
-                let error = this.shared.failure(error, this.memo, *this.replay_safe);
+                let error = this.shared.failure(error, refused);
                 tracing::debug!(%error, "grpc call failed");
                 if let Some(span) = span {
                     span.fail(error.to_string());

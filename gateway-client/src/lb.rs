@@ -6,7 +6,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -24,16 +24,6 @@ use crate::error::Error;
 /// How long an endpoint whose breaker refused a call is skipped before it is asked again.
 const RECHECK: Duration = Duration::from_millis(20);
 
-/// Per-call state shared by every attempt of one call (a request extension).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Memo(pub(crate) Arc<MemoInner>);
-
-#[derive(Debug, Default)]
-pub(crate) struct MemoInner {
-    pub(crate) attempts: AtomicU32,
-    pub(crate) last_uid: AtomicU64,
-}
-
 /// Counts a call in flight on an endpoint until dropped.
 pub(crate) struct LoadGuard<C>(Arc<EndpointState<C>>);
 
@@ -44,10 +34,20 @@ impl<C> Drop for LoadGuard<C> {
 }
 
 /// Spreads calls over the endpoints of a [`Set`]; cheap to clone.
+///
+/// The retry layer makes every attempt of one call through the same instance (a clone made
+/// for that call), so the instance remembers the endpoint of the previous attempt and a retry
+/// avoids it. The endpoint is picked in [`call`](Service::call) when one admits the call at
+/// once (the usual case, no allocation); otherwise the response future picks it when an
+/// endpoint becomes ready and reports it through a shared slot made for that case.
 pub(crate) struct Balancer<C, B, W> {
     set: Arc<Set<C>>,
     cache: Option<(u64, Arc<Snapshot<C>>)>,
     wire: fn(ReplayBody<B>) -> W,
+    /// The endpoint of this instance's previous call (0: none).
+    last_uid: u64,
+    /// Where a response future that picked its endpoint itself records it.
+    slot: Option<Arc<AtomicU64>>,
     _body: PhantomData<fn(B) -> W>,
 }
 
@@ -57,6 +57,8 @@ impl<C, B, W> Clone for Balancer<C, B, W> {
             set: Arc::clone(&self.set),
             cache: self.cache.clone(),
             wire: self.wire,
+            last_uid: 0,
+            slot: None,
             _body: PhantomData,
         }
     }
@@ -74,6 +76,8 @@ impl<C, B, W> Balancer<C, B, W> {
             set,
             cache: None,
             wire,
+            last_uid: 0,
+            slot: None,
             _body: PhantomData,
         }
     }
@@ -104,6 +108,9 @@ pin_project! {
         set: Arc<Set<C>>,
         snap: Arc<Snapshot<C>>,
         wire: fn(ReplayBody<B>) -> W,
+        // Set when this future picks the endpoint itself: the endpoint to avoid, and where to
+        // record the one picked.
+        avoid: Option<Arc<AtomicU64>>,
         #[pin]
         phase: Phase<C, B, W>,
     }
@@ -135,10 +142,48 @@ where
 
     fn call(&mut self, req: http::Request<ReplayBody<B>>) -> Self::Future {
         let snap = self.set.load(&mut self.cache);
+        let avoid = self
+            .slot
+            .as_ref()
+            .map_or(self.last_uid, |s| s.load(Ordering::Relaxed));
+        // The usual case: an endpoint admits the call at once, and it is sent from here.
+        if !snap.endpoints.is_empty() {
+            let key = req.extensions().get::<HashKey>().copied();
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            for i in self.set.candidates(&snap, key, avoid) {
+                if let Admit::Ready(mut cb) = admit(&self.set, &snap.endpoints[i], &mut cx) {
+                    let ep = Arc::clone(&snap.endpoints[i]);
+                    self.last_uid = ep.uid;
+                    if let Some(slot) = &self.slot {
+                        slot.store(ep.uid, Ordering::Relaxed);
+                    }
+                    let fut = dispatch(&mut cb, &ep, req, self.wire);
+                    let start_ns = self.set.now_ns();
+                    return ResponseFuture {
+                        set: Arc::clone(&self.set),
+                        snap,
+                        wire: self.wire,
+                        avoid: None,
+                        phase: Phase::Called {
+                            fut,
+                            guard: LoadGuard(ep),
+                            start_ns,
+                        },
+                    };
+                }
+            }
+        }
+        // None ready now (or none at all): the future waits for one (or fails) with the
+        // caller's waker, and records what it picks in the slot.
+        let slot = Arc::clone(
+            self.slot
+                .get_or_insert_with(|| Arc::new(AtomicU64::new(avoid))),
+        );
         ResponseFuture {
             set: Arc::clone(&self.set),
             snap,
             wire: self.wire,
+            avoid: Some(slot),
             phase: Phase::Pick { req: Some(req) },
         }
     }
@@ -233,6 +278,9 @@ where
                         return Poll::Ready(Err("request already sent".into()));
                     };
                     let ep = Arc::clone(ep);
+                    if let Some(slot) = this.avoid.as_ref() {
+                        slot.store(ep.uid, Ordering::Relaxed);
+                    }
                     (dispatch(cb, &ep, req, *this.wire), ep)
                 }
                 StateProj::Pick { req } => {
@@ -244,10 +292,7 @@ where
                         return Poll::Ready(Err(Error::no_endpoints()));
                     }
                     let key = request.extensions().get::<HashKey>().copied();
-                    let avoid = request
-                        .extensions()
-                        .get::<Memo>()
-                        .map_or(0, |m| m.0.last_uid.load(Ordering::Relaxed));
+                    let avoid = this.avoid.as_ref().map_or(0, |s| s.load(Ordering::Relaxed));
                     let mut busy = None;
                     let mut chosen = None;
                     for i in set.candidates(snap, key, avoid) {
@@ -267,6 +312,9 @@ where
                     match (chosen, busy) {
                         (Some((mut cb, i)), _) => {
                             let ep = Arc::clone(&snap.endpoints[i]);
+                            if let Some(slot) = this.avoid.as_ref() {
+                                slot.store(ep.uid, Ordering::Relaxed);
+                            }
                             (dispatch(&mut cb, &ep, request, *this.wire), ep)
                         }
                         (None, Some((cb, idx))) => {
@@ -302,10 +350,6 @@ where
     C: Service<http::Request<W>, Response = http::Response<ResB>> + Clone,
     C::Error: Into<BoxError>,
 {
-    if let Some(memo) = req.extensions().get::<Memo>() {
-        memo.0.attempts.fetch_add(1, Ordering::Relaxed);
-        memo.0.last_uid.store(ep.uid, Ordering::Relaxed);
-    }
     ep.calls.fetch_add(1, Ordering::Relaxed);
     ep.load.start();
     cb.call(req.map(wire))

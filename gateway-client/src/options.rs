@@ -10,7 +10,6 @@ use http::{Extensions, HeaderMap, HeaderName, HeaderValue};
 use keel_breaker::BoxError;
 use keel_breaker::breaker::BreakerConfig;
 use keel_breaker::bulkhead::Bulkhead;
-use keel_breaker::classify::{FailureClass, Outcome, classify_error};
 use keel_breaker::deadline::{Deadline, GRPC_TIMEOUT, parse_grpc_timeout};
 use keel_breaker::retry::{RetryBudget, RetryPolicy};
 use keel_core::propagation::{REQUEST_ID, inject_span_headers};
@@ -19,7 +18,6 @@ use tokio::sync::oneshot;
 
 use crate::balance::{BalanceConfig, HashKey, Set};
 use crate::error::Error;
-use crate::lb::Memo;
 use crate::metrics::ClientMetrics;
 use crate::span::CallSpan;
 
@@ -132,11 +130,8 @@ impl Options {
 }
 
 /// What each attempt carries below the retry layer: only the balancer reads extensions there
-/// (the call's memo and its hash key); the rest stay with the call, uncloned.
+/// (the call's hash key); the rest stay with the call, uncloned.
 fn balancer_extensions(from: &Extensions, to: &mut Extensions) {
-    if let Some(memo) = from.get::<Memo>() {
-        to.insert(memo.clone());
-    }
     if let Some(key) = from.get::<HashKey>() {
         to.insert(*key);
     }
@@ -164,7 +159,6 @@ pub(crate) struct Shared<C> {
     pub(crate) tracer: opentelemetry::global::BoxedTracer,
     pub(crate) set: Arc<Set<C>>,
     pub(crate) metrics: ClientMetrics,
-    pub(crate) max_attempts: u32,
     pub(crate) request_id: bool,
     id_prefix: u64,
     id_counter: AtomicU64,
@@ -191,7 +185,6 @@ impl<C> Shared<C> {
             tracer: crate::span::tracer(),
             set,
             metrics: ClientMetrics::default(),
-            max_attempts: options.max_attempts,
             request_id: options.request_id,
             id_prefix: rand::random(),
             id_counter: AtomicU64::new(0),
@@ -210,17 +203,17 @@ impl<C> Shared<C> {
 
     /// Starts one call: its client span `name` (with `attributes`) under the caller's context,
     /// whose trace context (and the caller's baggage) it stamps on the outgoing headers, with the
-    /// request id; the deadline and the call's memo go into the extensions.
+    /// request id; a deadline given as `grpc-timeout` goes into the extensions.
     pub(crate) fn begin<const N: usize>(
         &self,
         parts: &mut http::request::Parts,
         name: &'static str,
         attributes: impl FnOnce() -> [KeyValue; N],
-    ) -> (CallSpan, Memo) {
+    ) -> CallSpan {
         let parent = crate::span::parent(&parts.headers);
         let span = CallSpan::start(&self.tracer, name, &parent, attributes);
-        let memo = self.prepare(&mut parts.headers, &mut parts.extensions, &span, &parent);
-        (span, memo)
+        self.prepare(&mut parts.headers, &mut parts.extensions, &span, &parent);
+        span
     }
 
     fn prepare(
@@ -229,7 +222,7 @@ impl<C> Shared<C> {
         extensions: &mut Extensions,
         span: &CallSpan,
         parent: &Context,
-    ) -> Memo {
+    ) {
         if self.request_id
             && !headers.contains_key(&REQUEST_ID_HEADER)
             && let Some(id) = self.request_id()
@@ -245,28 +238,13 @@ impl<C> Shared<C> {
         {
             extensions.insert(Deadline::after(timeout));
         }
-        let memo = Memo::default();
-        extensions.insert(memo.clone());
-        memo
     }
 
-    /// A response that failed in a retryable way although attempts were left: the retry layer
-    /// gave up because the budget was empty.
-    pub(crate) fn exhausted(&self, outcome: Outcome, memo: &Memo, replay_safe: bool) -> bool {
-        let attempts = memo.0.attempts.load(Ordering::Relaxed);
-        let retryable = match outcome.retry_class() {
-            Some(FailureClass::NotSent | FailureClass::Rejected) => true,
-            Some(FailureClass::Unknown) => replay_safe,
-            None => false,
-        };
-        retryable && attempts >= 1 && attempts < self.max_attempts
-    }
-
-    /// Turns a failed call into the client's [`Error`], recognising an exhausted retry budget.
-    pub(crate) fn failure(&self, error: BoxError, memo: &Memo, replay_safe: bool) -> Error {
-        let exhausted = self.exhausted(classify_error(error.as_ref()), memo, replay_safe);
+    /// Turns a failed call into the client's [`Error`]; `budget_refused` (from the retry layer)
+    /// says the failure would have been retried but for an empty retry budget.
+    pub(crate) fn failure(&self, error: BoxError, budget_refused: bool) -> Error {
         let error = Error::from_box(error);
-        if exhausted
+        if budget_refused
             && !error.is_deadline_exceeded()
             && !error.is_no_endpoints()
             && !error.is_all_ejected()
@@ -276,6 +254,18 @@ impl<C> Shared<C> {
         }
         error
     }
+}
+
+/// Whether the call of `fut` (complete) ended on a failure the retry layer would have retried
+/// but for an empty budget.
+pub(crate) fn budget_refused<S, F, B, C>(
+    fut: &keel_breaker::bulkhead::ResponseFuture<
+        keel_breaker::deadline::ResponseFuture<keel_breaker::retry::ResponseFuture<S, F, B, C>>,
+    >,
+) -> bool {
+    fut.get_ref()
+        .and_then(keel_breaker::deadline::ResponseFuture::get_ref)
+        .is_some_and(keel_breaker::retry::ResponseFuture::budget_refused)
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@ use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, Method};
 use http_body_util::{BodyExt, Full};
 use keel_breaker::bulkhead::Bulkhead;
-use keel_breaker::classify::classify_http_status;
 use keel_breaker::deadline::{Deadline, DeadlineLayer, DeadlineService, Protocol};
 use keel_breaker::request::{IdempotencyKey, Idempotent, is_replay_safe};
 use keel_breaker::retry::{ReplayBody, Retry};
@@ -32,7 +31,7 @@ use crate::grpc::{EndpointInfo, endpoint_info, instance_from_url, wait_ready};
 use crate::h1::RestConn;
 use crate::lb::Balancer;
 use crate::metrics::{ClientMetrics, MethodMetrics};
-use crate::options::{Options, Shared};
+use crate::options::{Options, Shared, budget_refused};
 use crate::span;
 
 type Wire = ReplayBody<Full<Bytes>>;
@@ -464,7 +463,7 @@ impl RestRequest {
         }
         let (mut parts, body) = req.into_parts();
         let shared = &client.shared;
-        let (span, memo) = shared.begin(&mut parts, "http.client", || {
+        let span = shared.begin(&mut parts, "http.client", || {
             [
                 KeyValue::new("http.request.method", method_value(&method)),
                 KeyValue::new("http.route", span::shared(&metrics.name)),
@@ -482,20 +481,19 @@ impl RestRequest {
                 .await
                 .map_err(Error::from_box)?;
             let req = http::Request::from_parts(parts, body);
-            let res = client.stack.call(req).await;
+            let mut call = std::pin::pin!(client.stack.call(req));
+            let res = call.as_mut().await;
+            let refused = budget_refused(&call);
             let res = match res {
                 Ok(res) => res,
-                Err(error) => return Err(client.shared.failure(error, &memo, replay_safe)),
+                Err(error) => return Err(client.shared.failure(error, refused)),
             };
             let status = res.status();
             let (head, body) = res.into_parts();
             let bytes = body.collect().await.map_err(Error::from_box)?.to_bytes();
             if !status.is_success() {
                 let error = Error::http(status, bytes);
-                if client
-                    .shared
-                    .exhausted(classify_http_status(status), &memo, replay_safe)
-                {
+                if refused {
                     return Err(error.into_budget_exhausted());
                 }
                 return Err(error);

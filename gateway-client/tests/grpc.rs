@@ -752,3 +752,35 @@ async fn connection_closes_when_the_instance_leaves_discovery() {
     .await
     .unwrap();
 }
+
+/// A retry goes to another endpoint: with one of two providers failing every call
+/// (UNAVAILABLE) and its breaker never opening, every call with two attempts succeeds, because
+/// the second attempt avoids the endpoint of the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_goes_to_another_endpoint() {
+    let (ps, faults) = providers(2).await;
+    faults[0].fail_every(1, tonic::Code::Unavailable);
+    let never_opens = keel_breaker::breaker::BreakerConfig {
+        minimum_number_of_calls: 100_000,
+        sliding_window_size: 100_000,
+        ..quick_breaker(Duration::from_secs(60))
+    };
+    let channel = GrpcChannel::builder("echo")
+        .max_attempts(2)
+        .retry_budget(Arc::new(RetryBudget::new(
+            Duration::from_secs(10),
+            1_000,
+            1.0,
+        )))
+        .breaker(never_opens)
+        .endpoints(ps.iter().map(|p| format!("http://{}", p.addr())))
+        .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    for i in 0..100 {
+        let mut req = request(&i.to_string());
+        req.extensions_mut().insert(Idempotent);
+        let reply = echo(&mut client, req).await.unwrap();
+        assert_eq!(reply.server_id, "p-1");
+    }
+    assert!(faults[0].calls() > 0, "the failing provider was tried");
+}

@@ -20,6 +20,13 @@ pin_project! {
     }
 }
 
+impl<F> ResponseFuture<F> {
+    /// The wrapped future, unless the call was refused before reaching it.
+    pub fn get_ref(&self) -> Option<&F> {
+        self.inner.as_ref()
+    }
+}
+
 impl<F> fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")

@@ -32,6 +32,9 @@ pub(super) struct Retrying<S, C> {
     pub(super) attempts: u32,
     pub(super) replay_safe: bool,
     pub(super) deadline: Option<Deadline>,
+    /// Set when a retry was wanted (and allowed by attempts and deadline) but the budget had
+    /// nothing left.
+    pub(super) budget_refused: bool,
 }
 
 pin_project! {
@@ -79,10 +82,23 @@ impl<S, F, B, C> ResponseFuture<S, F, B, C> {
     }
 }
 
+impl<S, F, B, C> ResponseFuture<S, F, B, C> {
+    /// Whether the call ended with a failure that would have been retried but for an empty
+    /// retry budget (read once the future has completed).
+    pub fn budget_refused(&self) -> bool {
+        self.retry.as_ref().is_some_and(|r| r.budget_refused)
+    }
+
+    /// How many attempts the call made so far.
+    pub fn attempts(&self) -> u32 {
+        self.retry.as_ref().map_or(1, |r| r.attempts)
+    }
+}
+
 impl<S, C> Retrying<S, C> {
     /// The backoff before the next attempt, if the call is to be retried after `outcome`.
     #[cold]
-    fn next_delay(&self, outcome: crate::classify::Outcome) -> Option<std::time::Duration> {
+    fn next_delay(&mut self, outcome: crate::classify::Outcome) -> Option<std::time::Duration> {
         if self.attempts >= self.policy.max_attempts
             || !self.policy.wants_retry(outcome, self.replay_safe)
         {
@@ -96,6 +112,7 @@ impl<S, C> Retrying<S, C> {
         }
         if !self.policy.budget.withdraw() {
             tracing::debug!(attempts = self.attempts, "retry budget exhausted");
+            self.budget_refused = true;
             return None;
         }
         tracing::debug!(

@@ -342,17 +342,23 @@ where
             trailers.clone(),
         );
         let req = http::Request::from_parts(parts, ReplayBody::buffered(data, trailers));
-        let fut = self.inner.call(req);
+        // The service that was made ready takes the first attempt and every replay (it may keep
+        // per-call state between attempts, e.g. the endpoint to avoid); a clone stays here for
+        // the next call, to be made ready then.
+        let fresh = self.inner.clone();
+        let mut service = std::mem::replace(&mut self.inner, fresh);
+        let fut = service.call(req);
         ResponseFuture::retrying(
             fut,
             future::Retrying {
-                service: self.inner.clone(),
+                service,
                 policy: Arc::clone(&self.policy),
                 classifier: self.classifier.clone(),
                 template,
                 attempts: 1,
                 replay_safe,
                 deadline,
+                budget_refused: false,
             },
         )
     }

@@ -273,3 +273,88 @@ async fn attempts_carry_only_the_forwarded_extensions() {
     assert_eq!(task.await.unwrap().unwrap().status(), 200);
     assert_no_more_requests(&mut handle).await;
 }
+
+/// The future tells an empty budget apart from the other reasons a call stops being retried.
+#[tokio::test(start_paused = true)]
+async fn the_future_reports_a_refusal_by_the_budget() {
+    async fn run(policy: RetryPolicy, answers: usize) -> (u16, bool, u32) {
+        let (svc, mut handle) = mock::pair::<Req, http::Response<()>>();
+        handle.allow(100);
+        let mut svc = Retry::new(svc, policy);
+        let mut fut = std::pin::pin!(svc.ready().await.unwrap().call(request("x")));
+        let respond = async {
+            for _ in 0..answers {
+                let (_, send) = handle.next_request().await.unwrap();
+                send.send_response(status(503));
+            }
+        };
+        let (result, ()) = tokio::join!(fut.as_mut(), respond);
+        let status = result.unwrap().status().as_u16();
+        (status, fut.budget_refused(), fut.attempts())
+    }
+    let empty = Arc::new(RetryBudget::new(Duration::from_secs(10), 0, 0.0));
+    assert_eq!(
+        run(RetryPolicy::new(empty).max_attempts(5), 1).await,
+        (503, true, 1)
+    );
+    assert_eq!(
+        run(policy().max_attempts(2), 2).await,
+        (503, false, 2),
+        "out of attempts, not of budget"
+    );
+}
+
+/// Every attempt of one call goes through the same service instance (the one made ready), so
+/// the service can carry per-call state from one attempt to the next.
+#[tokio::test(start_paused = true)]
+async fn every_attempt_uses_the_service_made_ready() {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    struct Tagged {
+        id: u64,
+        next: Arc<AtomicU64>,
+        seen: Arc<Mutex<Vec<u64>>>,
+    }
+    impl Clone for Tagged {
+        fn clone(&self) -> Self {
+            Self {
+                id: self.next.fetch_add(1, Ordering::Relaxed),
+                next: Arc::clone(&self.next),
+                seen: Arc::clone(&self.seen),
+            }
+        }
+    }
+    impl tower_service::Service<Req> for Tagged {
+        type Response = http::Response<()>;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<http::Response<()>, BoxError>>;
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _req: Req) -> Self::Future {
+            self.seen.lock().unwrap().push(self.id);
+            std::future::ready(Ok(status(503)))
+        }
+    }
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let svc = Tagged {
+        id: 0,
+        next: Arc::new(AtomicU64::new(1)),
+        seen: Arc::clone(&seen),
+    };
+    let mut svc = Retry::new(svc, policy().max_attempts(3));
+    for _ in 0..2 {
+        let res = svc.ready().await.unwrap().call(request("x")).await.unwrap();
+        assert_eq!(res.status(), 503);
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    assert!(seen[..3].iter().all(|id| *id == seen[0]), "{seen:?}");
+    assert!(seen[3..].iter().all(|id| *id == seen[3]), "{seen:?}");
+    assert_ne!(
+        seen[0], seen[3],
+        "each call gets its own instance: {seen:?}"
+    );
+}
