@@ -784,3 +784,24 @@ async fn a_retry_goes_to_another_endpoint() {
     }
     assert!(faults[0].calls() > 0, "the failing provider was tried");
 }
+
+/// Without retries (`max_attempts(1)`) consecutive calls of one channel are independent: a
+/// consistent-hash key keeps going to the same provider (nothing from the previous call, such
+/// as the endpoint a retry would avoid, leaks into the next).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_retries_stay_sticky() {
+    let (ps, _faults) = providers(3).await;
+    let channel = GrpcChannel::builder("echo")
+        .balance(Balance::ConsistentHash)
+        .max_attempts(1)
+        .endpoints(ps.iter().map(|p| format!("http://{}", p.addr())))
+        .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    let mut servers = BTreeSet::new();
+    for i in 0..20 {
+        let mut req = request(&i.to_string());
+        req.extensions_mut().insert(HashKey::of("account-7"));
+        servers.insert(echo(&mut client, req).await.unwrap().server_id);
+    }
+    assert_eq!(servers.len(), 1, "{servers:?}");
+}

@@ -317,19 +317,24 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        // The service that was made ready takes this call (its first attempt and every replay:
+        // it may keep per-call state between attempts, e.g. the endpoint to avoid); a clone
+        // stays here for the next call, to be made ready then.
+        let fresh = self.inner.clone();
+        let mut service = std::mem::replace(&mut self.inner, fresh);
         let (mut parts, mut body) = req.into_parts();
         stamp_idempotency_key(&mut parts.headers, &parts.extensions);
         self.policy.budget.deposit();
         if self.policy.max_attempts <= 1 {
             // Never retried: the body goes as it is, unbuffered.
             let req = http::Request::from_parts(parts, ReplayBody::once(body));
-            return ResponseFuture::once(self.inner.call(req));
+            return ResponseFuture::once(service.call(req));
         }
         let (data, trailers) = match collect(&mut body, self.policy.max_replay_body) {
             Collected::Whole { data, trailers } => (data, trailers),
             partial => {
                 let req = http::Request::from_parts(parts, partial.into_body(body));
-                return ResponseFuture::once(self.inner.call(req));
+                return ResponseFuture::once(service.call(req));
             }
         };
         drop(body);
@@ -342,11 +347,6 @@ where
             trailers.clone(),
         );
         let req = http::Request::from_parts(parts, ReplayBody::buffered(data, trailers));
-        // The service that was made ready takes the first attempt and every replay (it may keep
-        // per-call state between attempts, e.g. the endpoint to avoid); a clone stays here for
-        // the next call, to be made ready then.
-        let fresh = self.inner.clone();
-        let mut service = std::mem::replace(&mut self.inner, fresh);
         let fut = service.call(req);
         ResponseFuture::retrying(
             fut,
