@@ -89,20 +89,72 @@ pub(crate) fn https_connector(
     })
 }
 
-/// `scheme` and `host:port` of an instance (IPv6 hosts bracketed).
-pub(crate) fn origin(instance: &ServiceInstance) -> Result<(Scheme, Authority), BoxError> {
+/// Where an instance is reached.
+pub(crate) struct Origin {
+    pub(crate) scheme: Scheme,
+    /// `host:port` (IPv6 hosts bracketed).
+    pub(crate) authority: Authority,
+    /// `scheme://authority/`, what the connector dials.
+    pub(crate) target: Uri,
+}
+
+/// The [`Origin`] of an instance.
+pub(crate) fn origin(instance: &ServiceInstance) -> Result<Origin, BoxError> {
     let scheme = if instance.tls {
         Scheme::HTTPS
     } else {
         Scheme::HTTP
     };
     let host = &instance.endpoint.host;
-    let authority = if host.contains(':') {
+    let authority: Authority = if host.contains(':') {
         format!("[{host}]:{}", instance.endpoint.port)
     } else {
         format!("{host}:{}", instance.endpoint.port)
-    };
-    Ok((scheme, authority.parse()?))
+    }
+    .parse()?;
+    let target = Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query("/")
+        .build()?;
+    Ok(Origin {
+        scheme,
+        authority,
+        target,
+    })
+}
+
+/// Runs `dial` (connect and handshake) to `target` within `timeout`; a failure comes back as
+/// the message that names the target and the cause.
+pub(crate) async fn dial_within<T>(
+    target: &Uri,
+    timeout: Duration,
+    dial: impl Future<Output = Result<T, BoxError>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout, dial).await {
+        Ok(Ok(connected)) => Ok(connected),
+        Ok(Err(error)) => Err(format!(
+            "connecting to {target} failed: {}",
+            chain(error.as_ref())
+        )),
+        Err(_) => Err(format!(
+            "connecting to {target} timed out after {timeout:?}"
+        )),
+    }
+}
+
+/// Spawns hyper's task for one connection to `target`, logging how it ended (`protocol` names
+/// it in the log).
+pub(crate) fn drive<F>(target: &Uri, protocol: &'static str, connection: F)
+where
+    F: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    let target = target.clone();
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%target, %error, "{protocol} connection ended");
+        }
+    });
 }
 
 /// The `user-agent` of Keel's gRPC calls (unless the caller set one).
@@ -180,7 +232,7 @@ pub(crate) struct GrpcConn(Arc<Inner>);
 struct Inner {
     scheme: Scheme,
     authority: Authority,
-    /// `scheme://authority`, what the connector dials.
+    /// `scheme://authority/`, what the connector dials.
     target: Uri,
     connector: Https,
     connect_timeout: Duration,
@@ -207,12 +259,11 @@ impl GrpcConn {
         connector: Https,
         connect_timeout: Duration,
     ) -> Result<Self, BoxError> {
-        let (scheme, authority) = origin(instance)?;
-        let target = Uri::builder()
-            .scheme(scheme.clone())
-            .authority(authority.clone())
-            .path_and_query("/")
-            .build()?;
+        let Origin {
+            scheme,
+            authority,
+            target,
+        } = origin(instance)?;
         Ok(Self(Arc::new(Inner {
             scheme,
             authority,
@@ -248,20 +299,12 @@ impl GrpcConn {
             // The dial this call waited for failed: fail with it rather than dial again.
             return Err(unavailable(error));
         }
-        match tokio::time::timeout(self.0.connect_timeout, self.dial()).await {
-            Ok(Ok(sender)) => {
+        match dial_within(&self.0.target, self.0.connect_timeout, self.dial()).await {
+            Ok(sender) => {
                 *self.0.open.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
                 Ok(sender)
             }
-            Ok(Err(error)) => Err(self.failed(format!(
-                "connecting to {} failed: {}",
-                self.0.target,
-                chain(error.as_ref())
-            ))),
-            Err(_) => Err(self.failed(format!(
-                "connecting to {} timed out after {:?}",
-                self.0.target, self.0.connect_timeout
-            ))),
+            Err(message) => Err(self.failed(message)),
         }
     }
 
@@ -285,12 +328,7 @@ impl GrpcConn {
         let (sender, connection) = hyper::client::conn::http2::Builder::new(BoxingExecutor)
             .handshake(io)
             .await?;
-        let target = self.0.target.clone();
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%target, %error, "HTTP/2 connection ended");
-            }
-        });
+        drive(&self.0.target, "HTTP/2", connection);
         Ok(sender)
     }
 
@@ -327,7 +365,7 @@ fn unavailable(message: String) -> BoxError {
 }
 
 /// `error` and its sources, `: `-separated.
-pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut out = error.to_string();
     let mut next = error.source();
     while let Some(err) = next {

@@ -34,7 +34,7 @@ use keel_core::ServiceInstance;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use crate::conn::{Https, chain, connect_io, origin};
+use crate::conn::{Https, Origin, connect_io, dial_within, drive, origin};
 
 /// An idle connection is not reused after this long (hyper-util's default pool timeout).
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -90,7 +90,11 @@ where
         connect_timeout: Duration,
         prefix: Arc<str>,
     ) -> Result<Self, BoxError> {
-        let (scheme, authority) = origin(instance)?;
+        let Origin {
+            scheme,
+            authority,
+            target,
+        } = origin(instance)?;
         let default_port = if scheme == http::uri::Scheme::HTTPS {
             443
         } else {
@@ -100,11 +104,6 @@ where
             Some(port) if port != default_port => HeaderValue::from_str(authority.as_str())?,
             _ => HeaderValue::from_str(authority.host())?,
         };
-        let target = Uri::builder()
-            .scheme(scheme)
-            .authority(authority)
-            .path_and_query("/")
-            .build()?;
         Ok(Self(Arc::new(Pool {
             target,
             host,
@@ -131,26 +130,12 @@ where
         let dial = async {
             let io = connect_io(&self.0.connector, &self.0.target).await?;
             let (sender, connection) = hyper::client::conn::http1::handshake(io).await?;
-            let target = self.0.target.clone();
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%target, %error, "HTTP/1.1 connection ended");
-                }
-            });
+            drive(&self.0.target, "HTTP/1.1", connection);
             Ok::<_, BoxError>(sender)
         };
-        match tokio::time::timeout(self.0.connect_timeout, dial).await {
-            Ok(Ok(sender)) => Ok(sender),
-            Ok(Err(error)) => Err(not_sent(format!(
-                "connecting to {} failed: {}",
-                self.0.target,
-                chain(error.as_ref())
-            ))),
-            Err(_) => Err(not_sent(format!(
-                "connecting to {} timed out after {:?}",
-                self.0.target, self.0.connect_timeout
-            ))),
-        }
+        dial_within(&self.0.target, self.0.connect_timeout, dial)
+            .await
+            .map_err(not_sent)
     }
 
     /// The request's URI in origin form (`/path?query`, behind the gateway prefix if any), and
