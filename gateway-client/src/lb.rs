@@ -154,21 +154,14 @@ where
                 if let Admit::Ready(mut cb) = admit(&self.set, &snap.endpoints[i], &mut cx) {
                     let ep = Arc::clone(&snap.endpoints[i]);
                     self.last_uid = ep.uid;
-                    if let Some(slot) = &self.slot {
-                        slot.store(ep.uid, Ordering::Relaxed);
-                    }
-                    let fut = dispatch(&mut cb, &ep, req, self.wire);
-                    let start_ns = self.set.now_ns();
+                    let phase =
+                        dispatch(&mut cb, ep, req, self.wire, &self.set, self.slot.as_deref());
                     return ResponseFuture {
                         set: Arc::clone(&self.set),
                         snap,
                         wire: self.wire,
                         avoid: None,
-                        phase: Phase::Called {
-                            fut,
-                            guard: LoadGuard(ep),
-                            start_ns,
-                        },
+                        phase,
                     };
                 }
             }
@@ -245,7 +238,7 @@ where
         let mut this = self.project();
         let set: &Set<C> = this.set;
         loop {
-            let (fut, ep) = match this.phase.as_mut().project() {
+            let called = match this.phase.as_mut().project() {
                 StateProj::Called {
                     fut,
                     guard,
@@ -277,11 +270,14 @@ where
                     let Some(req) = req.take() else {
                         return Poll::Ready(Err("request already sent".into()));
                     };
-                    let ep = Arc::clone(ep);
-                    if let Some(slot) = this.avoid.as_ref() {
-                        slot.store(ep.uid, Ordering::Relaxed);
-                    }
-                    (dispatch(cb, &ep, req, *this.wire), ep)
+                    dispatch(
+                        cb,
+                        Arc::clone(ep),
+                        req,
+                        *this.wire,
+                        set,
+                        this.avoid.as_deref(),
+                    )
                 }
                 StateProj::Pick { req } => {
                     let Some(request) = req.take() else {
@@ -310,13 +306,14 @@ where
                         }
                     }
                     match (chosen, busy) {
-                        (Some((mut cb, i)), _) => {
-                            let ep = Arc::clone(&snap.endpoints[i]);
-                            if let Some(slot) = this.avoid.as_ref() {
-                                slot.store(ep.uid, Ordering::Relaxed);
-                            }
-                            (dispatch(&mut cb, &ep, request, *this.wire), ep)
-                        }
+                        (Some((mut cb, i)), _) => dispatch(
+                            &mut cb,
+                            Arc::clone(&snap.endpoints[i]),
+                            request,
+                            *this.wire,
+                            set,
+                            this.avoid.as_deref(),
+                        ),
                         (None, Some((cb, idx))) => {
                             this.phase.set(Phase::Waiting {
                                 cb,
@@ -329,28 +326,35 @@ where
                     }
                 }
             };
-            let start_ns = set.now_ns();
-            let guard = LoadGuard(ep);
-            this.phase.set(Phase::Called {
-                fut,
-                guard,
-                start_ns,
-            });
+            this.phase.set(called);
         }
     }
 }
 
+/// Sends `req` to `ep` through its breaker `cb`, records the endpoint in `record` (where the
+/// call's next attempt looks for the endpoint to avoid), and returns the phase that awaits the
+/// response.
 fn dispatch<C, B, W, ResB>(
     cb: &mut CircuitBreaker<C, DefaultClassifier>,
-    ep: &EndpointState<C>,
+    ep: Arc<EndpointState<C>>,
     req: http::Request<ReplayBody<B>>,
     wire: fn(ReplayBody<B>) -> W,
-) -> Called<C, W>
+    set: &Set<C>,
+    record: Option<&AtomicU64>,
+) -> Phase<C, B, W>
 where
     C: Service<http::Request<W>, Response = http::Response<ResB>> + Clone,
     C::Error: Into<BoxError>,
 {
+    if let Some(record) = record {
+        record.store(ep.uid, Ordering::Relaxed);
+    }
     ep.calls.fetch_add(1, Ordering::Relaxed);
     ep.load.start();
-    cb.call(req.map(wire))
+    let fut = cb.call(req.map(wire));
+    Phase::Called {
+        fut,
+        start_ns: set.now_ns(),
+        guard: LoadGuard(ep),
+    }
 }
