@@ -10,7 +10,7 @@ use http::{HeaderMap, Method};
 use http_body_util::{BodyExt, Full};
 use keel_breaker::bulkhead::Bulkhead;
 use keel_breaker::deadline::{Deadline, DeadlineLayer, DeadlineService, Protocol};
-use keel_breaker::request::{IdempotencyKey, Idempotent, is_replay_safe};
+use keel_breaker::request::{IdempotencyKey, Idempotent};
 use keel_breaker::retry::{ReplayBody, Retry};
 use keel_core::ServiceInstance;
 use keel_registry::Registry;
@@ -470,9 +470,9 @@ impl RestRequest {
                 KeyValue::new("peer.service", span::shared(&shared.service)),
             ]
         });
-        let replay_safe =
-            method.is_idempotent() || is_replay_safe(&parts.headers, &parts.extensions);
-        if replay_safe && parts.extensions.get::<Idempotent>().is_none() {
+        // GET, PUT, DELETE… may be replayed by HTTP semantics; a key or marker the call carries
+        // the retry layer sees itself.
+        if method.is_idempotent() && parts.extensions.get::<Idempotent>().is_none() {
             parts.extensions.insert(Idempotent);
         }
         let start = Instant::now();
