@@ -235,22 +235,17 @@ pub(crate) struct Template {
 
 impl Template {
     /// Keeps what to replay of `parts` (whose body is `data` and `trailers`, buffered): a copy
-    /// of the head, and the extensions themselves when `copy` says what attempts carry (`parts`
-    /// is left with that), else a clone of them.
+    /// of the head, and the call's own extensions (`parts` is left with what an attempt carries,
+    /// see [`attempt_extensions`]).
     fn new(
         parts: &mut http::request::Parts,
         copy: Option<CopyExtensions>,
         data: Bytes,
         trailers: Option<Box<http::HeaderMap>>,
     ) -> Self {
-        let extensions = match copy {
-            Some(copy) => {
-                let mut attempt = http::Extensions::new();
-                copy(&parts.extensions, &mut attempt);
-                std::mem::replace(&mut parts.extensions, attempt)
-            }
-            None => parts.extensions.clone(),
-        };
+        // The call's own extensions stay here; the first attempt gets what every attempt gets.
+        let first = attempt_extensions(&parts.extensions, copy);
+        let extensions = std::mem::replace(&mut parts.extensions, first);
         Self {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
@@ -268,17 +263,6 @@ impl Template {
 
     /// What one attempt carries of the call's extensions (`copy`: the policy's
     /// [`attempt_extensions`](RetryPolicy::attempt_extensions)).
-    fn attempt_extensions(&self, copy: Option<CopyExtensions>) -> http::Extensions {
-        match copy {
-            Some(copy) => {
-                let mut attempt = http::Extensions::new();
-                copy(&self.extensions, &mut attempt);
-                attempt
-            }
-            None => self.extensions.clone(),
-        }
-    }
-
     fn build<B>(
         &self,
         copy: Option<CopyExtensions>,
@@ -292,11 +276,24 @@ impl Template {
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers.clone();
-        *req.extensions_mut() = self.attempt_extensions(copy);
+        *req.extensions_mut() = attempt_extensions(&self.extensions, copy);
         if let Some(deadline) = deadline {
             crate::deadline::restamp(req.headers_mut(), deadline);
         }
         req
+    }
+}
+
+/// What one attempt carries of the call's extensions `from`: what `copy` (the policy's
+/// [`attempt_extensions`](RetryPolicy::attempt_extensions)) copies, else a clone of them all.
+fn attempt_extensions(from: &http::Extensions, copy: Option<CopyExtensions>) -> http::Extensions {
+    match copy {
+        Some(copy) => {
+            let mut attempt = http::Extensions::new();
+            copy(from, &mut attempt);
+            attempt
+        }
+        None => from.clone(),
     }
 }
 
