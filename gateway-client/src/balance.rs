@@ -21,7 +21,7 @@
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use keel_breaker::breaker::{Breaker, CircuitBreakerLayer, Mode};
@@ -156,6 +156,11 @@ impl Load {
 }
 
 /// One endpoint: its instance, connection, breaker and load.
+///
+/// Cache-line aligned, so that the `Arc`'s reference counts sit on a line of their own: every
+/// snapshot rebuild clones each endpoint's `Arc` (on discovery's thread), and that must not evict
+/// the fields every pick reads from the calling threads' caches.
+#[repr(align(64))]
 pub(crate) struct EndpointState<C> {
     pub(crate) uid: u64,
     pub(crate) instance: ServiceInstance,
@@ -185,42 +190,59 @@ impl<C> fmt::Debug for EndpointState<C> {
 /// A group of endpoints to pick from (all, or those of the local zone).
 #[derive(Debug, Default)]
 struct Pool {
-    members: Vec<u32>,
+    /// The members' indices in the snapshot; `None` for all of them (no array to read per pick).
+    members: Option<Vec<u32>>,
+    len: usize,
     cumulative: Vec<u64>,
     ring: Vec<(u64, u32)>,
 }
 
 impl Pool {
+    /// A pool of the endpoints at `members`, or of all `endpoints` when `None`.
     fn build<C>(
         endpoints: &[Arc<EndpointState<C>>],
-        members: Vec<u32>,
+        members: Option<Vec<u32>>,
         config: &BalanceConfig,
     ) -> Self {
-        let mut cumulative = Vec::new();
-        let mut ring = Vec::new();
+        let len = members.as_ref().map_or(endpoints.len(), Vec::len);
+        let mut pool = Self {
+            members,
+            len,
+            cumulative: Vec::new(),
+            ring: Vec::new(),
+        };
         match config.balance {
             Balance::Weighted => {
                 let mut total = 0u64;
-                for &m in &members {
-                    total += endpoints[m as usize].weight;
-                    cumulative.push(total);
+                for i in 0..len {
+                    total += endpoints[pool.member(i)].weight;
+                    pool.cumulative.push(total);
                 }
             }
             Balance::ConsistentHash => {
-                for &m in &members {
-                    let id = &endpoints[m as usize].instance.id;
+                for i in 0..len {
+                    let m = pool.member(i);
+                    let id = &endpoints[m].instance.id;
                     for v in 0..config.vnodes {
-                        ring.push((HashKey::of(&(id.as_str(), v)).0, m));
+                        pool.ring.push((HashKey::of(&(id.as_str(), v)).0, m as u32));
                     }
                 }
-                ring.sort_unstable();
+                pool.ring.sort_unstable();
             }
             Balance::P2c | Balance::RoundRobin => {}
         }
-        Self {
-            members,
-            cumulative,
-            ring,
+        pool
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The snapshot index of the `i`-th member.
+    fn member(&self, i: usize) -> usize {
+        match &self.members {
+            Some(m) => m[i] as usize,
+            None => i,
         }
     }
 }
@@ -242,11 +264,8 @@ impl<C> fmt::Debug for Snapshot<C> {
 
 impl<C> Snapshot<C> {
     pub(crate) fn build(endpoints: Vec<Arc<EndpointState<C>>>, config: &BalanceConfig) -> Self {
-        let ids = (0..endpoints.len() as u32).collect::<Vec<_>>();
         let local = config.zone.as_ref().map(|zone| {
-            let members = ids
-                .iter()
-                .copied()
+            let members = (0..endpoints.len() as u32)
                 .filter(|&i| {
                     endpoints[i as usize]
                         .instance
@@ -256,9 +275,9 @@ impl<C> Snapshot<C> {
                         == Some(zone.as_str())
                 })
                 .collect();
-            Pool::build(&endpoints, members, config)
+            Pool::build(&endpoints, Some(members), config)
         });
-        let all = Pool::build(&endpoints, ids, config);
+        let all = Pool::build(&endpoints, None, config);
         Self {
             endpoints,
             local,
@@ -275,6 +294,10 @@ pub(crate) struct Set<C> {
     rr: AtomicUsize,
     epoch: Instant,
     next_uid: AtomicU64,
+    /// Snapshots replaced but possibly still held by a balancer's cache or a call. Each is
+    /// dropped by a later [`Set::publish`] once nothing else holds it, so that dropping a large
+    /// snapshot (one reference count per endpoint) falls to discovery, never to a call.
+    retired: Mutex<Vec<Arc<Snapshot<C>>>>,
     /// Woken whenever a snapshot is published.
     pub(crate) changed: tokio::sync::watch::Sender<u64>,
 }
@@ -297,6 +320,7 @@ impl<C> Set<C> {
             rr: AtomicUsize::new(0),
             epoch: Instant::now(),
             next_uid: AtomicU64::new(1),
+            retired: Mutex::new(Vec::new()),
             changed: tokio::sync::watch::channel(0).0,
         }
     }
@@ -337,12 +361,20 @@ impl<C> Set<C> {
         })
     }
 
-    /// Publishes a new endpoint list.
+    /// Publishes a new endpoint list, and drops the replaced snapshots nothing holds any more.
     pub(crate) fn publish(&self, endpoints: Vec<Arc<EndpointState<C>>>) {
         let snapshot = Arc::new(Snapshot::build(endpoints, &self.config));
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = snapshot;
+        let old = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(PoisonError::into_inner),
+            snapshot,
+        );
         let v = self.version.fetch_add(1, Ordering::AcqRel) + 1;
         self.changed.send_replace(v);
+        let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        retired.push(old);
+        // A count of 1 is the list's own reference: no other holder is left to clone it from
+        // (the snapshot is no longer current), so it is dropped here.
+        retired.retain(|s| Arc::strong_count(s) > 1);
     }
 
     /// The current snapshot, refreshing `cache` only when the version moved.
@@ -383,7 +415,7 @@ impl<C> Set<C> {
             snap,
             key,
             avoid,
-            pool: if snap.local.as_ref().is_some_and(|p| !p.members.is_empty()) {
+            pool: if snap.local.as_ref().is_some_and(|p| p.len() > 0) {
                 0
             } else {
                 1
@@ -421,13 +453,13 @@ impl<'a, C> Candidates<'a, C> {
     }
 
     fn first(&mut self, pool: &Pool) -> Option<usize> {
-        let n = pool.members.len();
+        let n = pool.len();
         let set = self.set;
         match set.config.balance {
             Balance::P2c => {
                 self.start = rand::random_range(0..n);
                 if n == 1 {
-                    return Some(pool.members[0] as usize);
+                    return Some(pool.member(0));
                 }
                 let a = self.start;
                 let mut b = rand::random_range(0..n - 1);
@@ -435,8 +467,8 @@ impl<'a, C> Candidates<'a, C> {
                     b += 1;
                 }
                 let (ea, eb) = (
-                    &self.snap.endpoints[pool.members[a] as usize],
-                    &self.snap.endpoints[pool.members[b] as usize],
+                    &self.snap.endpoints[pool.member(a)],
+                    &self.snap.endpoints[pool.member(b)],
                 );
                 let now = if set.config.warm_up.is_zero() {
                     0
@@ -459,11 +491,11 @@ impl<'a, C> Candidates<'a, C> {
                 };
                 // If the pick is refused, scan from a random place, not from beside it.
                 self.start = rand::random_range(0..n);
-                Some(pool.members[pick] as usize)
+                Some(pool.member(pick))
             }
             Balance::RoundRobin => {
                 self.start = set.rr.fetch_add(1, Ordering::Relaxed) % n;
-                Some(pool.members[self.start] as usize)
+                Some(pool.member(self.start))
             }
             Balance::Weighted => {
                 let total = pool.cumulative.last().copied().unwrap_or(0).max(1);
@@ -476,7 +508,7 @@ impl<'a, C> Candidates<'a, C> {
                 for _ in 0..4 {
                     let r = rand::random_range(0..total);
                     idx = pool.cumulative.partition_point(|c| *c <= r).min(n - 1);
-                    let ep = &self.snap.endpoints[pool.members[idx] as usize];
+                    let ep = &self.snap.endpoints[pool.member(idx)];
                     if set.warm_factor(ep, now) >= 1.0
                         || rand::random::<f64>() < set.warm_factor(ep, now)
                     {
@@ -484,7 +516,7 @@ impl<'a, C> Candidates<'a, C> {
                     }
                 }
                 self.start = idx;
-                Some(pool.members[idx] as usize)
+                Some(pool.member(idx))
             }
             Balance::ConsistentHash => match self.key {
                 Some(HashKey(k)) if !pool.ring.is_empty() => {
@@ -493,7 +525,7 @@ impl<'a, C> Candidates<'a, C> {
                 }
                 _ => {
                     self.start = rand::random_range(0..n);
-                    Some(pool.members[self.start] as usize)
+                    Some(pool.member(self.start))
                 }
             },
         }
@@ -512,7 +544,7 @@ impl<C> Iterator for Candidates<'_, C> {
                 }
                 return None;
             };
-            let n = pool.members.len();
+            let n = pool.len();
             if n == 0 {
                 self.pool += 1;
                 self.step = 0;
@@ -528,7 +560,7 @@ impl<C> Iterator for Candidates<'_, C> {
             } else if hashed && step < pool.ring.len() {
                 Some(pool.ring[(self.start + step) % pool.ring.len()].1 as usize)
             } else if !hashed && step <= n {
-                Some(pool.members[(self.start + step) % n] as usize)
+                Some(pool.member((self.start + step) % n))
             } else {
                 self.pool += 1;
                 self.step = 0;
@@ -584,6 +616,27 @@ mod tests {
             *out.entry(first_pick(set, None, 0)).or_default() += 1;
         }
         out
+    }
+
+    /// A replaced snapshot is never dropped by a balancer refreshing its cache (for a large set
+    /// that is one reference count per endpoint, on a call's path): the next publish drops it.
+    #[test]
+    fn replaced_snapshots_are_dropped_by_a_later_publish() {
+        let s = set(Balance::P2c, Duration::ZERO);
+        let (a, b) = (add(&s, "a", None), add(&s, "b", None));
+        s.publish(vec![a.clone()]);
+        let mut cache = None;
+        drop(s.load(&mut cache));
+        assert_eq!(Arc::strong_count(&a), 2, "the test's, the snapshot's");
+        s.publish(vec![b.clone()]);
+        drop(s.load(&mut cache));
+        assert_eq!(
+            Arc::strong_count(&a),
+            2,
+            "the cache let go, the retired snapshot still holds it"
+        );
+        s.publish(vec![b.clone()]);
+        assert_eq!(Arc::strong_count(&a), 1, "dropped by the publish");
     }
 
     #[test]

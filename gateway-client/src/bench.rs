@@ -37,6 +37,10 @@ impl Service<http::Request<()>> for NoConn {
     }
 }
 
+impl crate::discovery::Retire for NoConn {
+    fn retire(&self) {}
+}
+
 /// Picks endpoints as the balancer does; one per thread (clones share the set).
 #[derive(Clone)]
 pub struct Picker {

@@ -7,12 +7,15 @@
 //! `tonic::transport::Channel` has, so a call costs one task hop less. The first call dials;
 //! calls arriving meanwhile wait for that dial instead of starting their own, and when it fails
 //! they fail with it ([`NotSent`], `UNAVAILABLE`: retried elsewhere, counted by the endpoint's
-//! breaker). A closed connection (server gone, GOAWAY) is dialled again by the next call. The
-//! connection ends when the endpoint leaves discovery and its last in-flight call completes.
+//! breaker). A closed connection (server gone, GOAWAY) is dialled again by the next call. When the
+//! endpoint leaves discovery the connection is retired: it is never dialled again, and it closes
+//! once its last in-flight call completes — even while a client clone that has been idle since
+//! still holds the old endpoint list.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,6 +32,7 @@ use keel_core::ServiceInstance;
 use tonic::body::Body;
 use tower_service::Service;
 
+use crate::discovery::Retire;
 use crate::error::Error;
 use crate::options::TlsConfig;
 
@@ -242,6 +246,8 @@ struct Inner {
     dialling: tokio::sync::Mutex<()>,
     /// Dials that failed so far, and the last one's error.
     failures: Mutex<(u64, String)>,
+    /// Set when the endpoint left discovery: no more dials.
+    retired: AtomicBool,
 }
 
 impl fmt::Debug for GrpcConn {
@@ -273,6 +279,7 @@ impl GrpcConn {
             open: Mutex::new(None),
             dialling: tokio::sync::Mutex::new(()),
             failures: Mutex::new((0, String::new())),
+            retired: AtomicBool::new(false),
         })))
     }
 
@@ -299,9 +306,16 @@ impl GrpcConn {
             // The dial this call waited for failed: fail with it rather than dial again.
             return Err(unavailable(error));
         }
+        if self.0.retired.load(Ordering::Acquire) {
+            return Err(unavailable(format!("{} left discovery", self.0.target)));
+        }
         match dial_within(&self.0.target, self.0.connect_timeout, self.dial()).await {
             Ok(sender) => {
-                *self.0.open.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
+                let mut open = self.0.open.lock().unwrap_or_else(PoisonError::into_inner);
+                // Retired meanwhile: this call uses the connection, nobody keeps it.
+                if !self.0.retired.load(Ordering::Acquire) {
+                    *open = Some(sender.clone());
+                }
                 Ok(sender)
             }
             Err(message) => Err(self.failed(message)),
@@ -356,6 +370,16 @@ impl GrpcConn {
             )));
         }
         Ok(sender.send_request(req).await?)
+    }
+}
+
+impl Retire for GrpcConn {
+    /// The endpoint left discovery: drop the shared handle, so the connection closes when the
+    /// calls in flight on it are done, and dial no more.
+    fn retire(&self) {
+        let mut open = self.0.open.lock().unwrap_or_else(PoisonError::into_inner);
+        self.0.retired.store(true, Ordering::Release);
+        open.take();
     }
 }
 

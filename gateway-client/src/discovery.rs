@@ -20,6 +20,14 @@ use crate::balance::{EndpointState, Set};
 /// Builds the connection to one instance.
 pub(crate) type Connect<C> = Arc<dyn Fn(&ServiceInstance) -> Result<C, BoxError> + Send + Sync>;
 
+/// A connection to one instance, told when the instance leaves discovery.
+pub(crate) trait Retire {
+    /// The instance left: close what is idle, dial no more, and let the calls in flight finish.
+    /// (Old endpoint lists may keep the endpoint itself alive a while; its connections do not
+    /// wait for that.)
+    fn retire(&self);
+}
+
 /// What the endpoint set needs to add an instance.
 pub(crate) struct Factory<C> {
     pub(crate) connect: Connect<C>,
@@ -42,7 +50,7 @@ pub(crate) struct Members<C> {
     by_id: BTreeMap<String, Arc<EndpointState<C>>>,
 }
 
-impl<C> Members<C> {
+impl<C: Retire> Members<C> {
     pub(crate) fn new(set: Arc<Set<C>>, factory: Factory<C>) -> Self {
         Self {
             set,
@@ -80,13 +88,13 @@ impl<C> Members<C> {
         if let Some(ep) = self.make(instance)
             && let Some(old) = self.by_id.insert(ep.instance.id.clone(), ep)
         {
-            old.removed.store(true, Ordering::Relaxed);
+            retire(&old);
         }
     }
 
     fn remove(&mut self, id: &str) {
         if let Some(old) = self.by_id.remove(id) {
-            old.removed.store(true, Ordering::Relaxed);
+            retire(&old);
         }
     }
 
@@ -121,9 +129,15 @@ impl<C> Members<C> {
 
     fn close(&mut self) {
         for ep in self.by_id.values() {
-            ep.removed.store(true, Ordering::Relaxed);
+            retire(ep);
         }
     }
+}
+
+/// Marks `ep` removed (balancers skip it) and retires its connection.
+fn retire<C: Retire>(ep: &EndpointState<C>) {
+    ep.removed.store(true, Ordering::Relaxed);
+    ep.conn.retire();
 }
 
 /// The discovery task of a client built from a registry watch: a future to spawn (e.g.
@@ -145,7 +159,7 @@ impl fmt::Debug for Discovery {
 }
 
 impl Discovery {
-    pub(crate) fn new<C: Send + Sync + 'static>(
+    pub(crate) fn new<C: Retire + Send + Sync + 'static>(
         mut members: Members<C>,
         mut watch: Watch,
         mut closed: oneshot::Receiver<()>,

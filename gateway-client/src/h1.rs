@@ -12,8 +12,8 @@
 //! closed before anything was written is sent on another one (it was [`NotSent`]). A failed dial
 //! is `NotSent` as well, so the retry layer may try another endpoint and the endpoint's breaker
 //! counts it. Connections left idle longer than [`IDLE_TIMEOUT`] are not reused; at most
-//! [`MAX_IDLE`] are kept. Everything closes when the endpoint leaves discovery and its last call
-//! completes.
+//! [`MAX_IDLE`] are kept. When the endpoint leaves discovery the pool is retired: idle
+//! connections close at once, busy ones when their call completes, and nothing is dialled again.
 
 use std::fmt;
 use std::future::Future;
@@ -35,6 +35,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::conn::{Https, Origin, connect_io, dial_within, drive, origin};
+use crate::discovery::Retire;
 
 /// An idle connection is not reused after this long (hyper-util's default pool timeout).
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -60,8 +61,8 @@ struct Pool<B> {
     prefix: Arc<str>,
     connector: Https,
     connect_timeout: Duration,
-    /// Idle connections, the most recently used last.
-    idle: Mutex<Vec<Idle<B>>>,
+    /// Idle connections, the most recently used last; `None` once retired.
+    idle: Mutex<Option<Vec<Idle<B>>>>,
 }
 
 struct Idle<B> {
@@ -110,19 +111,23 @@ where
             prefix,
             connector,
             connect_timeout,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(Some(Vec::new())),
         })))
     }
 
-    /// The most recently used idle connection that is still open and not too old.
-    fn checkout(&self) -> Option<SendRequest<B>> {
+    /// The most recently used idle connection that is still open and not too old; an error
+    /// once the pool is retired.
+    fn checkout(&self) -> Result<Option<SendRequest<B>>, BoxError> {
         let mut idle = self.0.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(idle) = idle.as_mut() else {
+            return Err(not_sent(format!("{} left discovery", self.0.target)));
+        };
         while let Some(conn) = idle.pop() {
             if !conn.sender.is_closed() && conn.since.elapsed() < IDLE_TIMEOUT {
-                return Some(conn.sender);
+                return Ok(Some(conn.sender));
             }
         }
-        None
+        Ok(None)
     }
 
     /// TCP (and TLS), then the HTTP/1.1 handshake; the connection's task is spawned here.
@@ -162,7 +167,7 @@ where
     async fn send(self, mut req: http::Request<B>) -> Result<http::Response<Body<B>>, BoxError> {
         self.prepare(&mut req)?;
         loop {
-            let (mut sender, reused) = match self.checkout() {
+            let (mut sender, reused) = match self.checkout()? {
                 Some(sender) => (sender, true),
                 None => (self.dial().await?, false),
             };
@@ -192,6 +197,20 @@ where
                 },
             }
         }
+    }
+}
+
+impl<B> Retire for RestConn<B> {
+    /// The endpoint left discovery: close the idle connections, keep none that comes back,
+    /// dial no more.
+    fn retire(&self) {
+        let idle = self
+            .0
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(idle);
     }
 }
 
@@ -236,7 +255,9 @@ impl<B> Slot<B> {
             .idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < MAX_IDLE {
+        if let Some(idle) = idle.as_mut()
+            && idle.len() < MAX_IDLE
+        {
             idle.push(Idle {
                 sender: self.sender,
                 since: Instant::now(),

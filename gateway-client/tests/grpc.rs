@@ -734,23 +734,82 @@ async fn connection_closes_when_the_instance_leaves_discovery() {
     .await
     .unwrap();
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    leaving.deregister().await.unwrap();
+    common::endpoints_become("the leaving instance is dropped", 1, || {
+        channel.endpoints().len()
+    })
+    .await;
+    // No call is needed to close it.
+    eventually("its connection is closed", Duration::from_secs(10), || {
+        let open = Arc::clone(&open);
+        async move { (open.load(Ordering::SeqCst) == 0).then_some(()) }
+    })
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        let reply = echo(&mut client.clone(), request("who")).await.unwrap();
+        assert_eq!(reply.server_id, "p-1");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "never dialled again");
+}
+
+/// A call in flight on an instance that leaves discovery finishes on its connection, and the
+/// connection closes right after it — although that call held the old endpoint list, which
+/// the client then keeps until its next membership change (so that dropping it never falls to
+/// a call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_finishes_and_then_its_departed_connection_closes() {
+    let (ps, _faults) = providers(1).await;
+    let (gated, gated_addr) = gated_server().await;
+    let (_root, registry, leaving, _staying, accepted, open) =
+        common::leaving_and_staying("echo", gated_addr, ps[0].addr()).await;
+    let channel = GrpcChannel::builder("echo")
+        .connect(&registry, Duration::from_secs(10))
+        .await
+        .unwrap();
+    common::endpoints_become("both instances discovered", 2, || channel.endpoints().len()).await;
+    let mut client = EchoClient::new(channel.clone());
+    // Calls until one is held in the gated (leaving) instance.
+    let held = tokio::spawn(async move {
+        loop {
+            let reply = echo(&mut client, request("held")).await?;
+            if reply.server_id == "gated" {
+                return Ok::<_, tonic::Status>(reply);
+            }
+        }
+    });
+    eventually(
+        "a call held in the leaving instance",
+        Duration::from_secs(10),
+        || async { (gated.entered.load(Ordering::Relaxed) == 1).then_some(()) },
+    )
+    .await
+    .unwrap();
 
     leaving.deregister().await.unwrap();
     common::endpoints_become("the leaving instance is dropped", 1, || {
         channel.endpoints().len()
     })
     .await;
+    assert_eq!(
+        open.load(Ordering::SeqCst),
+        1,
+        "the call in flight keeps it"
+    );
+    gated.gate.add_permits(1);
+    let reply = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.message, "held", "the call in flight completed");
     eventually("its connection is closed", Duration::from_secs(10), || {
-        let mut client = client.clone();
         let open = Arc::clone(&open);
-        async move {
-            let reply = echo(&mut client, request("who")).await.unwrap();
-            assert_eq!(reply.server_id, "p-1");
-            (open.load(Ordering::SeqCst) == 0).then_some(())
-        }
+        async move { (open.load(Ordering::SeqCst) == 0).then_some(()) }
     })
     .await
     .unwrap();
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
 
 /// A retry goes to another endpoint: with one of two providers failing every call
