@@ -132,9 +132,17 @@ fn check(m: &OutgoingMessage) -> Result<(), String> {
     Ok(())
 }
 
+/// The message's AMQP properties: persistent; the message id and content type as the native
+/// properties (not repeated in the headers table); the other headers, and the key, in the table
+/// (none at all when there are none).
 fn properties(m: &OutgoingMessage) -> BasicProperties {
     let mut table = FieldTable::default();
     for (k, v) in m.headers.iter() {
+        if k.eq_ignore_ascii_case(headers::MESSAGE_ID)
+            || k.eq_ignore_ascii_case(headers::CONTENT_TYPE)
+        {
+            continue;
+        }
         table.insert(
             k.into(),
             AMQPValue::LongString(LongString::from(v.to_vec())),
@@ -146,9 +154,10 @@ fn properties(m: &OutgoingMessage) -> BasicProperties {
             AMQPValue::LongString(LongString::from(key.clone())),
         );
     }
-    let mut props = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_headers(table);
+    let mut props = BasicProperties::default().with_delivery_mode(2);
+    if !table.inner().is_empty() {
+        props = props.with_headers(table);
+    }
     if let Some(id) = m.message_id() {
         props = props.with_message_id(ShortString::from(id));
     }
@@ -158,8 +167,16 @@ fn properties(m: &OutgoingMessage) -> BasicProperties {
     props
 }
 
+/// The delivery's headers table, with its `message_id` and `content_type` properties under
+/// Keel's header names.
 fn amqp_headers(d: &Delivery) -> Headers {
     let mut out = Headers::new();
+    if let Some(id) = d.properties.message_id() {
+        out.append(headers::MESSAGE_ID, id.as_str());
+    }
+    if let Some(ct) = d.properties.content_type() {
+        out.append(headers::CONTENT_TYPE, ct.as_str());
+    }
     if let Some(table) = d.properties.headers() {
         for (k, v) in table {
             match v {

@@ -2,11 +2,14 @@
 
 use opentelemetry::propagation::{Extractor, Injector};
 
-/// Header carrying the message id (a UUID unless the caller set one).
+/// Header carrying the message id (a UUID unless the caller set one). On RabbitMQ it travels as
+/// the native `message_id` property instead, and consumers see it under this name.
 pub const MESSAGE_ID: &str = "keel-message-id";
-/// Header carrying the idempotency key consumers de-duplicate on (the message id unless set).
+/// Header carrying the idempotency key consumers de-duplicate on. Sent only when the producer
+/// set a key of its own: otherwise the key is the message id.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
-/// Header carrying the payload's media type (e.g. `application/json`).
+/// Header carrying the payload's media type (e.g. `application/json`). On RabbitMQ it travels
+/// as the native `content_type` property instead, and consumers see it under this name.
 pub const CONTENT_TYPE: &str = "content-type";
 /// Header carrying the message key on RabbitMQ (where the routing key names the queue).
 pub const KEY: &str = "keel-key";

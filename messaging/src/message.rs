@@ -50,25 +50,30 @@ impl OutgoingMessage {
         self.headers.get_str(headers::MESSAGE_ID)
     }
 
-    /// Stamps the envelope: a message id and an idempotency key (the message id) when absent, and
-    /// the current W3C trace context when the headers carry none.
+    /// The idempotency key: the header when the caller set one, else the message id (once
+    /// stamped).
+    pub fn idempotency_key(&self) -> Option<&str> {
+        idempotency_key(&self.headers)
+    }
+
+    /// Stamps the envelope: a message id when absent, and the current W3C trace context when
+    /// the headers carry none. The idempotency key is not written: unless the caller set one, it
+    /// is the message id, and consumers read it so ([`Received::idempotency_key`]).
     pub(crate) fn stamp(&mut self) {
         if !self.headers.contains(headers::MESSAGE_ID) {
             let id = uuid::Uuid::new_v4().to_string();
             self.headers.insert(headers::MESSAGE_ID, id);
         }
-        if !self.headers.contains(headers::IDEMPOTENCY_KEY) {
-            let id = self
-                .headers
-                .get(headers::MESSAGE_ID)
-                .map(<[u8]>::to_vec)
-                .unwrap_or_default();
-            self.headers.insert(headers::IDEMPOTENCY_KEY, id);
-        }
         if !self.headers.contains(keel_core::propagation::TRACEPARENT) {
             keel_core::propagation::inject_current(&mut self.headers);
         }
     }
+}
+
+/// The `idempotency-key` header, else the message id.
+fn idempotency_key(h: &Headers) -> Option<&str> {
+    h.get_str(headers::IDEMPOTENCY_KEY)
+        .or_else(|| h.get_str(headers::MESSAGE_ID))
 }
 
 /// What the broker confirmed for one published message.
@@ -111,9 +116,10 @@ impl Received {
         self.headers.get_str(headers::MESSAGE_ID)
     }
 
-    /// The idempotency key header.
+    /// The key to de-duplicate on: the `idempotency-key` header when the producer set one, else
+    /// the message id (Keel sends the header only when the two differ).
     pub fn idempotency_key(&self) -> Option<&str> {
-        self.headers.get_str(headers::IDEMPOTENCY_KEY)
+        idempotency_key(&self.headers)
     }
 
     /// The W3C `traceparent` the producer sent.
@@ -131,5 +137,29 @@ impl Received {
     /// The producer's trace context, to continue its trace.
     pub fn trace_context(&self) -> opentelemetry::Context {
         keel_core::propagation::extract(&self.headers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_idempotency_key_is_the_message_id_unless_set() {
+        let mut m = OutgoingMessage::new("d", b"x".to_vec());
+        m.stamp();
+        let id = m.message_id().map(str::to_owned);
+        assert!(id.is_some());
+        assert_eq!(m.idempotency_key().map(str::to_owned), id);
+        assert!(
+            !m.headers.contains(headers::IDEMPOTENCY_KEY),
+            "not sent when it is the message id"
+        );
+
+        let mut m =
+            OutgoingMessage::new("d", b"x".to_vec()).with_header("Idempotency-Key", "pay-1");
+        m.stamp();
+        assert_eq!(m.idempotency_key(), Some("pay-1"));
+        assert_ne!(m.message_id(), Some("pay-1"));
     }
 }

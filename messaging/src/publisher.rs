@@ -79,7 +79,7 @@ enum Inner {
 /// is an error, not a silent drop.
 ///
 /// Every message gets Keel's envelope: a message id, an idempotency key (the message id unless
-/// set) and the current W3C trace context. Cloning is cheap and shares the connection.
+/// set; see [`crate::Received::idempotency_key`]) and the current W3C trace context. Cloning is cheap and shares the connection.
 #[derive(Debug, Clone)]
 pub struct Publisher {
     inner: Inner,

@@ -324,6 +324,131 @@ async fn trace_context_round_trips_and_envelope_is_stamped() {
     cleanup(&queue).await;
 }
 
+/// The envelope is on the wire once: the message id and the content type as AMQP's own
+/// properties (not repeated in the headers table), the idempotency key only when the producer
+/// set one — a bare message carries no headers table at all, so the broker has none to store.
+/// Consumers see all three under Keel's header names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_envelope_travels_once_in_native_properties() {
+    let queue = unique("keel-msg-wire");
+    let publisher = Publisher::connect(AMQP).await.unwrap();
+    let bare = publisher
+        .publish(&queue, None, b"{}".to_vec(), Headers::new())
+        .await
+        .unwrap();
+    let typed_publisher = keel_messaging::TypedPublisher::new(
+        publisher.clone(),
+        &queue,
+        Json::<serde_json::Value>::new(),
+    );
+    let typed_receipt = typed_publisher
+        .publisher()
+        .send(
+            typed_publisher
+                .message(
+                    Some(b"acct-9"),
+                    &serde_json::json!({"seq": 1}),
+                    Headers::new().with("idempotency-key", "pay-7"),
+                )
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let conn = Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = eventually("a message to get", WAIT, || {
+            let (ch, queue) = (ch.clone(), queue.clone());
+            async move {
+                ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+                    .await
+                    .ok()?
+            }
+        })
+        .await
+        .unwrap();
+        got.push(m.delivery.properties.clone());
+    }
+    let (first, second) = (&got[0], &got[1]);
+    assert_eq!(
+        first.message_id().as_ref().map(|s| s.as_str()),
+        Some(bare.message_id.as_str())
+    );
+    assert!(
+        first.headers().is_none(),
+        "a bare message has no headers table: {:?}",
+        first.headers()
+    );
+    assert_eq!(first.delivery_mode(), &Some(2), "persistent");
+    assert_eq!(
+        second.message_id().as_ref().map(|s| s.as_str()),
+        Some(typed_receipt.message_id.as_str())
+    );
+    assert_eq!(
+        second.content_type().as_ref().map(|s| s.as_str()),
+        Some("application/json")
+    );
+    let table = second.headers().as_ref().unwrap();
+    let mut names: Vec<&str> = table.inner().keys().map(|k| k.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["idempotency-key", "keel-key"],
+        "only what has no native property"
+    );
+
+    // Keel's consumer reads them back under its header names.
+    for m in [
+        OutgoingMessage::new(&queue, b"{}".to_vec()),
+        OutgoingMessage::new(&queue, b"{}".to_vec()).with_header("idempotency-key", "pay-8"),
+    ] {
+        publisher.send(m).await.unwrap();
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let handler = {
+        let seen = seen.clone();
+        move |m: Received| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push((
+                    m.message_id().map(str::to_owned),
+                    m.idempotency_key().map(str::to_owned),
+                ));
+                Ok::<(), HandlerError>(())
+            }
+        }
+    };
+    let stop = CancellationToken::new();
+    let consumer = Consumer::builder(AMQP, &queue, "g")
+        .unwrap()
+        .build()
+        .unwrap();
+    let run = tokio::spawn(consumer.run(handler, stop.clone().cancelled_owned()));
+    let seen = eventually("both handled", WAIT, || async {
+        let seen = seen.lock().unwrap().clone();
+        (seen.len() == 2).then_some(seen)
+    })
+    .await
+    .unwrap();
+    let (id, key) = &seen[0];
+    assert!(id.is_some());
+    assert_eq!(
+        key, id,
+        "no idempotency-key header: the key is the message id"
+    );
+    assert_eq!(seen[1].1.as_deref(), Some("pay-8"));
+    assert_ne!(seen[1].0.as_deref(), Some("pay-8"));
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    publisher.close().await.unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+    cleanup(&queue).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_that_cannot_be_confirmed_hands_the_message_back() {
     let queue = unique("keel-msg-closed");

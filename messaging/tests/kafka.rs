@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{Seen, WAIT, publish_all};
-use keel_messaging::headers::{DLQ_ATTEMPTS, DLQ_ERROR, DLQ_GROUP, DLQ_ORIGINAL_DESTINATION};
+use keel_messaging::headers::{
+    DLQ_ATTEMPTS, DLQ_ERROR, DLQ_GROUP, DLQ_ORIGINAL_DESTINATION, IDEMPOTENCY_KEY, MESSAGE_ID,
+};
 use keel_messaging::{
     Consumer, Headers, Json, OutgoingMessage, Publisher, Received, RetryPolicy, typed,
 };
@@ -157,6 +159,10 @@ async fn poison_dead_lettered_with_reason_trace_continues_others_flow() {
         h.get_str(DLQ_ERROR).unwrap().contains("cannot decode"),
         "{h:?}"
     );
+    // The envelope is on the wire once: the message id, and no `idempotency-key` header since
+    // the producer set none (the key is the message id).
+    assert!(h.get_str(MESSAGE_ID).is_some(), "{h:?}");
+    assert_eq!(h.get_str(IDEMPOTENCY_KEY), None, "{h:?}");
     stop.cancel();
     run.await.unwrap().unwrap();
     drop(reader);

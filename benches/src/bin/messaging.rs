@@ -7,12 +7,12 @@
 //! `enable.idempotence=true`, `linger.ms=5`, `message.timeout.ms=30000` — each on its own topic
 //! (4 partitions). A round publishes `D1_N` messages keyed `k{i % 16}` in chunks of 1 000, all of
 //! a chunk in flight before its delivery reports are awaited: raw `send_result` then the
-//! `DeliveryFuture`s; Keel `Publisher::send_batch` (which stamps the envelope: message id and
-//! idempotency key headers). Value: Keel msg/s ÷ raw msg/s. Bar 0.95, goal 0.98. Two rows per
-//! size: `D1-<size>` against bare raw records, `D1-<size>-env` against raw records carrying the
-//! same two headers as Keel's envelope (a fresh UUID each) — tansu stores every header as a row
-//! of its own, so the envelope by itself costs broker time; the `-env` row isolates Keel's
-//! client-side cost.
+//! `DeliveryFuture`s; Keel `Publisher::send_batch` (which stamps the envelope: a message id
+//! header, which is also the idempotency key). Value: Keel msg/s ÷ raw msg/s. Bar 0.95, goal
+//! 0.98. Two rows per size: `D1-<size>` against bare raw records, `D1-<size>-env` against raw
+//! records carrying the same header as Keel's envelope (a fresh UUID) — tansu stores every
+//! header as a row of its own, so the envelope by itself costs broker time; the `-env` row
+//! isolates Keel's client-side cost.
 //!
 //! # D2: Kafka consume, Keel (handler + commit) vs a raw consumer loop
 //! One topic (4 partitions) is filled once with `D2_N` messages of 100 B through Keel (so both arms
@@ -31,8 +31,8 @@
 //! likewise; Keel `send_batch` of 192). Value: Keel msg/s ÷ raw msg/s. Bar 0.95, goal 0.98.
 //! Confirms wait for RabbitMQ's disk writes, whose latency swings, so within each round the arms
 //! alternate every tenth of the round's messages rather than once per round. As in D1, the
-//! `-env` rows give the raw arm the same properties as Keel's envelope (two UUID headers and the
-//! `message_id` property), which RabbitMQ writes to disk with every persistent message.
+//! `-env` rows give the raw arm the same properties as Keel's envelope (a UUID `message_id`
+//! property; Keel sends no headers table for such a message).
 //!
 //! The brokers are on the same 2 cores as the clients: the ratios compare the two clients under
 //! the same broker cost, the absolute rates say more about tansu's sqlite storage than about
@@ -51,7 +51,7 @@ use keel_benches::{Comparison, Report, Row, interleave};
 use keel_testkit::services::{AMQP, KAFKA};
 use keel_testkit::unique;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::ShortString;
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
@@ -153,8 +153,8 @@ fn kafka_producer_config() -> ClientConfig {
     c
 }
 
-/// D1 with the raw arm sending bare records (`envelope` false) or records carrying the same two
-/// headers Keel's envelope adds (a fresh UUID as `keel-message-id` and `idempotency-key`).
+/// D1 with the raw arm sending bare records (`envelope` false) or records carrying the header
+/// Keel's envelope adds (a fresh UUID as `keel-message-id`; the idempotency key is that id).
 fn d1(rt: &Runtime, size: usize, envelope: bool) -> Result<Comparison> {
     let (raw_topic, keel_topic) = (unique("bench-d1-raw"), unique("bench-d1-keel"));
     let (raw, keel) = rt.block_on(async {
@@ -179,17 +179,11 @@ fn d1(rt: &Runtime, size: usize, envelope: bool) -> Result<Comparison> {
                         let mut record = FutureRecord::to(&raw_topic).payload(p).key(key);
                         if envelope {
                             let id = uuid::Uuid::new_v4().to_string();
-                            record = record.headers(
-                                OwnedHeaders::new_with_capacity(2)
-                                    .insert(Header {
-                                        key: headers::MESSAGE_ID,
-                                        value: Some(&id),
-                                    })
-                                    .insert(Header {
-                                        key: headers::IDEMPOTENCY_KEY,
-                                        value: Some(&id),
-                                    }),
-                            );
+                            record =
+                                record.headers(OwnedHeaders::new_with_capacity(1).insert(Header {
+                                    key: headers::MESSAGE_ID,
+                                    value: Some(&id),
+                                }));
                         }
                         pending.push(raw.send_result(record).map_err(|(e, _)| e)?);
                     }
@@ -330,8 +324,8 @@ async fn d2_keel(topic: &str) -> Result<f64> {
 // D4
 
 /// D4 with the raw arm publishing bare messages (`envelope` false) or messages with the same
-/// properties as Keel's (`keel-message-id` and `idempotency-key` headers and the `message_id`
-/// property, one fresh UUID each).
+/// properties as Keel's (a fresh UUID as the `message_id` property; no headers table, as Keel
+/// sends none for a message without key, trace context or headers of its own).
 fn d4(rt: &Runtime, window: usize, envelope: bool) -> Result<Comparison> {
     let n = if window == 1 { D4_N1 } else { D4_N192 };
     let (raw_queue, keel_queue) = (unique("bench-d4-raw"), unique("bench-d4-keel"));
@@ -362,16 +356,7 @@ fn d4(rt: &Runtime, window: usize, envelope: bool) -> Result<Comparison> {
                     let mut props = BasicProperties::default().with_delivery_mode(2);
                     if envelope {
                         let id = uuid::Uuid::new_v4().to_string();
-                        let mut table = FieldTable::default();
-                        for k in [headers::MESSAGE_ID, headers::IDEMPOTENCY_KEY] {
-                            table.insert(
-                                k.into(),
-                                AMQPValue::LongString(LongString::from(id.as_bytes().to_vec())),
-                            );
-                        }
-                        props = props
-                            .with_headers(table)
-                            .with_message_id(ShortString::from(id));
+                        props = props.with_message_id(ShortString::from(id));
                     }
                     pending.push(
                         channel
