@@ -457,12 +457,12 @@ impl<'a, C> Candidates<'a, C> {
         let set = self.set;
         match set.config.balance {
             Balance::P2c => {
-                self.start = rand::random_range(0..n);
+                self.start = fastrand::usize(0..n);
                 if n == 1 {
                     return Some(pool.member(0));
                 }
                 let a = self.start;
-                let mut b = rand::random_range(0..n - 1);
+                let mut b = fastrand::usize(0..n - 1);
                 if b >= a {
                     b += 1;
                 }
@@ -490,7 +490,7 @@ impl<'a, C> Candidates<'a, C> {
                     b
                 };
                 // If the pick is refused, scan from a random place, not from beside it.
-                self.start = rand::random_range(0..n);
+                self.start = fastrand::usize(0..n);
                 Some(pool.member(pick))
             }
             Balance::RoundRobin => {
@@ -506,11 +506,10 @@ impl<'a, C> Candidates<'a, C> {
                 };
                 let mut idx = 0;
                 for _ in 0..4 {
-                    let r = rand::random_range(0..total);
+                    let r = fastrand::u64(0..total);
                     idx = pool.cumulative.partition_point(|c| *c <= r).min(n - 1);
                     let ep = &self.snap.endpoints[pool.member(idx)];
-                    if set.warm_factor(ep, now) >= 1.0
-                        || rand::random::<f64>() < set.warm_factor(ep, now)
+                    if set.warm_factor(ep, now) >= 1.0 || fastrand::f64() < set.warm_factor(ep, now)
                     {
                         break;
                     }
@@ -524,7 +523,7 @@ impl<'a, C> Candidates<'a, C> {
                     Some(pool.ring[self.start].1 as usize)
                 }
                 _ => {
-                    self.start = rand::random_range(0..n);
+                    self.start = fastrand::usize(0..n);
                     Some(pool.member(self.start))
                 }
             },

@@ -61,10 +61,10 @@ impl Picker {
         let snap = self.set.load(&mut self.cache);
         let mut cx = Context::from_waker(Waker::noop());
         for i in self.set.candidates(&snap, None, 0) {
-            if let Admit::Ready(cb) =
+            if let Admit::Yes(admitted) =
                 admit::<NoConn, (), ()>(&self.set, &snap.endpoints[i], &mut cx)
             {
-                drop(cb);
+                drop(admitted);
                 return Some(i);
             }
         }

@@ -11,7 +11,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use keel_breaker::BoxError;
-use keel_breaker::breaker::{self, CircuitBreaker, State};
+use keel_breaker::breaker::{self, Admission, CircuitBreaker, State};
 use keel_breaker::classify::DefaultClassifier;
 use keel_breaker::retry::ReplayBody;
 use pin_project_lite::pin_project;
@@ -88,6 +88,7 @@ type Called<C, W> =
 
 pin_project! {
     #[project = StateProj]
+    #[project_replace = PhaseReplace]
     enum Phase<C, B, W>
     where
         C: Service<http::Request<W>>,
@@ -151,19 +152,26 @@ where
             let key = req.extensions().get::<HashKey>().copied();
             let mut cx = Context::from_waker(std::task::Waker::noop());
             for i in self.set.candidates(&snap, key, avoid) {
-                if let Admit::Ready(mut cb) = admit(&self.set, &snap.endpoints[i], &mut cx) {
-                    let ep = Arc::clone(&snap.endpoints[i]);
-                    self.last_uid = ep.uid;
-                    let phase =
-                        dispatch(&mut cb, ep, req, self.wire, &self.set, self.slot.as_deref());
-                    return ResponseFuture {
-                        set: Arc::clone(&self.set),
-                        snap,
-                        wire: self.wire,
-                        avoid: None,
-                        phase,
-                    };
-                }
+                let Admit::Yes(admitted) = admit(&self.set, &snap.endpoints[i], &mut cx) else {
+                    continue;
+                };
+                let ep = Arc::clone(&snap.endpoints[i]);
+                self.last_uid = ep.uid;
+                let phase = dispatch(
+                    admitted,
+                    ep,
+                    req,
+                    self.wire,
+                    &self.set,
+                    self.slot.as_deref(),
+                );
+                return ResponseFuture {
+                    set: Arc::clone(&self.set),
+                    snap,
+                    wire: self.wire,
+                    avoid: None,
+                    phase,
+                };
             }
         }
         // None ready now (or none at all): the future waits for one (or fails) with the
@@ -182,17 +190,46 @@ where
     }
 }
 
-pub(crate) enum Admit<C> {
-    Ready(CircuitBreaker<C, DefaultClassifier>),
+/// Whether an endpoint takes a call now.
+pub(crate) enum Admit<'a, C> {
+    Yes(Admitted<'a, C>),
+    /// Not yet: its breaker service is waiting.
     Busy(CircuitBreaker<C, DefaultClassifier>),
     No,
 }
 
-pub(crate) fn admit<C, W, ResB>(
+/// An endpoint that takes the call.
+pub(crate) enum Admitted<'a, C> {
+    /// Admitted by its breaker without a breaker service (see `try_admit`), the connection
+    /// ready.
+    Now(C, Admission<'a, DefaultClassifier>),
+    /// Admitted through a breaker service polled ready.
+    Ready(CircuitBreaker<C, DefaultClassifier>),
+}
+
+impl<C> Admitted<'_, C> {
+    /// Calls the endpoint's connection; the future records the outcome with its breaker.
+    fn call<W, ResB>(self, req: http::Request<W>) -> Called<C, W>
+    where
+        C: Service<http::Request<W>, Response = http::Response<ResB>>,
+        C::Error: Into<BoxError>,
+    {
+        match self {
+            Admitted::Now(mut conn, admission) => admission.call(&mut conn, req),
+            Admitted::Ready(mut cb) => cb.call(req),
+        }
+    }
+}
+
+/// Whether `ep` takes a call now. The usual case — breaker closed, connection ready — asks the
+/// breaker for a permit without building a breaker service (no reference counts touched);
+/// otherwise a breaker service is polled (with `cx`), which counts a refusal, and an endpoint
+/// that refuses is skipped for [`RECHECK`] (and loses every p2c comparison meanwhile).
+pub(crate) fn admit<'a, C, W, ResB>(
     set: &Set<C>,
-    ep: &EndpointState<C>,
+    ep: &'a EndpointState<C>,
     cx: &mut Context<'_>,
-) -> Admit<C>
+) -> Admit<'a, C>
 where
     C: Service<http::Request<W>, Response = http::Response<ResB>> + Clone,
     C::Error: Into<BoxError>,
@@ -204,13 +241,22 @@ where
     if skip != 0 && set.now_ns() < skip {
         return Admit::No;
     }
+    if let Some(admission) = ep.gate.try_admit() {
+        let mut conn = ep.conn.clone();
+        if let Poll::Ready(Ok(())) = conn.poll_ready(cx) {
+            if skip != 0 {
+                ep.skip_until_ns.store(0, Ordering::Relaxed);
+            }
+            return Admit::Yes(Admitted::Now(conn, admission));
+        }
+    }
     let mut cb = ep.gate.layer(ep.conn.clone());
     match cb.poll_ready(cx) {
         Poll::Ready(Ok(())) => {
             if skip != 0 {
                 ep.skip_until_ns.store(0, Ordering::Relaxed);
             }
-            Admit::Ready(cb)
+            Admit::Yes(Admitted::Ready(cb))
         }
         Poll::Ready(Err(error)) => {
             tracing::debug!(%error, endpoint = %ep.instance.endpoint, "endpoint not ready");
@@ -256,7 +302,8 @@ where
                 }
                 StateProj::Done => return Poll::Ready(Err("polled after completion".into())),
                 StateProj::Waiting { cb, idx, req } => {
-                    let ep = &this.snap.endpoints[*idx];
+                    let idx = *idx;
+                    let ep = &this.snap.endpoints[idx];
                     if ep.removed.load(Ordering::Relaxed) {
                         let req = req.take();
                         this.phase.set(Phase::Pick { req });
@@ -270,8 +317,13 @@ where
                     let Some(req) = req.take() else {
                         return Poll::Ready(Err("request already sent".into()));
                     };
+                    let PhaseReplace::Waiting { cb, .. } =
+                        this.phase.as_mut().project_replace(Phase::Done)
+                    else {
+                        return Poll::Ready(Err("balancer state lost".into()));
+                    };
                     dispatch(
-                        cb,
+                        Admitted::Ready(cb),
                         Arc::clone(ep),
                         req,
                         *this.wire,
@@ -293,21 +345,21 @@ where
                     let mut chosen = None;
                     for i in set.candidates(snap, key, avoid) {
                         match admit(set, &snap.endpoints[i], cx) {
-                            Admit::Ready(cb) => {
-                                chosen = Some((cb, i));
-                                break;
-                            }
                             Admit::Busy(cb) => {
                                 if busy.is_none() {
                                     busy = Some((cb, i));
                                 }
                             }
                             Admit::No => {}
+                            Admit::Yes(admitted) => {
+                                chosen = Some((admitted, i));
+                                break;
+                            }
                         }
                     }
                     match (chosen, busy) {
-                        (Some((mut cb, i)), _) => dispatch(
-                            &mut cb,
+                        (Some((admitted, i)), _) => dispatch(
+                            admitted,
                             Arc::clone(&snap.endpoints[i]),
                             request,
                             *this.wire,
@@ -335,7 +387,7 @@ where
 /// call's next attempt looks for the endpoint to avoid), and returns the phase that awaits the
 /// response.
 fn dispatch<C, B, W, ResB>(
-    cb: &mut CircuitBreaker<C, DefaultClassifier>,
+    admitted: Admitted<'_, C>,
     ep: Arc<EndpointState<C>>,
     req: http::Request<ReplayBody<B>>,
     wire: fn(ReplayBody<B>) -> W,
@@ -349,9 +401,9 @@ where
     if let Some(record) = record {
         record.store(ep.uid, Ordering::Relaxed);
     }
+    let fut = admitted.call(req.map(wire));
     ep.calls.fetch_add(1, Ordering::Relaxed);
     ep.load.start();
-    let fut = cb.call(req.map(wire));
     Phase::Called {
         fut,
         start_ns: set.now_ns(),

@@ -47,7 +47,7 @@ pub use body::{FollowResponse, PendingOutcome, ResponseBody};
 pub use config::{BreakerConfig, SlidingWindowType};
 pub use error::{BreakerError, ConfigError};
 pub use future::ResponseFuture;
-pub use layer::CircuitBreakerLayer;
+pub use layer::{Admission, CircuitBreakerLayer};
 pub use state::{Breaker, BreakerMetrics, State, StateWatch};
 
 use crate::BoxError;

@@ -1041,3 +1041,49 @@ async fn slow_call_is_measured_to_the_response_head() {
     assert_eq!(breaker.recount(), (4, 0, 0), "a long stream is not slow");
     assert_eq!(breaker.state(), State::Closed);
 }
+
+/// The balancer's fast path: `try_admit` takes a permit without a breaker service, its call
+/// records the outcome like the service's (failures open the breaker, which then admits
+/// nothing), and an admission dropped unused gives its half-open probe back.
+#[tokio::test(start_paused = true)]
+async fn try_admit_records_outcomes_and_a_dropped_admission_frees_its_probe() {
+    let breaker = Breaker::new(config()).unwrap();
+    let layer = CircuitBreakerLayer::new(breaker.clone());
+    let mut inner = tower::service_fn(|req: http::Request<u16>| async move {
+        let mut res = http::Response::new(());
+        *res.status_mut() = http::StatusCode::from_u16(*req.body())?;
+        Ok::<_, BoxError>(res)
+    });
+    for _ in 0..4 {
+        let admission = layer.try_admit().expect("closed: admitted");
+        let res = admission
+            .call(&mut inner, http::Request::new(500))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 500);
+    }
+    assert_eq!(breaker.state(), State::Open, "4 failures of 4 recorded");
+    assert!(layer.try_admit().is_none(), "open: nothing admitted");
+
+    advance(Duration::from_secs(1)).await;
+    let first = layer.try_admit().expect("half-open: a probe");
+    let second = layer.try_admit().expect("half-open: the second probe");
+    assert_eq!(breaker.state(), State::HalfOpen);
+    assert!(layer.try_admit().is_none(), "both probes taken");
+    drop(first);
+    let again = layer
+        .try_admit()
+        .expect("the dropped admission's probe is free again");
+    for admission in [second, again] {
+        let res = admission
+            .call(&mut inner, http::Request::new(200))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    assert_eq!(
+        breaker.state(),
+        State::Closed,
+        "two successful probes close it"
+    );
+}
