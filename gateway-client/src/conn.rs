@@ -346,10 +346,8 @@ impl GrpcConn {
         Ok(sender)
     }
 
-    async fn send(
-        self,
-        mut req: http::Request<Wire>,
-    ) -> Result<http::Response<Incoming>, BoxError> {
+    /// The request's absolute URI on this endpoint, and Keel's `user-agent` unless set.
+    fn prepare(&self, req: &mut http::Request<Wire>) -> Result<(), BoxError> {
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         parts.scheme = Some(self.0.scheme.clone());
         parts.authority = Some(self.0.authority.clone());
@@ -361,15 +359,25 @@ impl GrpcConn {
             req.headers_mut()
                 .insert(http::header::USER_AGENT, USER_AGENT);
         }
-        let mut sender = self.sender().await?;
+        Ok(())
+    }
+
+    /// Sends `req` on `sender`, a handle to this endpoint's connection.
+    async fn send_on(
+        self,
+        mut sender: SendRequest<Wire>,
+        req: http::Request<Wire>,
+    ) -> Result<http::Response<Incoming>, BoxError> {
         if sender.ready().await.is_err() {
-            // Closed since it was taken: nothing was sent, the next call dials again.
-            return Err(unavailable(format!(
-                "the connection to {} closed",
-                self.0.target
-            )));
+            // Closed since it was dialled: nothing was sent, the next call dials again.
+            return Err(self.closed());
         }
         Ok(sender.send_request(req).await?)
+    }
+
+    /// The connection closed before the request was sent.
+    fn closed(&self) -> BoxError {
+        unavailable(format!("the connection to {} closed", self.0.target))
     }
 }
 
@@ -417,7 +425,31 @@ impl Service<http::Request<Wire>> for GrpcConn {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: http::Request<Wire>) -> Self::Future {
-        Box::pin(self.clone().send(req))
+    fn call(&mut self, mut req: http::Request<Wire>) -> Self::Future {
+        if let Err(error) = self.prepare(&mut req) {
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        // The usual case, the connection open: the request goes to hyper's connection here, and
+        // the future only waits for the response (the dial's future — TLS and handshake,
+        // kilobytes — is part of the call's only when it dials).
+        match self.open() {
+            Some(mut sender) => {
+                if sender.is_closed() {
+                    // Closed since it was taken: nothing was sent, the next call dials again.
+                    return Box::pin(std::future::ready(Err(self.closed())));
+                }
+                Box::pin(futures::TryFutureExt::map_err(
+                    sender.send_request(req),
+                    BoxError::from,
+                ))
+            }
+            None => {
+                let conn = self.clone();
+                Box::pin(async move {
+                    let sender = conn.sender().await?;
+                    conn.send_on(sender, req).await
+                })
+            }
+        }
     }
 }

@@ -169,7 +169,9 @@ where
         loop {
             let (mut sender, reused) = match self.checkout()? {
                 Some(sender) => (sender, true),
-                None => (self.dial().await?, false),
+                // Boxed: the dial's future (TLS and handshake, kilobytes) would otherwise be part
+                // of every call's, which is boxed and moved.
+                None => (Box::pin(self.dial()).await?, false),
             };
             if sender.ready().await.is_err() {
                 if reused {

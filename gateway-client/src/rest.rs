@@ -481,9 +481,13 @@ impl RestRequest {
                 .await
                 .map_err(Error::from_box)?;
             let req = http::Request::from_parts(parts, body);
-            let mut call = std::pin::pin!(client.stack.call(req));
-            let res = call.as_mut().await;
-            let refused = budget_refused(&call);
+            // Scoped: the call's future is gone before the body is read, so the two share
+            // space in this future.
+            let (res, refused) = {
+                let mut call = std::pin::pin!(client.stack.call(req));
+                let res = call.as_mut().await;
+                (res, budget_refused(&call))
+            };
             let res = match res {
                 Ok(res) => res,
                 Err(error) => return Err(client.shared.failure(error, refused)),
