@@ -39,6 +39,23 @@ async fn cleanup(queue: &str) {
     let _ = conn.close(200, "bye".into()).await;
 }
 
+/// A consumer of `queue` with Keel's defaults running `handler` until `stop` is cancelled.
+fn consume_with_defaults(
+    queue: &str,
+    handler: impl keel_messaging::Handler,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), keel_messaging::Error>>,
+) {
+    let stop = CancellationToken::new();
+    let consumer = Consumer::builder(AMQP, queue, "g")
+        .unwrap()
+        .build()
+        .unwrap();
+    let run = tokio::spawn(consumer.run(handler, stop.clone().cancelled_owned()));
+    (stop, run)
+}
+
 /// Reads up to `n` dead letters' headers from `<queue>.dlq`.
 async fn dead_letters(queue: &str, n: usize) -> Vec<Headers> {
     let conn = Connection::connect(AMQP, ConnectionProperties::default())
@@ -297,12 +314,7 @@ async fn trace_context_round_trips_and_envelope_is_stamped() {
             }
         }
     };
-    let stop = CancellationToken::new();
-    let consumer = Consumer::builder(AMQP, &queue, "g")
-        .unwrap()
-        .build()
-        .unwrap();
-    let run = tokio::spawn(consumer.run(handler, stop.clone().cancelled_owned()));
+    let (stop, run) = consume_with_defaults(&queue, handler);
     let (current, traceparent, id, key, msg_key) =
         eventually("handled", WAIT, || async { got.lock().unwrap().clone() })
             .await
@@ -422,12 +434,7 @@ async fn the_envelope_travels_once_in_native_properties() {
             }
         }
     };
-    let stop = CancellationToken::new();
-    let consumer = Consumer::builder(AMQP, &queue, "g")
-        .unwrap()
-        .build()
-        .unwrap();
-    let run = tokio::spawn(consumer.run(handler, stop.clone().cancelled_owned()));
+    let (stop, run) = consume_with_defaults(&queue, handler);
     let seen = eventually("both handled", WAIT, || async {
         let seen = seen.lock().unwrap().clone();
         (seen.len() == 2).then_some(seen)

@@ -112,14 +112,13 @@ impl<C: Clone> Admission<'_, C> {
             return ResponseFuture::rejected(super::BreakerError::not_ready());
         };
         let layer = self.layer;
-        let start_ms = layer.breaker.clock().now_ms();
-        let fut = inner.call(req);
-        ResponseFuture::called(
-            fut,
-            layer.stripes.pick(),
+        super::call_permitted(
+            &layer.breaker,
+            &layer.stripes,
+            &layer.classifier,
             permit,
-            start_ms,
-            layer.classifier.clone(),
+            inner,
+            req,
         )
     }
 }

@@ -288,16 +288,34 @@ where
         let Some(permit) = self.permit.take() else {
             return ResponseFuture::rejected(BreakerError::not_ready());
         };
-        let start_ms = self.breaker.clock().now_ms();
-        let fut = self.inner.call(req);
-        ResponseFuture::called(
-            fut,
-            self.stripes.pick(),
+        call_permitted(
+            &self.breaker,
+            &self.stripes,
+            &self.classifier,
             permit,
-            start_ms,
-            self.classifier.clone(),
+            &mut self.inner,
+            req,
         )
     }
+}
+
+/// Calls `inner` with `permit` taken from `breaker`: the future records the outcome (through
+/// this thread's stripe), timed from now.
+fn call_permitted<S, C, Req>(
+    breaker: &Breaker,
+    stripes: &Stripes,
+    classifier: &C,
+    permit: Permit,
+    inner: &mut S,
+    req: Req,
+) -> ResponseFuture<S::Future, C>
+where
+    S: Service<Req>,
+    C: Clone,
+{
+    let start_ms = breaker.clock().now_ms();
+    let fut = inner.call(req);
+    ResponseFuture::called(fut, stripes.pick(), permit, start_ms, classifier.clone())
 }
 
 #[cfg(test)]
