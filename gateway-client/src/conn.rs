@@ -355,10 +355,9 @@ impl GrpcConn {
             parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         }
         *req.uri_mut() = Uri::from_parts(parts)?;
-        if !req.headers().contains_key(http::header::USER_AGENT) {
-            req.headers_mut()
-                .insert(http::header::USER_AGENT, USER_AGENT);
-        }
+        req.headers_mut()
+            .entry(http::header::USER_AGENT)
+            .or_insert(USER_AGENT);
         Ok(())
     }
 

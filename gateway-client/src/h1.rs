@@ -158,8 +158,8 @@ where
                 .unwrap_or_else(|| PathAndQuery::from_static("/"));
             *req.uri_mut() = Uri::from(path);
         }
-        if !req.headers().contains_key(HOST) {
-            req.headers_mut().insert(HOST, self.0.host.clone());
+        if let http::header::Entry::Vacant(host) = req.headers_mut().entry(HOST) {
+            host.insert(self.0.host.clone());
         }
         Ok(())
     }

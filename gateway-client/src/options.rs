@@ -224,10 +224,10 @@ impl<C> Shared<C> {
         parent: &Context,
     ) {
         if self.request_id
-            && !headers.contains_key(&REQUEST_ID_HEADER)
+            && let http::header::Entry::Vacant(slot) = headers.entry(REQUEST_ID_HEADER)
             && let Some(id) = self.request_id()
         {
-            headers.insert(REQUEST_ID_HEADER, id);
+            slot.insert(id);
         }
         inject_span_headers(span.span_context(), parent, headers);
         if extensions.get::<Deadline>().is_none()

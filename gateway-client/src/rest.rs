@@ -458,9 +458,8 @@ impl RestRequest {
         for (k, v) in headers.iter() {
             h.insert(k, v.clone());
         }
-        if !h.contains_key(ACCEPT) {
-            h.insert(ACCEPT, HeaderValue::from_static("application/json"));
-        }
+        h.entry(ACCEPT)
+            .or_insert(HeaderValue::from_static("application/json"));
         let (mut parts, body) = req.into_parts();
         let shared = &client.shared;
         let span = shared.begin(&mut parts, "http.client", || {

@@ -496,3 +496,37 @@ async fn a_publish_that_cannot_be_confirmed_hands_the_message_back() {
     clone.close().await.unwrap();
     cleanup(&queue).await;
 }
+
+/// Shutdown with a handler in flight: the consumer stops taking deliveries, waits for the
+/// handler, acknowledges its message and returns; the messages it had prefetched but not
+/// handled go back to the queue, and the next consumer gets exactly those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_the_handler_in_flight_and_acknowledges_it() {
+    let queue = unique("keel-msg-shutdown");
+    let publisher = Publisher::connect(AMQP).await.unwrap();
+    publish_all(&publisher, &queue, 10, 1, 10).await;
+
+    let held = common::Held::new(4);
+    let (stop, run) = consume_with_defaults(&queue, held.handler());
+    common::shut_down_with_a_handler_in_flight(&held, &stop, run).await;
+    assert_eq!(
+        held.handled(),
+        [0, 1, 2, 3, 4],
+        "in key order, up to the held one"
+    );
+
+    let next = common::Held::new(u64::MAX);
+    let (stop, run) = consume_with_defaults(&queue, next.handler());
+    eventually("the rest consumed", WAIT, || async {
+        (next.handled().len() >= 5).then_some(())
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    let mut rest = next.handled();
+    rest.sort_unstable();
+    assert_eq!(rest, [5, 6, 7, 8, 9], "the held message was acknowledged");
+    publisher.close().await.unwrap();
+    cleanup(&queue).await;
+}

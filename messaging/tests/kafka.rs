@@ -271,3 +271,57 @@ async fn group_members_share_partitions_and_a_member_leaving_loses_nothing() {
     publisher.close().await.unwrap();
     kafka_delete_topic(KAFKA, &topic).await;
 }
+
+/// Shutdown with a handler in flight: the consumer stops fetching, waits for the handler,
+/// commits what was handled — the held message included — and returns; the group's next
+/// consumer starts right after it (nothing handled twice, nothing skipped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_the_handler_in_flight_and_commits_it() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let topic = unique("keel-msg-shutdown");
+    let group = unique("g");
+    let publisher = Publisher::connect(BROKER).await.unwrap();
+    publisher.declare(&topic, 1).await.unwrap();
+    publish_all(&publisher, &topic, 10, 1, 10).await;
+
+    let held = common::Held::new(4);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(
+        consumer(&topic, &group)
+            .build()
+            .unwrap()
+            .run(held.handler(), stop.clone().cancelled_owned()),
+    );
+    common::shut_down_with_a_handler_in_flight(&held, &stop, run).await;
+    assert_eq!(
+        held.handled(),
+        [0, 1, 2, 3, 4],
+        "in key order, up to the held one"
+    );
+    assert_eq!(
+        keel_testkit::smoke::kafka_committed(KAFKA, &group, &topic)
+            .await
+            .unwrap(),
+        Some(5),
+        "committed through the message that was in flight"
+    );
+
+    let next = common::Held::new(u64::MAX);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(
+        consumer(&topic, &group)
+            .build()
+            .unwrap()
+            .run(next.handler(), stop.clone().cancelled_owned()),
+    );
+    eventually("the rest consumed", WAIT, || async {
+        (next.handled().len() >= 5).then_some(())
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(next.handled(), [5, 6, 7, 8, 9]);
+    publisher.close().await.unwrap();
+    kafka_delete_topic(KAFKA, &topic).await;
+}

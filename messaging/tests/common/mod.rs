@@ -170,3 +170,83 @@ pub fn publish_through_restart(
         (confirmed, failures)
     })
 }
+
+/// A handler that records the `seq` of each message it handles, in order, and holds message
+/// `hold` until [`Held::release`]: a handler in flight at a chosen moment.
+#[derive(Clone)]
+pub struct Held {
+    hold: u64,
+    handled: Arc<Mutex<Vec<u64>>>,
+    entered: Arc<tokio::sync::Notify>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl Held {
+    pub fn new(hold: u64) -> Self {
+        Self {
+            hold,
+            handled: Arc::default(),
+            entered: Arc::default(),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+
+    pub fn handler(&self) -> impl keel_messaging::Handler + use<> {
+        let held = self.clone();
+        move |m: Received| {
+            let held = held.clone();
+            async move {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&m.payload).map_err(HandlerError::permanent)?;
+                let seq = v["seq"]
+                    .as_u64()
+                    .ok_or_else(|| HandlerError::permanent("no seq"))?;
+                if seq == held.hold {
+                    held.entered.notify_one();
+                    let _pass = held.gate.acquire().await;
+                }
+                held.handled.lock().unwrap().push(seq);
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits until the held message's handler is running.
+    pub async fn entered(&self) {
+        tokio::time::timeout(WAIT, self.entered.notified())
+            .await
+            .expect("the held message reaches its handler");
+    }
+
+    pub fn release(&self) {
+        self.gate.add_permits(1);
+    }
+
+    pub fn handled(&self) -> Vec<u64> {
+        self.handled.lock().unwrap().clone()
+    }
+}
+
+/// Asserts that `run` (a consumer told to stop while a handler is held) has not returned while
+/// the handler is held, releases it, and returns what `run` returned.
+pub async fn shut_down_with_a_handler_in_flight<E: std::fmt::Debug>(
+    held: &Held,
+    stop: &tokio_util::sync::CancellationToken,
+    mut run: tokio::task::JoinHandle<Result<(), E>>,
+) {
+    held.entered().await;
+    stop.cancel();
+    // Not a synchronisation: the consumer must still be waiting for its handler after this.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut run)
+            .await
+            .is_err(),
+        "the consumer returned with a handler still in flight"
+    );
+    held.release();
+    tokio::time::timeout(WAIT, run)
+        .await
+        .expect("the consumer stops once its handler is done")
+        .unwrap()
+        .unwrap();
+}
