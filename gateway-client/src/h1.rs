@@ -11,8 +11,9 @@
 //! An idle connection the server has closed is skipped; a request that found its connection
 //! closed before anything was written is sent on another one (it was [`NotSent`]). A failed dial
 //! is `NotSent` as well, so the retry layer may try another endpoint and the endpoint's breaker
-//! counts it. Connections left idle longer than [`IDLE_TIMEOUT`] are not reused; at most
-//! [`MAX_IDLE`] are kept. When the endpoint leaves discovery the pool is retired: idle
+//! counts it. Connections left idle longer than the pool's idle timeout are not reused, and at
+//! most its `max_idle` are kept ([`PoolConfig`]; `RestBuilder::pool_idle_timeout`,
+//! `RestBuilder::pool_max_idle`). When the endpoint leaves discovery the pool is retired: idle
 //! connections close at once, busy ones when their call completes, and nothing is dialled again.
 
 use std::fmt;
@@ -37,11 +38,24 @@ use tower_service::Service;
 use crate::conn::{Https, Origin, connect_io, dial_within, drive, origin};
 use crate::discovery::Retire;
 
-/// An idle connection is not reused after this long (hyper-util's default pool timeout).
-pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How an endpoint's pool keeps idle connections.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PoolConfig {
+    /// An idle connection is not reused after this long.
+    pub(crate) idle_timeout: Duration,
+    /// At most this many idle connections are kept.
+    pub(crate) max_idle: usize,
+}
 
-/// At most this many idle connections are kept per endpoint.
-pub(crate) const MAX_IDLE: usize = 256;
+impl Default for PoolConfig {
+    /// hyper-util's defaults: 90 s, and 256 idle connections per endpoint.
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(90),
+            max_idle: 256,
+        }
+    }
+}
 
 /// One endpoint's HTTP/1.1 connections; clones share them.
 pub(crate) struct RestConn<B>(Arc<Pool<B>>);
@@ -61,6 +75,7 @@ struct Pool<B> {
     prefix: Arc<str>,
     connector: Https,
     connect_timeout: Duration,
+    config: PoolConfig,
     /// Idle connections, the most recently used last; `None` once retired.
     idle: Mutex<Option<Vec<Idle<B>>>>,
 }
@@ -90,6 +105,7 @@ where
         connector: Https,
         connect_timeout: Duration,
         prefix: Arc<str>,
+        config: PoolConfig,
     ) -> Result<Self, BoxError> {
         let Origin {
             scheme,
@@ -111,6 +127,7 @@ where
             prefix,
             connector,
             connect_timeout,
+            config,
             idle: Mutex::new(Some(Vec::new())),
         })))
     }
@@ -123,7 +140,7 @@ where
             return Err(not_sent(format!("{} left discovery", self.0.target)));
         };
         while let Some(conn) = idle.pop() {
-            if !conn.sender.is_closed() && conn.since.elapsed() < IDLE_TIMEOUT {
+            if !conn.sender.is_closed() && conn.since.elapsed() < self.0.config.idle_timeout {
                 return Ok(Some(conn.sender));
             }
         }
@@ -258,7 +275,7 @@ impl<B> Slot<B> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(idle) = idle.as_mut()
-            && idle.len() < MAX_IDLE
+            && idle.len() < self.pool.config.max_idle
         {
             idle.push(Idle {
                 sender: self.sender,

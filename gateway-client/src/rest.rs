@@ -28,7 +28,7 @@ use crate::conn::{Alpn, https_connector};
 use crate::discovery::{Connect, Discovery, Factory, Members};
 use crate::error::Error;
 use crate::grpc::{EndpointInfo, endpoint_info, instance_from_url, wait_ready};
-use crate::h1::RestConn;
+use crate::h1::{PoolConfig, RestConn};
 use crate::lb::Balancer;
 use crate::metrics::{ClientMetrics, MethodMetrics};
 use crate::options::{Options, Shared, budget_refused};
@@ -88,6 +88,7 @@ impl fmt::Debug for RestClient {
 pub struct RestBuilder {
     options: Options,
     headers: HeaderMap,
+    pool: PoolConfig,
 }
 
 impl RestBuilder {
@@ -110,6 +111,20 @@ impl RestBuilder {
         self
     }
 
+    /// An idle keep-alive connection is not reused after `timeout` (default 90 s); zero: never
+    /// reused, a connection per call.
+    pub fn pool_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.pool.idle_timeout = timeout;
+        self
+    }
+
+    /// At most `max` idle keep-alive connections are kept per endpoint (default 256); the
+    /// connection of a call that ends while as many are idle is closed.
+    pub fn pool_max_idle(mut self, max: usize) -> Self {
+        self.pool.max_idle = max;
+        self
+    }
+
     fn connector(&self, prefix: &str) -> Result<Connect<RestConnection>, Error> {
         let https = https_connector(
             self.options.tls.as_ref(),
@@ -117,6 +132,7 @@ impl RestBuilder {
             Alpn::Http1,
         )?;
         let connect_timeout = self.options.connect_timeout;
+        let pool = self.pool;
         let prefix: Arc<str> = Arc::from(prefix.trim_end_matches('/'));
         Ok(Arc::new(move |instance: &ServiceInstance| {
             RestConn::new(
@@ -124,6 +140,7 @@ impl RestBuilder {
                 https.clone(),
                 connect_timeout,
                 Arc::clone(&prefix),
+                pool,
             )
         }))
     }
@@ -240,6 +257,7 @@ impl RestClient {
         RestBuilder {
             options: Options::new(service),
             headers: HeaderMap::new(),
+            pool: PoolConfig::default(),
         }
     }
 

@@ -384,6 +384,66 @@ async fn connections_are_kept_alive_and_reused() {
     );
 }
 
+/// The pool's settings: with `pool_max_idle(2)`, four calls held in the server at once open four
+/// connections, and when they end two stay idle and two are closed; later calls reuse the two.
+/// With `pool_idle_timeout(0)` an idle connection is never reused: a connection per call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_settings_bound_idle_connections() {
+    let p = RestProvider::start("r-0").await;
+    let (proxy, accepted, open) = common::tracking_proxy(p.addr).await;
+    let client = RestClient::builder("echo-rest")
+        .pool_max_idle(2)
+        .endpoints([format!("http://{proxy}")])
+        .unwrap();
+    let held: Vec<_> = (0..4)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.get::<Value>("/held").await })
+        })
+        .collect();
+    eventually(
+        "four calls held in the server",
+        Duration::from_secs(10),
+        || async { (p.faults.held.load(Ordering::SeqCst) == 4).then_some(()) },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        4,
+        "a connection per call in flight"
+    );
+    p.faults.release(4);
+    for call in held {
+        call.await.unwrap().unwrap();
+    }
+    eventually(
+        "two idle connections kept",
+        Duration::from_secs(10),
+        || async { (open.load(Ordering::SeqCst) == 2).then_some(()) },
+    )
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        let _: Value = client.get("/again").await.unwrap();
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        4,
+        "the kept ones are reused"
+    );
+
+    let (proxy, accepted) = counting_proxy(p.addr).await;
+    let client = RestClient::builder("echo-rest")
+        .pool_idle_timeout(Duration::ZERO)
+        .endpoints([format!("http://{proxy}")])
+        .unwrap();
+    for _ in 0..5 {
+        let _: Value = client.get("/once").await.unwrap();
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 5, "never reused");
+}
+
 /// A server that closes every connection after its response (`Connection: close`): the closed
 /// connection is never reused, and non-idempotent calls, which must not be replayed, all succeed
 /// on a new connection each.

@@ -283,6 +283,14 @@ impl App {
             b = b.default_header(k, v);
         }
         b = configure!(b, cfg, self.config.service.zone);
+        if let Some(pool) = &cfg.pool {
+            if let Some(t) = pool.idle_timeout {
+                b = b.pool_idle_timeout(t);
+            }
+            if let Some(n) = pool.max_idle {
+                b = b.pool_max_idle(n);
+            }
+        }
         let client = if cfg.urls.is_empty() {
             let (client, discovery) = b.discover(&*self.registry).map_err(client_err)?;
             self.spawn(discovery);

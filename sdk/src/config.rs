@@ -45,6 +45,7 @@
 //! retry = { max_attempts = 3, budget_ratio = 0.1, min_per_second = 10 }
 //! breaker = { failureRateThreshold = 50, slidingWindowSize = 20 }
 //! bulkhead = { max_concurrent = 64, max_wait = "0ms" }
+//! pool = { idle_timeout = "90s", max_idle = 256 }   # REST keep-alive pool, per endpoint
 //!
 //! [messaging.payments]
 //! broker = "kafka://127.0.0.1:9092"
@@ -432,6 +433,20 @@ pub struct ClientConfig {
     pub breaker: Option<BreakerConfig>,
     /// A cap on this client's concurrent calls (all its endpoints together).
     pub bulkhead: Option<BulkheadConfig>,
+    /// REST clients: the keep-alive pool of each endpoint.
+    pub pool: Option<PoolConfig>,
+}
+
+/// `[clients.NAME] pool = { idle_timeout = "90s", max_idle = 256 }`: a REST client's keep-alive
+/// connections per endpoint (gRPC keeps one HTTP/2 connection per endpoint).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// An idle connection is not reused after this long (default 90 s; zero: never reused).
+    #[serde(deserialize_with = "opt_duration")]
+    pub idle_timeout: Option<Duration>,
+    /// At most this many idle connections are kept (default 256).
+    pub max_idle: Option<usize>,
 }
 
 /// `[clients.NAME] bulkhead = { max_concurrent = 64, max_wait = "0ms" }`.
@@ -563,6 +578,7 @@ mod tests {
             retry = { max_attempts = 3, budget_ratio = 0.1 }
             breaker = { failureRateThreshold = 40, slidingWindowSize = 20 }
             bulkhead = { max_concurrent = 64 }
+            pool = { idle_timeout = "30s", max_idle = 16 }
             [messaging.payments]
             broker = "kafka://127.0.0.1:9092"
             "#,
@@ -588,6 +604,9 @@ mod tests {
         assert!((account.breaker.as_ref().unwrap().failure_rate_threshold - 40.0).abs() < 1e-6);
         assert_eq!(account.bulkhead.as_ref().unwrap().max_concurrent, 64);
         assert_eq!(account.bulkhead.as_ref().unwrap().max_wait, Duration::ZERO);
+        let pool = account.pool.as_ref().unwrap();
+        assert_eq!(pool.idle_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(pool.max_idle, Some(16));
         assert_eq!(config.service.zone.as_deref(), Some("sh-a"));
         assert_eq!(
             config.messaging["payments"].broker,
@@ -629,6 +648,8 @@ mod tests {
         );
         let err = Config::from_toml("[telemetry]\nformat = \"xml\"\n").unwrap_err();
         assert!(err.to_string().contains("xml"), "{err}");
+        let err = Config::from_toml("[clients.account]\npool = { max_idel = 4 }\n").unwrap_err();
+        assert!(err.to_string().contains("max_idel"), "{err}");
     }
 
     #[test]

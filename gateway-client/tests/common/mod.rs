@@ -75,12 +75,28 @@ impl ZkRoot {
     }
 }
 
-/// Faults a [`RestProvider`] injects: every n-th call answers `status`.
-#[derive(Debug, Default)]
+/// Faults a [`RestProvider`] injects: every n-th call answers `status`; a call to a path ending
+/// in `/held` waits for a permit ([`RestFaults::release`]).
+#[derive(Debug)]
 pub struct RestFaults {
     every: std::sync::atomic::AtomicU32,
     status: std::sync::atomic::AtomicU32,
     pub calls: std::sync::atomic::AtomicU64,
+    /// Calls to `…/held` that arrived (held or not).
+    pub held: std::sync::atomic::AtomicU64,
+    gate: tokio::sync::Semaphore,
+}
+
+impl Default for RestFaults {
+    fn default() -> Self {
+        Self {
+            every: Default::default(),
+            status: Default::default(),
+            calls: Default::default(),
+            held: Default::default(),
+            gate: tokio::sync::Semaphore::new(0),
+        }
+    }
 }
 
 impl RestFaults {
@@ -94,6 +110,10 @@ impl RestFaults {
     }
     pub fn calls(&self) -> u64 {
         self.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Lets `n` held calls answer.
+    pub fn release(&self, n: usize) {
+        self.gate.add_permits(n);
     }
 }
 
@@ -129,6 +149,10 @@ impl RestProvider {
                         let status =
                             http::StatusCode::from_u16(faults.status.load(Relaxed) as u16).unwrap();
                         return (status, "injected failure").into_response();
+                    }
+                    if uri.path().ends_with("/held") {
+                        faults.held.fetch_add(1, Relaxed);
+                        let _pass = faults.gate.acquire().await;
                     }
                     if uri.path().ends_with("/missing") {
                         return (http::StatusCode::NOT_FOUND, "no such account").into_response();
