@@ -2,14 +2,14 @@
 //!
 //! A client is built from a service name: discovery yields the instances, each gets its own
 //! connections (gRPC: one HTTP/2 connection; REST: a pool of HTTP/1.1 keep-alive connections,
-//! one per call in flight, reused once a response has been read to its end), a balancer
+//! one per call in flight, reused once a response has been read to its end, idle ones kept per
+//! `RestBuilder::pool_idle_timeout` and `pool_max_idle`), a balancer
 //! (power-of-two-choices over peak-EWMA latency by default) spreads calls, per-endpoint circuit
 //! breakers eject sick instances, and a budgeted, outcome-aware retry covers the rest; trace
 //! context, deadline, idempotency key and a request id travel with every request. The deadline
 //! bounds the whole call, the response body included. Connections to an instance that leaves
-//! discovery close once nothing uses them: its last call is done and every clone of the client
-//! that called it has made a call since (a clone notices the change on its next call). Also
-//! plain base-URL clients for calling through an API gateway.
+//! discovery are retired at once: idle ones close, busy ones when their call is done, and none
+//! is dialled again. Also plain base-URL clients for calling through an API gateway.
 //!
 //! ```
 //! use std::time::Duration;
