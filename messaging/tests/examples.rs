@@ -11,7 +11,7 @@ use keel_messaging::{Headers, Publisher};
 use keel_testkit::services::{AMQP, KAFKA};
 use keel_testkit::smoke::{kafka_consumer, kafka_delete_topic};
 use keel_testkit::unique;
-use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
 
 /// The example program `name`, built by `cargo test` beside this test (built here when only this
@@ -133,16 +133,7 @@ async fn the_examples_publish_and_consume_over_rabbitmq() {
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
     let dlq = format!("{queue}.dlq");
-    let letter = keel_testkit::eventually("the poison message dead-lettered", WAIT, || {
-        let (ch, dlq) = (ch.clone(), dlq.clone());
-        async move {
-            ch.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
-                .await
-                .ok()?
-        }
-    })
-    .await
-    .unwrap();
+    let letter = common::amqp_get(&ch, &dlq).await;
     assert_eq!(letter.delivery.data, b"\0not json");
     for q in [queue.as_str(), dlq.as_str()] {
         let _ = ch

@@ -314,11 +314,7 @@ async fn shutdown_finishes_the_handler_in_flight_and_commits_it() {
             .unwrap()
             .run(next.handler(), stop.clone().cancelled_owned()),
     );
-    eventually("the rest consumed", WAIT, || async {
-        (next.handled().len() >= 5).then_some(())
-    })
-    .await
-    .unwrap();
+    next.wait_for(5).await;
     stop.cancel();
     run.await.unwrap().unwrap();
     assert_eq!(next.handled(), [5, 6, 7, 8, 9]);

@@ -225,6 +225,29 @@ impl Held {
     pub fn handled(&self) -> Vec<u64> {
         self.handled.lock().unwrap().clone()
     }
+
+    /// Waits until at least `n` messages were handled.
+    pub async fn wait_for(&self, n: usize) {
+        keel_testkit::eventually("the messages handled", WAIT, || async {
+            (self.handled().len() >= n).then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}", self.handled()));
+    }
+}
+
+/// The next message of `queue`, taken without acknowledgement (waits for one).
+pub async fn amqp_get(ch: &lapin::Channel, queue: &str) -> lapin::message::BasicGetMessage {
+    keel_testkit::eventually("a message to get", WAIT, || async {
+        ch.basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .ok()?
+    })
+    .await
+    .unwrap()
 }
 
 /// Asserts that `run` (a consumer told to stop while a handler is held) has not returned while
