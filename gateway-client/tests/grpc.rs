@@ -763,13 +763,15 @@ async fn a_call_in_flight_finishes_and_then_its_departed_connection_closes() {
     let (gated, gated_addr) = gated_server().await;
     let (_root, registry, leaving, _staying, accepted, open) =
         common::leaving_and_staying("echo", gated_addr, ps[0].addr()).await;
+    // Round robin: p2c would keep choosing the faster, staying instance.
     let channel = GrpcChannel::builder("echo")
+        .balance(Balance::RoundRobin)
         .connect(&registry, Duration::from_secs(10))
         .await
         .unwrap();
     common::endpoints_become("both instances discovered", 2, || channel.endpoints().len()).await;
     let mut client = EchoClient::new(channel.clone());
-    // Calls until one is held in the gated (leaving) instance.
+    // Calls until one is held in the gated (leaving) instance (the first or the second).
     let held = tokio::spawn(async move {
         loop {
             let reply = echo(&mut client, request("held")).await?;
