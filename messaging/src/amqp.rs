@@ -110,16 +110,20 @@ pub(crate) async fn declare(channel: &Channel, queue: &str) -> lapin::Result<()>
 /// AMQP short strings (names, header keys, message ids) hold at most 255 bytes; lapin panics
 /// beyond that, so every one is checked first.
 fn short(what: &str, s: &str) -> Result<(), String> {
-    if s.len() > 255 {
-        Err(format!("{what} is {} bytes; AMQP allows 255", s.len()))
+    short_len(what, s.len())
+}
+
+fn short_len(what: &str, len: usize) -> Result<(), String> {
+    if len > 255 {
+        Err(format!("{what} is {len} bytes; AMQP allows 255"))
     } else {
         Ok(())
     }
 }
 
 fn check(m: &OutgoingMessage) -> Result<(), String> {
-    // The dead-letter names add 4 bytes.
-    short("destination", &format!("{}.dlq", m.destination))?;
+    // The dead-letter names add 4 bytes (".dlq").
+    short_len("destination", m.destination.len() + 4)?;
     for (k, _) in m.headers.iter() {
         short("header name", k)?;
     }
