@@ -117,11 +117,7 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 /// Writes the time left until `deadline` into `headers`, in the header that `protocol` (or, for
 /// [`Protocol::Auto`], the content type) selects.
 pub fn stamp(headers: &mut HeaderMap, deadline: Deadline, protocol: Protocol) {
-    stamp_remaining(headers, deadline.remaining(), protocol);
-}
-
-/// [`stamp`] with the time left already known.
-fn stamp_remaining(headers: &mut HeaderMap, remaining: Duration, protocol: Protocol) {
+    let remaining = deadline.remaining();
     let grpc = match protocol {
         Protocol::Grpc => true,
         Protocol::Rest => false,
@@ -247,12 +243,7 @@ where
             return ResponseFuture::expired();
         }
         req.extensions_mut().insert(deadline);
-        // The time left as of `now`: no second clock read.
-        stamp_remaining(
-            req.headers_mut(),
-            deadline.0.saturating_duration_since(now),
-            self.protocol,
-        );
+        stamp(req.headers_mut(), deadline, self.protocol);
         ResponseFuture::new(self.inner.call(req), Some(deadline.0))
     }
 }
