@@ -88,7 +88,6 @@ type Called<C, W> =
 
 pin_project! {
     #[project = StateProj]
-    #[project_replace = PhaseReplace]
     enum Phase<C, B, W>
     where
         C: Service<http::Request<W>>,
@@ -157,14 +156,8 @@ where
                 };
                 let ep = Arc::clone(&snap.endpoints[i]);
                 self.last_uid = ep.uid;
-                let phase = dispatch(
-                    admitted,
-                    ep,
-                    req,
-                    self.wire,
-                    &self.set,
-                    self.slot.as_deref(),
-                );
+                let fut = admitted.call(req.map(self.wire));
+                let phase = sent(fut, ep, &self.set, self.slot.as_deref());
                 return ResponseFuture {
                     set: Arc::clone(&self.set),
                     snap,
@@ -302,8 +295,7 @@ where
                 }
                 StateProj::Done => return Poll::Ready(Err("polled after completion".into())),
                 StateProj::Waiting { cb, idx, req } => {
-                    let idx = *idx;
-                    let ep = &this.snap.endpoints[idx];
+                    let ep = &this.snap.endpoints[*idx];
                     if ep.removed.load(Ordering::Relaxed) {
                         let req = req.take();
                         this.phase.set(Phase::Pick { req });
@@ -317,19 +309,8 @@ where
                     let Some(req) = req.take() else {
                         return Poll::Ready(Err("request already sent".into()));
                     };
-                    let PhaseReplace::Waiting { cb, .. } =
-                        this.phase.as_mut().project_replace(Phase::Done)
-                    else {
-                        return Poll::Ready(Err("balancer state lost".into()));
-                    };
-                    dispatch(
-                        Admitted::Ready(cb),
-                        Arc::clone(ep),
-                        req,
-                        *this.wire,
-                        set,
-                        this.avoid.as_deref(),
-                    )
+                    let fut = cb.call(req.map(*this.wire));
+                    sent(fut, Arc::clone(ep), set, this.avoid.as_deref())
                 }
                 StateProj::Pick { req } => {
                     let Some(request) = req.take() else {
@@ -358,14 +339,15 @@ where
                         }
                     }
                     match (chosen, busy) {
-                        (Some((admitted, i)), _) => dispatch(
-                            admitted,
-                            Arc::clone(&snap.endpoints[i]),
-                            request,
-                            *this.wire,
-                            set,
-                            this.avoid.as_deref(),
-                        ),
+                        (Some((admitted, i)), _) => {
+                            let fut = admitted.call(request.map(*this.wire));
+                            sent(
+                                fut,
+                                Arc::clone(&snap.endpoints[i]),
+                                set,
+                                this.avoid.as_deref(),
+                            )
+                        }
                         (None, Some((cb, idx))) => {
                             this.phase.set(Phase::Waiting {
                                 cb,
@@ -383,25 +365,20 @@ where
     }
 }
 
-/// Sends `req` to `ep` through its breaker `cb`, records the endpoint in `record` (where the
-/// call's next attempt looks for the endpoint to avoid), and returns the phase that awaits the
-/// response.
-fn dispatch<C, B, W, ResB>(
-    admitted: Admitted<'_, C>,
+/// The phase awaiting `fut`, a call just sent to `ep`: counts it on the endpoint and records
+/// the endpoint in `record` (where the call's next attempt looks for the endpoint to avoid).
+fn sent<C, B, W>(
+    fut: Called<C, W>,
     ep: Arc<EndpointState<C>>,
-    req: http::Request<ReplayBody<B>>,
-    wire: fn(ReplayBody<B>) -> W,
     set: &Set<C>,
     record: Option<&AtomicU64>,
 ) -> Phase<C, B, W>
 where
-    C: Service<http::Request<W>, Response = http::Response<ResB>> + Clone,
-    C::Error: Into<BoxError>,
+    C: Service<http::Request<W>>,
 {
     if let Some(record) = record {
         record.store(ep.uid, Ordering::Relaxed);
     }
-    let fut = admitted.call(req.map(wire));
     ep.calls.fetch_add(1, Ordering::Relaxed);
     ep.load.start();
     Phase::Called {
