@@ -361,22 +361,25 @@ impl GrpcConn {
         Ok(())
     }
 
-    /// Sends `req` on `sender`, a handle to this endpoint's connection.
-    async fn send_on(
-        self,
+    /// Hands `req` to the connection of `sender` (HTTP/2 is ready whenever it is open); the
+    /// future waits for the response.
+    fn send_on(
+        &self,
         mut sender: SendRequest<Wire>,
         req: http::Request<Wire>,
-    ) -> Result<http::Response<Incoming>, BoxError> {
-        if sender.ready().await.is_err() {
-            // Closed since it was dialled: nothing was sent, the next call dials again.
-            return Err(self.closed());
+    ) -> Result<impl Future<Output = Result<http::Response<Incoming>, BoxError>> + use<>, BoxError>
+    {
+        if sender.is_closed() {
+            // Closed since it was taken: nothing was sent, the next call dials again.
+            return Err(unavailable(format!(
+                "the connection to {} closed",
+                self.0.target
+            )));
         }
-        Ok(sender.send_request(req).await?)
-    }
-
-    /// The connection closed before the request was sent.
-    fn closed(&self) -> BoxError {
-        unavailable(format!("the connection to {} closed", self.0.target))
+        Ok(futures::TryFutureExt::map_err(
+            sender.send_request(req),
+            BoxError::from,
+        ))
     }
 }
 
@@ -432,21 +435,15 @@ impl Service<http::Request<Wire>> for GrpcConn {
         // the future only waits for the response (the dial's future — TLS and handshake,
         // kilobytes — is part of the call's only when it dials).
         match self.open() {
-            Some(mut sender) => {
-                if sender.is_closed() {
-                    // Closed since it was taken: nothing was sent, the next call dials again.
-                    return Box::pin(std::future::ready(Err(self.closed())));
-                }
-                Box::pin(futures::TryFutureExt::map_err(
-                    sender.send_request(req),
-                    BoxError::from,
-                ))
-            }
+            Some(sender) => match self.send_on(sender, req) {
+                Ok(response) => Box::pin(response),
+                Err(error) => Box::pin(std::future::ready(Err(error))),
+            },
             None => {
                 let conn = self.clone();
                 Box::pin(async move {
                     let sender = conn.sender().await?;
-                    conn.send_on(sender, req).await
+                    conn.send_on(sender, req)?.await
                 })
             }
         }
