@@ -6,13 +6,14 @@ use http::HeaderValue;
 /// The longest value [`shared_bytes`] keeps in one allocation.
 const INLINE: usize = 64;
 
-/// `len` bytes inline: the one allocation behind a [`shared_bytes`].
-struct Inline {
-    buf: [u8; INLINE],
+/// `len` bytes inline: the one allocation behind a [`shared_bytes`] (`N` = 64) or a
+/// [`per_call_values`] (`N` = 128).
+struct Inline<const N: usize> {
+    buf: [u8; N],
     len: usize,
 }
 
-impl AsRef<[u8]> for Inline {
+impl<const N: usize> AsRef<[u8]> for Inline<N> {
     fn as_ref(&self) -> &[u8] {
         &self.buf[..self.len]
     }
@@ -40,6 +41,52 @@ pub fn per_call_value(bytes: &[u8]) -> Option<HeaderValue> {
     Some(value)
 }
 
+/// [`per_call_value`] for several values made together, e.g. a request id and a
+/// `traceparent`: all in one allocation (of up to 128 bytes together; longer ones get one
+/// each), which their clones share. `None` when any of them is not a valid header value.
+///
+/// ```
+/// let [id, tp] = keel_core::header::per_call_values([
+///     &b"5f1c0a9e23d84b7a9c1e6f0b4d2a8c31"[..],
+///     b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+/// ])
+/// .unwrap();
+/// assert!(id.is_sensitive() && tp.is_sensitive());
+/// assert_eq!(tp.len(), 55);
+/// ```
+pub fn per_call_values<const N: usize>(parts: [&[u8]; N]) -> Option<[HeaderValue; N]> {
+    const JOINED: usize = 128;
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut invalid = false;
+    let mut valid = |value: Option<HeaderValue>| {
+        value.unwrap_or_else(|| {
+            invalid = true;
+            HeaderValue::from_static("")
+        })
+    };
+    let values = if total > JOINED {
+        parts.map(|part| valid(per_call_value(part)))
+    } else {
+        let mut buf = [0u8; JOINED];
+        let mut at = 0;
+        for part in parts {
+            buf[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        let joined = Bytes::from_owner(Inline { buf, len: total });
+        let mut at = 0;
+        parts.map(|part| {
+            let slice = joined.slice(at..at + part.len());
+            at += part.len();
+            valid(HeaderValue::from_maybe_shared(slice).ok().map(|mut value| {
+                value.set_sensitive(true);
+                value
+            }))
+        })
+    };
+    (!invalid).then_some(values)
+}
+
 /// A copy of `bytes` that clones share: one allocation for up to 64 bytes, where
 /// [`Bytes::copy_from_slice`] allocates again on its first clone. For per-request values that
 /// a retry layer's copy of the request clones (header values, the request path).
@@ -52,7 +99,7 @@ pub fn shared_bytes(bytes: &[u8]) -> Bytes {
     if bytes.len() <= INLINE {
         let mut buf = [0u8; INLINE];
         buf[..bytes.len()].copy_from_slice(bytes);
-        Bytes::from_owner(Inline {
+        Bytes::from_owner(Inline::<INLINE> {
             buf,
             len: bytes.len(),
         })
@@ -92,5 +139,19 @@ mod tests {
         assert_eq!(value, long.as_str());
         assert!(value.is_sensitive());
         assert!(per_call_value(b"bad\nvalue").is_none());
+    }
+
+    #[test]
+    fn values_made_together_keep_their_bounds() {
+        let [a, b, c] = per_call_values([&b"abc"[..], b"", b"0123456789"]).unwrap();
+        assert_eq!((a.as_bytes(), b.as_bytes()), (&b"abc"[..], &b""[..]));
+        assert_eq!(c, "0123456789");
+        assert!(c.is_sensitive());
+        let long = "y".repeat(100);
+        let [x, y] = per_call_values([long.as_bytes(), long.as_bytes()]).unwrap();
+        assert_eq!(x, long.as_str());
+        assert_eq!(y, long.as_str());
+        assert!(y.is_sensitive());
+        assert!(per_call_values([&b"ok"[..], b"bad\nvalue"]).is_none());
     }
 }

@@ -103,7 +103,22 @@ pub fn inject_current(injector: &mut dyn Injector) {
 
 /// The `traceparent` value of `sc` (`00-{trace id}-{span id}-{flags}`), formatted on the stack
 /// without the formatting machinery (this runs on every outgoing call).
-fn traceparent(sc: &SpanContext) -> [u8; 55] {
+///
+/// ```
+/// use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+/// let sc = SpanContext::new(
+///     TraceId::from(0x0af7651916cd43dd8448eb211c80319c),
+///     SpanId::from(0xb7ad6b7169203331),
+///     TraceFlags::SAMPLED,
+///     false,
+///     TraceState::default(),
+/// );
+/// assert_eq!(
+///     &keel_core::propagation::traceparent(&sc),
+///     b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+/// );
+/// ```
+pub fn traceparent(sc: &SpanContext) -> [u8; 55] {
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
     crate::header::hex_into(&mut out[3..35], &sc.trace_id().to_bytes());
     crate::header::hex_into(&mut out[36..52], &sc.span_id().to_bytes());
@@ -116,9 +131,24 @@ fn traceparent(sc: &SpanContext) -> [u8; 55] {
 /// [`per_call_value`](crate::header::per_call_value) (one allocation that clones share, sent
 /// never-indexed over HTTP/2) rather than through a `String`.
 pub fn inject_span_headers(sc: &SpanContext, cx: &Context, headers: &mut HeaderMap) {
-    if sc.is_valid()
-        && let Some(value) = crate::header::per_call_value(&traceparent(sc))
-    {
+    let value = if sc.is_valid() {
+        crate::header::per_call_value(&traceparent(sc))
+    } else {
+        None
+    };
+    inject_span_headers_with(sc, value, cx, headers);
+}
+
+/// [`inject_span_headers`] with the `traceparent` value of `sc` already made (by
+/// [`traceparent`], e.g. into one allocation with other per-call values through
+/// [`per_call_values`](crate::header::per_call_values)); `None` sends no `traceparent`.
+pub fn inject_span_headers_with(
+    sc: &SpanContext,
+    traceparent: Option<HeaderValue>,
+    cx: &Context,
+    headers: &mut HeaderMap,
+) {
+    if let Some(value) = traceparent {
         headers.insert(HeaderName::from_static(TRACEPARENT), value);
         let state = sc.trace_state().header();
         if !state.is_empty() {

@@ -94,6 +94,19 @@ macro_rules! common_builder_methods {
             self
         }
 
+        /// Make the client spans with this SDK provider's tracer (scope `keel-client`), held in
+        /// each call's future. Default: OpenTelemetry's global provider, resolved when the
+        /// client is built, whose spans its API boxes (an allocation per call). `keel::App`
+        /// passes the provider it installed.
+        pub fn tracer_provider(
+            mut self,
+            provider: &opentelemetry_sdk::trace::SdkTracerProvider,
+        ) -> Self {
+            use opentelemetry::trace::TracerProvider as _;
+            self.options.tracer = Some(provider.tracer(crate::span::TRACER_NAME));
+            self
+        }
+
         /// Whether to stamp an `x-request-id` on requests that have none (default true).
         pub fn request_id(mut self, yes: bool) -> Self {
             self.options.request_id = yes;

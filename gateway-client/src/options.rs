@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use http::{Extensions, HeaderMap, HeaderName, HeaderValue};
+use http::{Extensions, HeaderMap, HeaderName};
 use keel_breaker::BoxError;
 use keel_breaker::breaker::BreakerConfig;
 use keel_breaker::bulkhead::Bulkhead;
 use keel_breaker::deadline::{Deadline, GRPC_TIMEOUT, parse_grpc_timeout};
 use keel_breaker::retry::{RetryBudget, RetryPolicy};
-use keel_core::propagation::{REQUEST_ID, inject_span_headers};
+use keel_core::header::{per_call_value, per_call_values};
+use keel_core::propagation::{REQUEST_ID, inject_span_headers_with};
 use opentelemetry::{Context, KeyValue};
 use tokio::sync::oneshot;
 
@@ -76,6 +77,8 @@ pub(crate) struct Options {
     pub(crate) request_id: bool,
     /// `(max concurrent calls, longest wait for a slot)`; `None`: no bulkhead.
     pub(crate) bulkhead: Option<(usize, Duration)>,
+    /// The SDK tracer of the client spans; `None`: the global provider's.
+    pub(crate) tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
 }
 
 impl fmt::Debug for Options {
@@ -106,6 +109,7 @@ impl Options {
             connect_timeout: Duration::from_secs(2),
             request_id: true,
             bulkhead: None,
+            tracer: None,
         }
     }
 
@@ -156,7 +160,7 @@ pub(crate) struct Shared<C> {
     /// The downstream service's name (shared with the span attributes, not copied per call).
     pub(crate) service: opentelemetry::StringValue,
     /// The tracer of the client spans.
-    pub(crate) tracer: opentelemetry::global::BoxedTracer,
+    pub(crate) tracer: crate::span::ClientTracer,
     pub(crate) set: Arc<Set<C>>,
     pub(crate) metrics: ClientMetrics,
     pub(crate) request_id: bool,
@@ -182,7 +186,7 @@ impl<C> Shared<C> {
     ) -> Self {
         Self {
             service: opentelemetry::StringValue::from(Arc::<str>::from(options.service.as_str())),
-            tracer: crate::span::tracer(),
+            tracer: crate::span::ClientTracer::new(options.tracer.as_ref()),
             set,
             metrics: ClientMetrics::default(),
             request_id: options.request_id,
@@ -192,13 +196,13 @@ impl<C> Shared<C> {
         }
     }
 
-    fn request_id(&self) -> Option<HeaderValue> {
+    /// A new request id: the client's random prefix and a counter, in hex.
+    fn request_id(&self) -> [u8; 32] {
         let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 32];
         keel_core::header::hex_into(&mut buf[..16], &self.id_prefix.to_be_bytes());
         keel_core::header::hex_into(&mut buf[16..], &n.to_be_bytes());
-        // One allocation that the retry layer's copy shares; never indexed over HTTP/2.
-        keel_core::header::per_call_value(&buf)
+        buf
     }
 
     /// Starts one call: its client span `name` (with `attributes`) under the caller's context,
@@ -223,13 +227,31 @@ impl<C> Shared<C> {
         span: &CallSpan,
         parent: &Context,
     ) {
-        if self.request_id
-            && let http::header::Entry::Vacant(slot) = headers.entry(REQUEST_ID_HEADER)
-            && let Some(id) = self.request_id()
-        {
-            slot.insert(id);
-        }
-        inject_span_headers(span.span_context(), parent, headers);
+        let sc = span.span_context();
+        let traceparent = sc
+            .is_valid()
+            .then(|| keel_core::propagation::traceparent(sc));
+        let traceparent = match headers.entry(REQUEST_ID_HEADER) {
+            // The request id and the `traceparent` share one allocation (which the retry
+            // layer's copy shares too); both are sent never indexed over HTTP/2.
+            http::header::Entry::Vacant(slot) if self.request_id => {
+                let id = self.request_id();
+                match &traceparent {
+                    Some(tp) => per_call_values([&id[..], &tp[..]]).map(|[id, tp]| {
+                        slot.insert(id);
+                        tp
+                    }),
+                    None => {
+                        if let Some(id) = per_call_value(&id) {
+                            slot.insert(id);
+                        }
+                        None
+                    }
+                }
+            }
+            _ => traceparent.and_then(|tp| per_call_value(&tp)),
+        };
+        inject_span_headers_with(sc, traceparent, parent, headers);
         if extensions.get::<Deadline>().is_none()
             && let Some(timeout) = headers
                 .get(GRPC_TIMEOUT)
@@ -273,16 +295,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn request_ids_are_unique_and_never_indexed() {
+    fn request_ids_are_unique_and_never_indexed_and_travel_with_the_traceparent() {
+        use http::HeaderValue;
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+        };
         let options = Options::new("svc");
         let shared: Shared<()> =
             Shared::new(&options, Arc::new(Set::new(options.balance.clone())), None);
-        let (a, b) = (shared.request_id(), shared.request_id());
-        let (Some(a), Some(b)) = (a, b) else {
-            panic!("no request id");
+        let sc = SpanContext::new(
+            TraceId::from(7),
+            SpanId::from(9),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        let parent = Context::new().with_remote_span_context(sc);
+        let stamp = |parent: &Context| {
+            let (mut headers, mut extensions) = (HeaderMap::new(), Extensions::new());
+            let span = CallSpan::start(&shared.tracer, "t", parent, || []);
+            shared.prepare(&mut headers, &mut extensions, &span, parent);
+            headers
         };
-        assert_ne!(a, b);
-        assert_eq!(a.len(), 32);
-        assert!(a.is_sensitive() && b.is_sensitive());
+        let (a, b) = (stamp(&parent), stamp(&parent));
+        let (id_a, id_b) = (&a[REQUEST_ID], &b[REQUEST_ID]);
+        assert_ne!(id_a, id_b);
+        assert_eq!(id_a.len(), 32);
+        assert!(id_a.is_sensitive() && id_b.is_sensitive());
+        let tp = &a["traceparent"];
+        assert_eq!(
+            tp,
+            "00-00000000000000000000000000000007-0000000000000009-01"
+        );
+        assert!(tp.is_sensitive());
+        // Without a trace context: the request id alone.
+        let alone = stamp(&Context::new());
+        assert_eq!(alone[REQUEST_ID].len(), 32);
+        assert!(!alone.contains_key("traceparent"));
+        // A request id of the caller's stays.
+        let mut headers = HeaderMap::new();
+        headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("mine"));
+        let span = CallSpan::start(&shared.tracer, "t", &parent, || []);
+        shared.prepare(&mut headers, &mut Extensions::new(), &span, &parent);
+        assert_eq!(headers[REQUEST_ID], "mine");
+        assert!(headers.contains_key("traceparent"));
     }
 }

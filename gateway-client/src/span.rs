@@ -20,13 +20,30 @@ use keel_core::propagation::{HeaderExtractor, TRACEPARENT, extract_with_context}
 use opentelemetry::global::{BoxedSpan, BoxedTracer};
 use opentelemetry::trace::{Span as _, SpanBuilder, SpanContext, SpanKind, Status, Tracer as _};
 use opentelemetry::{Context, KeyValue, StringValue};
+use opentelemetry_sdk::trace::SdkTracer;
 
 /// `traceparent` as a [`http::HeaderName`] (a lookup by `&str` parses the name first).
 const TRACEPARENT_HEADER: http::HeaderName = http::HeaderName::from_static(TRACEPARENT);
 
-/// The tracer client spans are made with: the global provider's, resolved once per client.
-pub(crate) fn tracer() -> BoxedTracer {
-    opentelemetry::global::tracer("keel-client")
+/// The name of the tracer (instrumentation scope) of the client spans.
+pub(crate) const TRACER_NAME: &str = "keel-client";
+
+/// The tracer client spans are made with, resolved once per client.
+pub(crate) enum ClientTracer {
+    /// An SDK tracer handed to the builder: its spans are not boxed.
+    Sdk(SdkTracer),
+    /// The global provider's tracer.
+    Global(BoxedTracer),
+}
+
+impl ClientTracer {
+    /// `sdk`, or else the global provider's tracer.
+    pub(crate) fn new(sdk: Option<&SdkTracer>) -> Self {
+        match sdk {
+            Some(tracer) => Self::Sdk(tracer.clone()),
+            None => Self::Global(opentelemetry::global::tracer(TRACER_NAME)),
+        }
+    }
 }
 
 /// The caller's context for a request: the current one, or the one in its `traceparent`.
@@ -40,52 +57,78 @@ pub(crate) fn parent(headers: &HeaderMap) -> Context {
 }
 
 /// One call's client span; ends when the call completes or is dropped.
-pub(crate) struct CallSpan(BoxedSpan);
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the SDK span is held in place on purpose: boxing it is the allocation per call this avoids"
+)]
+pub(crate) enum CallSpan {
+    /// A span of an SDK tracer, held in place.
+    Sdk(opentelemetry_sdk::trace::Span),
+    /// A span of the global tracer (boxed by OpenTelemetry's global API).
+    Global(BoxedSpan),
+}
+
+/// `$body` with `$span` bound to the span inside a [`CallSpan`], whichever its kind.
+macro_rules! with_span {
+    ($call:expr, $span:ident => $body:expr) => {
+        match $call {
+            CallSpan::Sdk($span) => $body,
+            CallSpan::Global($span) => $body,
+        }
+    };
+}
 
 impl CallSpan {
     /// Starts a client span named `name` under `parent` with `attributes` (built only when the
     /// span records).
     pub(crate) fn start<const N: usize>(
-        tracer: &BoxedTracer,
+        tracer: &ClientTracer,
         name: &'static str,
         parent: &Context,
         attributes: impl FnOnce() -> [KeyValue; N],
     ) -> Self {
-        let mut span = tracer.build_with_context(
-            SpanBuilder::from_name(name).with_kind(SpanKind::Client),
-            parent,
-        );
-        if span.is_recording() {
-            span.set_attributes(attributes());
-        }
-        Self(span)
+        let builder = SpanBuilder::from_name(name).with_kind(SpanKind::Client);
+        let mut span = match tracer {
+            ClientTracer::Sdk(tracer) => Self::Sdk(tracer.build_with_context(builder, parent)),
+            ClientTracer::Global(tracer) => {
+                Self::Global(tracer.build_with_context(builder, parent))
+            }
+        };
+        with_span!(&mut span, s => if s.is_recording() {
+            s.set_attributes(attributes());
+        });
+        span
     }
 
     /// The span's context (what goes downstream in `traceparent`).
     pub(crate) fn span_context(&self) -> &SpanContext {
-        self.0.span_context()
+        with_span!(self, s => s.span_context())
     }
 
     /// Marks the call failed and ends the span.
     pub(crate) fn fail(mut self, description: impl Into<Cow<'static, str>>) {
-        if self.0.is_recording() {
-            self.0.set_status(Status::error(description));
-        }
-        self.0.end();
+        with_span!(&mut self, s => {
+            if s.is_recording() {
+                s.set_status(Status::error(description));
+            }
+            s.end();
+        });
     }
 
     /// Marks the call failed with `key` = `value` (e.g. the gRPC status code) and ends the span.
     pub(crate) fn fail_with(mut self, description: String, key: &'static str, value: i64) {
-        if self.0.is_recording() {
-            self.0.set_attribute(KeyValue::new(key, value));
-            self.0.set_status(Status::error(description));
-        }
-        self.0.end();
+        with_span!(&mut self, s => {
+            if s.is_recording() {
+                s.set_attribute(KeyValue::new(key, value));
+                s.set_status(Status::error(description));
+            }
+            s.end();
+        });
     }
 
     /// Ends the span of a successful call.
     pub(crate) fn succeed(mut self) {
-        self.0.end();
+        with_span!(&mut self, s => s.end());
     }
 }
 

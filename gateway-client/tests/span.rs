@@ -63,10 +63,33 @@ async fn each_call_makes_a_client_span_whose_context_goes_downstream() {
         .with_span_processor(spans.clone())
         .build();
     opentelemetry::global::set_tracer_provider(provider.clone());
-
-    let (ps, faults) = providers(1).await;
     // Built after the provider was installed: clients resolve the global tracer when built.
-    let channel = GrpcChannel::builder("echo")
+    client_spans_are_made_and_propagated(GrpcChannel::builder("echo"), &spans).await;
+    let _ = provider.shutdown();
+}
+
+/// A client given an SDK provider makes its spans there, whatever the global provider is
+/// (what `keel::App` does with the provider it installs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_given_a_provider_makes_its_spans_there() {
+    let spans = Collect::default();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(spans.clone())
+        .build();
+    client_spans_are_made_and_propagated(
+        GrpcChannel::builder("echo").tracer_provider(&provider),
+        &spans,
+    )
+    .await;
+    let _ = provider.shutdown();
+}
+
+/// Three calls through a channel from `builder` (one continuing a remote trace, one failing,
+/// one outside any trace) each make one client span, collected by `spans`, whose context goes
+/// downstream.
+async fn client_spans_are_made_and_propagated(builder: keel_client::GrpcBuilder, spans: &Collect) {
+    let (ps, faults) = providers(1).await;
+    let channel = builder
         .max_attempts(1)
         .endpoints([format!("http://{}", ps[0].addr())])
         .unwrap();
@@ -152,5 +175,4 @@ async fn each_call_makes_a_client_span_whose_context_goes_downstream() {
             root.span_context.span_id()
         )
     );
-    let _ = provider.shutdown();
 }

@@ -250,6 +250,9 @@ impl App {
         };
         let mut b = GrpcChannel::builder(&service);
         b = configure!(b, cfg, self.config.service.zone);
+        if let Some(provider) = self.telemetry.tracer_provider() {
+            b = b.tracer_provider(provider);
+        }
         let channel = if cfg.urls.is_empty() {
             let (channel, discovery) = b.discover(&*self.registry).map_err(client_err)?;
             self.spawn(discovery);
@@ -283,6 +286,9 @@ impl App {
             b = b.default_header(k, v);
         }
         b = configure!(b, cfg, self.config.service.zone);
+        if let Some(provider) = self.telemetry.tracer_provider() {
+            b = b.tracer_provider(provider);
+        }
         if let Some(pool) = &cfg.pool {
             if let Some(t) = pool.idle_timeout {
                 b = b.pool_idle_timeout(t);

@@ -93,6 +93,12 @@ impl Telemetry {
         })
     }
 
+    /// The tracer provider installed (also the global one), if any: `App` hands it to its
+    /// clients, whose spans then skip the global API's box.
+    pub fn tracer_provider(&self) -> Option<&SdkTracerProvider> {
+        self.provider.as_ref()
+    }
+
     /// Telemetry that installed nothing.
     pub fn none() -> Self {
         Self { provider: None }

@@ -20,8 +20,9 @@
 //! timeout propagated as the deadline, request id, and tracing on: Keel's `Telemetry` with its
 //! defaults (a `tracing` subscriber at `info` with the OpenTelemetry layer and an SDK tracer
 //! provider, also the global one, without exporter) is installed after the `A5-*-bare` rows and
-//! the Keel arms are built again then, so every Keel call makes a recorded client span with
-//! OpenTelemetry ids and propagates `traceparent`. The raw arms are plain tonic / hyper-util
+//! the Keel arms are built again then, given that provider as `keel::App` gives it to its
+//! clients, so every Keel call makes a recorded client span with OpenTelemetry ids and
+//! propagates `traceparent`. The raw arms are plain tonic / hyper-util
 //! with the same settings where they overlap (one HTTP/2 connection with `TCP_NODELAY` and
 //! default windows; an HTTP/1.1 keep-alive pool with `TCP_NODELAY` that opens a connection per
 //! call in flight and reuses idle ones — hyper-util's legacy client for raw, Keel's own pool on
@@ -133,12 +134,12 @@ fn main() -> Result<()> {
             .build()?;
         return rt.block_on(async move {
             tokio::spawn(async move {
-                let _telemetry = keel::Telemetry::install(
+                let telemetry = keel::Telemetry::install(
                     "keel-bench-client",
                     &keel::config::TelemetryConfig::default(),
                 )?;
                 let mut report = Report::new("client-b5");
-                b5(&mut report).await?;
+                b5(&mut report, &telemetry).await?;
                 println!("{}", report.table());
                 Ok::<_, BoxError>(())
             })
@@ -189,11 +190,23 @@ fn profile(args: &[String]) -> Result<()> {
                     allocs_per_call(&raw_grpc_propagating(server.grpc).await?.0, calls).await
                 }
                 "keel-grpc" => {
-                    allocs_per_call(&keel_grpc(&registry, server.grpc).await?.0, calls).await
+                    allocs_per_call(
+                        &keel_grpc(&registry, server.grpc, _telemetry.as_ref())
+                            .await?
+                            .0,
+                        calls,
+                    )
+                    .await
                 }
                 "raw-rest" => allocs_per_call(&raw_rest(server.rest)?.0, calls).await,
                 "keel-rest" => {
-                    allocs_per_call(&keel_rest(&registry, server.rest).await?.0, calls).await
+                    allocs_per_call(
+                        &keel_rest(&registry, server.rest, _telemetry.as_ref())
+                            .await?
+                            .0,
+                        calls,
+                    )
+                    .await
                 }
                 other => return Err(format!("unknown arm {other}").into()),
             };
@@ -205,7 +218,9 @@ fn profile(args: &[String]) -> Result<()> {
                     }
                     "keel-grpc" => {
                         closed_loop(
-                            &keel_grpc(&registry, server.grpc).await?.0,
+                            &keel_grpc(&registry, server.grpc, _telemetry.as_ref())
+                                .await?
+                                .0,
                             64,
                             A1_ROUND * 3,
                         )
@@ -222,7 +237,9 @@ fn profile(args: &[String]) -> Result<()> {
                     "raw-rest" => closed_loop(&raw_rest(server.rest)?.0, 64, A1_ROUND * 3).await,
                     _ => {
                         closed_loop(
-                            &keel_rest(&registry, server.rest).await?.0,
+                            &keel_rest(&registry, server.rest, _telemetry.as_ref())
+                                .await?
+                                .0,
                             64,
                             A1_ROUND * 3,
                         )
@@ -638,11 +655,18 @@ async fn raw_grpc_propagating(addr: SocketAddr) -> Result<(RawGrpcPropagating, S
     ))
 }
 
-async fn keel_grpc(registry: &dyn Registry, addr: SocketAddr) -> Result<(KeelGrpc, Setup)> {
-    let channel = GrpcChannel::builder("echo")
-        .timeout(TIMEOUT)
-        .connect(registry, Duration::from_secs(10))
-        .await?;
+/// Keel's gRPC arm; with `telemetry`, its client spans go to that provider as in a
+/// `keel::App` (without, they go to the global provider, if any).
+async fn keel_grpc(
+    registry: &dyn Registry,
+    addr: SocketAddr,
+    telemetry: Option<&keel::Telemetry>,
+) -> Result<(KeelGrpc, Setup)> {
+    let mut builder = GrpcChannel::builder("echo").timeout(TIMEOUT);
+    if let Some(provider) = telemetry.and_then(keel::Telemetry::tracer_provider) {
+        builder = builder.tracer_provider(provider);
+    }
+    let channel = builder.connect(registry, Duration::from_secs(10)).await?;
     Ok((
         KeelGrpc {
             client: EchoClient::new(channel),
@@ -660,11 +684,17 @@ fn raw_rest(addr: SocketAddr) -> Result<(RawRest, Setup)> {
     Ok((RawRest { client, uri }, rest_setup(addr)))
 }
 
-async fn keel_rest(registry: &dyn Registry, addr: SocketAddr) -> Result<(KeelRest, Setup)> {
-    let client = RestClient::builder("echo-rest")
-        .timeout(TIMEOUT)
-        .connect(registry, Duration::from_secs(10))
-        .await?;
+/// Keel's REST arm; `telemetry` as for [`keel_grpc`].
+async fn keel_rest(
+    registry: &dyn Registry,
+    addr: SocketAddr,
+    telemetry: Option<&keel::Telemetry>,
+) -> Result<(KeelRest, Setup)> {
+    let mut builder = RestClient::builder("echo-rest").timeout(TIMEOUT);
+    if let Some(provider) = telemetry.and_then(keel::Telemetry::tracer_provider) {
+        builder = builder.tracer_provider(provider);
+    }
+    let client = builder.connect(registry, Duration::from_secs(10)).await?;
     Ok((KeelRest(client), rest_setup(addr)))
 }
 
@@ -855,10 +885,10 @@ async fn run(pinned: bool) -> Result<()> {
         .with_endpoints("echo", [server.grpc.to_string()])?
         .with_endpoints("echo-rest", [server.rest.to_string()])?;
     let (raw_g, raw_gs) = raw_grpc(server.grpc).await?;
-    let (keel_g, keel_gs) = keel_grpc(&registry, server.grpc).await?;
+    let (keel_g, keel_gs) = keel_grpc(&registry, server.grpc, None).await?;
     parity("gRPC", &raw_gs, &keel_gs)?;
     let (raw_r, raw_rs) = raw_rest(server.rest)?;
-    let (keel_r, keel_rs) = keel_rest(&registry, server.rest).await?;
+    let (keel_r, keel_rs) = keel_rest(&registry, server.rest, None).await?;
     parity("REST", &raw_rs, &keel_rs)?;
 
     // A5 without any tracing subscriber: the stack's own allocations.
@@ -884,9 +914,9 @@ async fn run(pinned: bool) -> Result<()> {
         "keel-bench-client",
         &keel::config::TelemetryConfig::default(),
     )?;
-    // Keel's clients resolve the (now installed) tracer provider when they are built.
-    let (keel_g, _) = keel_grpc(&registry, server.grpc).await?;
-    let (keel_r, _) = keel_rest(&registry, server.rest).await?;
+    // Keel's clients get the installed tracer provider when they are built, as in an App.
+    let (keel_g, _) = keel_grpc(&registry, server.grpc, Some(&telemetry)).await?;
+    let (keel_r, _) = keel_rest(&registry, server.rest, Some(&telemetry)).await?;
 
     a5(&mut report, "grpc", &raw_g, &keel_g, "gRPC, tracing on").await;
     let (raw_gp, raw_gps) = raw_grpc_propagating(server.grpc).await?;
@@ -955,7 +985,7 @@ async fn run(pinned: bool) -> Result<()> {
     drop((raw_g, keel_g, raw_r, keel_r));
     server.stop().await;
 
-    b5(&mut report).await?;
+    b5(&mut report, &telemetry).await?;
     b6(&mut report, pinned);
     c2(&mut report, pinned).await?;
 
@@ -1097,11 +1127,11 @@ async fn a5<R: Arm, K: Arm>(report: &mut Report, suffix: &str, raw: &R, keel: &K
 // ---------------------------------------------------------------------------------------------
 // B5: in process
 
-async fn b5(report: &mut Report) -> Result<()> {
+async fn b5(report: &mut Report, telemetry: &keel::Telemetry) -> Result<()> {
     let addr = start_grpc_server("in-process").await?;
     let registry = StaticRegistry::new().with_endpoints("echo", [addr.to_string()])?;
     let (raw, raw_s) = raw_grpc(addr).await?;
-    let (keel, keel_s) = keel_grpc(&registry, addr).await?;
+    let (keel, keel_s) = keel_grpc(&registry, addr, Some(telemetry)).await?;
     parity("B5", &raw_s, &keel_s)?;
     let row = b5_row(
         &raw,
