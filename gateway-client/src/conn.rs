@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -288,15 +288,16 @@ impl GrpcConn {
         open.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 
-    /// A handle to the open connection, dialling it first when there is none.
-    async fn sender(&self) -> Result<SendRequest<Wire>, BoxError> {
+    /// A handle to the open connection, dialling it first when there is none; whether this
+    /// call dialled it.
+    async fn sender(&self) -> Result<(SendRequest<Wire>, bool), BoxError> {
         if let Some(sender) = self.open() {
-            return Ok(sender);
+            return Ok((sender, false));
         }
         let failed_before = self.failures().0;
         let _dialling = self.0.dialling.lock().await;
         if let Some(sender) = self.open() {
-            return Ok(sender);
+            return Ok((sender, false));
         }
         let waited_for_failed_dial = {
             let (failed, last) = &*self.failures();
@@ -316,7 +317,7 @@ impl GrpcConn {
                 if !self.0.retired.load(Ordering::Acquire) {
                     *open = Some(sender.clone());
                 }
-                Ok(sender)
+                Ok((sender, true))
             }
             Err(message) => Err(self.failed(message)),
         }
@@ -393,6 +394,28 @@ impl Retire for GrpcConn {
     }
 }
 
+/// The headers Keel stamps on every call with a value of that call's own.
+const PROPAGATED: [HeaderName; 3] = [
+    HeaderName::from_static(keel_core::propagation::TRACEPARENT),
+    HeaderName::from_static(keel_core::propagation::REQUEST_ID),
+    keel_breaker::deadline::GRPC_TIMEOUT,
+];
+
+/// Lets HPACK index the names of the per-call headers with the first request on a new
+/// connection: their values are made per call and sent never indexed, and HPACK (RFC 7541
+/// 6.2.3) can then refer to an indexed name, but only to a name the table holds; h2 puts a name
+/// there only with a value sent indexed. So the first request sends its own values indexed
+/// (they stay in both ends' tables, about a hundred bytes), and every later request on the
+/// connection sends an index for each of these names instead of encoding it again (HPACK
+/// Huffman-codes every literal, about twenty instructions a byte, on both ends).
+fn index_propagated_names(headers: &mut HeaderMap) {
+    for name in &PROPAGATED {
+        if let Some(value) = headers.get_mut(name) {
+            value.set_sensitive(false);
+        }
+    }
+}
+
 /// A connect failure: nothing was sent (retried elsewhere); `UNAVAILABLE` to the caller.
 fn unavailable(message: String) -> BoxError {
     Box::new(NotSent::new(tonic::Status::unavailable(message)))
@@ -442,10 +465,38 @@ impl Service<http::Request<Wire>> for GrpcConn {
             None => {
                 let conn = self.clone();
                 Box::pin(async move {
-                    let sender = conn.sender().await?;
+                    let (sender, dialled) = conn.sender().await?;
+                    if dialled {
+                        index_propagated_names(req.headers_mut());
+                    }
                     conn.send_on(sender, req)?.await
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_request_sends_the_propagated_values_indexable_and_nothing_else() {
+        let mut headers = HeaderMap::new();
+        for name in &PROPAGATED {
+            headers.insert(
+                name.clone(),
+                keel_core::header::per_call_value(b"v").unwrap_or(HeaderValue::from_static("v")),
+            );
+        }
+        let mut secret = HeaderValue::from_static("token");
+        secret.set_sensitive(true);
+        headers.insert(http::header::AUTHORIZATION, secret);
+        assert!(headers.values().all(HeaderValue::is_sensitive));
+        index_propagated_names(&mut headers);
+        for name in &PROPAGATED {
+            assert!(!headers[name].is_sensitive(), "{name}");
+        }
+        assert!(headers[http::header::AUTHORIZATION].is_sensitive());
     }
 }
