@@ -107,6 +107,26 @@ macro_rules! common_builder_methods {
             self
         }
 
+        /// A header sent with every request that has none of that name (e.g. an API key for a
+        /// gateway); several calls with one name send all their values. An invalid name or
+        /// value is reported by the build method ([`Error::is_config`](crate::Error::is_config)).
+        pub fn default_header(mut self, name: &str, value: &str) -> Self {
+            match (
+                http::HeaderName::from_bytes(name.as_bytes()),
+                http::HeaderValue::from_str(value),
+            ) {
+                (Ok(n), Ok(v)) => {
+                    self.options.default_headers.append(n, v);
+                }
+                _ => {
+                    self.options
+                        .invalid_header
+                        .get_or_insert_with(|| name.to_owned());
+                }
+            }
+            self
+        }
+
         /// Whether to stamp an `x-request-id` on requests that have none (default true).
         pub fn request_id(mut self, yes: bool) -> Self {
             self.options.request_id = yes;

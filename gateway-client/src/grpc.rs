@@ -245,7 +245,8 @@ impl GrpcBuilder {
     }
 
     /// A channel over fixed endpoints (`http://host:port` or `https://host:port`), e.g. an API
-    /// gateway or a local development set-up.
+    /// gateway (with its API key as a [`default_header`](Self::default_header)) or a local
+    /// development set-up.
     ///
     /// Nothing is dialled or spawned here: the first call to an endpoint opens its HTTP/2
     /// connection (and spawns the connection's task on the caller's tokio runtime).
@@ -257,10 +258,7 @@ impl GrpcBuilder {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        self.options
-            .breaker
-            .validate()
-            .map_err(|e| Error::config(e.to_string()))?;
+        self.options.validate()?;
         let service = self.options.service.clone();
         let instances = urls
             .into_iter()
@@ -280,10 +278,7 @@ impl GrpcBuilder {
     /// [`Error::is_config`] when the breaker configuration is invalid or the registry refuses
     /// the watch.
     pub fn discover(self, registry: &dyn Registry) -> Result<(GrpcChannel, Discovery), Error> {
-        self.options
-            .breaker
-            .validate()
-            .map_err(|e| Error::config(e.to_string()))?;
+        self.options.validate()?;
         let watch = registry
             .watch(&self.options.service)
             .map_err(|e| Error::config(e.to_string()))?;
@@ -333,6 +328,9 @@ impl Service<http::Request<Body>> for GrpcChannel {
                 method
             }
         };
+        if !shared.default_headers.is_empty() {
+            add_defaults(&shared.default_headers, &mut parts.headers);
+        }
         let span = shared.begin(&mut parts, "grpc.client", || {
             [
                 KeyValue::new("rpc.system", "grpc"),
@@ -347,6 +345,21 @@ impl Service<http::Request<Body>> for GrpcChannel {
             start: Instant::now(),
             method,
             shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// Adds each of `defaults` (all its values) that `headers` has no value of.
+fn add_defaults(defaults: &http::HeaderMap, headers: &mut http::HeaderMap) {
+    for name in defaults.keys() {
+        if let http::header::Entry::Vacant(slot) = headers.entry(name) {
+            let mut values = defaults.get_all(name).iter();
+            if let Some(first) = values.next() {
+                let mut entry = slot.insert_entry(first.clone());
+                for value in values {
+                    entry.append(value.clone());
+                }
+            }
         }
     }
 }
@@ -415,5 +428,29 @@ impl Future for ResponseFuture {
                 Err(error.into_status())
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_in_only_names_the_request_lacks_with_all_their_values() {
+        let mut defaults = http::HeaderMap::new();
+        defaults.append("x-api-key", http::HeaderValue::from_static("k"));
+        defaults.append("x-tag", http::HeaderValue::from_static("a"));
+        defaults.append("x-tag", http::HeaderValue::from_static("b"));
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-api-key", http::HeaderValue::from_static("mine"));
+        add_defaults(&defaults, &mut headers);
+        assert_eq!(
+            headers.get_all("x-api-key").iter().collect::<Vec<_>>(),
+            ["mine"]
+        );
+        assert_eq!(
+            headers.get_all("x-tag").iter().collect::<Vec<_>>(),
+            ["a", "b"]
+        );
     }
 }

@@ -9,7 +9,8 @@
 //! context, deadline, idempotency key and a request id travel with every request. The deadline
 //! bounds the whole call, the response body included. Connections to an instance that leaves
 //! discovery are retired at once: idle ones close, busy ones when their call is done, and none
-//! is dialled again. Also plain base-URL clients for calling through an API gateway.
+//! is dialled again. Also plain base-URL clients for calling through an API gateway, with
+//! default headers (e.g. an API key) on every call.
 //!
 //! ```
 //! use std::time::Duration;

@@ -79,6 +79,10 @@ pub(crate) struct Options {
     pub(crate) bulkhead: Option<(usize, Duration)>,
     /// The SDK tracer of the client spans; `None`: the global provider's.
     pub(crate) tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+    /// Headers sent with every request unless the request has its own of that name.
+    pub(crate) default_headers: HeaderMap,
+    /// The first default header whose name or value is invalid (reported by the build).
+    pub(crate) invalid_header: Option<String>,
 }
 
 impl fmt::Debug for Options {
@@ -110,7 +114,24 @@ impl Options {
             request_id: true,
             bulkhead: None,
             tracer: None,
+            default_headers: HeaderMap::new(),
+            invalid_header: None,
         }
+    }
+
+    /// Checks what the builder methods could not report.
+    ///
+    /// # Errors
+    /// [`Error::is_config`] for an invalid default header or breaker configuration.
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        if let Some(name) = &self.invalid_header {
+            return Err(Error::config(format!(
+                "invalid default header {name:?} (name or value)"
+            )));
+        }
+        self.breaker
+            .validate()
+            .map_err(|e| Error::config(e.to_string()))
     }
 
     /// `inner` behind the client's bulkhead: one slot per call (all attempts included), shared
@@ -164,6 +185,8 @@ pub(crate) struct Shared<C> {
     pub(crate) set: Arc<Set<C>>,
     pub(crate) metrics: ClientMetrics,
     pub(crate) request_id: bool,
+    /// Headers sent with every request unless it has its own of that name.
+    pub(crate) default_headers: HeaderMap,
     id_prefix: u64,
     id_counter: AtomicU64,
     pub(crate) _closed: Option<oneshot::Sender<()>>,
@@ -190,6 +213,7 @@ impl<C> Shared<C> {
             set,
             metrics: ClientMetrics::default(),
             request_id: options.request_id,
+            default_headers: options.default_headers.clone(),
             id_prefix: rand::random(),
             id_counter: AtomicU64::new(0),
             _closed: closed,

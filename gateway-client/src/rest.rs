@@ -72,7 +72,6 @@ fn wire(body: Wire) -> Wire {
 pub struct RestClient {
     stack: Stack,
     shared: Arc<Shared<RestConnection>>,
-    headers: Arc<HeaderMap>,
 }
 
 impl fmt::Debug for RestClient {
@@ -87,29 +86,11 @@ impl fmt::Debug for RestClient {
 #[derive(Debug)]
 pub struct RestBuilder {
     options: Options,
-    headers: HeaderMap,
     pool: PoolConfig,
 }
 
 impl RestBuilder {
     common_builder_methods!();
-
-    /// A header sent with every request (e.g. an API key for a gateway). Invalid names or
-    /// values are reported by the build method.
-    pub fn default_header(mut self, name: &str, value: &str) -> Self {
-        match (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            (Ok(n), Ok(v)) => {
-                self.headers.append(n, v);
-            }
-            _ => {
-                self.options.service.push_str("\u{0}invalid-header");
-            }
-        }
-        self
-    }
 
     /// An idle keep-alive connection is not reused after `timeout` (default 90 s); zero: never
     /// reused, a connection per call.
@@ -150,13 +131,7 @@ impl RestBuilder {
         prefix: &str,
         closed: Option<oneshot::Sender<()>>,
     ) -> Result<(RestClient, Members<RestConnection>), Error> {
-        if self.options.service.contains('\u{0}') {
-            return Err(Error::config("invalid default header"));
-        }
-        self.options
-            .breaker
-            .validate()
-            .map_err(|e| Error::config(e.to_string()))?;
+        self.options.validate()?;
         let connect = self.connector(prefix)?;
         let set = Arc::new(Set::new(self.options.balance.clone()));
         let factory = Factory {
@@ -174,14 +149,7 @@ impl RestBuilder {
             self.options.policy(),
         )));
         let shared = Arc::new(Shared::new(&self.options, set, closed));
-        Ok((
-            RestClient {
-                stack,
-                shared,
-                headers: Arc::new(self.headers),
-            },
-            members,
-        ))
+        Ok((RestClient { stack, shared }, members))
     }
 
     /// A client calling through one base URL (`https://gateway.example.com/api/v1`): request
@@ -256,7 +224,6 @@ impl RestClient {
     pub fn builder(service: &str) -> RestBuilder {
         RestBuilder {
             options: Options::new(service),
-            headers: HeaderMap::new(),
             pool: PoolConfig::default(),
         }
     }
@@ -470,7 +437,7 @@ impl RestRequest {
         *req.uri_mut() = http::Uri::from(path);
         *req.extensions_mut() = extensions;
         let h = req.headers_mut();
-        for (k, v) in client.headers.iter() {
+        for (k, v) in client.shared.default_headers.iter() {
             h.append(k, v.clone());
         }
         for (k, v) in headers.iter() {

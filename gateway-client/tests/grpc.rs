@@ -395,6 +395,35 @@ async fn unknown_outcome_is_retried_only_when_idempotent() {
     );
 }
 
+/// Calling through an API gateway: a default header (an API key) goes with every call, unless
+/// the call carries its own; an invalid one is a configuration error naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_headers_go_with_every_call_unless_the_call_has_its_own() {
+    let (ps, _faults) = providers(1).await;
+    let mut client = EchoClient::new(
+        GrpcChannel::builder("gateway")
+            .default_header("x-api-key", "secret-1")
+            .endpoints([format!("http://{}", ps[0].addr())])
+            .unwrap(),
+    );
+    for _ in 0..2 {
+        let reply = echo(&mut client, request("plain")).await.unwrap();
+        assert_eq!(reply.metadata["x-api-key"], "secret-1");
+    }
+    let mut own = request("own");
+    own.metadata_mut()
+        .insert("x-api-key", "secret-2".parse().unwrap());
+    let reply = echo(&mut client, own).await.unwrap();
+    assert_eq!(reply.metadata["x-api-key"], "secret-2");
+
+    let err = GrpcChannel::builder("gateway")
+        .default_header("x-api-key", "line\nbreak")
+        .endpoints([format!("http://{}", ps[0].addr())])
+        .unwrap_err();
+    assert!(err.is_config(), "{err:?}");
+    assert!(err.to_string().contains("x-api-key"), "{err}");
+}
+
 /// Typed errors: no endpoints, all ejected, exhausted retry budget; each mapped to a status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_errors() {

@@ -248,7 +248,19 @@ impl App {
             name: name.to_owned(),
             source,
         };
+        if cfg.pool.is_some() {
+            return Err(Error::Config(ConfigError::new(
+                Some(format!("clients.{name}.pool")),
+                format!(
+                    "clients.{name}.pool applies to REST clients: a gRPC client keeps one HTTP/2 \
+                     connection per endpoint"
+                ),
+            )));
+        }
         let mut b = GrpcChannel::builder(&service);
+        for (k, v) in &cfg.headers {
+            b = b.default_header(k, v);
+        }
         b = configure!(b, cfg, self.config.service.zone);
         if let Some(provider) = self.telemetry.tracer_provider() {
             b = b.tracer_provider(provider);

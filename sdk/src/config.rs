@@ -414,7 +414,7 @@ pub struct ClientConfig {
     pub service: Option<String>,
     /// Fixed base URLs (e.g. an API gateway) instead of discovery.
     pub urls: Vec<String>,
-    /// Headers sent on every call (e.g. an API key).
+    /// Headers sent on every call that has none of that name (e.g. an API key); gRPC and REST.
     pub headers: BTreeMap<String, String>,
     /// The balancer.
     pub balancer: BalancerKind,
@@ -433,7 +433,8 @@ pub struct ClientConfig {
     pub breaker: Option<BreakerConfig>,
     /// A cap on this client's concurrent calls (all its endpoints together).
     pub bulkhead: Option<BulkheadConfig>,
-    /// REST clients: the keep-alive pool of each endpoint.
+    /// REST clients: the keep-alive pool of each endpoint (an error for a gRPC client, which
+    /// keeps one HTTP/2 connection per endpoint).
     pub pool: Option<PoolConfig>,
 }
 

@@ -424,3 +424,45 @@ async fn a_repeated_key_executes_once_across_instances_with_the_redis_store() {
         r.stop().await.unwrap();
     }
 }
+
+/// `[clients.NAME]` of a gRPC client calling through a gateway: its `headers` go with every
+/// call; a `pool` (REST clients only) is a configuration error naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_client_config_sends_its_headers_and_refuses_a_rest_pool() {
+    let root = TestRoot::new();
+    let echo = keel_testkit::echo::EchoProvider::start("gw").await.unwrap();
+    let app = App::with_config(
+        &keel_testkit::unique("gw"),
+        config(
+            &root,
+            &format!(
+                r#"
+                [clients.gateway]
+                urls = ["http://{addr}"]
+                headers = {{ x-api-key = "secret-1" }}
+                [clients.pooled]
+                urls = ["http://{addr}"]
+                pool = {{ max_idle = 2 }}
+                "#,
+                addr = echo.addr()
+            ),
+        ),
+    )
+    .await
+    .unwrap();
+    let mut client = EchoClient::new(app.grpc("gateway").unwrap());
+    let reply = client
+        .echo(EchoRequest {
+            message: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.metadata["x-api-key"], "secret-1");
+    match app.grpc("pooled").unwrap_err() {
+        keel::Error::Config(e) => assert_eq!(e.key(), Some("clients.pooled.pool"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(app.rest_client("pooled").is_ok());
+}
