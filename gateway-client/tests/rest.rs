@@ -289,6 +289,92 @@ async fn hash_and_ejection_over_discovery() {
             "stickiness is back after readmission"
         );
     }
+    let used: std::collections::BTreeSet<_> = first.iter().collect();
+    assert_eq!(used.len(), 3, "keys spread over every provider: {first:?}");
+
+    // An instance leaves: only its keys move.
+    regs.remove(1).deregister().await.unwrap();
+    eventually("r-1 removed", Duration::from_secs(5), || async {
+        (client.endpoints().len() == 2).then_some(())
+    })
+    .await
+    .unwrap();
+    for key in 0..30 {
+        let now = route(key).await;
+        if first[key as usize] == "r-1" {
+            assert_ne!(now, "r-1");
+        } else {
+            assert_eq!(
+                now, first[key as usize],
+                "key {key} of a remaining provider must not move"
+            );
+        }
+    }
+}
+
+/// Zone preference for REST: the same-zone instance takes every call; the others only when the
+/// zone has none available (ejected, or gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zone_preference_and_fallback() {
+    let ps = [
+        RestProvider::start("r-0").await,
+        RestProvider::start("r-1").await,
+        RestProvider::start("r-2").await,
+    ];
+    let registry = StaticRegistry::new();
+    let zones = ["sh-a", "sh-b", "sh-b"];
+    let mut regs = Vec::new();
+    for (i, p) in ps.iter().enumerate() {
+        let inst = instance("accounts", &format!("r-{i}"), p.addr).with_metadata("zone", zones[i]);
+        regs.push(registry.register(inst).await.unwrap());
+    }
+    let client = RestClient::builder("accounts")
+        .zone("sh-a")
+        .breaker(quick_breaker(Duration::from_secs(60)))
+        .connect(&registry, Duration::from_secs(5))
+        .await
+        .unwrap();
+    eventually("three endpoints", Duration::from_secs(5), || async {
+        (client.endpoints().len() == 3).then_some(())
+    })
+    .await
+    .unwrap();
+    let server = |client: RestClient| async move {
+        let v: Value = client.get("/accounts/zone").await?;
+        Ok::<_, keel_client::Error>(v["server"].as_str().unwrap_or_default().to_owned())
+    };
+    for _ in 0..20 {
+        assert_eq!(server(client.clone()).await.unwrap(), "r-0");
+    }
+
+    // The local zone's only instance fails: GETs are retried in the other zone, and once it is
+    // ejected every call goes there.
+    ps[0].faults.fail_every(1, 503);
+    eventually("r-0 ejected", Duration::from_secs(10), || async {
+        let now = server(client.clone()).await.ok()?;
+        assert_ne!(now, "r-0");
+        client
+            .endpoints()
+            .into_iter()
+            .any(|e| e.id == "r-0" && e.state == State::Open)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        seen.insert(server(client.clone()).await.unwrap());
+    }
+    assert!(!seen.is_empty() && !seen.contains("r-0"), "{seen:?}");
+
+    // The local zone is gone altogether: still served by the other zone.
+    regs.remove(0).deregister().await.unwrap();
+    eventually("r-0 removed", Duration::from_secs(5), || async {
+        (client.endpoints().len() == 2).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_ne!(server(client.clone()).await.unwrap(), "r-0");
 }
 
 /// The bulkhead (`max_concurrent`) for REST: calls beyond the cap are rejected before they are
