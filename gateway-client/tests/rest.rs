@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use http::Method;
 use keel_breaker::breaker::State;
-use keel_client::{Balance, HashKey, RestClient};
-use keel_registry::{Registry, StaticRegistry};
+use keel_client::{Balance, HashKey, RestBuilder, RestClient};
+use keel_registry::{Registration, Registry, StaticRegistry};
 use keel_testkit::eventually;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use serde_json::{Value, json};
@@ -206,29 +206,32 @@ async fn propagation_and_unknown_outcomes() {
     assert_eq!(got["headers"]["idempotency-key"], "t-2");
 }
 
-/// Balancing over discovery: consistent hash stickiness, and ejection of a provider answering
-/// 503 to half its calls, readmitted once healthy.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hash_and_ejection_over_discovery() {
+/// Three providers `r-0`..`r-2` registered in `registry` as `accounts`, each with its `zone`
+/// metadata unless empty.
+async fn registered_providers(
+    registry: &StaticRegistry,
+    zones: [&str; 3],
+) -> ([RestProvider; 3], Vec<Registration>) {
     let ps = [
         RestProvider::start("r-0").await,
         RestProvider::start("r-1").await,
         RestProvider::start("r-2").await,
     ];
-    let registry = StaticRegistry::new();
     let mut regs = Vec::new();
     for (i, p) in ps.iter().enumerate() {
-        regs.push(
-            registry
-                .register(instance("accounts", &format!("r-{i}"), p.addr))
-                .await
-                .unwrap(),
-        );
+        let mut inst = instance("accounts", &format!("r-{i}"), p.addr);
+        if !zones[i].is_empty() {
+            inst = inst.with_metadata("zone", zones[i]);
+        }
+        regs.push(registry.register(inst).await.unwrap());
     }
-    let client = RestClient::builder("accounts")
-        .balance(Balance::ConsistentHash)
-        .breaker(quick_breaker(Duration::from_millis(300)))
-        .connect(&registry, Duration::from_secs(5))
+    (ps, regs)
+}
+
+/// A client from `builder` over what `registry` discovers, once it has all three endpoints.
+async fn discovering(builder: RestBuilder, registry: &StaticRegistry) -> RestClient {
+    let client = builder
+        .connect(registry, Duration::from_secs(5))
         .await
         .unwrap();
     eventually("three endpoints", Duration::from_secs(5), || async {
@@ -236,6 +239,22 @@ async fn hash_and_ejection_over_discovery() {
     })
     .await
     .unwrap();
+    client
+}
+
+/// Balancing over discovery: consistent hash stickiness, and ejection of a provider answering
+/// 503 to half its calls, readmitted once healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_and_ejection_over_discovery() {
+    let registry = StaticRegistry::new();
+    let (ps, mut regs) = registered_providers(&registry, ["", "", ""]).await;
+    let client = discovering(
+        RestClient::builder("accounts")
+            .balance(Balance::ConsistentHash)
+            .breaker(quick_breaker(Duration::from_millis(300))),
+        &registry,
+    )
+    .await;
     let route = |key: u32| {
         let client = client.clone();
         async move {
@@ -316,29 +335,15 @@ async fn hash_and_ejection_over_discovery() {
 /// zone has none available (ejected, or gone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zone_preference_and_fallback() {
-    let ps = [
-        RestProvider::start("r-0").await,
-        RestProvider::start("r-1").await,
-        RestProvider::start("r-2").await,
-    ];
     let registry = StaticRegistry::new();
-    let zones = ["sh-a", "sh-b", "sh-b"];
-    let mut regs = Vec::new();
-    for (i, p) in ps.iter().enumerate() {
-        let inst = instance("accounts", &format!("r-{i}"), p.addr).with_metadata("zone", zones[i]);
-        regs.push(registry.register(inst).await.unwrap());
-    }
-    let client = RestClient::builder("accounts")
-        .zone("sh-a")
-        .breaker(quick_breaker(Duration::from_secs(60)))
-        .connect(&registry, Duration::from_secs(5))
-        .await
-        .unwrap();
-    eventually("three endpoints", Duration::from_secs(5), || async {
-        (client.endpoints().len() == 3).then_some(())
-    })
-    .await
-    .unwrap();
+    let (ps, mut regs) = registered_providers(&registry, ["sh-a", "sh-b", "sh-b"]).await;
+    let client = discovering(
+        RestClient::builder("accounts")
+            .zone("sh-a")
+            .breaker(quick_breaker(Duration::from_secs(60))),
+        &registry,
+    )
+    .await;
     let server = |client: RestClient| async move {
         let v: Value = client.get("/accounts/zone").await?;
         Ok::<_, keel_client::Error>(v["server"].as_str().unwrap_or_default().to_owned())
