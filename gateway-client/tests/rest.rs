@@ -228,6 +228,14 @@ async fn registered_providers(
     (ps, regs)
 }
 
+/// Whether the breaker of endpoint `id` of `client` is in `state`.
+fn state_is(client: &RestClient, id: &str, state: State) -> bool {
+    client
+        .endpoints()
+        .into_iter()
+        .any(|e| e.id == id && e.state == state)
+}
+
 /// A client from `builder` over what `registry` discovers, once it has all three endpoints.
 async fn discovering(builder: RestBuilder, registry: &StaticRegistry) -> RestClient {
     let client = builder
@@ -280,11 +288,7 @@ async fn hash_and_ejection_over_discovery() {
         for key in 0..10 {
             route(key).await; // never fails: 503 is retried on the next endpoint of the ring
         }
-        client
-            .endpoints()
-            .into_iter()
-            .any(|e| e.id == "r-0" && e.state == State::Open)
-            .then_some(())
+        state_is(&client, "r-0", State::Open).then_some(())
     })
     .await
     .unwrap();
@@ -293,11 +297,7 @@ async fn hash_and_ejection_over_discovery() {
         for key in 0..10 {
             route(key).await;
         }
-        client
-            .endpoints()
-            .into_iter()
-            .any(|e| e.id == "r-0" && e.state == State::Closed)
-            .then_some(())
+        state_is(&client, "r-0", State::Closed).then_some(())
     })
     .await
     .unwrap();
@@ -358,11 +358,7 @@ async fn zone_preference_and_fallback() {
     eventually("r-0 ejected", Duration::from_secs(10), || async {
         let now = server(client.clone()).await.ok()?;
         assert_ne!(now, "r-0");
-        client
-            .endpoints()
-            .into_iter()
-            .any(|e| e.id == "r-0" && e.state == State::Open)
-            .then_some(())
+        state_is(&client, "r-0", State::Open).then_some(())
     })
     .await
     .unwrap();
