@@ -259,8 +259,11 @@ impl RestClient {
     ///
     /// # Errors
     /// See [`RestRequest::send`]; [`Error::is_decode`] for a body that is not the JSON of `T`.
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
-        self.request(Method::GET, path).send_json().await
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> impl Future<Output = Result<T, Error>> + Send + use<T> {
+        self.request(Method::GET, path).send_json()
     }
 
     /// `POST path` with a JSON body, decoding a JSON response. Not retried after an unknown
@@ -269,43 +272,37 @@ impl RestClient {
     ///
     /// # Errors
     /// As [`get`](Self::get).
-    pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
+    pub fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         path: &str,
         body: &B,
-    ) -> Result<T, Error> {
-        self.request(Method::POST, path)
-            .json(body)
-            .send_json()
-            .await
+    ) -> impl Future<Output = Result<T, Error>> + Send + use<B, T> {
+        self.request(Method::POST, path).json(body).send_json()
     }
 
     /// `PUT path` with a JSON body (idempotent by HTTP semantics), decoding a JSON response.
     ///
     /// # Errors
     /// As [`get`](Self::get).
-    pub async fn put<B: Serialize + ?Sized, T: DeserializeOwned>(
+    pub fn put<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         path: &str,
         body: &B,
-    ) -> Result<T, Error> {
+    ) -> impl Future<Output = Result<T, Error>> + Send + use<B, T> {
         self.request(Method::PUT, path)
             .json(body)
             .idempotent()
             .send_json()
-            .await
     }
 
     /// `DELETE path` (idempotent by HTTP semantics); the response body is returned raw.
     ///
     /// # Errors
     /// See [`RestRequest::send`].
-    pub async fn delete(&self, path: &str) -> Result<Bytes, Error> {
+    pub fn delete(&self, path: &str) -> impl Future<Output = Result<Bytes, Error>> + Send + use<> {
         self.request(Method::DELETE, path)
             .idempotent()
-            .send()
-            .await
-            .map(http::Response::into_body)
+            .exchange(|_, body| Ok(body))
     }
 }
 
@@ -416,7 +413,30 @@ impl RestRequest {
     /// # Errors
     /// [`Error::is_status`] for a non-2xx response (status and body kept); no endpoints, all
     /// ejected, deadline exceeded, retry budget exhausted, or a transport error.
-    pub async fn send(self) -> Result<http::Response<Bytes>, Error> {
+    pub fn send(self) -> impl Future<Output = Result<http::Response<Bytes>, Error>> + Send + use<> {
+        self.exchange(|head, body| Ok(http::Response::from_parts(head, body)))
+    }
+
+    /// [`send`](Self::send), then decodes the JSON body.
+    ///
+    /// # Errors
+    /// As [`send`](Self::send); [`Error::is_decode`] for a body that is not the JSON of `T`.
+    pub fn send_json<T: DeserializeOwned>(
+        self,
+    ) -> impl Future<Output = Result<T, Error>> + Send + use<T> {
+        self.exchange(|_, body| {
+            let body: &[u8] = if body.is_empty() { b"null" } else { &body };
+            serde_json::from_slice(body).map_err(Error::decode)
+        })
+    }
+
+    /// The call, its response (a 2xx one, body read whole) handed to `decode`: one future for
+    /// `send` and `send_json` alike (a future awaiting another holds a copy of it, kilobytes
+    /// here, moved on every await).
+    async fn exchange<T>(
+        self,
+        decode: impl FnOnce(http::response::Parts, Bytes) -> Result<T, Error> + Send,
+    ) -> Result<T, Error> {
         let RestRequest {
             mut client,
             method,
@@ -486,7 +506,7 @@ impl RestRequest {
                 }
                 return Err(error);
             }
-            Ok(http::Response::from_parts(head, bytes))
+            Ok((head, bytes))
         };
         let result = result.await;
         let failed = match &result {
@@ -505,18 +525,8 @@ impl RestRequest {
                 None => span.fail(e.to_string()),
             },
         }
-        result
-    }
-
-    /// [`send`](Self::send), then decodes the JSON body.
-    ///
-    /// # Errors
-    /// As [`send`](Self::send); [`Error::is_decode`] for a body that is not the JSON of `T`.
-    pub async fn send_json<T: DeserializeOwned>(self) -> Result<T, Error> {
-        let res = self.send().await?;
-        let body = res.into_body();
-        let body: &[u8] = if body.is_empty() { b"null" } else { &body };
-        serde_json::from_slice(body).map_err(Error::decode)
+        let (head, body) = result?;
+        decode(head, body)
     }
 }
 
