@@ -18,7 +18,7 @@ use opentelemetry::{Context, Key, Value};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SdkTracerProvider, Span, SpanData, SpanProcessor};
 
-use common::providers;
+use common::{RestProvider, providers};
 
 /// Keeps every ended span.
 #[derive(Debug, Clone, Default)]
@@ -39,11 +39,15 @@ impl SpanProcessor for Collect {
 
 impl Collect {
     fn client_spans(&self) -> Vec<SpanData> {
+        self.named("grpc.client")
+    }
+
+    fn named(&self, name: &str) -> Vec<SpanData> {
         self.0
             .lock()
             .unwrap()
             .iter()
-            .filter(|s| s.name == "grpc.client")
+            .filter(|s| s.name == name)
             .cloned()
             .collect()
     }
@@ -175,4 +179,63 @@ async fn client_spans_are_made_and_propagated(builder: keel_client::GrpcBuilder,
             root.span_context.span_id()
         )
     );
+}
+
+/// REST calls make `http.client` spans too, here through a provider handed to the builder: the
+/// route, method and peer service as attributes, the span's context downstream, a failed call
+/// marked with its HTTP status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_calls_make_client_spans_in_the_given_provider() {
+    let spans = Collect::default();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(spans.clone())
+        .build();
+    let p = RestProvider::start("r-0").await;
+    let client = keel_client::RestClient::builder("accounts")
+        .tracer_provider(&provider)
+        .max_attempts(1)
+        .endpoints([p.url()])
+        .unwrap();
+
+    let got: serde_json::Value = client.get("/accounts/7").await.unwrap();
+    let ended = spans.named("http.client");
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    let span = &ended[0];
+    assert_eq!(span.span_kind, SpanKind::Client);
+    assert_eq!(
+        got["headers"]["traceparent"],
+        format!(
+            "00-{}-{}-01",
+            span.span_context.trace_id(),
+            span.span_context.span_id()
+        ),
+        "the server's parent is the client span"
+    );
+    assert_eq!(
+        attribute(span, "http.route"),
+        Some(&Value::from("GET /accounts/{id}"))
+    );
+    assert_eq!(
+        attribute(span, "http.request.method"),
+        Some(&Value::from("GET"))
+    );
+    assert_eq!(
+        attribute(span, "peer.service"),
+        Some(&Value::from("accounts"))
+    );
+    assert_eq!(span.status, Status::Unset);
+
+    let err = client
+        .get::<serde_json::Value>("/accounts/missing")
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().map(|s| s.as_u16()), Some(404));
+    let ended = spans.named("http.client");
+    assert_eq!(ended.len(), 2, "{ended:?}");
+    assert!(matches!(ended[1].status, Status::Error { .. }));
+    assert_eq!(
+        attribute(&ended[1], "http.response.status_code"),
+        Some(&Value::I64(404))
+    );
+    let _ = provider.shutdown();
 }
