@@ -58,6 +58,12 @@
 //! key with [`Balance::ConsistentHash`]. Without either, a call whose outcome is unknown is never
 //! replayed.
 //!
+//! Tracing: every call makes an OpenTelemetry client span (`grpc.client` / `http.client`) under
+//! the caller's context and sends the span's context downstream. Spans go to OpenTelemetry's
+//! global provider, resolved when the client is built, or to the SDK provider given to
+//! `tracer_provider` on the builder, which also spares the global API's allocation per span
+//! (`keel::App` gives its clients the provider it installed).
+//!
 //! This crate has no feature flags; it needs a tokio runtime with the time driver.
 
 mod balance;
