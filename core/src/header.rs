@@ -6,8 +6,8 @@ use http::HeaderValue;
 /// The longest value [`shared_bytes`] keeps in one allocation.
 const INLINE: usize = 64;
 
-/// `len` bytes inline: the one allocation behind a [`shared_bytes`] (`N` = 64) or a
-/// [`per_call_values`] (`N` = 128).
+/// `len` bytes inline: the one allocation behind a [`shared_bytes`] or a [`per_call_values`]
+/// (`N` is the size class: 16, 32, 64, 96 or 128).
 struct Inline<const N: usize> {
     buf: [u8; N],
     len: usize,
@@ -17,6 +17,17 @@ impl<const N: usize> AsRef<[u8]> for Inline<N> {
     fn as_ref(&self) -> &[u8] {
         &self.buf[..self.len]
     }
+}
+
+/// `parts` one after the other in an [`Inline<N>`] (their total length must be at most `N`).
+fn inline<const N: usize>(parts: &[&[u8]]) -> Bytes {
+    let mut buf = [0u8; N];
+    let mut len = 0;
+    for part in parts {
+        buf[len..len + part.len()].copy_from_slice(part);
+        len += part.len();
+    }
+    Bytes::from_owner(Inline { buf, len })
 }
 
 /// A header value made for one request (a request id, a `traceparent`, a timeout), marked
@@ -67,13 +78,11 @@ pub fn per_call_values<const N: usize>(parts: [&[u8]; N]) -> Option<[HeaderValue
     let values = if total > JOINED {
         parts.map(|part| valid(per_call_value(part)))
     } else {
-        let mut buf = [0u8; JOINED];
-        let mut at = 0;
-        for part in parts {
-            buf[at..at + part.len()].copy_from_slice(part);
-            at += part.len();
-        }
-        let joined = Bytes::from_owner(Inline { buf, len: total });
+        let joined = if total <= 96 {
+            inline::<96>(&parts)
+        } else {
+            inline::<JOINED>(&parts)
+        };
         let mut at = 0;
         parts.map(|part| {
             let slice = joined.slice(at..at + part.len());
@@ -96,15 +105,11 @@ pub fn per_call_values<const N: usize>(parts: [&[u8]; N]) -> Option<[HeaderValue
 /// assert_eq!(path.clone(), &b"/accounts/7"[..]);
 /// ```
 pub fn shared_bytes(bytes: &[u8]) -> Bytes {
-    if bytes.len() <= INLINE {
-        let mut buf = [0u8; INLINE];
-        buf[..bytes.len()].copy_from_slice(bytes);
-        Bytes::from_owner(Inline::<INLINE> {
-            buf,
-            len: bytes.len(),
-        })
-    } else {
-        Bytes::copy_from_slice(bytes)
+    match bytes.len() {
+        0..=16 => inline::<16>(&[bytes]),
+        17..=32 => inline::<32>(&[bytes]),
+        33..=INLINE => inline::<INLINE>(&[bytes]),
+        _ => Bytes::copy_from_slice(bytes),
     }
 }
 
@@ -139,6 +144,26 @@ mod tests {
         assert_eq!(value, long.as_str());
         assert!(value.is_sensitive());
         assert!(per_call_value(b"bad\nvalue").is_none());
+    }
+
+    #[test]
+    fn every_size_class_keeps_the_bytes() {
+        for len in [0, 1, 16, 17, 32, 33, 64, 65, 200] {
+            let bytes: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            let shared = shared_bytes(&bytes);
+            assert_eq!(shared, bytes, "len {len}");
+            assert_eq!(shared.clone(), bytes, "len {len}");
+        }
+        for total in [95, 96, 97, 128, 129] {
+            let a = vec![b'x'; total / 2];
+            let b = vec![b'y'; total - total / 2];
+            let [va, vb] = per_call_values([&a[..], &b[..]]).unwrap();
+            assert_eq!(
+                (va.as_bytes(), vb.as_bytes()),
+                (&a[..], &b[..]),
+                "total {total}"
+            );
+        }
     }
 
     #[test]
