@@ -257,14 +257,12 @@ impl App {
                 ),
             )));
         }
-        let mut b = GrpcChannel::builder(&service);
-        for (k, v) in &cfg.headers {
-            b = b.default_header(k, v);
-        }
-        b = configure!(b, cfg, self.config.service.zone);
-        if let Some(provider) = self.telemetry.tracer_provider() {
-            b = b.tracer_provider(provider);
-        }
+        let b = configure!(
+            GrpcChannel::builder(&service),
+            cfg,
+            self.config.service.zone,
+            self.telemetry.tracer_provider()
+        );
         let channel = if cfg.urls.is_empty() {
             let (channel, discovery) = b.discover(&*self.registry).map_err(client_err)?;
             self.spawn(discovery);
@@ -293,14 +291,12 @@ impl App {
             name: name.to_owned(),
             source,
         };
-        let mut b = RestClient::builder(&service);
-        for (k, v) in &cfg.headers {
-            b = b.default_header(k, v);
-        }
-        b = configure!(b, cfg, self.config.service.zone);
-        if let Some(provider) = self.telemetry.tracer_provider() {
-            b = b.tracer_provider(provider);
-        }
+        let mut b = configure!(
+            RestClient::builder(&service),
+            cfg,
+            self.config.service.zone,
+            self.telemetry.tracer_provider()
+        );
         if let Some(pool) = &cfg.pool {
             if let Some(t) = pool.idle_timeout {
                 b = b.pool_idle_timeout(t);
@@ -672,9 +668,10 @@ impl App {
     }
 }
 
-/// Applies a `[clients.NAME]` section to a gRPC or REST builder.
+/// Applies a `[clients.NAME]` section (and the App's tracer provider, if any) to a gRPC or
+/// REST builder.
 macro_rules! configure {
-    ($b:expr, $cfg:expr, $zone:expr) => {{
+    ($b:expr, $cfg:expr, $zone:expr, $tracer_provider:expr) => {{
         let cfg = &$cfg;
         let mut b = $b.balance(match cfg.balancer {
             BalancerKind::P2c => Balance::P2c,
@@ -684,6 +681,12 @@ macro_rules! configure {
         });
         if let Some(zone) = &$zone {
             b = b.zone(zone.clone());
+        }
+        for (k, v) in &cfg.headers {
+            b = b.default_header(k, v);
+        }
+        if let Some(provider) = $tracer_provider {
+            b = b.tracer_provider(provider);
         }
         if let Some(t) = cfg.timeout {
             b = b.timeout(t);
