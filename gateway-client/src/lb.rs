@@ -234,36 +234,33 @@ where
     if skip != 0 && set.now_ns() < skip {
         return Admit::No;
     }
-    if let Some(admission) = ep.gate.try_admit() {
+    let fast = ep.gate.try_admit().and_then(|admission| {
         let mut conn = ep.conn.clone();
-        if let Poll::Ready(Ok(())) = conn.poll_ready(cx) {
-            if skip != 0 {
-                ep.skip_until_ns.store(0, Ordering::Relaxed);
+        matches!(conn.poll_ready(cx), Poll::Ready(Ok(()))).then(|| Admitted::Now(conn, admission))
+    });
+    let admitted = match fast {
+        Some(admitted) => admitted,
+        None => {
+            let mut cb = ep.gate.layer(ep.conn.clone());
+            match cb.poll_ready(cx) {
+                Poll::Ready(Ok(())) => Admitted::Ready(cb),
+                Poll::Pending if ep.breaker.state() == State::Closed => return Admit::Busy(cb),
+                refused => {
+                    // Failed, or its breaker is not closed: skip it for a while.
+                    if let Poll::Ready(Err(error)) = refused {
+                        tracing::debug!(%error, endpoint = %ep.instance.endpoint, "endpoint not ready");
+                    }
+                    ep.skip_until_ns
+                        .store(set.now_ns() + RECHECK.as_nanos() as u64, Ordering::Relaxed);
+                    return Admit::No;
+                }
             }
-            return Admit::Yes(Admitted::Now(conn, admission));
         }
+    };
+    if skip != 0 {
+        ep.skip_until_ns.store(0, Ordering::Relaxed);
     }
-    let mut cb = ep.gate.layer(ep.conn.clone());
-    match cb.poll_ready(cx) {
-        Poll::Ready(Ok(())) => {
-            if skip != 0 {
-                ep.skip_until_ns.store(0, Ordering::Relaxed);
-            }
-            Admit::Yes(Admitted::Ready(cb))
-        }
-        Poll::Ready(Err(error)) => {
-            tracing::debug!(%error, endpoint = %ep.instance.endpoint, "endpoint not ready");
-            ep.skip_until_ns
-                .store(set.now_ns() + RECHECK.as_nanos() as u64, Ordering::Relaxed);
-            Admit::No
-        }
-        Poll::Pending if ep.breaker.state() != State::Closed => {
-            ep.skip_until_ns
-                .store(set.now_ns() + RECHECK.as_nanos() as u64, Ordering::Relaxed);
-            Admit::No
-        }
-        Poll::Pending => Admit::Busy(cb),
-    }
+    Admit::Yes(admitted)
 }
 
 impl<C, B, W, ResB> Future for ResponseFuture<C, B, W>
