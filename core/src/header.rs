@@ -47,7 +47,12 @@ fn inline<const N: usize>(parts: &[&[u8]]) -> Bytes {
 /// assert_eq!(value.clone(), value);
 /// ```
 pub fn per_call_value(bytes: &[u8]) -> Option<HeaderValue> {
-    let mut value = HeaderValue::from_maybe_shared(shared_bytes(bytes)).ok()?;
+    sensitive(shared_bytes(bytes))
+}
+
+/// `bytes` as a header value marked sensitive; `None` when it is not a valid one.
+fn sensitive(bytes: Bytes) -> Option<HeaderValue> {
+    let mut value = HeaderValue::from_maybe_shared(bytes).ok()?;
     value.set_sensitive(true);
     Some(value)
 }
@@ -87,10 +92,7 @@ pub fn per_call_values<const N: usize>(parts: [&[u8]; N]) -> Option<[HeaderValue
         parts.map(|part| {
             let slice = joined.slice(at..at + part.len());
             at += part.len();
-            valid(HeaderValue::from_maybe_shared(slice).ok().map(|mut value| {
-                value.set_sensitive(true);
-                value
-            }))
+            valid(sensitive(slice))
         })
     };
     (!invalid).then_some(values)
