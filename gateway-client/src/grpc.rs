@@ -30,7 +30,7 @@ use crate::discovery::{Connect, Discovery, Factory, Members};
 use crate::error::Error;
 use crate::lb::Balancer;
 use crate::metrics::{ClientMetrics, MethodMetrics};
-use crate::options::{Options, Shared, budget_refused};
+use crate::options::{Options, Shared, add_defaults, budget_refused};
 use crate::span::{self, CallSpan};
 
 type Bal = Balancer<GrpcConn, Body, Wire>;
@@ -328,9 +328,7 @@ impl Service<http::Request<Body>> for GrpcChannel {
                 method
             }
         };
-        if !shared.default_headers.is_empty() {
-            add_defaults(&shared.default_headers, &mut parts.headers);
-        }
+        add_defaults(&shared.default_headers, &mut parts.headers);
         let span = shared.begin(&mut parts, "grpc.client", || {
             [
                 KeyValue::new("rpc.system", "grpc"),
@@ -345,21 +343,6 @@ impl Service<http::Request<Body>> for GrpcChannel {
             start: Instant::now(),
             method,
             shared: Arc::clone(&self.shared),
-        }
-    }
-}
-
-/// Adds each of `defaults` (all its values) that `headers` has no value of.
-fn add_defaults(defaults: &http::HeaderMap, headers: &mut http::HeaderMap) {
-    for name in defaults.keys() {
-        if let http::header::Entry::Vacant(slot) = headers.entry(name) {
-            let mut values = defaults.get_all(name).iter();
-            if let Some(first) = values.next() {
-                let mut entry = slot.insert_entry(first.clone());
-                for value in values {
-                    entry.append(value.clone());
-                }
-            }
         }
     }
 }
@@ -428,29 +411,5 @@ impl Future for ResponseFuture {
                 Err(error.into_status())
             }
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn defaults_fill_in_only_names_the_request_lacks_with_all_their_values() {
-        let mut defaults = http::HeaderMap::new();
-        defaults.append("x-api-key", http::HeaderValue::from_static("k"));
-        defaults.append("x-tag", http::HeaderValue::from_static("a"));
-        defaults.append("x-tag", http::HeaderValue::from_static("b"));
-        let mut headers = http::HeaderMap::new();
-        headers.insert("x-api-key", http::HeaderValue::from_static("mine"));
-        add_defaults(&defaults, &mut headers);
-        assert_eq!(
-            headers.get_all("x-api-key").iter().collect::<Vec<_>>(),
-            ["mine"]
-        );
-        assert_eq!(
-            headers.get_all("x-tag").iter().collect::<Vec<_>>(),
-            ["a", "b"]
-        );
     }
 }

@@ -154,6 +154,25 @@ impl Options {
     }
 }
 
+/// Adds each of the client's `defaults` (all its values) that `headers` has no value of: the
+/// call's own headers win.
+pub(crate) fn add_defaults(defaults: &HeaderMap, headers: &mut HeaderMap) {
+    if defaults.is_empty() {
+        return;
+    }
+    for name in defaults.keys() {
+        if let http::header::Entry::Vacant(slot) = headers.entry(name) {
+            let mut values = defaults.get_all(name).iter();
+            if let Some(first) = values.next() {
+                let mut entry = slot.insert_entry(first.clone());
+                for value in values {
+                    entry.append(value.clone());
+                }
+            }
+        }
+    }
+}
+
 /// What each attempt carries below the retry layer: only the balancer reads extensions there
 /// (the call's hash key); the rest stay with the call, uncloned.
 fn balancer_extensions(from: &Extensions, to: &mut Extensions) {
@@ -363,5 +382,24 @@ mod tests {
         shared.prepare(&mut headers, &mut Extensions::new(), &span, &parent);
         assert_eq!(headers[REQUEST_ID], "mine");
         assert!(headers.contains_key("traceparent"));
+    }
+
+    #[test]
+    fn defaults_fill_in_only_names_the_request_lacks_with_all_their_values() {
+        let mut defaults = http::HeaderMap::new();
+        defaults.append("x-api-key", http::HeaderValue::from_static("k"));
+        defaults.append("x-tag", http::HeaderValue::from_static("a"));
+        defaults.append("x-tag", http::HeaderValue::from_static("b"));
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-api-key", http::HeaderValue::from_static("mine"));
+        add_defaults(&defaults, &mut headers);
+        assert_eq!(
+            headers.get_all("x-api-key").iter().collect::<Vec<_>>(),
+            ["mine"]
+        );
+        assert_eq!(
+            headers.get_all("x-tag").iter().collect::<Vec<_>>(),
+            ["a", "b"]
+        );
     }
 }

@@ -31,7 +31,7 @@ use crate::grpc::{EndpointInfo, endpoint_info, instance_from_url, wait_ready};
 use crate::h1::{PoolConfig, RestConn};
 use crate::lb::Balancer;
 use crate::metrics::{ClientMetrics, MethodMetrics};
-use crate::options::{Options, Shared, budget_refused};
+use crate::options::{Options, Shared, add_defaults, budget_refused};
 use crate::span;
 
 type Wire = ReplayBody<Full<Bytes>>;
@@ -457,12 +457,10 @@ impl RestRequest {
         *req.uri_mut() = http::Uri::from(path);
         *req.extensions_mut() = extensions;
         let h = req.headers_mut();
-        for (k, v) in client.shared.default_headers.iter() {
-            h.append(k, v.clone());
-        }
         for (k, v) in headers.iter() {
             h.insert(k, v.clone());
         }
+        add_defaults(&client.shared.default_headers, h);
         h.entry(ACCEPT)
             .or_insert(HeaderValue::from_static("application/json"));
         let (mut parts, body) = req.into_parts();
