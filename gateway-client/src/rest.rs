@@ -248,7 +248,7 @@ impl RestClient {
                 path.as_bytes(),
             ))
             .map_err(|e| format!("invalid path {path:?}: {e}")),
-            headers: HeaderMap::new(),
+            headers: Ok(HeaderMap::new()),
             body: Ok(Bytes::new()),
             extensions: http::Extensions::new(),
             route: None,
@@ -312,7 +312,8 @@ pub struct RestRequest {
     client: RestClient,
     method: Method,
     path: Result<http::uri::PathAndQuery, String>,
-    headers: HeaderMap,
+    /// The call's own headers, or why one of them was refused.
+    headers: Result<HeaderMap, String>,
     body: Result<Bytes, String>,
     extensions: http::Extensions,
     route: Option<String>,
@@ -362,18 +363,29 @@ impl RestRequest {
         self.body = serde_json::to_vec(body)
             .map(Bytes::from)
             .map_err(|e| e.to_string());
-        self.headers
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Ok(headers) = &mut self.headers {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
         self
     }
 
-    /// A header for this call (ignored when the name or value is invalid).
+    /// A header for this call; a name given more than once is sent with each of its values. An
+    /// invalid name or value makes the call fail with [`Error::is_config`] naming the header
+    /// (nothing is sent).
     pub fn header(mut self, name: &str, value: &str) -> Self {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            self.headers.append(n, v);
+        if let Ok(headers) = &mut self.headers {
+            match (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                (Ok(n), Ok(v)) => {
+                    headers.append(n, v);
+                }
+                (Err(e), _) => self.headers = Err(format!("invalid header name {name:?}: {e}")),
+                (_, Err(e)) => {
+                    self.headers = Err(format!("invalid value of header {name:?}: {e}"));
+                }
+            }
         }
         self
     }
@@ -448,6 +460,7 @@ impl RestRequest {
         } = self;
         let body = body.map_err(Error::decode)?;
         let path = path.map_err(Error::config)?;
+        let headers = headers.map_err(Error::config)?;
         let metrics = match &route {
             Some(route) => client.shared.metrics.method(route),
             None => route_metrics(&client.shared.metrics, &method, path.path()),
@@ -456,10 +469,8 @@ impl RestRequest {
         *req.method_mut() = method.clone();
         *req.uri_mut() = http::Uri::from(path);
         *req.extensions_mut() = extensions;
+        *req.headers_mut() = headers;
         let h = req.headers_mut();
-        for (k, v) in headers.iter() {
-            h.insert(k, v.clone());
-        }
         add_defaults(&client.shared.default_headers, h);
         h.entry(ACCEPT)
             .or_insert(HeaderValue::from_static("application/json"));
@@ -574,6 +585,36 @@ mod tests {
                 .unwrap_err();
             assert!(err.is_config(), "{err:?}");
             assert!(err.to_string().contains("\"/a b\""), "{err}");
+        });
+    }
+
+    #[test]
+    fn an_invalid_header_is_a_config_error_naming_it() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Nothing listens on port 9: the call must fail before it is sent.
+            let client = RestClient::builder("x")
+                .endpoints(["http://127.0.0.1:9"])
+                .unwrap();
+            for (name, value, named) in [
+                ("x-ok", "bad\nvalue", "\"x-ok\""),
+                ("bad name", "v", "\"bad name\""),
+            ] {
+                let err = client
+                    .request(Method::GET, "/a")
+                    .header("x-first", "1")
+                    .header(name, value)
+                    .header("x-later", "2")
+                    .send()
+                    .await
+                    .unwrap_err();
+                assert!(err.is_config(), "{err:?}");
+                assert!(err.to_string().contains(named), "{err}");
+                assert!(!err.to_string().contains("bad\nvalue"), "{err}");
+            }
         });
     }
 }

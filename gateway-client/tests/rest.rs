@@ -31,6 +31,22 @@ async fn verbs_errors_and_gateway_mode() {
     assert_eq!(got["method"], "GET");
     assert_eq!(got["path"], "/api/v1/accounts/7?full=1");
     assert_eq!(got["headers"]["x-api-key"], "secret-1");
+    let got: Value = client
+        .request(Method::GET, "/accounts/7")
+        .header("x-tag", "a")
+        .header("x-tag", "b")
+        .header("x-api-key", "own")
+        .send_json()
+        .await
+        .unwrap();
+    assert_eq!(
+        got["headers"]["x-tag"], "a, b",
+        "every value of a repeated header"
+    );
+    assert_eq!(
+        got["headers"]["x-api-key"], "own",
+        "the call's own header wins"
+    );
     let posted: Value = client
         .post("/accounts", &json!({"owner": "ann"}))
         .await
@@ -57,7 +73,7 @@ async fn verbs_errors_and_gateway_mode() {
     assert!(err.is_decode(), "{err:?}");
 
     let m = client.metrics().get("GET /accounts/{id}").unwrap();
-    assert_eq!((m.requests, m.errors), (2, 0));
+    assert_eq!((m.requests, m.errors), (3, 0));
     let m = client.metrics().get("GET /accounts/missing").unwrap();
     assert_eq!((m.requests, m.errors), (1, 0), "404 is not a server error");
 }

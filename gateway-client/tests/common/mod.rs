@@ -157,10 +157,19 @@ impl RestProvider {
                     if uri.path().ends_with("/missing") {
                         return (http::StatusCode::NOT_FOUND, "no such account").into_response();
                     }
-                    let headers: std::collections::BTreeMap<String, String> = headers
-                        .iter()
-                        .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
-                        .collect();
+                    // A repeated header's values joined with ", ".
+                    let mut joined = std::collections::BTreeMap::<String, String>::new();
+                    for (k, v) in &headers {
+                        let Ok(v) = v.to_str() else { continue };
+                        joined
+                            .entry(k.to_string())
+                            .and_modify(|all| {
+                                all.push_str(", ");
+                                all.push_str(v);
+                            })
+                            .or_insert_with(|| v.to_owned());
+                    }
+                    let headers = joined;
                     let body: serde_json::Value =
                         serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
                     axum::Json(serde_json::json!({
