@@ -7,6 +7,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -484,17 +485,43 @@ impl App {
     ///
     /// # Errors
     /// Any [`start`](Self::start) error; a consumer or server that failed while running.
+    ///
+    /// A signal (or the handle) while the readiness checks still fail stops the App at once:
+    /// nothing was registered, so there is nothing to drain, and `run` returns `Ok`.
     pub async fn run(self) -> Result<(), Error> {
-        let running = self.start().await?;
-        running.wait_for_signal().await
+        // One listener for the whole life of the App: once it is polled, SIGTERM no longer ends
+        // the process by itself, so there must be no moment without one.
+        let mut signalled = std::pin::pin!(signal());
+        match self.start_until(signalled.as_mut()).await? {
+            Some(running) => running.wait_until(signalled).await,
+            None => Ok(()),
+        }
     }
 
     /// Binds every listener, serves, runs the readiness checks and registers; returns the
     /// running App (its addresses, and [`Running::stop`] for the graceful shutdown).
     ///
     /// # Errors
-    /// [`Error::Bind`], [`Error::NotReady`], [`Error::Registry`].
+    /// [`Error::Bind`], [`Error::NotReady`] (also when the [`ShutdownHandle`] was used before
+    /// the checks passed; what was started is stopped), [`Error::Registry`].
     pub async fn start(self) -> Result<Running, Error> {
+        match self
+            .start_until(std::pin::pin!(std::future::pending()))
+            .await?
+        {
+            Some(running) => Ok(running),
+            None => Err(Error::NotReady(
+                "shut down before the readiness checks passed".to_owned(),
+            )),
+        }
+    }
+
+    /// [`start`](Self::start), stopped early (`None`) when `interrupt` completes or the
+    /// [`ShutdownHandle`] is used before the readiness checks pass.
+    async fn start_until<F: Future<Output = ()>>(
+        self,
+        interrupt: Pin<&mut F>,
+    ) -> Result<Option<Running>, Error> {
         let App {
             name,
             config,
@@ -660,11 +687,14 @@ impl App {
             shutdown,
             registered,
         };
-        if let Err(e) = running.become_ready(checks).await {
-            let _ = running.stop().await;
-            return Err(e);
+        match running.become_ready(checks, interrupt).await {
+            Ok(true) => Ok(Some(running)),
+            Ok(false) => running.stop().await.map(|()| None),
+            Err(e) => {
+                let _ = running.stop().await;
+                Err(e)
+            }
         }
-        Ok(running)
     }
 }
 
@@ -977,20 +1007,40 @@ impl Running {
         instance
     }
 
-    async fn become_ready(&mut self, checks: Vec<(String, Check)>) -> Result<(), Error> {
+    /// Runs the readiness checks, then registers; `Ok(false)` when `interrupt` completed or
+    /// the shutdown handle was used first (nothing registered then).
+    async fn become_ready<F: Future<Output = ()>>(
+        &mut self,
+        checks: Vec<(String, Check)>,
+        interrupt: Pin<&mut F>,
+    ) -> Result<bool, Error> {
         let deadline = tokio::time::Instant::now() + self.config.server.shutdown_timeout;
-        for (name, check) in &checks {
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                match check().await {
-                    Ok(()) => break,
-                    Err(why) if tokio::time::Instant::now() + backoff < deadline => {
-                        tracing::info!(check = %name, reason = %why, "not ready yet");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+        let passed = async {
+            for (name, check) in &checks {
+                let mut backoff = Duration::from_millis(50);
+                loop {
+                    match check().await {
+                        Ok(()) => break,
+                        Err(why) if tokio::time::Instant::now() + backoff < deadline => {
+                            tracing::info!(check = %name, reason = %why, "not ready yet");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(2));
+                        }
+                        Err(why) => return Err(Error::NotReady(format!("{name}: {why}"))),
                     }
-                    Err(why) => return Err(Error::NotReady(format!("{name}: {why}"))),
                 }
+            }
+            Ok(())
+        };
+        tokio::select! {
+            passed = passed => passed?,
+            () = interrupt => {
+                tracing::info!(service = %self.name, "stop requested before ready");
+                return Ok(false);
+            }
+            () = self.shutdown.cancelled() => {
+                tracing::info!(service = %self.name, "shutdown requested before ready");
+                return Ok(false);
             }
         }
         let instance = self.instance_for();
@@ -1015,7 +1065,7 @@ impl Running {
             admin = %self.admin_addr,
             "registered and ready"
         );
-        Ok(())
+        Ok(true)
     }
 
     /// Waits for SIGTERM, SIGINT, a [`ShutdownHandle`], or a server or consumer failing, then
@@ -1023,9 +1073,17 @@ impl Running {
     ///
     /// # Errors
     /// The failure that ended the wait, if any, or one from [`stop`](Self::stop).
-    pub async fn wait_for_signal(mut self) -> Result<(), Error> {
+    pub async fn wait_for_signal(self) -> Result<(), Error> {
+        self.wait_until(std::pin::pin!(signal())).await
+    }
+
+    /// [`wait_for_signal`](Self::wait_for_signal) with `signalled` for the signal.
+    async fn wait_until<F: Future<Output = ()>>(
+        mut self,
+        signalled: Pin<&mut F>,
+    ) -> Result<(), Error> {
         let failure = tokio::select! {
-            () = signal() => None,
+            () = signalled => None,
             () = self.shutdown.cancelled() => None,
             (server, i, e) = first_failure(&mut self.servers, &mut self.consumer_tasks) => {
                 // That task has ended: never await its handle again.

@@ -231,6 +231,61 @@ async fn registers_only_when_ready_then_serves_health_metrics_and_registry() {
     stopping.await.unwrap().unwrap();
 }
 
+/// A stop asked for while a readiness check still fails (SIGTERM during a slow start: here the
+/// shutdown handle, which `run` waits on beside the signals) ends the App at once, well before
+/// the checks' deadline, with nothing registered; `start` reports it as not ready.
+#[tokio::test]
+async fn a_stop_while_not_ready_ends_the_app_without_registering() {
+    let root = TestRoot::new();
+    let service = keel_testkit::unique("echo");
+    let watcher = registry(&root).await;
+    for run in [true, false] {
+        let polls = Arc::new(AtomicU64::new(0));
+        let app = App::with_config(
+            &service,
+            config(
+                &root,
+                "[server]\nshutdown_timeout = \"300s\"\ndrain = \"60s\"",
+            ),
+        )
+        .await
+        .unwrap()
+        .grpc_service(EchoServer::new(EchoService::new("a")))
+        .readiness_check("never", {
+            let polls = Arc::clone(&polls);
+            move || {
+                polls.fetch_add(1, Ordering::AcqRel);
+                async { Err("the database does not answer".to_owned()) }
+            }
+        });
+        let handle = app.shutdown_handle();
+        let ended = if run {
+            tokio::spawn(async move { app.run().await.map_err(|e| e.to_string()) })
+        } else {
+            tokio::spawn(async move { app.start().await.map(drop).map_err(|e| e.to_string()) })
+        };
+        eventually("readiness check retried", WAIT, || {
+            let n = polls.load(Ordering::Acquire);
+            async move { (n >= 2).then_some(()) }
+        })
+        .await
+        .unwrap();
+        handle.shutdown();
+        // Without the stop the checks would be retried for the 300 s shutdown timeout.
+        let result = tokio::time::timeout(WAIT, ended)
+            .await
+            .expect("the App ends on the stop, not at the checks' deadline")
+            .unwrap();
+        if run {
+            result.unwrap();
+        } else {
+            let err = result.unwrap_err();
+            assert!(err.contains("before the readiness checks passed"), "{err}");
+        }
+        assert!(watcher.snapshot(&service).await.unwrap().is_empty());
+    }
+}
+
 #[tokio::test]
 async fn graceful_shutdown_under_load_loses_no_request() {
     let root = TestRoot::new();
