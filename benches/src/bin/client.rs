@@ -211,6 +211,31 @@ fn profile(args: &[String]) -> Result<()> {
                 other => return Err(format!("unknown arm {other}").into()),
             };
             println!("{arm}: {allocs:.2} allocs/call, {bytes:.0} bytes/call over {calls} calls");
+            if let Some(n) = args
+                .iter()
+                .position(|a| a == "--c64-calls")
+                .and_then(|i| args.get(i + 1))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                // A fixed number of calls at 64 in flight (for instruction counts under callgrind,
+                // where a timed loop would not be repeatable).
+                let done = match arm.as_str() {
+                    "raw-grpc" => fixed_load(&raw_grpc(server.grpc).await?.0, 64, n).await,
+                    "raw-grpc-propagating" => {
+                        fixed_load(&raw_grpc_propagating(server.grpc).await?.0, 64, n).await
+                    }
+                    "keel-grpc" => {
+                        let arm = keel_grpc(&registry, server.grpc, _telemetry.as_ref()).await?;
+                        fixed_load(&arm.0, 64, n).await
+                    }
+                    "raw-rest" => fixed_load(&raw_rest(server.rest)?.0, 64, n).await,
+                    _ => {
+                        let arm = keel_rest(&registry, server.rest, _telemetry.as_ref()).await?;
+                        fixed_load(&arm.0, 64, n).await
+                    }
+                };
+                println!("{arm} c=64: {done} calls succeeded of {n}");
+            }
             if args.iter().any(|a| a == "--c64") {
                 let load = match arm.as_str() {
                     "raw-grpc" => {
@@ -707,6 +732,32 @@ struct Load {
     calls: u64,
     cpu_us_per_call: f64,
     errors: u64,
+}
+
+/// `c` callers sharing `total` calls (a closed loop of a fixed size); how many succeeded.
+async fn fixed_load<A: Arm>(arm: &A, c: usize, total: u64) -> u64 {
+    let left = Arc::new(AtomicU64::new(total));
+    let tasks: Vec<_> = (0..c)
+        .map(|_| {
+            let mut arm = arm.clone();
+            let left = Arc::clone(&left);
+            tokio::spawn(async move {
+                let mut ok = 0u64;
+                while left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    ok += u64::from(arm.call().await);
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap_or(0);
+    }
+    ok
 }
 
 /// `c` callers in a closed loop for `dur`.
