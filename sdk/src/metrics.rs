@@ -9,9 +9,10 @@
 //! - `keel_ready`: 1 while the instance is registered and serving.
 //! - `keel_idempotency_*`: executions, replays (duplicates prevented), conflicts, store errors.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::AtomicI64;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
@@ -21,6 +22,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use crate::server::Protocol;
 
 /// Upper bounds of the server duration histogram buckets, in seconds.
 pub(crate) const BUCKETS: [f64; 11] = keel_client::metrics::BUCKETS;
@@ -53,32 +56,113 @@ pub(crate) struct ServerMetrics {
     pub(crate) errors: Family<MethodLabels, Counter>,
     pub(crate) duration: HistogramFamily,
     pub(crate) in_flight: Gauge<i64, AtomicI64>,
+    /// Each method's handles into the families above, per protocol, found by name without
+    /// allocating.
+    methods: [RwLock<HashMap<Box<str>, Arc<MethodMetrics>>>; 2],
+}
+
+/// One served method's metrics: resolved once per request, recorded into without a label
+/// lookup (the families hash and allocate their label sets only when a series is created).
+#[derive(Debug)]
+pub(crate) struct MethodMetrics {
+    protocol: &'static str,
+    /// `/pkg.Service/Method`, or `VERB /route`.
+    pub(crate) name: Box<str>,
+    duration: Histogram,
+    errors: Counter,
+    /// The requests counter of each status seen (a handful per method).
+    statuses: RwLock<Vec<(Box<str>, Counter)>>,
+}
+
+impl MethodMetrics {
+    /// Counts one request that ended with `status` after `secs`.
+    pub(crate) fn record(&self, family: &ServerMetrics, status: &str, error: bool, secs: f64) {
+        self.duration.observe(secs);
+        if error {
+            self.errors.inc();
+        }
+        if let Some((_, counter)) = self
+            .statuses
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|(s, _)| **s == *status)
+        {
+            counter.inc();
+            return;
+        }
+        let mut statuses = self
+            .statuses
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, counter)) = statuses.iter().find(|(s, _)| **s == *status) {
+            counter.inc();
+            return;
+        }
+        let counter = family
+            .requests
+            .get_or_create(&RequestLabels {
+                protocol: self.protocol,
+                method: self.name.to_string(),
+                status: status.to_owned(),
+            })
+            .clone();
+        counter.inc();
+        statuses.push((status.into(), counter));
+    }
 }
 
 impl ServerMetrics {
+    pub(crate) fn new() -> Self {
+        Self {
+            requests: Family::default(),
+            errors: Family::default(),
+            duration: Family::new_with_constructor(histogram as fn() -> Histogram),
+            in_flight: Gauge::default(),
+            methods: Default::default(),
+        }
+    }
+
+    /// The metrics of `method` served over `protocol`, created on first use (its duration
+    /// and error series appear then, the error count at zero).
+    pub(crate) fn method(&self, protocol: Protocol, method: &str) -> Arc<MethodMetrics> {
+        let methods = &self.methods[protocol as usize];
+        if let Some(m) = methods
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(method)
+        {
+            return Arc::clone(m);
+        }
+        let mut map = methods.write().unwrap_or_else(PoisonError::into_inner);
+        let m = map.entry(method.into()).or_insert_with(|| {
+            let labels = MethodLabels {
+                protocol: protocol.label(),
+                method: method.to_owned(),
+            };
+            Arc::new(MethodMetrics {
+                protocol: protocol.label(),
+                name: method.into(),
+                duration: self.duration.get_or_create(&labels).clone(),
+                errors: self.errors.get_or_create(&labels).clone(),
+                statuses: RwLock::default(),
+            })
+        });
+        Arc::clone(m)
+    }
+
+    /// Counts one request of `method` (see [`MethodMetrics::record`]).
+    #[cfg(test)]
     pub(crate) fn record(
         &self,
-        protocol: &'static str,
+        protocol: Protocol,
         method: &str,
         status: &str,
         error: bool,
         secs: f64,
     ) {
-        let method_labels = MethodLabels {
-            protocol,
-            method: method.to_owned(),
-        };
-        self.duration.get_or_create(&method_labels).observe(secs);
-        if error {
-            self.errors.get_or_create(&method_labels).inc();
-        }
-        self.requests
-            .get_or_create(&RequestLabels {
-                protocol,
-                method: method_labels.method,
-                status: status.to_owned(),
-            })
-            .inc();
+        self.method(protocol, method)
+            .record(self, status, error, secs);
     }
 }
 
@@ -105,12 +189,7 @@ impl Default for Metrics {
 impl Metrics {
     /// An empty set with the server metrics registered.
     pub fn new() -> Self {
-        let server = Arc::new(ServerMetrics {
-            requests: Family::default(),
-            errors: Family::default(),
-            duration: Family::new_with_constructor(histogram as fn() -> Histogram),
-            in_flight: Gauge::default(),
-        });
+        let server = Arc::new(ServerMetrics::new());
         let ready = Gauge::<i64, AtomicI64>::default();
         let mut registry = Registry::with_prefix("keel");
         registry.register(
@@ -284,4 +363,75 @@ pub(crate) fn inc_in_flight(m: &ServerMetrics) {
 
 pub(crate) fn dec_in_flight(m: &ServerMetrics) {
     m.in_flight.dec();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the series `line` (its name and labels, as rendered) in `text`.
+    fn value(text: &str, line: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+    }
+
+    #[test]
+    fn requests_are_counted_per_method_and_status_through_the_cached_handles() {
+        let metrics = Metrics::new();
+        let server = &metrics.server;
+        for (status, error) in [("Ok", false), ("Ok", false), ("Internal", true)] {
+            server.record(Protocol::Grpc, "/a.B/C", status, error, 0.002);
+        }
+        server.record(Protocol::Rest, "GET /accounts/{id}", "200", false, 0.02);
+        // The same name under the other protocol is another method.
+        server.record(Protocol::Rest, "/a.B/C", "200", false, 0.02);
+        let text = metrics.render();
+        let grpc = r#"protocol="grpc",method="/a.B/C""#;
+        assert_eq!(
+            value(
+                &text,
+                &format!("keel_server_requests_total{{{grpc},status=\"Ok\"}}")
+            ),
+            Some(2.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!("keel_server_requests_total{{{grpc},status=\"Internal\"}}")
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&text, &format!("keel_server_errors_total{{{grpc}}}")),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                &format!("keel_server_request_duration_seconds_count{{{grpc}}}")
+            ),
+            Some(3.0)
+        );
+        let rest = r#"protocol="http",method="GET /accounts/{id}""#;
+        assert_eq!(
+            value(
+                &text,
+                &format!("keel_server_requests_total{{{rest},status=\"200\"}}")
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&text, &format!("keel_server_errors_total{{{rest}}}")),
+            Some(0.0),
+            "a method's error series starts at zero"
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"keel_server_requests_total{protocol="http",method="/a.B/C",status="200"}"#
+            ),
+            Some(1.0)
+        );
+    }
 }

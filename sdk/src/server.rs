@@ -26,7 +26,7 @@ use tower_service::Service;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::metrics::{ServerMetrics, dec_in_flight, inc_in_flight};
+use crate::metrics::{MethodMetrics, ServerMetrics, dec_in_flight, inc_in_flight};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -38,7 +38,8 @@ pub(crate) enum Protocol {
 }
 
 impl Protocol {
-    fn label(self) -> &'static str {
+    /// The `protocol` label of the server metrics.
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Grpc => "grpc",
             Self::Rest => "http",
@@ -115,34 +116,32 @@ where
                     .strip_prefix('/')
                     .and_then(|p| p.split_once('/'))
                     .is_some_and(|(svc, _)| layer.grpc_services.iter().any(|s| s == svc));
-                if known {
-                    path.to_owned()
-                } else {
-                    "unknown".to_owned()
-                }
+                layer
+                    .metrics
+                    .method(Protocol::Grpc, if known { path } else { "unknown" })
             }
             Protocol::Rest => {
                 let route = req
                     .extensions()
                     .get::<axum::extract::MatchedPath>()
                     .map_or("unmatched", |p| p.as_str());
-                format!("{} {}", req.method(), route)
+                rest_method(&layer.metrics, req.method(), route)
             }
         };
         let span = match layer.protocol {
             Protocol::Grpc => tracing::info_span!(
                 "grpc.server",
                 otel.kind = "server",
-                otel.name = %method,
+                otel.name = %method.name,
                 rpc.system = "grpc",
-                rpc.method = %method,
+                rpc.method = %method.name,
             ),
             Protocol::Rest => tracing::info_span!(
                 "http.server",
                 otel.kind = "server",
-                otel.name = %method,
+                otel.name = %method.name,
                 http.request.method = %req.method(),
-                http.route = %method,
+                http.route = %method.name,
             ),
         };
         let parent = extract(&HeaderExtractor(req.headers()));
@@ -172,7 +171,6 @@ where
         inc_in_flight(&layer.metrics);
         let recorder = Recorder {
             metrics: Arc::clone(&layer.metrics),
-            protocol: layer.protocol,
             method,
             start: Instant::now(),
             done: false,
@@ -191,8 +189,7 @@ where
 #[derive(Debug)]
 struct Recorder {
     metrics: Arc<ServerMetrics>,
-    protocol: Protocol,
-    method: String,
+    method: Arc<MethodMetrics>,
     start: Instant,
     done: bool,
 }
@@ -204,9 +201,8 @@ impl Recorder {
         }
         self.done = true;
         dec_in_flight(&self.metrics);
-        self.metrics.record(
-            self.protocol.label(),
-            &self.method,
+        self.method.record(
+            &self.metrics,
             status,
             error,
             self.start.elapsed().as_secs_f64(),
@@ -236,8 +232,44 @@ impl<F> std::fmt::Debug for ServerFuture<F> {
     }
 }
 
-fn grpc_code_name(code: tonic::Code) -> String {
-    format!("{code:?}")
+fn grpc_code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "Ok",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+/// The metrics of REST route `route` called with `method` (`GET /accounts/{id}`), the name
+/// joined on the stack when it fits.
+fn rest_method(metrics: &ServerMetrics, method: &http::Method, route: &str) -> Arc<MethodMetrics> {
+    const STACK: usize = 128;
+    let (verb, len) = (method.as_str(), method.as_str().len() + 1 + route.len());
+    if len > STACK {
+        return metrics.method(Protocol::Rest, &format!("{verb} {route}"));
+    }
+    let mut buf = [0u8; STACK];
+    buf[..verb.len()].copy_from_slice(verb.as_bytes());
+    buf[verb.len()] = b' ';
+    buf[verb.len() + 1..len].copy_from_slice(route.as_bytes());
+    // Two `str`s and a space: UTF-8.
+    let name = std::str::from_utf8(&buf[..len]).unwrap_or_default();
+    metrics.method(Protocol::Rest, name)
 }
 
 /// gRPC codes counted as server errors in the RED metrics (the caller's mistakes are not).
@@ -278,7 +310,7 @@ where
                             // Trailers-only: the status is in the headers; otherwise the body's
                             // trailers carry it.
                             if let Some(code) = grpc_status(&parts.headers) {
-                                r.record(&grpc_code_name(code), grpc_is_error(code));
+                                r.record(grpc_code_name(code), grpc_is_error(code));
                             }
                         } else {
                             let status = parts.status;
@@ -378,7 +410,7 @@ where
                         Some(Ok(f)) => {
                             if let Some(trailers) = f.trailers_ref() {
                                 let code = grpc_status(trailers).unwrap_or(tonic::Code::Ok);
-                                r.record(&grpc_code_name(code), grpc_is_error(code));
+                                r.record(grpc_code_name(code), grpc_is_error(code));
                             }
                         }
                         Some(Err(_)) => r.record("error", true),
@@ -405,5 +437,31 @@ where
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_status_labels_are_the_code_names() {
+        for n in 0..=16 {
+            let code = tonic::Code::from_i32(n);
+            assert_eq!(grpc_code_name(code), format!("{code:?}"));
+        }
+    }
+
+    #[test]
+    fn rest_method_names_join_verb_and_route_however_long() {
+        let metrics = ServerMetrics::new();
+        let m = rest_method(&metrics, &http::Method::GET, "/accounts/{id}");
+        assert_eq!(&*m.name, "GET /accounts/{id}");
+        let long = format!("/{}", "x".repeat(200));
+        let m = rest_method(&metrics, &http::Method::DELETE, &long);
+        assert_eq!(&*m.name, format!("DELETE {long}"));
+        let edge = format!("/{}", "y".repeat(128 - "PUT /".len()));
+        let m = rest_method(&metrics, &http::Method::PUT, &edge);
+        assert_eq!(&*m.name, format!("PUT {edge}"));
     }
 }
