@@ -568,8 +568,9 @@ mod tests {
         assert_eq!(m.name.as_str(), format!("GET {over}"));
     }
 
-    #[test]
-    fn an_invalid_path_is_a_config_error_naming_it() {
+    /// The error of the call `request` makes on a client of an endpoint where nothing listens
+    /// (port 9): a call refused before it is sent fails without dialling.
+    fn refused(request: impl FnOnce(&RestClient) -> RestRequest) -> Error {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -578,43 +579,33 @@ mod tests {
             let client = RestClient::builder("x")
                 .endpoints(["http://127.0.0.1:9"])
                 .unwrap();
-            let err = client
-                .request(Method::GET, "/a b")
-                .send()
-                .await
-                .unwrap_err();
-            assert!(err.is_config(), "{err:?}");
-            assert!(err.to_string().contains("\"/a b\""), "{err}");
-        });
+            request(&client).send().await.unwrap_err()
+        })
+    }
+
+    #[test]
+    fn an_invalid_path_is_a_config_error_naming_it() {
+        let err = refused(|client| client.request(Method::GET, "/a b"));
+        assert!(err.is_config(), "{err:?}");
+        assert!(err.to_string().contains("\"/a b\""), "{err}");
     }
 
     #[test]
     fn an_invalid_header_is_a_config_error_naming_it() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            // Nothing listens on port 9: the call must fail before it is sent.
-            let client = RestClient::builder("x")
-                .endpoints(["http://127.0.0.1:9"])
-                .unwrap();
-            for (name, value, named) in [
-                ("x-ok", "bad\nvalue", "\"x-ok\""),
-                ("bad name", "v", "\"bad name\""),
-            ] {
-                let err = client
+        for (name, value, named) in [
+            ("x-ok", "bad\nvalue", "\"x-ok\""),
+            ("bad name", "v", "\"bad name\""),
+        ] {
+            let err = refused(|client| {
+                client
                     .request(Method::GET, "/a")
                     .header("x-first", "1")
                     .header(name, value)
                     .header("x-later", "2")
-                    .send()
-                    .await
-                    .unwrap_err();
-                assert!(err.is_config(), "{err:?}");
-                assert!(err.to_string().contains(named), "{err}");
-                assert!(!err.to_string().contains("bad\nvalue"), "{err}");
-            }
-        });
+            });
+            assert!(err.is_config(), "{err:?}");
+            assert!(err.to_string().contains(named), "{err}");
+            assert!(!err.to_string().contains("bad\nvalue"), "{err}");
+        }
     }
 }
