@@ -189,12 +189,14 @@ fn write_grpc_timeout(buf: &mut [u8; 24], remaining: Duration) -> usize {
     len + 1
 }
 
-/// Re-stamps the deadline header already present in `headers` (used before each retry).
-pub(crate) fn restamp(headers: &mut HeaderMap, deadline: Deadline) {
+/// Which deadline header `headers` carries (the retry layer re-stamps it before each retry).
+pub(crate) fn stamped(headers: &HeaderMap) -> Option<(HeaderName, Protocol)> {
     if headers.contains_key(GRPC_TIMEOUT) {
-        stamp(headers, deadline, Protocol::Grpc);
+        Some((GRPC_TIMEOUT, Protocol::Grpc))
     } else if headers.contains_key(KEEL_DEADLINE) {
-        stamp(headers, deadline, Protocol::Rest);
+        Some((KEEL_DEADLINE, Protocol::Rest))
+    } else {
+        None
     }
 }
 

@@ -43,7 +43,7 @@ pub use layer::RetryLayer;
 
 use crate::BoxError;
 use crate::classify::{Classify, DefaultClassifier, FailureClass, Outcome};
-use crate::deadline::Deadline;
+use crate::deadline::{Deadline, Protocol};
 use crate::request::{is_replay_safe, stamp_idempotency_key};
 use body::{Collected, collect};
 
@@ -226,7 +226,13 @@ pub(crate) struct Template {
     method: http::Method,
     uri: http::Uri,
     version: http::Version,
-    headers: http::HeaderMap,
+    /// The head's headers in order, a name once per value. Kept as pairs rather than a second
+    /// `HeaderMap` (the first attempt is sent with the caller's map; only a retry rebuilds one
+    /// from these): one allocation instead of two per call, and no hash index or links.
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// The deadline header a retry re-stamps with the time then left (its first value is not
+    /// kept: it would be stale).
+    restamp: Option<(Deadline, Protocol)>,
     extensions: http::Extensions,
     data: Bytes,
     /// Boxed: request trailers are rare, and the template lives in every call's future.
@@ -242,19 +248,32 @@ impl Template {
         copy: Option<CopyExtensions>,
         data: Bytes,
         trailers: Option<Box<http::HeaderMap>>,
+        deadline: Option<Deadline>,
     ) -> Self {
         // The call's own extensions stay here; the first attempt gets what every attempt gets.
         let first = attempt_extensions(&parts.extensions, copy);
         let extensions = std::mem::replace(&mut parts.extensions, first);
+        let stamped = deadline.and_then(|d| {
+            let (name, protocol) = crate::deadline::stamped(&parts.headers)?;
+            Some((d, protocol, name))
+        });
+        let skipped = stamped
+            .as_ref()
+            .map_or(0, |(_, _, name)| parts.headers.get_all(name).iter().count());
+        let mut headers = Vec::with_capacity(parts.headers.len() - skipped);
+        headers.extend(
+            parts
+                .headers
+                .iter()
+                .filter(|(name, _)| stamped.as_ref().is_none_or(|(_, _, n)| *name != n))
+                .map(|(name, value)| (name.clone(), value.clone())),
+        );
         Self {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             version: parts.version,
-            headers: if parts.headers.is_empty() {
-                http::HeaderMap::new()
-            } else {
-                parts.headers.clone()
-            },
+            headers,
+            restamp: stamped.map(|(d, protocol, _)| (d, protocol)),
             extensions,
             data,
             trailers,
@@ -263,11 +282,7 @@ impl Template {
 
     /// What one attempt carries of the call's extensions (`copy`: the policy's
     /// [`attempt_extensions`](RetryPolicy::attempt_extensions)).
-    fn build<B>(
-        &self,
-        copy: Option<CopyExtensions>,
-        deadline: Option<Deadline>,
-    ) -> http::Request<ReplayBody<B>> {
+    fn build<B>(&self, copy: Option<CopyExtensions>) -> http::Request<ReplayBody<B>> {
         let mut req = http::Request::new(ReplayBody::buffered(
             self.data.clone(),
             self.trailers.clone(),
@@ -275,10 +290,14 @@ impl Template {
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
+        let headers = req.headers_mut();
+        headers.reserve(self.headers.len());
+        for (name, value) in &self.headers {
+            headers.append(name, value.clone());
+        }
         *req.extensions_mut() = attempt_extensions(&self.extensions, copy);
-        if let Some(deadline) = deadline {
-            crate::deadline::restamp(req.headers_mut(), deadline);
+        if let Some((deadline, protocol)) = self.restamp {
+            crate::deadline::stamp(req.headers_mut(), deadline, protocol);
         }
         req
     }
@@ -342,6 +361,7 @@ where
             self.policy.attempt_extensions,
             data.clone(),
             trailers.clone(),
+            deadline,
         );
         let req = http::Request::from_parts(parts, ReplayBody::buffered(data, trailers));
         let fut = service.call(req);

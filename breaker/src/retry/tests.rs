@@ -81,6 +81,51 @@ async fn not_sent_is_retried_and_the_body_replayed() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_retry_carries_the_same_head_with_every_header_value() {
+    let mut req = request("pay 10");
+    *req.version_mut() = http::Version::HTTP_2;
+    let h = req.headers_mut();
+    h.append("x-tag", http::HeaderValue::from_static("a"));
+    h.insert("x-request-id", http::HeaderValue::from_static("r-1"));
+    h.append("x-tag", http::HeaderValue::from_static("b"));
+    let mut secret = http::HeaderValue::from_static("k");
+    secret.set_sensitive(true);
+    h.insert("x-api-key", secret);
+    let (task, mut handle) = spawn_call(policy(), req);
+    let head = |req: &Req| {
+        let pairs: Vec<(String, String, bool)> = req
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    v.to_str().unwrap().to_owned(),
+                    v.is_sensitive(),
+                )
+            })
+            .collect();
+        (
+            req.method().clone(),
+            req.uri().clone(),
+            req.version(),
+            pairs,
+        )
+    };
+    let (first, send) = handle.next_request().await.unwrap();
+    let sent = head(&first);
+    send.send_response(status(503));
+    let (second, send) = handle.next_request().await.unwrap();
+    assert_eq!(head(&second), sent);
+    assert_eq!(
+        second.headers().get_all("x-tag").iter().collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    assert_eq!(body_of(second).await, "pay 10");
+    send.send_response(status(200));
+    assert_eq!(task.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
 async fn rejected_is_retried() {
     for rejected in [503, 429] {
         let (task, mut handle) = spawn_call(policy(), request("x"));
