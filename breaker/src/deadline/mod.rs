@@ -189,17 +189,6 @@ fn write_grpc_timeout(buf: &mut [u8; 24], remaining: Duration) -> usize {
     len + 1
 }
 
-/// Which deadline header `headers` carries (the retry layer re-stamps it before each retry).
-pub(crate) fn stamped(headers: &HeaderMap) -> Option<(HeaderName, Protocol)> {
-    if headers.contains_key(GRPC_TIMEOUT) {
-        Some((GRPC_TIMEOUT, Protocol::Grpc))
-    } else if headers.contains_key(KEEL_DEADLINE) {
-        Some((KEEL_DEADLINE, Protocol::Rest))
-    } else {
-        None
-    }
-}
-
 /// Enforces and propagates a call deadline; see the [module docs](self).
 #[derive(Debug, Clone)]
 pub struct DeadlineService<S> {

@@ -43,7 +43,7 @@ pub use layer::RetryLayer;
 
 use crate::BoxError;
 use crate::classify::{Classify, DefaultClassifier, FailureClass, Outcome};
-use crate::deadline::{Deadline, Protocol};
+use crate::deadline::{Deadline, GRPC_TIMEOUT, KEEL_DEADLINE, Protocol};
 use crate::request::{is_replay_safe, stamp_idempotency_key};
 use body::{Collected, collect};
 
@@ -221,6 +221,13 @@ impl<S, C> Retry<S, C> {
     }
 }
 
+/// The deadline headers a [`Template`] left out.
+#[derive(Default, Clone, Copy)]
+struct Restamp {
+    grpc: bool,
+    rest: bool,
+}
+
 /// What a retry rebuilds each attempt from.
 pub(crate) struct Template {
     method: http::Method,
@@ -230,9 +237,11 @@ pub(crate) struct Template {
     /// `HeaderMap` (the first attempt is sent with the caller's map; only a retry rebuilds one
     /// from these): one allocation instead of two per call, and no hash index or links.
     headers: Vec<(http::HeaderName, http::HeaderValue)>,
-    /// The deadline header a retry re-stamps with the time then left (its first value is not
-    /// kept: it would be stale).
-    restamp: Option<(Deadline, Protocol)>,
+    /// The call's deadline, when the head carried a deadline header to re-stamp.
+    deadline: Option<Deadline>,
+    /// Which deadline headers a retry re-stamps with the time then left (their first values
+    /// are not kept: they would be stale).
+    restamp: Restamp,
     extensions: http::Extensions,
     data: Bytes,
     /// Boxed: request trailers are rare, and the template lives in every call's future.
@@ -253,27 +262,36 @@ impl Template {
         // The call's own extensions stay here; the first attempt gets what every attempt gets.
         let first = attempt_extensions(&parts.extensions, copy);
         let extensions = std::mem::replace(&mut parts.extensions, first);
-        let stamped = deadline.and_then(|d| {
-            let (name, protocol) = crate::deadline::stamped(&parts.headers)?;
-            Some((d, protocol, name))
-        });
-        let skipped = stamped
-            .as_ref()
-            .map_or(0, |(_, _, name)| parts.headers.get_all(name).iter().count());
-        let mut headers = Vec::with_capacity(parts.headers.len() - skipped);
-        headers.extend(
+        // One pass, no lookups: the deadline headers (re-stamped by a retry) are left out.
+        // Sized for one of them when there is a deadline (a call without the header merely
+        // grows the vector).
+        let mut restamp = Restamp::default();
+        let mut headers = Vec::with_capacity(
             parts
                 .headers
-                .iter()
-                .filter(|(name, _)| stamped.as_ref().is_none_or(|(_, _, n)| *name != n))
-                .map(|(name, value)| (name.clone(), value.clone())),
+                .len()
+                .saturating_sub(usize::from(deadline.is_some())),
         );
+        for (name, value) in &parts.headers {
+            if deadline.is_some() {
+                if *name == GRPC_TIMEOUT {
+                    restamp.grpc = true;
+                    continue;
+                }
+                if *name == KEEL_DEADLINE {
+                    restamp.rest = true;
+                    continue;
+                }
+            }
+            headers.push((name.clone(), value.clone()));
+        }
         Self {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             version: parts.version,
             headers,
-            restamp: stamped.map(|(d, protocol, _)| (d, protocol)),
+            deadline: deadline.filter(|_| restamp.grpc || restamp.rest),
+            restamp,
             extensions,
             data,
             trailers,
@@ -296,8 +314,13 @@ impl Template {
             headers.append(name, value.clone());
         }
         *req.extensions_mut() = attempt_extensions(&self.extensions, copy);
-        if let Some((deadline, protocol)) = self.restamp {
-            crate::deadline::stamp(req.headers_mut(), deadline, protocol);
+        if let Some(deadline) = self.deadline {
+            if self.restamp.grpc {
+                crate::deadline::stamp(req.headers_mut(), deadline, Protocol::Grpc);
+            }
+            if self.restamp.rest {
+                crate::deadline::stamp(req.headers_mut(), deadline, Protocol::Rest);
+            }
         }
         req
     }
