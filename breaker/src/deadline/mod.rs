@@ -117,12 +117,7 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 /// Writes the time left until `deadline` into `headers`, in the header that `protocol` (or, for
 /// [`Protocol::Auto`], the content type) selects.
 pub fn stamp(headers: &mut HeaderMap, deadline: Deadline, protocol: Protocol) {
-    stamp_at(headers, deadline, protocol, Instant::now());
-}
-
-/// [`stamp`] with the time left counted from `now` (a clock reading the caller already has).
-fn stamp_at(headers: &mut HeaderMap, deadline: Deadline, protocol: Protocol, now: Instant) {
-    let remaining = deadline.0.saturating_duration_since(now);
+    let remaining = deadline.remaining();
     let grpc = match protocol {
         Protocol::Grpc => true,
         Protocol::Rest => false,
@@ -239,7 +234,7 @@ where
             return ResponseFuture::expired();
         }
         req.extensions_mut().insert(deadline);
-        stamp_at(req.headers_mut(), deadline, self.protocol, now);
+        stamp(req.headers_mut(), deadline, self.protocol);
         ResponseFuture::new(self.inner.call(req), Some(deadline.0))
     }
 }
