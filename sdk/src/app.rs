@@ -451,7 +451,8 @@ impl App {
     }
 
     /// A check that must pass before the instance registers (retried until it does, up to
-    /// `server.shutdown_timeout`), e.g. "the database answers".
+    /// `server.shutdown_timeout`), e.g. "the database answers". A stop asked for meanwhile
+    /// drops a check in progress, so a check must tolerate being cancelled.
     pub fn readiness_check<F, Fut>(mut self, name: &str, check: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,
@@ -502,17 +503,16 @@ impl App {
     /// running App (its addresses, and [`Running::stop`] for the graceful shutdown).
     ///
     /// # Errors
-    /// [`Error::Bind`], [`Error::NotReady`] (also when the [`ShutdownHandle`] was used before
-    /// the checks passed; what was started is stopped), [`Error::Registry`].
+    /// [`Error::Bind`], [`Error::NotReady`], [`Error::Registry`]; [`Error::Stopped`] when the
+    /// [`ShutdownHandle`] was used before the readiness checks passed (what was started is
+    /// stopped; a check in progress is dropped, so a check must tolerate being cancelled).
     pub async fn start(self) -> Result<Running, Error> {
         match self
             .start_until(std::pin::pin!(std::future::pending()))
             .await?
         {
             Some(running) => Ok(running),
-            None => Err(Error::NotReady(
-                "shut down before the readiness checks passed".to_owned(),
-            )),
+            None => Err(Error::Stopped),
         }
     }
 
@@ -1033,7 +1033,10 @@ impl Running {
             Ok(())
         };
         tokio::select! {
-            passed = passed => passed?,
+            // In this order: the signal listener is installed by its first poll, before the
+            // checks run and the instance registers; a stop asked for already wins over checks
+            // that pass at once.
+            biased;
             () = interrupt => {
                 tracing::info!(service = %self.name, "stop requested before ready");
                 return Ok(false);
@@ -1042,6 +1045,7 @@ impl Running {
                 tracing::info!(service = %self.name, "shutdown requested before ready");
                 return Ok(false);
             }
+            passed = passed => passed?,
         }
         let instance = self.instance_for();
         let registration = self.registry.register(instance.clone()).await?;

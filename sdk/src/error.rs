@@ -62,6 +62,11 @@ pub enum Error {
     /// A readiness check never passed.
     #[error("not ready: {0}")]
     NotReady(String),
+    /// [`App::start`](crate::App::start) was stopped by its
+    /// [`ShutdownHandle`](crate::ShutdownHandle) before the readiness checks passed (what it
+    /// had started is stopped, nothing was registered).
+    #[error("stopped before ready")]
+    Stopped,
 }
 
 impl Error {
