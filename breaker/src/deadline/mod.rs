@@ -137,8 +137,8 @@ pub fn stamp(headers: &mut HeaderMap, deadline: Deadline, protocol: Protocol) {
         let ms = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
         (KEEL_DEADLINE, write_u64(&mut buf, ms))
     };
-    // Changes from call to call: sent never-indexed over HTTP/2, and one allocation that the
-    // retry layer's copy of the headers shares.
+    // Changes from call to call: sent never-indexed over HTTP/2 (the retry layer does not
+    // keep it, it stamps each retry afresh).
     if let Some(value) = keel_core::header::per_call_value(&buf[..len]) {
         headers.insert(name, value);
     }

@@ -256,6 +256,44 @@ async fn streaming_bodies_are_never_replayed() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_retry_restamps_the_rest_deadline_and_both_when_both_are_sent() {
+    use crate::deadline::{Deadline, GRPC_TIMEOUT, KEEL_DEADLINE, parse_grpc_timeout};
+    for both in [false, true] {
+        let mut req = request("x");
+        req.extensions_mut()
+            .insert(Deadline::after(Duration::from_millis(800)));
+        req.headers_mut()
+            .insert(KEEL_DEADLINE, http::HeaderValue::from_static("800"));
+        if both {
+            req.headers_mut()
+                .insert(GRPC_TIMEOUT, http::HeaderValue::from_static("800m"));
+        }
+        let (task, mut handle) = spawn_call(policy(), req);
+        let (first, send) = handle.next_request().await.unwrap();
+        assert_eq!(first.headers()[KEEL_DEADLINE], "800");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        send.send_response(status(503));
+        let (second, send) = handle.next_request().await.unwrap();
+        let left: u64 = second.headers()[KEEL_DEADLINE]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(left < 700, "re-stamped with the time left: {left}");
+        assert_eq!(second.headers().get_all(KEEL_DEADLINE).iter().count(), 1);
+        if both {
+            let grpc = second.headers()[GRPC_TIMEOUT].to_str().unwrap();
+            let left = parse_grpc_timeout(grpc).unwrap();
+            assert!(left < Duration::from_millis(700), "{grpc}");
+        } else {
+            assert!(!second.headers().contains_key(GRPC_TIMEOUT));
+        }
+        send.send_response(status(200));
+        assert_eq!(task.await.unwrap().unwrap().status(), 200);
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn retries_restamp_the_deadline_and_stop_before_it() {
     use crate::deadline::{Deadline, GRPC_TIMEOUT, parse_grpc_timeout};
     let mut req = request("x");
