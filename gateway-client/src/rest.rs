@@ -2,11 +2,9 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::Either;
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, Method};
 use http_body_util::{BodyExt, Full};
@@ -251,6 +249,7 @@ impl RestClient {
             ))
             .map_err(|e| format!("invalid path {path:?}: {e}")),
             headers: Ok(HeaderMap::new()),
+            json: false,
             body: Ok(Bytes::new()),
             extensions: http::Extensions::new(),
             route: None,
@@ -316,6 +315,8 @@ pub struct RestRequest {
     path: Result<http::uri::PathAndQuery, String>,
     /// The call's own headers, or why one of them was refused.
     headers: Result<HeaderMap, String>,
+    /// The body is JSON: `content-type: application/json` unless the headers name another.
+    json: bool,
     body: Result<Bytes, String>,
     extensions: http::Extensions,
     route: Option<String>,
@@ -360,14 +361,13 @@ fn route_metrics(metrics: &ClientMetrics, method: &Method, path: &str) -> Arc<Me
 }
 
 impl RestRequest {
-    /// A JSON body (`content-type: application/json`).
+    /// A JSON body (`content-type: application/json`, unless the call sets its own content
+    /// type with [`header`](Self::header)).
     pub fn json<B: Serialize + ?Sized>(mut self, body: &B) -> Self {
         self.body = serde_json::to_vec(body)
             .map(Bytes::from)
             .map_err(|e| e.to_string());
-        if let Ok(headers) = &mut self.headers {
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        }
+        self.json = true;
         self
     }
 
@@ -446,30 +446,70 @@ impl RestRequest {
 
     /// The call, its response (a 2xx one, body read whole) handed to `decode`: one future for
     /// `send` and `send_json` alike (a future awaiting another holds a copy of it, moved on
-    /// every await). Everything before the first await happens in [`prepare`](Self::prepare),
-    /// a plain function, and the future is an [`Exchange`] around the [`round_trip`]: in an
-    /// `async` function a captured value and the locals made from it are laid out side by
-    /// side, so each copy added its size to the future (2.9 KB then, 2.1 KB now).
-    fn exchange<T>(
+    /// every await). Its work before the first await is a plain function,
+    /// [`prepare`](Self::prepare), run at the first poll (the span's parent is the context the
+    /// call is polled in), and the round trip is written inline: an `async` function keeps
+    /// its captures beside the locals made from them, and an inner `async` block or a
+    /// captured future awaited would hold the request's parts a second time (the future was
+    /// 2.9 KB with both).
+    async fn exchange<T>(
         self,
         decode: impl FnOnce(http::response::Parts, Bytes) -> Result<T, Error> + Send,
-    ) -> impl Future<Output = Result<T, Error>> + Send {
+    ) -> Result<T, Error> {
         let Prepared {
-            client,
+            mut client,
             req,
             span,
             metrics,
-        } = match self.prepare() {
-            Ok(prepared) => prepared,
-            Err(error) => return Either::Left(async move { Err(error) }),
+        } = self.prepare()?;
+        let start = Instant::now();
+        let result: Result<(http::response::Parts, Bytes), Error> = 'round_trip: {
+            if let Err(error) = std::future::poll_fn(|cx| client.stack.poll_ready(cx)).await {
+                break 'round_trip Err(Error::from_box(error));
+            }
+            // Scoped: the call's future is gone before the body is read, so the two share
+            // space in this future.
+            let (res, refused) = {
+                let mut call = std::pin::pin!(client.stack.call(req));
+                let res = call.as_mut().await;
+                (res, budget_refused(&call))
+            };
+            let res = match res {
+                Ok(res) => res,
+                Err(error) => break 'round_trip Err(client.shared.failure(error, refused)),
+            };
+            let status = res.status();
+            let (head, body) = res.into_parts();
+            let bytes = match body.collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(error) => break 'round_trip Err(Error::from_box(error)),
+            };
+            if status.is_success() {
+                Ok((head, bytes))
+            } else if refused {
+                Err(Error::http(status, bytes).into_budget_exhausted())
+            } else {
+                Err(Error::http(status, bytes))
+            }
         };
-        Either::Right(Exchange {
-            round_trip: round_trip(client, req),
-            span: Some(span),
-            metrics,
-            start: None,
-            decode: Some(decode),
-        })
+        let failed = match &result {
+            Ok(_) => false,
+            Err(e) => e.status().is_none_or(|s| s.is_server_error()),
+        };
+        metrics.record(start.elapsed(), failed);
+        match &result {
+            Ok(_) => span.succeed(),
+            Err(e) => match e.status() {
+                Some(status) => span.fail_with(
+                    e.to_string(),
+                    "http.response.status_code",
+                    i64::from(status.as_u16()),
+                ),
+                None => span.fail(e.to_string()),
+            },
+        }
+        let (head, body) = result?;
+        decode(head, body)
     }
 
     /// The request as it goes down the stack, its client span and its route's metrics.
@@ -479,6 +519,7 @@ impl RestRequest {
             method,
             path,
             headers,
+            json,
             body,
             extensions,
             route,
@@ -496,6 +537,10 @@ impl RestRequest {
         *req.extensions_mut() = extensions;
         *req.headers_mut() = headers;
         let h = req.headers_mut();
+        if json {
+            h.entry(CONTENT_TYPE)
+                .or_insert(HeaderValue::from_static("application/json"));
+        }
         add_defaults(&client.shared.default_headers, h);
         h.entry(ACCEPT)
             .or_insert(HeaderValue::from_static("application/json"));
@@ -528,91 +573,6 @@ struct Prepared {
     req: http::Request<Full<Bytes>>,
     span: span::CallSpan,
     metrics: Arc<MethodMetrics>,
-}
-
-pin_project_lite::pin_project! {
-    /// The future of a REST call: its round trip, then metrics, span and decoding. Written out
-    /// rather than an `async` block, which would move the round trip's future (1.8 KB) out of
-    /// its captures into a second slot to await it.
-    struct Exchange<F, D> {
-        #[pin]
-        round_trip: F,
-        span: Option<span::CallSpan>,
-        metrics: Arc<MethodMetrics>,
-        // Set on the first poll: the call's duration starts when it does.
-        start: Option<Instant>,
-        decode: Option<D>,
-    }
-}
-
-impl<F, D, T> Future for Exchange<F, D>
-where
-    F: Future<Output = Result<(http::response::Parts, Bytes), Error>>,
-    D: FnOnce(http::response::Parts, Bytes) -> Result<T, Error>,
-{
-    type Output = Result<T, Error>;
-
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let start = *this.start.get_or_insert_with(Instant::now);
-        let result = std::task::ready!(this.round_trip.poll(cx));
-        let failed = match &result {
-            Ok(_) => false,
-            Err(e) => e.status().is_none_or(|s| s.is_server_error()),
-        };
-        this.metrics.record(start.elapsed(), failed);
-        if let Some(span) = this.span.take() {
-            match &result {
-                Ok(_) => span.succeed(),
-                Err(e) => match e.status() {
-                    Some(status) => span.fail_with(
-                        e.to_string(),
-                        "http.response.status_code",
-                        i64::from(status.as_u16()),
-                    ),
-                    None => span.fail(e.to_string()),
-                },
-            }
-        }
-        let (head, body) = result?;
-        match this.decode.take() {
-            Some(decode) => Poll::Ready(decode(head, body)),
-            None => Poll::Ready(Err(Error::config("REST call polled after it completed"))),
-        }
-    }
-}
-
-/// `req` down `client`'s stack, and the response: a 2xx one with its body read whole, else
-/// the call's error.
-async fn round_trip(
-    mut client: RestClient,
-    req: http::Request<Full<Bytes>>,
-) -> Result<(http::response::Parts, Bytes), Error> {
-    std::future::poll_fn(|cx| client.stack.poll_ready(cx))
-        .await
-        .map_err(Error::from_box)?;
-    // Scoped: the call's future is gone before the body is read, so the two share space in
-    // this future.
-    let (res, refused) = {
-        let mut call = std::pin::pin!(client.stack.call(req));
-        let res = call.as_mut().await;
-        (res, budget_refused(&call))
-    };
-    let res = match res {
-        Ok(res) => res,
-        Err(error) => return Err(client.shared.failure(error, refused)),
-    };
-    let status = res.status();
-    let (head, body) = res.into_parts();
-    let bytes = body.collect().await.map_err(Error::from_box)?.to_bytes();
-    if !status.is_success() {
-        let error = Error::http(status, bytes);
-        if refused {
-            return Err(error.into_budget_exhausted());
-        }
-        return Err(error);
-    }
-    Ok((head, bytes))
 }
 
 #[cfg(test)]

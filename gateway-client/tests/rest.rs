@@ -47,6 +47,33 @@ async fn verbs_errors_and_gateway_mode() {
         got["headers"]["x-api-key"], "own",
         "the call's own header wins"
     );
+    let got: Value = client
+        .request(Method::PATCH, "/accounts/7")
+        .json(&json!({"owner": "cy"}))
+        .header("content-type", "application/merge-patch+json")
+        .send_json()
+        .await
+        .unwrap();
+    assert_eq!(
+        got["headers"]["content-type"], "application/merge-patch+json",
+        "the call's content type replaces the JSON default"
+    );
+    assert_eq!(got["body"]["owner"], "cy");
+    // The call's parent is the context it is polled in, not the one it was built in.
+    let later = TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736_u128);
+    let call = client.get::<Value>("/accounts/8");
+    let polled_in = opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+        later,
+        SpanId::from(0x00f0_67aa_0ba9_02b7_u64),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    ));
+    let got = opentelemetry::context::FutureExt::with_context(call, polled_in)
+        .await
+        .unwrap();
+    let tp = got["headers"]["traceparent"].as_str().unwrap().to_owned();
+    assert!(tp.contains(&later.to_string()), "{tp}");
     let posted: Value = client
         .post("/accounts", &json!({"owner": "ann"}))
         .await
@@ -73,7 +100,7 @@ async fn verbs_errors_and_gateway_mode() {
     assert!(err.is_decode(), "{err:?}");
 
     let m = client.metrics().get("GET /accounts/{id}").unwrap();
-    assert_eq!((m.requests, m.errors), (3, 0));
+    assert_eq!((m.requests, m.errors), (4, 0));
     let m = client.metrics().get("GET /accounts/missing").unwrap();
     assert_eq!((m.requests, m.errors), (1, 0), "404 is not a server error");
 }
