@@ -3,7 +3,8 @@
 //! - `keel_server_requests_total{protocol,method,status}`,
 //!   `keel_server_errors_total{protocol,method}`,
 //!   `keel_server_request_duration_seconds{protocol,method}`, `keel_server_in_flight`:
-//!   RED metrics of every gRPC method and REST route served.
+//!   RED metrics of every gRPC method and REST route served (`method` is the gRPC path, or
+//!   `VERB /route` with a method outside the nine standard ones labelled `_OTHER`).
 //! - `keel_client_requests_total{service,method}`, `keel_client_errors_total{…}`,
 //!   `keel_client_request_duration_seconds{…}`: RED metrics of every client the App built.
 //! - `keel_ready`: 1 while the instance is registered and serving.

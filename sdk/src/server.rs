@@ -259,7 +259,21 @@ fn grpc_code_name(code: tonic::Code) -> &'static str {
 /// joined on the stack when it fits.
 fn rest_method(metrics: &ServerMetrics, method: &http::Method, route: &str) -> Arc<MethodMetrics> {
     const STACK: usize = 128;
-    let (verb, len) = (method.as_str(), method.as_str().len() + 1 + route.len());
+    // Any token is a valid HTTP method: one a client makes up is labelled `_OTHER` (as the
+    // OpenTelemetry conventions do), so callers cannot grow the metrics without bound.
+    let verb = match *method {
+        http::Method::GET
+        | http::Method::POST
+        | http::Method::PUT
+        | http::Method::DELETE
+        | http::Method::PATCH
+        | http::Method::HEAD
+        | http::Method::OPTIONS
+        | http::Method::CONNECT
+        | http::Method::TRACE => method.as_str(),
+        _ => "_OTHER",
+    };
+    let len = verb.len() + 1 + route.len();
     if len > STACK {
         return metrics.method(Protocol::Rest, &format!("{verb} {route}"));
     }
@@ -463,5 +477,11 @@ mod tests {
         let edge = format!("/{}", "y".repeat(128 - "PUT /".len()));
         let m = rest_method(&metrics, &http::Method::PUT, &edge);
         assert_eq!(&*m.name, format!("PUT {edge}"));
+        // Made-up methods share one label.
+        for made_up in ["FROBNICATE", "X-1", "PURGE"] {
+            let method = http::Method::from_bytes(made_up.as_bytes()).unwrap();
+            let m = rest_method(&metrics, &method, "unmatched");
+            assert_eq!(&*m.name, "_OTHER unmatched");
+        }
     }
 }
