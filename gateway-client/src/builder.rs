@@ -111,14 +111,11 @@ macro_rules! common_builder_methods {
         /// gateway); several calls with one name send all their values. An invalid name or
         /// value is reported by the build method ([`Error::is_config`](crate::Error::is_config)).
         pub fn default_header(mut self, name: &str, value: &str) -> Self {
-            match (
-                http::HeaderName::from_bytes(name.as_bytes()),
-                http::HeaderValue::from_str(value),
-            ) {
-                (Ok(n), Ok(v)) => {
+            match crate::options::header_pair(name, value) {
+                Ok((n, v)) => {
                     self.options.default_headers.append(n, v);
                 }
-                _ => {
+                Err(_) => {
                     self.options
                         .invalid_header
                         .get_or_insert_with(|| name.to_owned());

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use http::{Extensions, HeaderMap, HeaderName};
+use http::{Extensions, HeaderMap, HeaderName, HeaderValue};
 use keel_breaker::BoxError;
 use keel_breaker::breaker::BreakerConfig;
 use keel_breaker::bulkhead::Bulkhead;
@@ -152,6 +152,16 @@ impl Options {
             .backoff(self.backoff.0, self.backoff.1)
             .attempt_extensions(balancer_extensions)
     }
+}
+
+/// `name: value` as a header, or why it is not one (naming the header, not echoing the value,
+/// which may be a secret).
+pub(crate) fn header_pair(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let header = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|e| format!("invalid header name {name:?}: {e}"))?;
+    let value = HeaderValue::from_str(value)
+        .map_err(|e| format!("invalid value of header {name:?}: {e}"))?;
+    Ok((header, value))
 }
 
 /// Adds each of the client's `defaults` (all its values) that `headers` has no value of: the

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use http::{HeaderMap, Method};
 use http_body_util::{BodyExt, Full};
 use keel_breaker::bulkhead::Bulkhead;
@@ -31,7 +31,7 @@ use crate::grpc::{EndpointInfo, endpoint_info, instance_from_url, wait_ready};
 use crate::h1::{PoolConfig, RestConn};
 use crate::lb::Balancer;
 use crate::metrics::{ClientMetrics, MethodMetrics};
-use crate::options::{Options, Shared, add_defaults, budget_refused};
+use crate::options::{Options, Shared, add_defaults, budget_refused, header_pair};
 use crate::span;
 
 type Wire = ReplayBody<Full<Bytes>>;
@@ -376,17 +376,11 @@ impl RestRequest {
     /// (nothing is sent).
     pub fn header(mut self, name: &str, value: &str) -> Self {
         if let Ok(headers) = &mut self.headers {
-            match (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(value),
-            ) {
-                (Ok(n), Ok(v)) => {
+            match header_pair(name, value) {
+                Ok((n, v)) => {
                     headers.append(n, v);
                 }
-                (Err(e), _) => self.headers = Err(format!("invalid header name {name:?}: {e}")),
-                (_, Err(e)) => {
-                    self.headers = Err(format!("invalid value of header {name:?}: {e}"));
-                }
+                Err(why) => self.headers = Err(why),
             }
         }
         self
