@@ -189,6 +189,18 @@ fn write_grpc_timeout(buf: &mut [u8; 24], remaining: Duration) -> usize {
     len + 1
 }
 
+/// The protocol whose deadline header `name` is ([`stamp`] writes `grpc-timeout` for
+/// [`Protocol::Grpc`] and `x-keel-deadline` for [`Protocol::Rest`]); `None` for other headers.
+pub(crate) fn stamped_by(name: &HeaderName) -> Option<Protocol> {
+    if *name == GRPC_TIMEOUT {
+        Some(Protocol::Grpc)
+    } else if *name == KEEL_DEADLINE {
+        Some(Protocol::Rest)
+    } else {
+        None
+    }
+}
+
 /// Enforces and propagates a call deadline; see the [module docs](self).
 #[derive(Debug, Clone)]
 pub struct DeadlineService<S> {

@@ -43,7 +43,7 @@ pub use layer::RetryLayer;
 
 use crate::BoxError;
 use crate::classify::{Classify, DefaultClassifier, FailureClass, Outcome};
-use crate::deadline::{Deadline, GRPC_TIMEOUT, KEEL_DEADLINE, Protocol};
+use crate::deadline::{Deadline, Protocol};
 use crate::request::{is_replay_safe, stamp_idempotency_key};
 use body::{Collected, collect};
 
@@ -273,17 +273,11 @@ impl Template {
                 .saturating_sub(usize::from(deadline.is_some())),
         );
         for (name, value) in &parts.headers {
-            if deadline.is_some() {
-                if *name == GRPC_TIMEOUT {
-                    restamp.grpc = true;
-                    continue;
-                }
-                if *name == KEEL_DEADLINE {
-                    restamp.rest = true;
-                    continue;
-                }
+            match deadline.and_then(|_| crate::deadline::stamped_by(name)) {
+                Some(Protocol::Grpc) => restamp.grpc = true,
+                Some(Protocol::Rest) => restamp.rest = true,
+                _ => headers.push((name.clone(), value.clone())),
             }
-            headers.push((name.clone(), value.clone()));
         }
         Self {
             method: parts.method.clone(),
