@@ -28,7 +28,7 @@ use crate::config::{BalancerKind, ClientConfig, Config, ConfigError, default_pat
 use crate::error::Error;
 use crate::idempotency::{IdempotencyLayer, IdempotencyStats};
 use crate::metrics::{ClientCollector, FnCounters, Metrics};
-use crate::server::{Protocol, ServerLayer};
+use crate::server::{GrpcNames, Protocol, ServerLayer};
 use crate::telemetry::Telemetry;
 
 type Check = Box<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
@@ -588,7 +588,7 @@ impl App {
             routes.add_service(health_service);
             let mut reflection = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-            for d in descriptors {
+            for &d in &descriptors {
                 reflection = reflection.register_encoded_file_descriptor_set(d);
             }
             match reflection.build_v1() {
@@ -599,17 +599,23 @@ impl App {
             }
             let listener = bind("grpc", config.server.grpc).await?;
             grpc_addr = Some(local_addr("grpc", &listener)?);
-            let known: Arc<[String]> = grpc_names
-                .iter()
-                .cloned()
-                .chain(["grpc.health.v1.Health".to_owned()])
-                .collect();
+            let known = GrpcNames::new(
+                grpc_names
+                    .iter()
+                    .map(String::as_str)
+                    .chain([tonic_health::pb::health_server::SERVICE_NAME]),
+                descriptors
+                    .iter()
+                    .copied()
+                    .chain([tonic_health::pb::FILE_DESCRIPTOR_SET]),
+            )
+            .map_err(|e| Error::config("grpc descriptors", e.to_string()))?;
             let layer = tower::ServiceBuilder::new()
                 .layer(ServerLayer::new(
                     Arc::clone(&metrics.server),
                     Protocol::Grpc,
                     config.server.request_timeout,
-                    known,
+                    Arc::new(known),
                 ))
                 .layer(idempotency.clone());
             let stop = stop_accepting.clone();
@@ -642,7 +648,7 @@ impl App {
                 Arc::clone(&metrics.server),
                 Protocol::Rest,
                 config.server.request_timeout,
-                Arc::from(Vec::new()),
+                Arc::default(),
             ));
             let stop = stop_accepting.clone();
             servers.push((

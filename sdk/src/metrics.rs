@@ -4,7 +4,9 @@
 //!   `keel_server_errors_total{protocol,method}`,
 //!   `keel_server_request_duration_seconds{protocol,method}`, `keel_server_in_flight`:
 //!   RED metrics of every gRPC method and REST route served (`method` is the gRPC path, or
-//!   `VERB /route` with a method outside the nine standard ones labelled `_OTHER`).
+//!   `VERB /route` with a method outside the nine standard ones labelled `_OTHER`). A gRPC path
+//!   no served method answers is labelled `unknown`; past 1 000 `method` series of a protocol,
+//!   new ones are counted under `unknown` (gRPC) or `_OTHER` (REST).
 //! - `keel_client_requests_total{service,method}`, `keel_client_errors_total{…}`,
 //!   `keel_client_request_duration_seconds{…}`: RED metrics of every client the App built.
 //! - `keel_ready`: 1 while the instance is registered and serving.
@@ -25,6 +27,18 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::server::Protocol;
+
+/// The `method` label of a gRPC path that no served method answers.
+pub(crate) const UNKNOWN_GRPC: &str = "unknown";
+
+/// The `method` label of REST requests once [`MAX_METHODS`] REST series exist.
+const OVERFLOW_REST: &str = "_OTHER";
+
+/// At most this many `method` series per protocol: a method first seen after that is counted
+/// under the protocol's overflow label (`unknown` for gRPC, `_OTHER` for REST), so that
+/// whatever callers send, the metrics stay bounded (OpenTelemetry's SDK caps a metric's
+/// series in the same way).
+pub(crate) const MAX_METHODS: usize = 1000;
 
 /// Upper bounds of the server duration histogram buckets, in seconds.
 pub(crate) const BUCKETS: [f64; 11] = keel_client::metrics::BUCKETS;
@@ -125,7 +139,8 @@ impl ServerMetrics {
     }
 
     /// The metrics of `method` served over `protocol`, created on first use (its duration
-    /// and error series appear then, the error count at zero).
+    /// and error series appear then, the error count at zero). Once [`MAX_METHODS`] methods of
+    /// `protocol` exist, a new one gets the metrics of the protocol's overflow label.
     pub(crate) fn method(&self, protocol: Protocol, method: &str) -> Arc<MethodMetrics> {
         let methods = &self.methods[protocol as usize];
         if let Some(m) = methods
@@ -136,6 +151,14 @@ impl ServerMetrics {
             return Arc::clone(m);
         }
         let mut map = methods.write().unwrap_or_else(PoisonError::into_inner);
+        let method = if map.len() >= MAX_METHODS && !map.contains_key(method) {
+            match protocol {
+                Protocol::Grpc => UNKNOWN_GRPC,
+                Protocol::Rest => OVERFLOW_REST,
+            }
+        } else {
+            method
+        };
         let m = map.entry(method.into()).or_insert_with(|| {
             let labels = MethodLabels {
                 protocol: protocol.label(),
@@ -374,6 +397,29 @@ mod tests {
     fn value(text: &str, line: &str) -> Option<f64> {
         text.lines()
             .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+    }
+
+    #[test]
+    fn methods_past_the_cap_share_the_overflow_series() {
+        let metrics = ServerMetrics::new();
+        for protocol in [Protocol::Grpc, Protocol::Rest] {
+            for n in 0..MAX_METHODS {
+                let name = format!("/svc/m{n}");
+                assert_eq!(&*metrics.method(protocol, &name).name, name);
+            }
+            let overflow = match protocol {
+                Protocol::Grpc => UNKNOWN_GRPC,
+                Protocol::Rest => OVERFLOW_REST,
+            };
+            // A new method gets the overflow series; the methods already seen keep theirs.
+            assert_eq!(&*metrics.method(protocol, "/svc/new").name, overflow);
+            assert_eq!(&*metrics.method(protocol, "/svc/other").name, overflow);
+            assert_eq!(&*metrics.method(protocol, "/svc/m7").name, "/svc/m7");
+            assert_eq!(&*metrics.method(protocol, overflow).name, overflow);
+        }
+        for methods in &metrics.methods {
+            assert_eq!(methods.read().unwrap().len(), MAX_METHODS + 1);
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! enforced for REST (tonic enforces `grpc-timeout` itself); the idempotency key, when present,
 //! is put in the extensions as an [`IdempotencyKey`]; RED metrics are recorded per method.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use tower_service::Service;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::metrics::{MethodMetrics, ServerMetrics, dec_in_flight, inc_in_flight};
+use crate::metrics::{MethodMetrics, ServerMetrics, UNKNOWN_GRPC, dec_in_flight, inc_in_flight};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -53,9 +54,72 @@ pub struct ServerLayer {
     metrics: Arc<ServerMetrics>,
     protocol: Protocol,
     timeout: Option<Duration>,
-    /// Known gRPC service names (`pkg.Service`): other paths are labelled `unknown`, so a client
-    /// sending random paths cannot grow the metrics without bound.
-    grpc_services: Arc<[String]>,
+    /// The gRPC paths that get their own metric series; any other is labelled `unknown`.
+    grpc_names: Arc<GrpcNames>,
+}
+
+/// The gRPC methods an App serves, so that the server metrics label a path no service answers
+/// `unknown` (a client sending made-up paths must not grow the metrics without bound).
+///
+/// A method of a service whose descriptor was registered
+/// ([`App::file_descriptor_set`](crate::App::file_descriptor_set)) is known exactly; for a
+/// service without one, any `/pkg.Service/…` path counts, and [`ServerMetrics`] caps how many
+/// series those can create.
+#[derive(Debug, Default)]
+pub(crate) struct GrpcNames {
+    /// Services served, by full name (`pkg.Service`).
+    services: HashSet<String>,
+    /// `/pkg.Service/Method` of every method the registered descriptors describe.
+    methods: HashSet<String>,
+    /// The services those descriptors describe: paths of theirs not in `methods` are unknown.
+    described: HashSet<String>,
+}
+
+impl GrpcNames {
+    /// The services served and the encoded `FileDescriptorSet`s registered.
+    ///
+    /// # Errors
+    /// A descriptor set that does not decode.
+    pub(crate) fn new<'a>(
+        services: impl IntoIterator<Item = &'a str>,
+        descriptors: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Self, prost::DecodeError> {
+        let mut names = Self {
+            services: services.into_iter().map(str::to_owned).collect(),
+            ..Self::default()
+        };
+        for encoded in descriptors {
+            let set = <prost_types::FileDescriptorSet as prost::Message>::decode(encoded)?;
+            for file in &set.file {
+                let package = file.package();
+                for service in &file.service {
+                    let service_name = if package.is_empty() {
+                        service.name().to_owned()
+                    } else {
+                        format!("{package}.{}", service.name())
+                    };
+                    for method in &service.method {
+                        names
+                            .methods
+                            .insert(format!("/{service_name}/{}", method.name()));
+                    }
+                    names.described.insert(service_name);
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    /// Whether `path` is a method worth a series of its own.
+    pub(crate) fn is_known(&self, path: &str) -> bool {
+        let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+            return false;
+        };
+        if method.is_empty() || method.contains('/') || !self.services.contains(service) {
+            return false;
+        }
+        !self.described.contains(service) || self.methods.contains(path)
+    }
 }
 
 impl ServerLayer {
@@ -63,13 +127,13 @@ impl ServerLayer {
         metrics: Arc<ServerMetrics>,
         protocol: Protocol,
         timeout: Option<Duration>,
-        grpc_services: Arc<[String]>,
+        grpc_names: Arc<GrpcNames>,
     ) -> Self {
         Self {
             metrics,
             protocol,
             timeout,
-            grpc_services,
+            grpc_names,
         }
     }
 }
@@ -112,13 +176,10 @@ where
         let method = match layer.protocol {
             Protocol::Grpc => {
                 let path = req.uri().path();
-                let known = path
-                    .strip_prefix('/')
-                    .and_then(|p| p.split_once('/'))
-                    .is_some_and(|(svc, _)| layer.grpc_services.iter().any(|s| s == svc));
+                let known = layer.grpc_names.is_known(path);
                 layer
                     .metrics
-                    .method(Protocol::Grpc, if known { path } else { "unknown" })
+                    .method(Protocol::Grpc, if known { path } else { UNKNOWN_GRPC })
             }
             Protocol::Rest => {
                 let route = req
@@ -464,6 +525,42 @@ mod tests {
             let code = tonic::Code::from_i32(n);
             assert_eq!(grpc_code_name(code), format!("{code:?}"));
         }
+    }
+
+    #[test]
+    fn grpc_paths_are_known_by_service_or_by_descriptor() {
+        let names = GrpcNames::new(
+            [
+                "keel.echo.v1.Echo",
+                tonic_health::pb::health_server::SERVICE_NAME,
+            ],
+            [tonic_health::pb::FILE_DESCRIPTOR_SET],
+        )
+        .unwrap();
+        // Described: exactly its methods.
+        assert!(names.is_known("/grpc.health.v1.Health/Check"));
+        assert!(names.is_known("/grpc.health.v1.Health/Watch"));
+        assert!(!names.is_known("/grpc.health.v1.Health/MadeUp"));
+        // Served without a descriptor: any method name (the series cap bounds them).
+        assert!(names.is_known("/keel.echo.v1.Echo/Echo"));
+        assert!(names.is_known("/keel.echo.v1.Echo/Whatever"));
+        // Not served, or not a method path.
+        for path in [
+            "/made.up.Service/Echo",
+            "/keel.echo.v1.Echo",
+            "/keel.echo.v1.Echo/",
+            "/keel.echo.v1.Echo/Echo/extra",
+            "keel.echo.v1.Echo/Echo",
+            "/",
+            "",
+        ] {
+            assert!(!names.is_known(path), "{path:?}");
+        }
+        // A described service that is not served is not known either.
+        let names = GrpcNames::new([], [tonic_health::pb::FILE_DESCRIPTOR_SET]).unwrap();
+        assert!(!names.is_known("/grpc.health.v1.Health/Check"));
+        // A descriptor set that does not decode is an error, not a panic.
+        assert!(GrpcNames::new([], [&b"\xff\xff\xff"[..]]).is_err());
     }
 
     #[test]

@@ -172,7 +172,7 @@ async fn registers_only_when_ready_then_serves_health_metrics_and_registry() {
     }
 
     // A call is counted in the RED metrics, by method and status.
-    let mut echo = EchoClient::new(channel);
+    let mut echo = EchoClient::new(channel.clone());
     echo.echo(EchoRequest {
         message: "hi".into(),
         ..Default::default()
@@ -192,6 +192,43 @@ async fn registers_only_when_ready_then_serves_health_metrics_and_registry() {
         "{metrics}"
     );
     assert!(metrics.contains("keel_ready 1"), "{metrics}");
+    // A path no served method answers is counted as `unknown`, whoever made it up: an unknown
+    // service, or a made-up method of a service whose descriptor is known (health's); a real
+    // health method keeps its own series.
+    for path in [
+        "/made.up.Service/Anything",
+        "/grpc.health.v1.Health/MadeUp",
+        "/keel.echo.v1.Echo",
+    ] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let status = grpc
+            .unary(
+                tonic::Request::new(EchoRequest::default()),
+                http::uri::PathAndQuery::from_static(path),
+                tonic_prost::ProstCodec::<EchoRequest, EchoRequest>::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unimplemented, "{path}");
+    }
+    let (_, metrics) = get_text(&admin, "/metrics").await;
+    assert!(
+        metrics.contains(
+            r#"keel_server_requests_total{protocol="grpc",method="unknown",status="Unimplemented"} 3"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("MadeUp") && !metrics.contains("Anything"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"keel_server_requests_total{protocol="grpc",method="/grpc.health.v1.Health/Check",status="Ok"} 2"#
+        ),
+        "{metrics}"
+    );
 
     let (_, view) = get_text(&admin, "/registry").await;
     let view: serde_json::Value = serde_json::from_str(&view).unwrap();
