@@ -38,10 +38,11 @@
 //!   2 000 calls per round, 1 + 5 pairs; `-bare` rows before tracing is installed.
 //! * B5: the whole default gRPC stack in process: server and client in this process on one
 //!   worker (so wall time is CPU time), one call at a time, 0.5 s; ns/call Keel − raw.
-//! * `-vs-propagating` variants of A1, A2, A5-grpc and B5: the raw arm is tonic sending what Keel
+//! * `-vs-propagating` variants of A1, A2, A4, A5 and B5: the raw arm is tonic sending what Keel
 //!   propagates (a per-call `traceparent` and `x-request-id`, never indexed, and the timeout as
-//!   `grpc-timeout`), so the row shows Keel's stack without the wire cost of carrying the
-//!   context, which no implementation avoids.
+//!   `grpc-timeout`), or hyper-util sending the same with the time left as `x-keel-deadline`,
+//!   so the row shows Keel's stack without the wire cost of carrying the context, which no
+//!   implementation avoids.
 //! * B6-n{10,100,10k}: the balancer's per-call pick (snapshot load, p2c choice, breaker
 //!   admission — the code the balancer runs, through `keel_client::bench`) while another
 //!   thread (on the other CPU) replaces one instance every millisecond; ns/pick, median of 5
@@ -52,7 +53,7 @@
 //!
 //! A full run takes about two minutes. For profiling one arm alone:
 //! `target/release/client profile keel-grpc 20000 [--tracing] [--c64]` (arms: `raw-grpc`,
-//! `raw-grpc-propagating`, `keel-grpc`, `raw-rest`, `keel-rest`) prints allocations per call
+//! `raw-grpc-propagating`, `keel-grpc`, `raw-rest`, `raw-rest-propagating`, `keel-rest`) prints allocations per call
 //! (and, with `--c64`, req/s and client CPU per call at 64 in flight); run it under `heaptrack`
 //! to see where the allocations come from, or under `valgrind --tool=callgrind` for
 //! instructions per call (repeatable on a noisy box: run N and 3N calls and subtract).
@@ -156,7 +157,7 @@ fn main() -> Result<()> {
 }
 
 /// `profile ARM [CALLS] [--tracing]` (ARM = raw-grpc, raw-grpc-propagating, keel-grpc,
-/// raw-rest, keel-rest): only sequential calls of one arm, for an allocation profiler
+/// raw-rest, raw-rest-propagating, keel-rest): only sequential calls of one arm, for an allocation profiler
 /// (`heaptrack target/release/client profile keel-grpc 20000`).
 fn profile(args: &[String]) -> Result<()> {
     let arm = args
@@ -199,6 +200,9 @@ fn profile(args: &[String]) -> Result<()> {
                     .await
                 }
                 "raw-rest" => allocs_per_call(&raw_rest(server.rest)?.0, calls).await,
+                "raw-rest-propagating" => {
+                    allocs_per_call(&raw_rest_propagating(server.rest)?.0, calls).await
+                }
                 "keel-rest" => {
                     allocs_per_call(
                         &keel_rest(&registry, server.rest, _telemetry.as_ref())
@@ -229,6 +233,9 @@ fn profile(args: &[String]) -> Result<()> {
                         fixed_load(&arm.0, 64, n).await
                     }
                     "raw-rest" => fixed_load(&raw_rest(server.rest)?.0, 64, n).await,
+                    "raw-rest-propagating" => {
+                        fixed_load(&raw_rest_propagating(server.rest)?.0, 64, n).await
+                    }
                     _ => {
                         let arm = keel_rest(&registry, server.rest, _telemetry.as_ref()).await?;
                         fixed_load(&arm.0, 64, n).await
@@ -260,6 +267,9 @@ fn profile(args: &[String]) -> Result<()> {
                         .await
                     }
                     "raw-rest" => closed_loop(&raw_rest(server.rest)?.0, 64, A1_ROUND * 3).await,
+                    "raw-rest-propagating" => {
+                        closed_loop(&raw_rest_propagating(server.rest)?.0, 64, A1_ROUND * 3).await
+                    }
                     _ => {
                         closed_loop(
                             &keel_rest(&registry, server.rest, _telemetry.as_ref())
@@ -578,14 +588,9 @@ struct RawRest {
     uri: http::Uri,
 }
 
-impl Arm for RawRest {
-    async fn call(&mut self) -> bool {
-        let Ok(req) = http::Request::get(self.uri.clone())
-            .header(http::header::ACCEPT, "application/json")
-            .body(Full::new(Bytes::new()))
-        else {
-            return false;
-        };
+impl RawRest {
+    /// Sends `req` and decodes the JSON reply: whether that worked.
+    async fn send(&self, req: http::Request<Full<Bytes>>) -> bool {
         let Ok(res) = self.client.request(req).await else {
             return false;
         };
@@ -596,6 +601,53 @@ impl Arm for RawRest {
             return false;
         };
         serde_json::from_slice::<Reply>(&body.to_bytes()).is_ok()
+    }
+}
+
+impl Arm for RawRest {
+    async fn call(&mut self) -> bool {
+        let Ok(req) = http::Request::get(self.uri.clone())
+            .header(http::header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::new()))
+        else {
+            return false;
+        };
+        self.send(req).await
+    }
+}
+
+/// Raw hyper-util sending what Keel's REST client propagates, as [`RawGrpcPropagating`] does
+/// for gRPC: a per-call `traceparent` and `x-request-id` and the time left as
+/// `x-keel-deadline` (milliseconds, read from a deadline set before the call), and enforcing
+/// that deadline (`tokio::time::timeout_at`, as tonic enforces `set_timeout`).
+#[derive(Clone)]
+struct RawRestPropagating {
+    raw: RawRest,
+    trace: u128,
+    calls: u64,
+}
+
+impl Arm for RawRestPropagating {
+    async fn call(&mut self) -> bool {
+        self.calls += 1;
+        let deadline = Instant::now() + TIMEOUT;
+        let traceparent = format!("00-{:032x}-{:016x}-01", self.trace, self.calls);
+        let request_id = format!("{:016x}{:016x}", self.trace as u64, self.calls);
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis();
+        let Ok(req) = http::Request::get(self.raw.uri.clone())
+            .header(http::header::ACCEPT, "application/json")
+            .header("traceparent", traceparent)
+            .header("x-request-id", request_id)
+            .header("x-keel-deadline", remaining.to_string())
+            .body(Full::new(Bytes::new()))
+        else {
+            return false;
+        };
+        tokio::time::timeout_at(deadline.into(), self.raw.send(req))
+            .await
+            .unwrap_or(false)
     }
 }
 
@@ -707,6 +759,18 @@ fn raw_rest(addr: SocketAddr) -> Result<(RawRest, Setup)> {
     let client = Client::builder(TokioExecutor::new()).build(http);
     let uri = format!("http://{addr}/echo").parse()?;
     Ok((RawRest { client, uri }, rest_setup(addr)))
+}
+
+fn raw_rest_propagating(addr: SocketAddr) -> Result<(RawRestPropagating, Setup)> {
+    let (raw, setup) = raw_rest(addr)?;
+    Ok((
+        RawRestPropagating {
+            raw,
+            trace: random_trace(),
+            calls: 0,
+        },
+        setup,
+    ))
 }
 
 /// Keel's REST arm; `telemetry` as for [`keel_grpc`].
@@ -981,6 +1045,16 @@ async fn run(pinned: bool) -> Result<()> {
     )
     .await;
     a5(&mut report, "rest", &raw_r, &keel_r, "REST, tracing on").await;
+    let (raw_rp, raw_rps) = raw_rest_propagating(server.rest)?;
+    parity("REST, raw propagating", &raw_rps, &keel_rs)?;
+    a5(
+        &mut report,
+        "rest-vs-propagating",
+        &raw_rp,
+        &keel_r,
+        "REST, tracing on, vs raw hyper-util sending the same traceparent, request id and deadline",
+    )
+    .await;
 
     // A1
     let mut capacity = f64::NAN;
@@ -1033,7 +1107,19 @@ async fn run(pinned: bool) -> Result<()> {
             &pairs,
         ));
     }
-    drop((raw_g, keel_g, raw_r, keel_r));
+    // A4 against raw hyper-util that sends the same context headers (variant rows)
+    for c in [1usize, 64] {
+        let (cmp, pairs) = closed_pairs(&raw_rp, &keel_r, c, A4_ROUND).await;
+        report.push(throughput_row(
+            &format!("A4-vs-propagating-c{c}"),
+            &format!(
+                "REST GET+JSON req/s, Keel / raw hyper-util sending the same traceparent, request id and deadline, c={c}"
+            ),
+            &cmp,
+            &pairs,
+        ));
+    }
+    drop((raw_g, keel_g, raw_r, raw_rp, keel_r));
     server.stop().await;
 
     b5(&mut report, &telemetry).await?;
