@@ -21,17 +21,22 @@ pub struct Idempotent;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct IdempotencyKey(pub String);
 
-/// Whether a request may be replayed after an UNKNOWN outcome: it is marked [`Idempotent`],
-/// carries an [`IdempotencyKey`] or already has an `idempotency-key` header.
+/// Whether a request may be replayed after an UNKNOWN outcome: it is marked [`Idempotent`], or
+/// it carries a non-empty `idempotency-key` header, which the server de-duplicates on (call
+/// [`stamp_idempotency_key`] first to turn an [`IdempotencyKey`] extension into that header).
+///
+/// An [`IdempotencyKey`] that never became a header (not a valid header value, e.g. with a line
+/// break) does not count: the server would get no key, and a replay could execute twice.
 pub fn is_replay_safe(headers: &HeaderMap, extensions: &Extensions) -> bool {
     extensions.get::<Idempotent>().is_some()
-        || extensions.get::<IdempotencyKey>().is_some()
-        || headers.contains_key(IDEMPOTENCY_KEY_HEADER)
+        || headers
+            .get(IDEMPOTENCY_KEY_HEADER)
+            .is_some_and(|key| !key.is_empty())
 }
 
 /// Copies an [`IdempotencyKey`] extension into the `idempotency-key` header unless the header is
-/// already set. A key that is not a valid header value is left out (and the request then counts
-/// as idempotent only through the extension).
+/// already set. A key that is not a valid header value is left out (and does not make the
+/// request replay-safe: see [`is_replay_safe`]).
 pub fn stamp_idempotency_key(headers: &mut HeaderMap, extensions: &Extensions) {
     if let Some(IdempotencyKey(key)) = extensions.get::<IdempotencyKey>()
         && !headers.contains_key(IDEMPOTENCY_KEY_HEADER)

@@ -187,6 +187,10 @@ impl<C> fmt::Debug for EndpointState<C> {
     }
 }
 
+/// The largest `weight` an instance's metadata can give it (2^32): a larger one is taken as
+/// this.
+pub(crate) const MAX_WEIGHT: u64 = 1 << 32;
+
 /// A group of endpoints to pick from (all, or those of the local zone).
 #[derive(Debug, Default)]
 struct Pool {
@@ -345,7 +349,9 @@ impl<C> Set<C> {
             .get("weight")
             .and_then(|w| w.trim().parse::<u64>().ok())
             .filter(|w| *w > 0)
-            .unwrap_or(100);
+            // Capped, so that the pool's running total cannot overflow however many endpoints
+            // carry a huge weight.
+            .map_or(100, |w| w.min(MAX_WEIGHT));
         Arc::new(EndpointState {
             uid: self.next_uid.fetch_add(1, Ordering::Relaxed),
             instance,
@@ -645,6 +651,26 @@ mod tests {
         let shares = shares(&s, 20_000);
         let ratio = shares["b"] as f64 / shares["a"] as f64;
         assert!((2.6..3.4).contains(&ratio), "{shares:?}");
+    }
+
+    #[test]
+    fn huge_weights_are_capped_and_do_not_overflow() {
+        let s = set(Balance::Weighted, Duration::ZERO);
+        let max = u64::MAX.to_string();
+        let (a, b, c) = (
+            add(&s, "a", Some(&max)),
+            add(&s, "b", Some(&max)),
+            add(&s, "c", Some("18446744073709551616")), // u64::MAX + 1: not a u64, default
+        );
+        assert_eq!(
+            (a.weight, b.weight, c.weight),
+            (MAX_WEIGHT, MAX_WEIGHT, 100)
+        );
+        // Would overflow the running total (a panic in a debug build) without the cap.
+        s.publish(vec![a, b, c]);
+        let shares = shares(&s, 2_000);
+        let ratio = shares["b"] as f64 / shares["a"] as f64;
+        assert!((0.8..1.25).contains(&ratio), "{shares:?}");
     }
 
     #[test]

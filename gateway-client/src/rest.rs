@@ -392,9 +392,23 @@ impl RestRequest {
         self
     }
 
-    /// The server de-duplicates on `key`; the same key goes with every attempt.
+    /// The server de-duplicates on `key`; the same key goes with every attempt. An empty key,
+    /// or one that is not a valid header value (a line break, say), makes the call fail with
+    /// [`Error::is_config`] (nothing is sent): without a key the server could not de-duplicate
+    /// a replay.
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
-        self.extensions.insert(IdempotencyKey(key.into()));
+        let key = key.into();
+        if self.headers.is_ok() && (key.is_empty() || http::HeaderValue::from_str(&key).is_err()) {
+            self.headers = Err(format!(
+                "invalid idempotency key: {}",
+                if key.is_empty() {
+                    "empty"
+                } else {
+                    "not a valid header value"
+                }
+            ));
+        }
+        self.extensions.insert(IdempotencyKey(key));
         self
     }
 
@@ -636,6 +650,15 @@ mod tests {
             assert!(err.is_config(), "{err:?}");
             assert!(err.to_string().contains(named), "{err}");
             assert!(!err.to_string().contains("bad\nvalue"), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_idempotency_key_that_cannot_be_sent_is_a_config_error() {
+        for key in ["pay-1\n", ""] {
+            let err = refused(|client| client.request(Method::POST, "/pay").idempotency_key(key));
+            assert!(err.is_config(), "{err:?}");
+            assert!(err.to_string().contains("idempotency key"), "{err}");
         }
     }
 }

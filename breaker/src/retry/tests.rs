@@ -187,6 +187,27 @@ async fn unknown_with_idempotency_key_reuses_the_key() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_idempotency_key_that_cannot_be_sent_does_not_make_a_call_replayable() {
+    // A key with a line break is not a header value: the server would get no key, so an
+    // UNKNOWN outcome must not be replayed (it could execute twice). An empty key likewise.
+    for key in ["7f1c-pay\n", ""] {
+        let mut req = request("pay 10");
+        req.extensions_mut().insert(IdempotencyKey(key.to_owned()));
+        let (task, mut handle) = spawn_call(policy(), req);
+        let (req, send) = handle.next_request().await.unwrap();
+        assert!(
+            req.headers()
+                .get(IDEMPOTENCY_KEY_HEADER)
+                .is_none_or(|v| v.is_empty()),
+            "{key:?}"
+        );
+        send.send_error(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert_no_more_requests(&mut handle).await;
+        assert!(task.await.unwrap().is_err(), "{key:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn max_attempts_bounds_retries() {
     let (task, mut handle) = spawn_call(policy().max_attempts(3), request("x"));
     for _ in 0..3 {
