@@ -5,6 +5,8 @@ use std::error::Error;
 use http::StatusCode;
 use tonic::Code;
 
+use crate::classify::{FailureClass, Outcome};
+
 /// Maps any error to a gRPC code and an HTTP status, walking the source chain; the first link
 /// that is recognised decides:
 ///
@@ -15,8 +17,14 @@ use tonic::Code;
 /// | [`RateLimited`](crate::rate_limit::RateLimited) | `RESOURCE_EXHAUSTED` | 429 |
 /// | [`DeadlineExceeded`](crate::deadline::DeadlineExceeded) | `DEADLINE_EXCEEDED` | 504 |
 /// | [`tonic::Status`] | its code | per [`http_status_for_code`] |
-/// | [`NotSent`](crate::classify::NotSent), [`std::io::Error`] | `UNAVAILABLE` | 502 |
+/// | [`NotSent`](crate::classify::NotSent), a connect-time [`std::io::Error`] (refused, unreachable) | `UNAVAILABLE` | 502 |
+/// | any other [`std::io::Error`] (reset, broken pipe, end of stream: the request may have been executed) | `UNKNOWN` | 502 |
 /// | anything else | `UNKNOWN` | 500 |
+///
+/// `UNAVAILABLE` (and HTTP 503) is kept for what certainly was not executed: callers — Keel's
+/// own [classifier](crate::classify::classify_grpc_code) among them — retry it even when the
+/// call is not idempotent. A failure after the request may have reached the server must not read
+/// as that when a service hands its downstream's status back to its own caller.
 pub fn status_of(error: &(dyn Error + 'static)) -> (Code, StatusCode) {
     let mut next = Some(error);
     while let Some(err) = next {
@@ -42,8 +50,18 @@ pub fn status_of(error: &(dyn Error + 'static)) -> (Code, StatusCode) {
             next = Some(inner);
             continue;
         }
-        if err.is::<crate::classify::NotSent>() || err.is::<std::io::Error>() {
+        if err.is::<crate::classify::NotSent>() {
             return (Code::Unavailable, StatusCode::BAD_GATEWAY);
+        }
+        if err.is::<std::io::Error>() {
+            let not_sent =
+                crate::classify::classify_error(err) == Outcome::Failure(FailureClass::NotSent);
+            let code = if not_sent {
+                Code::Unavailable
+            } else {
+                Code::Unknown
+            };
+            return (code, StatusCode::BAD_GATEWAY);
         }
         next = err.source();
     }
@@ -109,6 +127,37 @@ mod tests {
                 429,
             ),
             (tonic::Status::not_found("x").into(), Code::NotFound, 404),
+            // Nothing was sent: safe to call UNAVAILABLE.
+            (
+                crate::classify::NotSent::new(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionReset,
+                ))
+                .into(),
+                Code::Unavailable,
+                502,
+            ),
+            (
+                std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into(),
+                Code::Unavailable,
+                502,
+            ),
+            // The request may have been executed: never UNAVAILABLE, which reads as "not
+            // executed" to whoever gets this status handed back.
+            (
+                std::io::Error::from(std::io::ErrorKind::ConnectionReset).into(),
+                Code::Unknown,
+                502,
+            ),
+            (
+                std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into(),
+                Code::Unknown,
+                502,
+            ),
+            (
+                std::io::Error::from(std::io::ErrorKind::BrokenPipe).into(),
+                Code::Unknown,
+                502,
+            ),
             ("opaque".into(), Code::Unknown, 500),
         ];
         for (err, code, http) in cases {

@@ -395,6 +395,61 @@ async fn unknown_outcome_is_retried_only_when_idempotent() {
     );
 }
 
+/// A provider whose connection breaks after it received the whole request (it may have
+/// executed it): the caller gets `UNKNOWN`, never `UNAVAILABLE` — a service that hands that
+/// status back to its own caller would otherwise make that caller's Keel client replay a call
+/// that may have run (it reads `UNAVAILABLE` as "not executed") — and the call is not replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_after_sending_is_unknown_and_not_replayed() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicU64::new(0));
+    let server = tokio::spawn({
+        let requests = Arc::clone(&requests);
+        async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let requests = Arc::clone(&requests);
+                tokio::spawn(async move {
+                    // Read until the request's message has arrived, then reset the connection.
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        if seen.windows(13).any(|w| w == b"debit-account") {
+                            requests.fetch_add(1, Ordering::SeqCst);
+                            let _ = stream.set_zero_linger();
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    let channel = GrpcChannel::builder("echo")
+        .backoff(Duration::from_millis(1), Duration::from_millis(5))
+        .endpoints([format!("http://{addr}")])
+        .unwrap();
+    let mut client = EchoClient::new(channel);
+    let status = echo(&mut client, request("debit-account"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unknown, "{status:?}");
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "not replayed");
+    let error = Error::from_status(&status).expect("the client's own error");
+    assert!(
+        !error.is_no_endpoints() && !error.is_deadline_exceeded(),
+        "{error}"
+    );
+    server.abort();
+}
+
 /// Calling through an API gateway: a default header (an API key) goes with every call, unless
 /// the call carries its own; an invalid one is a configuration error naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -93,11 +93,12 @@ async fn create(
         Err(status) if status.code() == tonic::Code::NotFound => {
             return error(StatusCode::UNPROCESSABLE_ENTITY, status.message());
         }
-        // The debit may or may not have happened: the caller retries with the same key, and
+        // The debit may or may not have happened: 502, not 503 (which callers read as "not
+        // executed" and may replay without a key). The caller retries with the same key, and
         // the retry's debit is not applied twice.
         Err(status) => {
             return error(
-                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::BAD_GATEWAY,
                 format!("debit: {}", status.message()),
             );
         }
@@ -112,7 +113,7 @@ async fn create(
         .await
     {
         return error(
-            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::BAD_GATEWAY,
             format!("credit: {}", status.message()),
         );
     }
@@ -131,10 +132,7 @@ async fn create(
         .with_header("idempotency-key", id.clone())
         .with_header("content-type", "application/json");
     if let Err(e) = s.events.send(message).await {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("event not confirmed: {e}"),
-        );
+        return error(StatusCode::BAD_GATEWAY, format!("event not confirmed: {e}"));
     }
     let payment = Payment {
         id: id.clone(),
