@@ -15,6 +15,7 @@ use keel_breaker::breaker::{self, Admission, CircuitBreaker, State};
 use keel_breaker::classify::DefaultClassifier;
 use keel_breaker::retry::ReplayBody;
 use pin_project_lite::pin_project;
+use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -111,8 +112,37 @@ pin_project! {
         // Set when this future picks the endpoint itself: the endpoint to avoid, and where to
         // record the one picked.
         avoid: Option<Arc<AtomicU64>>,
+        // The call's deadline (from the retry layer's body): dropped in flight once it has
+        // passed, the call counts against its endpoint.
+        deadline: Option<Instant>,
         #[pin]
         phase: Phase<C, B, W>,
+    }
+
+    impl<C, B, W> PinnedDrop for ResponseFuture<C, B, W>
+    where
+        C: Service<http::Request<W>>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // Dropped while the endpoint still owes the answer, because the deadline passed
+            // (the deadline layer above gives up then): the endpoint failed this call. Its
+            // breaker records a failure — a provider that never answers is ejected like one
+            // that fails, where a call the caller cancels counts for nothing — and its load
+            // estimate takes the time waited.
+            if let StateProj::Called { fut, guard, start_ns } = this.phase.project()
+                && this.deadline.is_some_and(|d| Instant::now() >= d)
+            {
+                fut.fail_unfinished();
+                let set: &Set<C> = this.set;
+                let now = set.now_ns();
+                guard.0.load.observe(
+                    Duration::from_nanos(now.saturating_sub(*start_ns)),
+                    now,
+                    set.decay_ns(),
+                );
+            }
+        }
     }
 }
 
@@ -146,6 +176,7 @@ where
             .slot
             .as_ref()
             .map_or(self.last_uid, |s| s.load(Ordering::Relaxed));
+        let deadline = req.body().deadline();
         // The usual case: an endpoint admits the call at once, and it is sent from here.
         if !snap.endpoints.is_empty() {
             let key = req.extensions().get::<HashKey>().copied();
@@ -163,6 +194,7 @@ where
                     snap,
                     wire: self.wire,
                     avoid: None,
+                    deadline,
                     phase,
                 };
             }
@@ -178,6 +210,7 @@ where
             snap,
             wire: self.wire,
             avoid: Some(slot),
+            deadline,
             phase: Phase::Pick { req: Some(req) },
         }
     }

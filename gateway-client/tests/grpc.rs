@@ -395,6 +395,62 @@ async fn unknown_outcome_is_retried_only_when_idempotent() {
     );
 }
 
+/// A provider that accepts calls and never answers (a stuck handler, a stopped process): every
+/// call to it ends at its deadline, and those count against it, so its breaker ejects it and the
+/// calls go to the healthy provider (dropped at the deadline, they used to count as cancelled:
+/// it was never ejected).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_never_answers_is_ejected() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            // Read (and drop) whatever comes; answer nothing.
+            held.push(tokio::spawn(async move {
+                let mut stream = stream;
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            }));
+        }
+    });
+    let (ps, _faults) = providers(1).await;
+    let healthy = format!("http://{}", ps[0].addr());
+    let channel = GrpcChannel::builder("echo")
+        .balance(Balance::RoundRobin)
+        .breaker(quick_breaker(Duration::from_secs(60)))
+        .timeout(Duration::from_millis(150))
+        .endpoints([hung.clone(), healthy.clone()])
+        .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    let mut timed_out = 0;
+    for _ in 0..12 {
+        match echo(&mut client, request("x")).await {
+            Ok(_) => {}
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+                timed_out += 1;
+            }
+        }
+    }
+    let (state, calls) = state_of(&channel, &hung).unwrap();
+    assert_eq!(state, State::Open, "the hung provider is ejected");
+    assert_eq!(timed_out, calls, "only the hung provider's calls failed");
+    assert!(
+        (4..=6).contains(&calls),
+        "ejected after the breaker's minimum of 4: {calls}"
+    );
+    // Ejected: the next calls all go to the healthy provider, none waits for a deadline.
+    let before = state_of(&channel, &healthy).unwrap().1;
+    for _ in 0..10 {
+        echo(&mut client, request("y")).await.unwrap();
+    }
+    assert_eq!(state_of(&channel, &healthy).unwrap().1, before + 10);
+    assert_eq!(state_of(&channel, &hung).unwrap().1, calls);
+    server.abort();
+}
+
 /// A provider whose connection breaks after it received the whole request (it may have
 /// executed it): the caller gets `UNKNOWN`, never `UNAVAILABLE` — a service that hands that
 /// status back to its own caller would otherwise make that caller's Keel client replay a call

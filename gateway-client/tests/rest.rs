@@ -794,3 +794,46 @@ async fn idle_connections_the_server_dropped_are_skipped() {
     }
     server.abort();
 }
+
+/// As for gRPC: a provider that accepts calls and never answers is ejected, because calls that
+/// end at their deadline count against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_never_answers_is_ejected() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(tokio::spawn(async move {
+                let mut stream = stream;
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            }));
+        }
+    });
+    let provider = RestProvider::start("r-ok").await;
+    let client = RestClient::builder("accounts")
+        .balance(Balance::RoundRobin)
+        .breaker(quick_breaker(Duration::from_secs(60)))
+        .timeout(Duration::from_millis(150))
+        .endpoints([hung.clone(), provider.url()])
+        .unwrap();
+    let mut timed_out = 0;
+    for _ in 0..12 {
+        if let Err(e) = client.get::<Value>("/accounts/1").await {
+            assert!(e.is_deadline_exceeded(), "{e:?}");
+            timed_out += 1;
+        }
+    }
+    assert!(
+        state_is(&client, &hung, State::Open),
+        "{:?}",
+        client.endpoints()
+    );
+    assert!((4..=6).contains(&timed_out), "{timed_out}");
+    for _ in 0..10 {
+        client.get::<Value>("/accounts/1").await.unwrap();
+    }
+    server.abort();
+}

@@ -10,7 +10,7 @@ use super::body::{FollowResponse, PendingOutcome};
 use super::state::Permit;
 use super::{Breaker, BreakerError, Stripe};
 use crate::BoxError;
-use crate::classify::{Classify, Outcome, Verdict};
+use crate::classify::{Classify, FailureClass, Outcome, Verdict};
 
 /// A call's permit until its outcome is recorded; dropped unrecorded, it is given back.
 pub(super) struct Guard {
@@ -80,6 +80,23 @@ impl<F, C> ResponseFuture<F, C> {
             }),
             rejected: None,
             classifier: Some(classifier),
+        }
+    }
+
+    /// Records the call as a failure of its endpoint now, unless its outcome is already known
+    /// (an UNKNOWN-class failure, judged slow by its duration so far). For a caller about to
+    /// drop this future because the call's deadline passed: a provider that never answers must
+    /// count against its breaker like one that fails, where a dropped call otherwise counts as
+    /// cancelled (nothing recorded). The future is then done with the breaker: polling or
+    /// dropping it records nothing more.
+    pub fn fail_unfinished(self: Pin<&mut Self>) {
+        if let Some(mut guard) = self.project().guard.take() {
+            guard.recorded = true;
+            guard.breaker().record(
+                guard.permit,
+                guard.start_ms,
+                Outcome::Failure(FailureClass::Unknown),
+            );
         }
     }
 

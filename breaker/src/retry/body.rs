@@ -6,8 +6,10 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::time::Instant;
 
 use crate::BoxError;
+use crate::deadline::Deadline;
 
 pin_project! {
     /// The request body the retry layer sends: either a buffered body (replayable) or the
@@ -15,6 +17,7 @@ pin_project! {
     pub struct ReplayBody<B> {
         #[pin]
         kind: Kind<B>,
+        deadline: Option<Instant>,
     }
 }
 
@@ -51,6 +54,7 @@ impl<B> ReplayBody<B> {
                 data: (!data.is_empty()).then_some(data),
                 trailers,
             },
+            deadline: None,
         }
     }
 
@@ -66,7 +70,21 @@ impl<B> ReplayBody<B> {
                 error,
                 rest,
             },
+            deadline: None,
         }
+    }
+
+    /// This attempt's body, telling the services below the call's deadline.
+    pub(crate) fn with_deadline(mut self, deadline: Option<Deadline>) -> Self {
+        self.deadline = deadline.map(|d| d.0);
+        self
+    }
+
+    /// The call's [`Deadline`], if it has one: the services below the retry layer (a
+    /// balancer, say) learn from it whether a call they see dropped was given up because its
+    /// deadline passed — a provider that never answers must count against its endpoint.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
     }
 
     /// Whether this body would be replayed on a retry (it was buffered whole).

@@ -167,7 +167,9 @@ where
                         return Poll::Ready(Err("retry without a request to replay".into()));
                     };
                     ready!(retry.service.poll_ready(cx)).map_err(Into::into)?;
-                    let req = retry.template.build(retry.policy.attempt_extensions);
+                    let req = retry
+                        .template
+                        .build(retry.policy.attempt_extensions, retry.deadline);
                     retry.attempts += 1;
                     let fut = retry.service.call(req);
                     this.state.set(State::Called { fut });

@@ -294,11 +294,14 @@ impl Template {
 
     /// What one attempt carries of the call's extensions (`copy`: the policy's
     /// [`attempt_extensions`](RetryPolicy::attempt_extensions)).
-    fn build<B>(&self, copy: Option<CopyExtensions>) -> http::Request<ReplayBody<B>> {
-        let mut req = http::Request::new(ReplayBody::buffered(
-            self.data.clone(),
-            self.trailers.clone(),
-        ));
+    fn build<B>(
+        &self,
+        copy: Option<CopyExtensions>,
+        deadline: Option<Deadline>,
+    ) -> http::Request<ReplayBody<B>> {
+        let mut req = http::Request::new(
+            ReplayBody::buffered(self.data.clone(), self.trailers.clone()).with_deadline(deadline),
+        );
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
@@ -357,22 +360,22 @@ where
         let mut service = std::mem::replace(&mut self.inner, fresh);
         let (mut parts, mut body) = req.into_parts();
         stamp_idempotency_key(&mut parts.headers, &parts.extensions);
+        let deadline = parts.extensions.get::<Deadline>().copied();
         self.policy.budget.deposit();
         if self.policy.max_attempts <= 1 {
             // Never retried: the body goes as it is, unbuffered.
-            let req = http::Request::from_parts(parts, ReplayBody::once(body));
-            return ResponseFuture::once(service.call(req));
+            let body = ReplayBody::once(body).with_deadline(deadline);
+            return ResponseFuture::once(service.call(http::Request::from_parts(parts, body)));
         }
         let (data, trailers) = match collect(&mut body, self.policy.max_replay_body) {
             Collected::Whole { data, trailers } => (data, trailers),
             partial => {
-                let req = http::Request::from_parts(parts, partial.into_body(body));
-                return ResponseFuture::once(service.call(req));
+                let body = partial.into_body(body).with_deadline(deadline);
+                return ResponseFuture::once(service.call(http::Request::from_parts(parts, body)));
             }
         };
         drop(body);
         let replay_safe = is_replay_safe(&parts.headers, &parts.extensions);
-        let deadline = parts.extensions.get::<Deadline>().copied();
         let template = Template::new(
             &mut parts,
             self.policy.attempt_extensions,
@@ -380,8 +383,8 @@ where
             trailers.clone(),
             deadline,
         );
-        let req = http::Request::from_parts(parts, ReplayBody::buffered(data, trailers));
-        let fut = service.call(req);
+        let body = ReplayBody::buffered(data, trailers).with_deadline(deadline);
+        let fut = service.call(http::Request::from_parts(parts, body));
         ResponseFuture::retrying(
             fut,
             future::Retrying {
