@@ -212,6 +212,40 @@ impl Wire {
     }
 }
 
+/// A request body that knows its call's deadline (the retry layer's [`ReplayBody`] does).
+pub(crate) trait CallDeadline {
+    /// The call's deadline, if it has one.
+    fn call_deadline(&self) -> Option<tokio::time::Instant>;
+}
+
+impl<B> CallDeadline for ReplayBody<B> {
+    fn call_deadline(&self) -> Option<tokio::time::Instant> {
+        self.deadline()
+    }
+}
+
+impl CallDeadline for Wire {
+    fn call_deadline(&self) -> Option<tokio::time::Instant> {
+        self.inner.deadline()
+    }
+}
+
+/// For a request that waited for its connection (dialled, or being dialled by another call):
+/// its deadline header, stamped before the wait, is stamped again with the time left now — a
+/// propagated deadline must never overstate it. Fails (nothing sent) if no time is left.
+pub(crate) fn restamp_after_wait<B: CallDeadline>(
+    req: &mut http::Request<B>,
+) -> Result<(), BoxError> {
+    match req.body().call_deadline() {
+        Some(deadline) => keel_breaker::deadline::restamp(
+            req.headers_mut(),
+            keel_breaker::deadline::Deadline(deadline),
+        )
+        .map_err(BoxError::from),
+        None => Ok(()),
+    }
+}
+
 impl http_body::Body for Wire {
     type Data = bytes::Bytes;
     type Error = BoxError;
@@ -466,6 +500,7 @@ impl Service<http::Request<Wire>> for GrpcConn {
                 let conn = self.clone();
                 Box::pin(async move {
                     let (sender, dialled) = conn.sender().await?;
+                    restamp_after_wait(&mut req)?;
                     if dialled {
                         index_propagated_names(req.headers_mut());
                     }

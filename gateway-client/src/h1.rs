@@ -35,7 +35,9 @@ use keel_core::ServiceInstance;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use crate::conn::{Https, Origin, connect_io, dial_within, drive, origin};
+use crate::conn::{
+    CallDeadline, Https, Origin, connect_io, dial_within, drive, origin, restamp_after_wait,
+};
 use crate::discovery::Retire;
 
 /// How an endpoint's pool keeps idle connections.
@@ -95,7 +97,7 @@ impl<B> fmt::Debug for RestConn<B> {
 
 impl<B> RestConn<B>
 where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + CallDeadline + Send + 'static,
     B::Error: Into<BoxError>,
 {
     /// The connections to `instance`, dialled as calls need them. `prefix` is prepended to every
@@ -188,7 +190,11 @@ where
                 Some(sender) => (sender, true),
                 // Boxed: the dial's future (TLS and handshake, kilobytes) would otherwise be part
                 // of every call's, which is boxed and moved.
-                None => (Box::pin(self.dial()).await?, false),
+                None => {
+                    let sender = Box::pin(self.dial()).await?;
+                    restamp_after_wait(&mut req)?;
+                    (sender, false)
+                }
             };
             if sender.ready().await.is_err() {
                 if reused {
@@ -244,7 +250,7 @@ pub(crate) type RestFuture<B> =
 
 impl<B> Service<http::Request<B>> for RestConn<B>
 where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + CallDeadline + Send + 'static,
     B::Error: Into<BoxError>,
 {
     type Response = http::Response<Body<B>>;

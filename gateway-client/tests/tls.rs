@@ -67,6 +67,81 @@ async fn grpc_over_tls_with_a_test_ca() {
     server.abort();
 }
 
+/// The time a call spends dialling (here a TLS handshake held up 400 ms) is not propagated: the
+/// provider sees the deadline the call has left when it is sent, not the one stamped before the
+/// dial (a propagated deadline must never overstate the time left).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_spent_dialling_is_taken_off_the_propagated_deadline() {
+    let (ca, cert, key) = test_pki();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(&cert, &key)),
+            )
+            .unwrap()
+            .add_service(echo_server::EchoServer::new(EchoService::new("tls-1")))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let (proxy_addr, proxying) = slow_proxy(addr, Duration::from_millis(400)).await;
+    let channel = GrpcChannel::builder("secure")
+        .tls(TlsConfig::with_ca_pem(ca.as_bytes()))
+        .timeout(Duration::from_secs(1))
+        .endpoints([format!("https://{proxy_addr}")])
+        .unwrap();
+    let reply = EchoClient::new(channel)
+        .echo(EchoRequest {
+            message: "s".into(),
+            payload: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let left = keel_breaker::deadline::parse_grpc_timeout(&reply.metadata["grpc-timeout"]).unwrap();
+    assert!(left <= Duration::from_millis(600), "{left:?}");
+    proxying.abort();
+    server.abort();
+
+    // REST likewise (`x-keel-deadline`, milliseconds left).
+    let p = RestProvider::start_tls("r-tls", Some(tls_acceptor(&cert, &key))).await;
+    let (proxy_addr, proxying) = slow_proxy(p.addr, Duration::from_millis(400)).await;
+    let client = RestClient::builder("secure")
+        .tls(TlsConfig::with_ca_pem(ca.as_bytes()))
+        .timeout(Duration::from_secs(1))
+        .endpoints([format!("https://{proxy_addr}")])
+        .unwrap();
+    let got: Value = client.get("/accounts/1").await.unwrap();
+    let left: u64 = got["headers"]["x-keel-deadline"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(left <= 600, "{got}");
+    proxying.abort();
+}
+
+/// A proxy to `target` that holds each new connection `hold` before passing its bytes on.
+async fn slow_proxy(
+    target: std::net::SocketAddr,
+    hold: Duration,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = proxy.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = proxy.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
 /// A TLS acceptor serving the PEM certificate `cert` with private key `key`.
 fn tls_acceptor(cert: &str, key: &str) -> tokio_rustls::TlsAcceptor {
     use rustls::pki_types::pem::PemObject;

@@ -144,6 +144,27 @@ pub fn stamp(headers: &mut HeaderMap, deadline: Deadline, protocol: Protocol) {
     }
 }
 
+/// Re-stamps the deadline headers `headers` carries (`grpc-timeout`, `x-keel-deadline`) with
+/// the time left until `deadline`, for a request that waited after it was stamped (for its
+/// connection to be dialled, say): a propagated deadline must never overstate the time left.
+///
+/// # Errors
+/// [`DeadlineExceeded`] (expired before sending) when no time is left: send nothing.
+pub fn restamp(headers: &mut HeaderMap, deadline: Deadline) -> Result<(), DeadlineExceeded> {
+    if deadline.remaining().is_zero() {
+        return Err(DeadlineExceeded::before_send());
+    }
+    for (name, protocol) in [
+        (GRPC_TIMEOUT, Protocol::Grpc),
+        (KEEL_DEADLINE, Protocol::Rest),
+    ] {
+        if headers.contains_key(&name) {
+            stamp(headers, deadline, protocol);
+        }
+    }
+    Ok(())
+}
+
 /// Writes `n` in decimal at the start of `buf` (20 bytes suffice for any `u64`); returns the
 /// length.
 fn write_u64(buf: &mut [u8; 24], mut n: u64) -> usize {
@@ -290,5 +311,27 @@ mod tests {
             "{value:?}"
         );
         assert!(value.is_sensitive());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn restamp_says_the_time_left_now_in_the_headers_present() {
+        let deadline = Deadline::after(Duration::from_millis(800));
+        let mut grpc = HeaderMap::new();
+        stamp(&mut grpc, deadline, Protocol::Grpc);
+        let mut rest = HeaderMap::new();
+        stamp(&mut rest, deadline, Protocol::Rest);
+        let mut neither = HeaderMap::new();
+        tokio::time::advance(Duration::from_millis(700)).await;
+        restamp(&mut grpc, deadline).unwrap();
+        restamp(&mut rest, deadline).unwrap();
+        restamp(&mut neither, deadline).unwrap();
+        assert_eq!(grpc[GRPC_TIMEOUT].to_str().unwrap(), "100m");
+        assert!(!grpc.contains_key(KEEL_DEADLINE));
+        assert_eq!(rest[KEEL_DEADLINE].to_str().unwrap(), "100");
+        assert!(!rest.contains_key(GRPC_TIMEOUT));
+        assert!(neither.is_empty());
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let err = restamp(&mut grpc, deadline).unwrap_err();
+        assert!(err.is_expired_before_send());
     }
 }
