@@ -34,6 +34,7 @@ use tower_service::Service;
 
 use crate::discovery::Retire;
 use crate::error::Error;
+use crate::grpc::KeepAlive;
 use crate::options::TlsConfig;
 
 /// The connector of both clients: TCP (`TCP_NODELAY`, connect timeout), and rustls for `https`.
@@ -274,6 +275,7 @@ struct Inner {
     target: Uri,
     connector: Https,
     connect_timeout: Duration,
+    keep_alive: Option<KeepAlive>,
     /// The open connection, if any (a handle is cloned out per call).
     open: Mutex<Option<SendRequest<Wire>>>,
     /// Held by the one call that dials; the others wait on it.
@@ -298,6 +300,7 @@ impl GrpcConn {
         instance: &ServiceInstance,
         connector: Https,
         connect_timeout: Duration,
+        keep_alive: Option<KeepAlive>,
     ) -> Result<Self, BoxError> {
         let Origin {
             scheme,
@@ -310,6 +313,7 @@ impl GrpcConn {
             target,
             connector,
             connect_timeout,
+            keep_alive,
             open: Mutex::new(None),
             dialling: tokio::sync::Mutex::new(()),
             failures: Mutex::new((0, String::new())),
@@ -374,9 +378,14 @@ impl GrpcConn {
     /// TCP (and TLS), then the HTTP/2 handshake; the connection's task is spawned here.
     async fn dial(&self) -> Result<SendRequest<Wire>, BoxError> {
         let io = connect_io(&self.0.connector, &self.0.target).await?;
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(BoxingExecutor)
-            .handshake(io)
-            .await?;
+        let mut builder = hyper::client::conn::http2::Builder::new(BoxingExecutor);
+        if let Some(keep_alive) = self.0.keep_alive {
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(keep_alive.interval)
+                .keep_alive_timeout(keep_alive.timeout);
+        }
+        let (sender, connection) = builder.handshake(io).await?;
         drive(&self.0.target, "HTTP/2", connection);
         Ok(sender)
     }

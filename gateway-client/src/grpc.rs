@@ -103,6 +103,27 @@ impl fmt::Debug for GrpcChannel {
 #[derive(Debug)]
 pub struct GrpcBuilder {
     options: Options,
+    keep_alive: Option<KeepAlive>,
+}
+
+/// HTTP/2 keep-alive of a [`GrpcChannel`]'s connections; see [`GrpcBuilder::keep_alive`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepAlive {
+    /// A PING goes out after this long without a frame from the provider while calls are in
+    /// flight.
+    pub interval: Duration,
+    /// The connection is closed (its calls fail) when the PING is not answered within this.
+    pub timeout: Duration,
+}
+
+impl Default for KeepAlive {
+    /// A PING after 30 s of silence, answered within 10 s.
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 impl GrpcChannel {
@@ -110,6 +131,7 @@ impl GrpcChannel {
     pub fn builder(service: &str) -> GrpcBuilder {
         GrpcBuilder {
             options: Options::new(service),
+            keep_alive: Some(KeepAlive::default()),
         }
     }
 
@@ -197,6 +219,16 @@ pub(crate) fn instance_from_url(service: &str, url: &str) -> Result<ServiceInsta
 impl GrpcBuilder {
     common_builder_methods!();
 
+    /// HTTP/2 keep-alive while calls are in flight (default [`KeepAlive::default`]: 30 s,
+    /// 10 s); `None` turns it off. It finds a provider that vanished without closing its
+    /// connections (a host powered off, a network partition): the calls in flight on it fail
+    /// (counting against it, as an `UNKNOWN` outcome) instead of waiting for TCP to give up,
+    /// some fifteen minutes on Linux, when they have no deadline.
+    pub fn keep_alive(mut self, keep_alive: Option<KeepAlive>) -> Self {
+        self.keep_alive = keep_alive;
+        self
+    }
+
     fn connector(&self) -> Result<Connect<GrpcConn>, Error> {
         let https = https_connector(
             self.options.tls.as_ref(),
@@ -205,13 +237,14 @@ impl GrpcBuilder {
         )?;
         let has_tls = self.options.tls.is_some();
         let connect_timeout = self.options.connect_timeout;
+        let keep_alive = self.keep_alive;
         Ok(Arc::new(move |instance: &ServiceInstance| {
             if instance.tls && !has_tls {
                 return Err(
                     "the instance serves TLS but the client has no TLS configuration".into(),
                 );
             }
-            GrpcConn::new(instance, https.clone(), connect_timeout)
+            GrpcConn::new(instance, https.clone(), connect_timeout, keep_alive)
         }))
     }
 

@@ -84,7 +84,7 @@ mod span;
 pub use balance::{Balance, HashKey};
 pub use discovery::Discovery;
 pub use error::{AllEjected, Error, NoEndpoints, RetryBudgetExhausted};
-pub use grpc::{EndpointInfo, GrpcBuilder, GrpcChannel, ResponseBody, ResponseFuture};
+pub use grpc::{EndpointInfo, GrpcBuilder, GrpcChannel, KeepAlive, ResponseBody, ResponseFuture};
 pub use metrics::ClientMetrics;
 pub use options::{TlsConfig, default_endpoint_breaker};
 pub use rest::{RestBuilder, RestClient, RestRequest};

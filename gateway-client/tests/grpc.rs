@@ -451,6 +451,52 @@ async fn a_provider_that_never_answers_is_ejected() {
     server.abort();
 }
 
+/// A provider that went silent (here: accepts, reads, never answers, not even a PING): with
+/// HTTP/2 keep-alive a call without a deadline fails once a PING goes unanswered, instead of
+/// waiting for TCP to give up; without keep-alive it would still be waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_ends_calls_to_a_silent_provider() {
+    use keel_client::KeepAlive;
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(tokio::spawn(async move {
+                let mut stream = stream;
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            }));
+        }
+    });
+    let channel = |keep_alive| {
+        GrpcChannel::builder("echo")
+            .max_attempts(1)
+            .keep_alive(keep_alive)
+            .endpoints([silent.clone()])
+            .unwrap()
+    };
+    let quick = KeepAlive {
+        interval: Duration::from_millis(200),
+        timeout: Duration::from_millis(200),
+    };
+    let mut client = EchoClient::new(channel(Some(quick)));
+    let outcome = tokio::time::timeout(Duration::from_secs(10), echo(&mut client, request("x")))
+        .await
+        .expect("the call ends once a PING goes unanswered");
+    let status = outcome.unwrap_err();
+    assert_ne!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let mut client = EchoClient::new(channel(None));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), echo(&mut client, request("x")))
+            .await
+            .is_err(),
+        "without keep-alive the call keeps waiting"
+    );
+    server.abort();
+}
+
 /// A provider whose connection breaks after it received the whole request (it may have
 /// executed it): the caller gets `UNKNOWN`, never `UNAVAILABLE` — a service that hands that
 /// status back to its own caller would otherwise make that caller's Keel client replay a call
