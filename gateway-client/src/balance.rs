@@ -126,6 +126,15 @@ impl Load {
         }
     }
 
+    /// A new estimate that starts where this one is (the calls in flight stay counted here).
+    fn carried(&self) -> Self {
+        Self {
+            cost_ns: AtomicU64::new(self.cost_ns.load(Ordering::Relaxed)),
+            stamp_ns: AtomicU64::new(self.stamp_ns.load(Ordering::Relaxed)),
+            pending: AtomicU32::new(0),
+        }
+    }
+
     fn cost(&self) -> f64 {
         let pending = f64::from(self.pending.load(Ordering::Relaxed));
         f64::from_bits(self.cost_ns.load(Ordering::Relaxed)) * (pending + 1.0)
@@ -190,6 +199,18 @@ impl<C> fmt::Debug for EndpointState<C> {
 /// The largest `weight` an instance's metadata can give it (2^32): a larger one is taken as
 /// this.
 pub(crate) const MAX_WEIGHT: u64 = 1 << 32;
+
+/// The balancing weight in `instance`'s metadata (`weight`, default 100), capped at
+/// [`MAX_WEIGHT`] so that a pool's running total cannot overflow however many endpoints carry a
+/// huge one.
+fn weight_of(instance: &ServiceInstance) -> u64 {
+    instance
+        .metadata
+        .get("weight")
+        .and_then(|w| w.trim().parse::<u64>().ok())
+        .filter(|w| *w > 0)
+        .map_or(100, |w| w.min(MAX_WEIGHT))
+}
 
 /// A group of endpoints to pick from (all, or those of the local zone).
 #[derive(Debug, Default)]
@@ -344,26 +365,44 @@ impl<C> Set<C> {
         conn: C,
         breaker: Breaker,
     ) -> Arc<EndpointState<C>> {
-        let weight = instance
-            .metadata
-            .get("weight")
-            .and_then(|w| w.trim().parse::<u64>().ok())
-            .filter(|w| *w > 0)
-            // Capped, so that the pool's running total cannot overflow however many endpoints
-            // carry a huge weight.
-            .map_or(100, |w| w.min(MAX_WEIGHT));
         Arc::new(EndpointState {
             uid: self.next_uid.fetch_add(1, Ordering::Relaxed),
+            weight: weight_of(&instance),
             instance,
             conn,
             gate: CircuitBreakerLayer::new(breaker.clone()).mode(Mode::Gate),
             breaker,
             load: Load::new(self.config.default_rtt),
-            weight,
             added_ns: self.now_ns(),
             skip_until_ns: AtomicU64::new(0),
             removed: AtomicBool::new(false),
             calls: AtomicU64::new(0),
+        })
+    }
+
+    /// `old` with the instance's new `instance` (same address, other metadata: a weight, a
+    /// zone): the same connection, breaker (an ejected endpoint stays ejected), latency
+    /// estimate and warm-up start; only what the metadata decides changes.
+    pub(crate) fn updated(
+        &self,
+        old: &EndpointState<C>,
+        instance: ServiceInstance,
+    ) -> Arc<EndpointState<C>>
+    where
+        C: Clone,
+    {
+        Arc::new(EndpointState {
+            uid: old.uid,
+            weight: weight_of(&instance),
+            instance,
+            conn: old.conn.clone(),
+            gate: old.gate.clone(),
+            breaker: old.breaker.clone(),
+            load: old.load.carried(),
+            added_ns: old.added_ns,
+            skip_until_ns: AtomicU64::new(old.skip_until_ns.load(Ordering::Relaxed)),
+            removed: AtomicBool::new(false),
+            calls: AtomicU64::new(old.calls.load(Ordering::Relaxed)),
         })
     }
 

@@ -21,7 +21,7 @@ use crate::balance::{EndpointState, Set};
 pub(crate) type Connect<C> = Arc<dyn Fn(&ServiceInstance) -> Result<C, BoxError> + Send + Sync>;
 
 /// A connection to one instance, told when the instance leaves discovery.
-pub(crate) trait Retire {
+pub(crate) trait Retire: Clone {
     /// The instance left: close what is idle, dial no more, and let the calls in flight finish.
     /// (Old endpoint lists may keep the endpoint itself alive a while; its connections do not
     /// wait for that.)
@@ -81,8 +81,18 @@ impl<C: Retire> Members<C> {
         if let Some(existing) = self.by_id.get(&instance.id)
             && existing.instance.endpoint == instance.endpoint
             && existing.instance.tls == instance.tls
-            && existing.instance.metadata == instance.metadata
         {
+            if existing.instance.metadata == instance.metadata {
+                return;
+            }
+            // Only its metadata changed: it keeps its connection, breaker (an ejected instance
+            // is not readmitted by a metadata change) and load. The old state is marked removed
+            // (a call still picking from an old snapshot picks again) but not retired: its
+            // connection is the new state's.
+            let ep = self.set.updated(existing, instance);
+            if let Some(old) = self.by_id.insert(ep.instance.id.clone(), ep) {
+                old.removed.store(true, Ordering::Relaxed);
+            }
             return;
         }
         if let Some(ep) = self.make(instance)
@@ -194,5 +204,73 @@ impl Future for Discovery {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         self.fut.as_mut().poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::atomic::AtomicBool;
+
+    use keel_core::Endpoint;
+
+    use super::*;
+    use crate::balance::BalanceConfig;
+
+    /// A connection that remembers being retired.
+    #[derive(Clone)]
+    struct Conn(Arc<AtomicBool>);
+
+    impl Retire for Conn {
+        fn retire(&self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_metadata_change_keeps_the_connection_breaker_and_load() {
+        let set = Arc::new(Set::new(BalanceConfig::default()));
+        let retired = Arc::new(AtomicBool::new(false));
+        let factory = Factory {
+            connect: Arc::new({
+                let retired = Arc::clone(&retired);
+                move |_: &ServiceInstance| Ok(Conn(Arc::clone(&retired)))
+            }),
+            breaker: crate::options::default_endpoint_breaker(),
+        };
+        let mut members = Members::new(Arc::clone(&set), factory);
+        let a = ServiceInstance::new("s", "a", Endpoint::new("127.0.0.1", 1))
+            .with_metadata("weight", "100");
+        members.apply(Change::Add(a.clone()));
+        members.publish();
+        let before = Arc::clone(&set.snapshot().endpoints[0]);
+        before.calls.store(7, Ordering::Relaxed);
+
+        members.apply(Change::Update(a.clone().with_metadata("weight", "300")));
+        members.publish();
+        let after = Arc::clone(&set.snapshot().endpoints[0]);
+        assert_eq!(after.weight, 300, "what the metadata decides changes");
+        assert!(
+            std::ptr::eq(before.breaker.config(), after.breaker.config()),
+            "the same breaker: an ejected instance stays ejected"
+        );
+        assert_eq!(after.calls.load(Ordering::Relaxed), 7);
+        assert_eq!((after.uid, after.added_ns), (before.uid, before.added_ns));
+        assert!(!retired.load(Ordering::Relaxed), "its connection goes on");
+        assert!(before.removed.load(Ordering::Relaxed) && !after.removed.load(Ordering::Relaxed));
+
+        // A new address is a new endpoint: the old one's connection is retired.
+        members.apply(Change::Update(ServiceInstance::new(
+            "s",
+            "a",
+            Endpoint::new("127.0.0.1", 2),
+        )));
+        members.publish();
+        let moved = Arc::clone(&set.snapshot().endpoints[0]);
+        assert!(!std::ptr::eq(
+            before.breaker.config(),
+            moved.breaker.config()
+        ));
+        assert!(retired.load(Ordering::Relaxed));
     }
 }
