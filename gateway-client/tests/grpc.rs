@@ -328,10 +328,13 @@ async fn propagates_trace_deadline_request_id_and_key() {
         SpanId::from(0x00f0_67aa_0ba9_02b7_u64),
         TraceFlags::SAMPLED,
         true,
-        TraceState::default(),
+        TraceState::from_key_value([("vendor", "v1")]).unwrap(),
     );
     let reply = {
-        let cx = opentelemetry::Context::new().with_remote_span_context(remote);
+        use opentelemetry::baggage::BaggageExt;
+        let cx = opentelemetry::Context::new()
+            .with_remote_span_context(remote)
+            .with_baggage([opentelemetry::KeyValue::new("tenant", "acme")]);
         let _guard = cx.attach();
         let mut req = request("trace");
         req.extensions_mut().insert(IdempotencyKey("pay-42".into()));
@@ -350,6 +353,16 @@ async fn propagates_trace_deadline_request_id_and_key() {
     );
     assert_eq!(md["idempotency-key"], "pay-42");
     assert_eq!(md["x-request-id"].len(), 32);
+    assert_eq!(
+        md.get("tracestate").map(String::as_str),
+        Some("vendor=v1"),
+        "{md:?}"
+    );
+    assert_eq!(
+        md.get("baggage").map(String::as_str),
+        Some("tenant=acme"),
+        "{md:?}"
+    );
 
     // A deadline set by the caller on the request is honoured and shrinks too.
     let mut req = request("short");
@@ -430,6 +443,9 @@ async fn a_provider_that_never_answers_is_ejected() {
             Ok(_) => {}
             Err(status) => {
                 assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+                let error = Error::from_status(&status).expect("the client's own error");
+                assert!(error.is_deadline_exceeded(), "{error:?}");
+                assert_eq!(error.http_status().as_u16(), 504);
                 timed_out += 1;
             }
         }

@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-//! TLS with a test CA: a registry instance marked TLS (a Spring `sslPort`) is called over TLS,
-//! for gRPC and REST; a client that does not trust the CA cannot call it.
+//! TLS with a test CA: an instance registered in ZooKeeper with a Spring `sslPort` is called
+//! over TLS, for gRPC and REST; a client that does not trust the CA cannot call it.
 
 mod common;
 
@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_client::{GrpcChannel, RestClient, TlsConfig};
-use keel_registry::{Registry, StaticRegistry};
+use keel_registry::Registry;
 use keel_testkit::echo::{EchoRequest, EchoService, echo_client::EchoClient, echo_server};
 use serde_json::Value;
 
-use common::{RestProvider, instance, test_pki};
+use common::{RestProvider, ZkRoot, instance, test_pki};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_over_tls_with_a_test_ca() {
@@ -29,7 +29,11 @@ async fn grpc_over_tls_with_a_test_ca() {
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
     let server = tokio::spawn(server);
 
-    let registry = StaticRegistry::new();
+    // Registered in the real ZooKeeper in the Spring layout: a TLS instance is written with
+    // `port: null` and `sslPort`, so the call below reaches it only if discovery reads `sslPort`
+    // as "TLS on this port".
+    let root = ZkRoot::new().await;
+    let registry = root.registry().await;
     let _reg = registry
         .register(instance("secure", "tls-1", addr).with_tls(true))
         .await
