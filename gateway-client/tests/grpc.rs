@@ -18,7 +18,9 @@ use keel_testkit::echo::{EchoReply, EchoRequest, echo_client::EchoClient};
 use keel_testkit::eventually;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 
-use common::{EchoLoad, ZkRoot, counting_proxy, instance, providers, quick_breaker, state_of};
+use common::{
+    EchoLoad, ZkRoot, counting_proxy, instance, providers, quick_breaker, silent_provider, state_of,
+};
 
 fn request(message: &str) -> tonic::Request<EchoRequest> {
     tonic::Request::new(EchoRequest {
@@ -414,20 +416,7 @@ async fn unknown_outcome_is_retried_only_when_idempotent() {
 /// it was never ejected).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_that_never_answers_is_ejected() {
-    use tokio::io::AsyncReadExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hung = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            // Read (and drop) whatever comes; answer nothing.
-            held.push(tokio::spawn(async move {
-                let mut stream = stream;
-                let mut buf = [0u8; 4096];
-                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
-            }));
-        }
-    });
+    let (hung, server) = silent_provider().await;
     let (ps, _faults) = providers(1).await;
     let healthy = format!("http://{}", ps[0].addr());
     let channel = GrpcChannel::builder("echo")
@@ -473,19 +462,7 @@ async fn a_provider_that_never_answers_is_ejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_ends_calls_to_a_silent_provider() {
     use keel_client::KeepAlive;
-    use tokio::io::AsyncReadExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            held.push(tokio::spawn(async move {
-                let mut stream = stream;
-                let mut buf = [0u8; 4096];
-                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
-            }));
-        }
-    });
+    let (silent, server) = silent_provider().await;
     let channel = |keep_alive| {
         GrpcChannel::builder("echo")
             .max_attempts(1)

@@ -15,7 +15,7 @@ use keel_testkit::eventually;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use serde_json::{Value, json};
 
-use common::{RestProvider, counting_proxy, instance, quick_breaker};
+use common::{RestProvider, counting_proxy, instance, quick_breaker, silent_provider};
 
 /// JSON verbs, a typed error for non-2xx with the body kept, and the API-gateway mode (base URL
 /// with a path prefix, default headers).
@@ -799,19 +799,7 @@ async fn idle_connections_the_server_dropped_are_skipped() {
 /// end at their deadline count against it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_that_never_answers_is_ejected() {
-    use tokio::io::AsyncReadExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hung = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            held.push(tokio::spawn(async move {
-                let mut stream = stream;
-                let mut buf = [0u8; 4096];
-                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
-            }));
-        }
-    });
+    let (hung, server) = silent_provider().await;
     let provider = RestProvider::start("r-ok").await;
     let client = RestClient::builder("accounts")
         .balance(Balance::RoundRobin)

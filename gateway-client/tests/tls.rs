@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use keel_client::{GrpcChannel, RestClient, TlsConfig};
 use keel_registry::Registry;
-use keel_testkit::echo::{EchoRequest, EchoService, echo_client::EchoClient, echo_server};
+use keel_testkit::echo::{
+    EchoReply, EchoRequest, EchoService, echo_client::EchoClient, echo_server,
+};
 use serde_json::Value;
 
 use common::{RestProvider, ZkRoot, instance, test_pki};
@@ -43,14 +45,7 @@ async fn grpc_over_tls_with_a_test_ca() {
         .connect(&registry, Duration::from_secs(5))
         .await
         .unwrap();
-    let reply = EchoClient::new(channel)
-        .echo(EchoRequest {
-            message: "s".into(),
-            payload: Vec::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = echo(channel).await.unwrap();
     assert_eq!(reply.server_id, "tls-1");
 
     let (other_ca, _, _) = test_pki();
@@ -60,13 +55,7 @@ async fn grpc_over_tls_with_a_test_ca() {
         .connect(&registry, Duration::from_secs(5))
         .await
         .unwrap();
-    let status = EchoClient::new(untrusting)
-        .echo(EchoRequest {
-            message: "s".into(),
-            payload: Vec::new(),
-        })
-        .await
-        .unwrap_err();
+    let status = echo(untrusting).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     server.abort();
 }
@@ -95,14 +84,7 @@ async fn time_spent_dialling_is_taken_off_the_propagated_deadline() {
         .timeout(Duration::from_secs(1))
         .endpoints([format!("https://{proxy_addr}")])
         .unwrap();
-    let reply = EchoClient::new(channel)
-        .echo(EchoRequest {
-            message: "s".into(),
-            payload: Vec::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = echo(channel).await.unwrap();
     let left = keel_breaker::deadline::parse_grpc_timeout(&reply.metadata["grpc-timeout"]).unwrap();
     assert!(left <= Duration::from_millis(600), "{left:?}");
     proxying.abort();
@@ -144,6 +126,17 @@ async fn slow_proxy(
         }
     });
     (addr, task)
+}
+
+/// One echo call through `channel`.
+async fn echo(channel: GrpcChannel) -> Result<EchoReply, tonic::Status> {
+    EchoClient::new(channel)
+        .echo(EchoRequest {
+            message: "s".into(),
+            payload: Vec::new(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 /// A TLS acceptor serving the PEM certificate `cert` with private key `key`.
