@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::response::IntoResponse;
 use futures::future::BoxFuture;
-use keel_client::{Balance, GrpcChannel, RestClient};
+use keel_client::{Balance, GrpcChannel, KeepAlive, RestClient};
 use keel_core::{Endpoint, ServiceInstance};
 use keel_registry::{Registration, Registry, StaticRegistry, ZkConfig, ZkRegistry};
 use tokio::net::TcpListener;
@@ -258,12 +258,20 @@ impl App {
                 ),
             )));
         }
-        let b = configure!(
+        let mut b = configure!(
             GrpcChannel::builder(&service),
             cfg,
             self.config.service.zone,
             self.telemetry.tracer_provider()
         );
+        if let Some(k) = &cfg.keep_alive {
+            let default = KeepAlive::default();
+            let interval = k.interval.unwrap_or(default.interval);
+            b = b.keep_alive((!interval.is_zero()).then_some(KeepAlive {
+                interval,
+                timeout: k.timeout.unwrap_or(default.timeout),
+            }));
+        }
         let channel = if cfg.urls.is_empty() {
             let (channel, discovery) = b.discover(&*self.registry).map_err(client_err)?;
             self.spawn(discovery);
@@ -292,6 +300,15 @@ impl App {
             name: name.to_owned(),
             source,
         };
+        if cfg.keep_alive.is_some() {
+            return Err(Error::Config(ConfigError::new(
+                Some(format!("clients.{name}.keep_alive")),
+                format!(
+                    "clients.{name}.keep_alive applies to gRPC clients (HTTP/2 PINGs); a REST \
+                     client's idle connections are bounded by its pool"
+                ),
+            )));
+        }
         let mut b = configure!(
             RestClient::builder(&service),
             cfg,

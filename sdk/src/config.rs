@@ -46,6 +46,7 @@
 //! breaker = { failureRateThreshold = 50, slidingWindowSize = 20 }
 //! bulkhead = { max_concurrent = 64, max_wait = "0ms" }
 //! pool = { idle_timeout = "90s", max_idle = 256 }   # REST keep-alive pool, per endpoint
+//! keep_alive = { interval = "30s", timeout = "10s" } # gRPC: HTTP/2 PINGs while calls are in flight
 //!
 //! [messaging.payments]
 //! broker = "kafka://127.0.0.1:9092"
@@ -436,6 +437,24 @@ pub struct ClientConfig {
     /// REST clients: the keep-alive pool of each endpoint (an error for a gRPC client, which
     /// keeps one HTTP/2 connection per endpoint).
     pub pool: Option<PoolConfig>,
+    /// gRPC clients: HTTP/2 keep-alive PINGs while calls are in flight (an error for a REST
+    /// client).
+    pub keep_alive: Option<KeepAliveConfig>,
+}
+
+/// `[clients.NAME] keep_alive = { interval = "30s", timeout = "10s" }`: a gRPC client sends a
+/// PING after `interval` without a frame from a provider while calls are in flight, and closes
+/// the connection (failing its calls) when it is not answered within `timeout`. The defaults
+/// are those; an interval of zero turns keep-alive off.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeepAliveConfig {
+    /// Silence before a PING (default 30 s; zero: no keep-alive).
+    #[serde(deserialize_with = "opt_duration")]
+    pub interval: Option<Duration>,
+    /// How long a PING may go unanswered (default 10 s).
+    #[serde(deserialize_with = "opt_duration")]
+    pub timeout: Option<Duration>,
 }
 
 /// `[clients.NAME] pool = { idle_timeout = "90s", max_idle = 256 }`: a REST client's keep-alive
@@ -580,6 +599,7 @@ mod tests {
             breaker = { failureRateThreshold = 40, slidingWindowSize = 20 }
             bulkhead = { max_concurrent = 64 }
             pool = { idle_timeout = "30s", max_idle = 16 }
+            keep_alive = { interval = "20s" }
             [messaging.payments]
             broker = "kafka://127.0.0.1:9092"
             "#,
@@ -608,6 +628,11 @@ mod tests {
         let pool = account.pool.as_ref().unwrap();
         assert_eq!(pool.idle_timeout, Some(Duration::from_secs(30)));
         assert_eq!(pool.max_idle, Some(16));
+        let keep_alive = account.keep_alive.as_ref().unwrap();
+        assert_eq!(
+            (keep_alive.interval, keep_alive.timeout),
+            (Some(Duration::from_secs(20)), None)
+        );
         assert_eq!(config.service.zone.as_deref(), Some("sh-a"));
         assert_eq!(
             config.messaging["payments"].broker,

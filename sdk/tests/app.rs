@@ -518,11 +518,25 @@ async fn a_repeated_key_executes_once_across_instances_with_the_redis_store() {
 }
 
 /// `[clients.NAME]` of a gRPC client calling through a gateway: its `headers` go with every
-/// call; a `pool` (REST clients only) is a configuration error naming the key.
+/// call; its `keep_alive` ends a call to a provider that went silent; a `pool` (REST clients
+/// only) is a configuration error naming the key, as is a `keep_alive` (gRPC only) for REST.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_client_config_sends_its_headers_and_refuses_a_rest_pool() {
     let root = TestRoot::new();
     let echo = keel_testkit::echo::EchoProvider::start("gw").await.unwrap();
+    // A provider that went silent: accepts, reads, never answers (not even a PING).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = silent.accept().await {
+            held.push(tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            }));
+        }
+    });
     let app = App::with_config(
         &keel_testkit::unique("gw"),
         config(
@@ -535,6 +549,10 @@ async fn grpc_client_config_sends_its_headers_and_refuses_a_rest_pool() {
                 [clients.pooled]
                 urls = ["http://{addr}"]
                 pool = {{ max_idle = 2 }}
+                [clients.silent]
+                urls = ["http://{silent_addr}"]
+                retry = {{ max_attempts = 1 }}
+                keep_alive = {{ interval = "200ms", timeout = "200ms" }}
                 "#,
                 addr = echo.addr()
             ),
@@ -542,6 +560,19 @@ async fn grpc_client_config_sends_its_headers_and_refuses_a_rest_pool() {
     )
     .await
     .unwrap();
+    // No timeout configured: only the keep-alive ends this call.
+    let mut silent_client = EchoClient::new(app.grpc("silent").unwrap());
+    let call = silent_client.echo(EchoRequest::default());
+    let status = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the keep-alive ends the call")
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unknown, "{status:?}");
+    match app.rest_client("silent").unwrap_err() {
+        keel::Error::Config(e) => assert_eq!(e.key(), Some("clients.silent.keep_alive"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    silent.abort();
     let mut client = EchoClient::new(app.grpc("gateway").unwrap());
     let reply = client
         .echo(EchoRequest {
