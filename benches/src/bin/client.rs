@@ -26,7 +26,8 @@
 //! with the same settings where they overlap (one HTTP/2 connection with `TCP_NODELAY` and
 //! default windows; an HTTP/1.1 keep-alive pool with `TCP_NODELAY` that opens a connection per
 //! call in flight and reuses idle ones — hyper-util's legacy client for raw, Keel's own pool on
-//! hyper for Keel; the same 64 B payload; the REST raw arm also decodes the JSON reply). `Setup`
+//! hyper for Keel; HTTP/2 keep-alive as Keel's default, 30 s / 10 s while calls are in flight;
+//! the same 64 B payload; the REST raw arm also decodes the JSON reply). `Setup`
 //! records those settings and the run refuses to compare arms whose set-ups differ.
 //!
 //! # What each id measures (durations per arm and round)
@@ -688,7 +689,7 @@ fn grpc_setup(server: SocketAddr) -> Setup {
         protocol: "h2c",
         connections: "1 per endpoint",
         tcp_nodelay: true,
-        windows: "hyper h2 defaults (tonic sets none)",
+        windows: "hyper h2 defaults (tonic sets none); keep-alive PING 30 s / 10 s in flight",
         payload: PAYLOAD,
     }
 }
@@ -705,8 +706,12 @@ fn rest_setup(server: SocketAddr) -> Setup {
 }
 
 async fn raw_grpc(addr: SocketAddr) -> Result<(RawGrpc, Setup)> {
+    // Keel's default HTTP/2 keep-alive (`keel_client::KeepAlive::default`), for parity.
+    let keep_alive = keel::client::KeepAlive::default();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
+        .http2_keep_alive_interval(keep_alive.interval)
+        .keep_alive_timeout(keep_alive.timeout)
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await?;
