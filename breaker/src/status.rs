@@ -21,7 +21,7 @@ use crate::classify::{FailureClass, Outcome};
 /// | any other [`std::io::Error`] (reset, broken pipe, end of stream: the request may have been executed) | `UNKNOWN` | 502 |
 /// | anything else | `UNKNOWN` | 500 |
 ///
-/// `UNAVAILABLE` (and HTTP 503) is kept for what certainly was not executed: callers — Keel's
+/// `UNAVAILABLE` (HTTP 503 or 502) is kept for what certainly was not executed: callers — Keel's
 /// own [classifier](crate::classify::classify_grpc_code) among them — retry it even when the
 /// call is not idempotent. A failure after the request may have reached the server must not read
 /// as that when a service hands its downstream's status back to its own caller.

@@ -81,6 +81,7 @@ impl<C: Retire> Members<C> {
         if let Some(existing) = self.by_id.get(&instance.id)
             && existing.instance.endpoint == instance.endpoint
             && existing.instance.tls == instance.tls
+            && !restarted(&existing.instance, &instance)
         {
             if existing.instance.metadata == instance.metadata {
                 return;
@@ -142,6 +143,18 @@ impl<C: Retire> Members<C> {
             retire(ep);
         }
     }
+}
+
+/// Metadata that a provider process sets anew when it starts (Dubbo URLs carry `timestamp` and
+/// `pid`; a Dubbo instance's id is its `host:port`, the same across restarts).
+const RESTART_MARKERS: [&str; 2] = ["timestamp", "pid"];
+
+/// Whether `new` is another process than `old` at the same address: a fresh endpoint then
+/// (its own breaker and warm-up), not a metadata update.
+fn restarted(old: &ServiceInstance, new: &ServiceInstance) -> bool {
+    RESTART_MARKERS
+        .iter()
+        .any(|k| old.metadata.get(*k) != new.metadata.get(*k))
 }
 
 /// Marks `ep` removed (balancers skip it) and retires its connection.
@@ -258,6 +271,25 @@ mod tests {
         assert_eq!((after.uid, after.added_ns), (before.uid, before.added_ns));
         assert!(!retired.load(Ordering::Relaxed), "its connection goes on");
         assert!(before.removed.load(Ordering::Relaxed) && !after.removed.load(Ordering::Relaxed));
+
+        // A restarted process at the same address (Dubbo: new `timestamp`) is a new endpoint.
+        let restarted = Arc::clone(&set.snapshot().endpoints[0]);
+        members.apply(Change::Update(
+            a.clone()
+                .with_metadata("weight", "300")
+                .with_metadata("timestamp", "1764300000000"),
+        ));
+        members.publish();
+        let fresh = Arc::clone(&set.snapshot().endpoints[0]);
+        assert!(!std::ptr::eq(
+            restarted.breaker.config(),
+            fresh.breaker.config()
+        ));
+        assert_eq!(fresh.calls.load(Ordering::Relaxed), 0);
+        assert!(
+            retired.swap(false, Ordering::Relaxed),
+            "the old process's connection"
+        );
 
         // A new address is a new endpoint: the old one's connection is retired.
         members.apply(Change::Update(ServiceInstance::new(

@@ -117,11 +117,13 @@ pub struct KeepAlive {
 }
 
 impl Default for KeepAlive {
-    /// A PING after 30 s of silence, answered within 10 s.
+    /// A PING after 5 minutes of silence, answered within 20 s. Not more often: grpc-java and
+    /// grpc-go servers by default answer a client that pings more often than every 5 minutes
+    /// with `GOAWAY` (`too_many_pings`), failing every call on the connection.
     fn default() -> Self {
         Self {
-            interval: Duration::from_secs(30),
-            timeout: Duration::from_secs(10),
+            interval: Duration::from_secs(300),
+            timeout: Duration::from_secs(20),
         }
     }
 }
@@ -219,17 +221,24 @@ pub(crate) fn instance_from_url(service: &str, url: &str) -> Result<ServiceInsta
 impl GrpcBuilder {
     common_builder_methods!();
 
-    /// HTTP/2 keep-alive while calls are in flight (default [`KeepAlive::default`]: 30 s,
-    /// 10 s); `None` turns it off. It finds a provider that vanished without closing its
-    /// connections (a host powered off, a network partition): the calls in flight on it fail
-    /// (counting against it, as an `UNKNOWN` outcome) instead of waiting for TCP to give up,
-    /// some fifteen minutes on Linux, when they have no deadline.
+    /// HTTP/2 keep-alive while calls are in flight (default [`KeepAlive::default`]: 5 min,
+    /// 20 s); `None`, or an interval of zero, turns it off; a zero timeout is a configuration
+    /// error. It finds a provider that vanished without closing its connections (a host
+    /// powered off, a network partition): the calls in flight on it fail (counting against it,
+    /// as an `UNKNOWN` outcome) instead of waiting for TCP to give up, some fifteen minutes on
+    /// Linux, and the connection is dialled afresh. Mind the provider's limit on PINGs (see
+    /// [`KeepAlive::default`]) before shortening the interval.
     pub fn keep_alive(mut self, keep_alive: Option<KeepAlive>) -> Self {
-        self.keep_alive = keep_alive;
+        self.keep_alive = keep_alive.filter(|k| !k.interval.is_zero());
         self
     }
 
     fn connector(&self) -> Result<Connect<GrpcConn>, Error> {
+        if self.keep_alive.is_some_and(|k| k.timeout.is_zero()) {
+            return Err(Error::config(
+                "keep-alive timeout must be more than zero (it would fail every PING)",
+            ));
+        }
         let https = https_connector(
             self.options.tls.as_ref(),
             self.options.connect_timeout,

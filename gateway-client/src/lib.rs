@@ -56,7 +56,8 @@
 //! [`keel_breaker::request::IdempotencyKey`] into a request's extensions to let a call that may
 //! have executed be retried (with the same key on every attempt), and a [`HashKey`] to route by
 //! key with [`Balance::ConsistentHash`]. Without either, a call whose outcome is unknown is never
-//! replayed.
+//! replayed; nor is one whose key is empty or not a valid header value (it cannot reach the
+//! server, which could then not de-duplicate the replay).
 //!
 //! Tracing: every call makes an OpenTelemetry client span (`grpc.client` / `http.client`) under
 //! the caller's context and sends the span's context downstream. Spans go to OpenTelemetry's

@@ -480,6 +480,15 @@ async fn keep_alive_ends_calls_to_a_silent_provider() {
         .expect("the call ends once a PING goes unanswered");
     let status = outcome.unwrap_err();
     assert_ne!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    // A zero timeout would fail every PING: refused.
+    let zero = GrpcChannel::builder("echo")
+        .keep_alive(Some(KeepAlive {
+            interval: Duration::from_secs(1),
+            timeout: Duration::ZERO,
+        }))
+        .endpoints([silent.clone()])
+        .unwrap_err();
+    assert!(zero.is_config(), "{zero:?}");
     let mut client = EchoClient::new(channel(None));
     assert!(
         tokio::time::timeout(Duration::from_millis(1500), echo(&mut client, request("x")))

@@ -265,6 +265,12 @@ impl App {
             self.telemetry.tracer_provider()
         );
         if let Some(k) = &cfg.keep_alive {
+            if k.timeout.is_some_and(|t| t.is_zero()) {
+                return Err(Error::Config(ConfigError::new(
+                    Some(format!("clients.{name}.keep_alive.timeout")),
+                    "must be more than zero (it would fail every PING)",
+                )));
+            }
             let default = KeepAlive::default();
             let interval = k.interval.unwrap_or(default.interval);
             b = b.keep_alive((!interval.is_zero()).then_some(KeepAlive {

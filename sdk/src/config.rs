@@ -46,7 +46,7 @@
 //! breaker = { failureRateThreshold = 50, slidingWindowSize = 20 }
 //! bulkhead = { max_concurrent = 64, max_wait = "0ms" }
 //! pool = { idle_timeout = "90s", max_idle = 256 }   # REST keep-alive pool, per endpoint
-//! keep_alive = { interval = "30s", timeout = "10s" } # gRPC: HTTP/2 PINGs while calls are in flight
+//! keep_alive = { interval = "300s", timeout = "20s" } # gRPC: HTTP/2 PINGs while calls are in flight
 //!
 //! [messaging.payments]
 //! broker = "kafka://127.0.0.1:9092"
@@ -442,17 +442,18 @@ pub struct ClientConfig {
     pub keep_alive: Option<KeepAliveConfig>,
 }
 
-/// `[clients.NAME] keep_alive = { interval = "30s", timeout = "10s" }`: a gRPC client sends a
+/// `[clients.NAME] keep_alive = { interval = "300s", timeout = "20s" }`: a gRPC client sends a
 /// PING after `interval` without a frame from a provider while calls are in flight, and closes
 /// the connection (failing its calls) when it is not answered within `timeout`. The defaults
-/// are those; an interval of zero turns keep-alive off.
+/// are those (grpc-java and grpc-go servers refuse clients that ping more often than every
+/// 5 minutes); an interval of zero turns keep-alive off; a zero timeout is an error.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KeepAliveConfig {
-    /// Silence before a PING (default 30 s; zero: no keep-alive).
+    /// Silence before a PING (default 5 min; zero: no keep-alive).
     #[serde(deserialize_with = "opt_duration")]
     pub interval: Option<Duration>,
-    /// How long a PING may go unanswered (default 10 s).
+    /// How long a PING may go unanswered (default 20 s).
     #[serde(deserialize_with = "opt_duration")]
     pub timeout: Option<Duration>,
 }

@@ -553,6 +553,9 @@ async fn grpc_client_config_sends_its_headers_and_refuses_a_rest_pool() {
                 urls = ["http://{silent_addr}"]
                 retry = {{ max_attempts = 1 }}
                 keep_alive = {{ interval = "200ms", timeout = "200ms" }}
+                [clients.zero]
+                urls = ["http://{silent_addr}"]
+                keep_alive = {{ timeout = "0s" }}
                 "#,
                 addr = echo.addr()
             ),
@@ -568,6 +571,12 @@ async fn grpc_client_config_sends_its_headers_and_refuses_a_rest_pool() {
         .expect("the keep-alive ends the call")
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unknown, "{status:?}");
+    match app.grpc("zero").unwrap_err() {
+        keel::Error::Config(e) => {
+            assert_eq!(e.key(), Some("clients.zero.keep_alive.timeout"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
     match app.rest_client("silent").unwrap_err() {
         keel::Error::Config(e) => assert_eq!(e.key(), Some("clients.silent.keep_alive"), "{e}"),
         other => panic!("{other:?}"),

@@ -26,7 +26,7 @@
 //! with the same settings where they overlap (one HTTP/2 connection with `TCP_NODELAY` and
 //! default windows; an HTTP/1.1 keep-alive pool with `TCP_NODELAY` that opens a connection per
 //! call in flight and reuses idle ones — hyper-util's legacy client for raw, Keel's own pool on
-//! hyper for Keel; HTTP/2 keep-alive as Keel's default, 30 s / 10 s while calls are in flight;
+//! hyper for Keel; HTTP/2 keep-alive as Keel's default, 5 min / 20 s while calls are in flight;
 //! the same 64 B payload; the REST raw arm also decodes the JSON reply). `Setup`
 //! records those settings and the run refuses to compare arms whose set-ups differ.
 //!
@@ -689,7 +689,7 @@ fn grpc_setup(server: SocketAddr) -> Setup {
         protocol: "h2c",
         connections: "1 per endpoint",
         tcp_nodelay: true,
-        windows: "hyper h2 defaults (tonic sets none); keep-alive PING 30 s / 10 s in flight",
+        windows: "hyper h2 defaults (tonic sets none); Keel's default keep-alive (5 min / 20 s)",
         payload: PAYLOAD,
     }
 }
