@@ -143,19 +143,25 @@ impl ServerMetrics {
     /// `protocol` exist, a new one gets the metrics of the protocol's overflow label.
     pub(crate) fn method(&self, protocol: Protocol, method: &str) -> Arc<MethodMetrics> {
         let methods = &self.methods[protocol as usize];
-        if let Some(m) = methods
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(method)
+        let overflow = match protocol {
+            Protocol::Grpc => UNKNOWN_GRPC,
+            Protocol::Rest => OVERFLOW_REST,
+        };
         {
-            return Arc::clone(m);
+            let map = methods.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(m) = map.get(method) {
+                return Arc::clone(m);
+            }
+            // Past the cap, a new method is counted as the overflow without the write lock.
+            if map.len() >= MAX_METHODS
+                && let Some(m) = map.get(overflow)
+            {
+                return Arc::clone(m);
+            }
         }
         let mut map = methods.write().unwrap_or_else(PoisonError::into_inner);
         let method = if map.len() >= MAX_METHODS && !map.contains_key(method) {
-            match protocol {
-                Protocol::Grpc => UNKNOWN_GRPC,
-                Protocol::Rest => OVERFLOW_REST,
-            }
+            overflow
         } else {
             method
         };
