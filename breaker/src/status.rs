@@ -50,10 +50,8 @@ pub fn status_of(error: &(dyn Error + 'static)) -> (Code, StatusCode) {
             next = Some(inner);
             continue;
         }
-        if err.is::<crate::classify::NotSent>() {
-            return (Code::Unavailable, StatusCode::BAD_GATEWAY);
-        }
-        if err.is::<std::io::Error>() {
+        if err.is::<crate::classify::NotSent>() || err.is::<std::io::Error>() {
+            // The classifier's judgement: `NotSent`, or an I/O error at connect time.
             let not_sent =
                 crate::classify::classify_error(err) == Outcome::Failure(FailureClass::NotSent);
             let code = if not_sent {

@@ -28,6 +28,18 @@ const RECHECK: Duration = Duration::from_millis(20);
 /// Counts a call in flight on an endpoint until dropped.
 pub(crate) struct LoadGuard<C>(Arc<EndpointState<C>>);
 
+impl<C> LoadGuard<C> {
+    /// Feeds the time since `start_ns` (on `set`'s clock) into the endpoint's latency estimate.
+    fn observe_since(&self, set: &Set<C>, start_ns: u64) {
+        let now = set.now_ns();
+        self.0.load.observe(
+            Duration::from_nanos(now.saturating_sub(start_ns)),
+            now,
+            set.decay_ns(),
+        );
+    }
+}
+
 impl<C> Drop for LoadGuard<C> {
     fn drop(&mut self) {
         self.0.load.finish();
@@ -134,13 +146,7 @@ pin_project! {
                 && this.deadline.is_some_and(|d| Instant::now() >= d)
             {
                 fut.fail_unfinished();
-                let set: &Set<C> = this.set;
-                let now = set.now_ns();
-                guard.0.load.observe(
-                    Duration::from_nanos(now.saturating_sub(*start_ns)),
-                    now,
-                    set.decay_ns(),
-                );
+                guard.observe_since(this.set, *start_ns);
             }
         }
     }
@@ -314,12 +320,7 @@ where
                     start_ns,
                 } => {
                     let result = ready!(fut.poll(cx));
-                    let now = set.now_ns();
-                    guard.0.load.observe(
-                        Duration::from_nanos(now.saturating_sub(*start_ns)),
-                        now,
-                        set.decay_ns(),
-                    );
+                    guard.observe_since(set, *start_ns);
                     this.phase.set(Phase::Done);
                     return Poll::Ready(result);
                 }

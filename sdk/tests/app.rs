@@ -525,18 +525,7 @@ async fn grpc_client_config_sends_its_headers_and_refuses_a_rest_pool() {
     let root = TestRoot::new();
     let echo = keel_testkit::echo::EchoProvider::start("gw").await.unwrap();
     // A provider that went silent: accepts, reads, never answers (not even a PING).
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_addr = silent.local_addr().unwrap();
-    let silent = tokio::spawn(async move {
-        use tokio::io::AsyncReadExt;
-        let mut held = Vec::new();
-        while let Ok((mut stream, _)) = silent.accept().await {
-            held.push(tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
-            }));
-        }
-    });
+    let (silent_addr, silent) = keel_testkit::silent_server().await.unwrap();
     let app = App::with_config(
         &keel_testkit::unique("gw"),
         config(

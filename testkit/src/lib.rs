@@ -4,6 +4,7 @@
 //!   `protox` (no system `protoc`), and an [`echo::EchoProvider`] that serves it on loopback.
 //! - [`unique`]: names that isolate a test (ZooKeeper roots, topics, queues).
 //! - [`eventually`]: poll a condition with a deadline, never a bare sleep.
+//! - [`silent_server`]: a provider that accepts connections and never answers.
 //! - [`services`]: addresses of the live services and a handle on `scripts/services`.
 //! - [`smoke`]: one check per live service, shared by the smoke tests and `keel-smoke`.
 //! - [`zk`]: unique ZooKeeper test roots that delete themselves.
@@ -31,6 +32,7 @@ pub mod smoke;
 pub mod zk;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// A name unique to this call: `prefix-` followed by 12 hex digits of a random UUID.
@@ -85,6 +87,27 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A provider that accepts connections on loopback, reads whatever comes and never answers
+/// (not even an HTTP/2 PING): a stuck process. Its address, and the task to abort at the end.
+///
+/// # Errors
+/// The listener cannot be bound.
+pub async fn silent_server() -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            held.push(tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            }));
+        }
+    });
+    Ok((addr, task))
 }
 
 #[cfg(test)]

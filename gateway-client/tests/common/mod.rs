@@ -459,17 +459,6 @@ pub async fn stalling_server(content_type: &'static str) -> (SocketAddr, JoinHan
 /// A provider that accepts connections, reads whatever comes and never answers (not even an
 /// HTTP/2 PING): a stuck process. Its `http://` URL, and the task to abort at the end.
 pub async fn silent_provider() -> (String, JoinHandle<()>) {
-    use tokio::io::AsyncReadExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let task = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((mut stream, _)) = listener.accept().await {
-            held.push(tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
-            }));
-        }
-    });
-    (url, task)
+    let (addr, task) = keel_testkit::silent_server().await.unwrap();
+    (format!("http://{addr}"), task)
 }
