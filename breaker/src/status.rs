@@ -16,6 +16,7 @@ use crate::classify::{FailureClass, Outcome};
 /// | [`BulkheadFull`](crate::bulkhead::BulkheadFull) | `RESOURCE_EXHAUSTED` | 503 |
 /// | [`RateLimited`](crate::rate_limit::RateLimited) | `RESOURCE_EXHAUSTED` | 429 |
 /// | [`DeadlineExceeded`](crate::deadline::DeadlineExceeded) | `DEADLINE_EXCEEDED` | 504 |
+/// | [`InvalidIdempotencyKey`](crate::request::InvalidIdempotencyKey) | `INVALID_ARGUMENT` | 400 |
 /// | [`tonic::Status`] | its code | per [`http_status_for_code`] |
 /// | [`NotSent`](crate::classify::NotSent), a connect-time [`std::io::Error`] (refused, unreachable) | `UNAVAILABLE` | 502 |
 /// | any other [`std::io::Error`] (reset, broken pipe, end of stream: the request may have been executed) | `UNKNOWN` | 502 |
@@ -39,6 +40,9 @@ pub fn status_of(error: &(dyn Error + 'static)) -> (Code, StatusCode) {
         }
         if err.is::<crate::deadline::DeadlineExceeded>() {
             return (Code::DeadlineExceeded, StatusCode::GATEWAY_TIMEOUT);
+        }
+        if err.is::<crate::request::InvalidIdempotencyKey>() {
+            return (Code::InvalidArgument, StatusCode::BAD_REQUEST);
         }
         if let Some(status) = err.downcast_ref::<tonic::Status>() {
             return (status.code(), http_status_for_code(status.code()));
@@ -125,6 +129,13 @@ mod tests {
                 429,
             ),
             (tonic::Status::not_found("x").into(), Code::NotFound, 404),
+            (
+                crate::request::check_idempotency_key(b"")
+                    .unwrap_err()
+                    .into(),
+                Code::InvalidArgument,
+                400,
+            ),
             // Nothing was sent: safe to call UNAVAILABLE.
             (
                 crate::classify::NotSent::new(std::io::Error::from(

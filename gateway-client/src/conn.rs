@@ -7,7 +7,11 @@
 //! `tonic::transport::Channel` has, so a call costs one task hop less. The first call dials;
 //! calls arriving meanwhile wait for that dial instead of starting their own, and when it fails
 //! they fail with it ([`NotSent`], `UNAVAILABLE`: retried elsewhere, counted by the endpoint's
-//! breaker). A closed connection (server gone, GOAWAY) is dialled again by the next call. When the
+//! breaker). A closed connection (server gone, GOAWAY) is dialled again by the next call. A call
+//! the server did not take — refused (`REFUSED_STREAM`), above the last stream of its `GOAWAY`,
+//! or still queued when the connection closed — is [`NotSent`] too, so it moves to another
+//! endpoint even when it is not idempotent; anything else that breaks a call after it was handed
+//! to the connection leaves its outcome unknown. When the
 //! endpoint leaves discovery the connection is retired: it is never dialled again, and it closes
 //! once its last in-flight call completes — even while a client clone that has been idle since
 //! still holds the old endpoint list.
@@ -421,8 +425,8 @@ impl GrpcConn {
             )));
         }
         Ok(futures::TryFutureExt::map_err(
-            sender.send_request(req),
-            BoxError::from,
+            sender.try_send_request(req),
+            unsent_or_not,
         ))
     }
 }
@@ -457,6 +461,44 @@ fn index_propagated_names(headers: &mut HeaderMap) {
             value.set_sensitive(false);
         }
     }
+}
+
+/// Judges a failed HTTP/2 call: [`NotSent`] when the server cannot have processed the request,
+/// else the error as it is (an unknown outcome). Not sent are:
+/// - a request hyper hands back: its connection closed before the request reached it;
+/// - a stream the server refused with `RST_STREAM` `REFUSED_STREAM` (RFC 9113 8.7: "closed
+///   prior to any processing");
+/// - a stream ended by the server's `GOAWAY`: h2 gives a stream the peer's `GOAWAY` only when the
+///   stream's id is above the frame's last-stream-id, which the server has not processed and
+///   never will (RFC 9113 6.8), or when the stream was opened after the `GOAWAY` came. A stream
+///   at or below that id that fails later (the connection drops before it is answered) fails
+///   with an I/O error instead, and stays unknown.
+///
+/// So a rolling deploy's graceful shutdown (`GOAWAY`, then close) moves the calls it did not take
+/// to another endpoint, the plain ones too, instead of failing them as possibly executed.
+fn unsent_or_not(mut error: hyper::client::conn::TrySendError<http::Request<Wire>>) -> BoxError {
+    let returned = error.take_message().is_some();
+    let error = error.into_error();
+    if returned || refused_by_peer(&error) {
+        Box::new(NotSent::new(error))
+    } else {
+        Box::new(error)
+    }
+}
+
+/// Whether `error` is (or wraps) an h2 error received from the peer that says the stream was
+/// not processed: a `GOAWAY`, or a `RST_STREAM` with `REFUSED_STREAM` (see [`unsent_or_not`]).
+fn refused_by_peer(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(err) = next {
+        if let Some(peer) = err.downcast_ref::<h2::Error>() {
+            return peer.is_remote()
+                && (peer.is_go_away()
+                    || (peer.is_reset() && peer.reason() == Some(h2::Reason::REFUSED_STREAM)));
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// A connect failure: nothing was sent (retried elsewhere); `UNAVAILABLE` to the caller.

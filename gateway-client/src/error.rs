@@ -208,6 +208,9 @@ fn kind_of(error: &(dyn StdError + 'static)) -> Kind {
         if err.is::<keel_breaker::bulkhead::BulkheadFull>() {
             return Kind::BulkheadFull;
         }
+        if err.is::<keel_breaker::request::InvalidIdempotencyKey>() {
+            return Kind::Config;
+        }
         next = err.source();
     }
     Kind::Other

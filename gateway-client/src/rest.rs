@@ -392,21 +392,17 @@ impl RestRequest {
         self
     }
 
-    /// The server de-duplicates on `key`; the same key goes with every attempt. An empty key,
-    /// or one that is not a valid header value (a line break, say), makes the call fail with
-    /// [`Error::is_config`] (nothing is sent): without a key the server could not de-duplicate
-    /// a replay.
+    /// The server de-duplicates on `key`; the same key goes with every attempt. A key that
+    /// breaks [`check_idempotency_key`](keel_breaker::request::check_idempotency_key) (empty,
+    /// longer than 255 bytes, not visible ASCII) makes the call fail with [`Error::is_config`]
+    /// (nothing is sent): without a key the server could not de-duplicate a replay, and a Keel
+    /// server refuses such a key.
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
         let key = key.into();
-        if self.headers.is_ok() && (key.is_empty() || http::HeaderValue::from_str(&key).is_err()) {
-            self.headers = Err(format!(
-                "invalid idempotency key: {}",
-                if key.is_empty() {
-                    "empty"
-                } else {
-                    "not a valid header value"
-                }
-            ));
+        if self.headers.is_ok()
+            && let Err(invalid) = keel_breaker::request::check_idempotency_key(key.as_bytes())
+        {
+            self.headers = Err(invalid.to_string());
         }
         self.extensions.insert(IdempotencyKey(key));
         self
@@ -654,8 +650,9 @@ mod tests {
     }
 
     #[test]
-    fn an_idempotency_key_that_cannot_be_sent_is_a_config_error() {
-        for key in ["pay-1\n", ""] {
+    fn an_idempotency_key_the_server_could_not_use_is_a_config_error() {
+        let long = "k".repeat(256);
+        for key in ["pay-1\n", "", long.as_str(), "caf\u{e9}"] {
             let err = refused(|client| client.request(Method::POST, "/pay").idempotency_key(key));
             assert!(err.is_config(), "{err:?}");
             assert!(err.to_string().contains("idempotency key"), "{err}");

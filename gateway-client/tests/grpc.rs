@@ -19,7 +19,8 @@ use keel_testkit::eventually;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 
 use common::{
-    EchoLoad, ZkRoot, counting_proxy, instance, providers, quick_breaker, silent_provider, state_of,
+    EchoLoad, Refusal, ZkRoot, counting_proxy, instance, providers, quick_breaker,
+    refusing_h2_server, silent_provider, state_of,
 };
 
 fn request(message: &str) -> tonic::Request<EchoRequest> {
@@ -410,6 +411,33 @@ async fn unknown_outcome_is_retried_only_when_idempotent() {
     );
 }
 
+/// A call whose idempotency key the server could not use (not a header value, too long) is not
+/// sent: sent without its key it could not be de-duplicated. It fails with `INVALID_ARGUMENT`,
+/// a configuration error of the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_with_an_unusable_idempotency_key_is_not_sent() {
+    let (ps, faults) = providers(1).await;
+    let channel = GrpcChannel::builder("echo")
+        .endpoints([format!("http://{}", ps[0].addr())])
+        .unwrap();
+    let mut client = EchoClient::new(channel);
+    for key in ["transfer-7\n".to_owned(), "k".repeat(256)] {
+        let mut req = request("debit");
+        req.extensions_mut().insert(IdempotencyKey(key.clone()));
+        let status = echo(&mut client, req).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        let error = Error::from_status(&status).expect("the client's own error");
+        assert!(error.is_config(), "{error:?}");
+        assert_eq!(error.http_status().as_u16(), 400);
+    }
+    assert_eq!(faults[0].calls(), 0, "nothing was sent");
+    let mut req = request("debit");
+    req.extensions_mut()
+        .insert(IdempotencyKey("transfer-7".into()));
+    echo(&mut client, req).await.unwrap();
+    assert_eq!(faults[0].calls(), 1);
+}
+
 /// A provider that accepts calls and never answers (a stuck handler, a stopped process): every
 /// call to it ends at its deadline, and those count against it, so its breaker ejects it and the
 /// calls go to the healthy provider (dropped at the deadline, they used to count as cancelled:
@@ -453,6 +481,61 @@ async fn a_provider_that_never_answers_is_ejected() {
     }
     assert_eq!(state_of(&channel, &healthy).unwrap().1, before + 10);
     assert_eq!(state_of(&channel, &hung).unwrap().1, calls);
+    server.abort();
+}
+
+/// Only a call dropped at its deadline counts against the endpoint: calls the caller abandons
+/// earlier (a client timeout of its own, a cancelled request) record nothing, so they never eject
+/// a provider. And a half-open probe that reaches its deadline is a failed probe: the breaker
+/// opens again instead of waiting forever for the probe's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_calls_dropped_at_their_deadline_count_and_a_hung_probe_reopens() {
+    let (hung, server) = silent_provider().await;
+    let channel = |timeout| {
+        GrpcChannel::builder("echo")
+            .max_attempts(1)
+            .breaker(quick_breaker(Duration::from_millis(300)))
+            .timeout(timeout)
+            .endpoints([hung.clone()])
+            .unwrap()
+    };
+
+    let patient = channel(Duration::from_secs(30));
+    let mut client = EchoClient::new(patient.clone());
+    for _ in 0..6 {
+        let abandoned =
+            tokio::time::timeout(Duration::from_millis(50), echo(&mut client, request("x"))).await;
+        assert!(abandoned.is_err(), "the provider never answers");
+    }
+    let (state, _) = state_of(&patient, &hung).unwrap();
+    assert_eq!(state, State::Closed, "abandoned calls do not eject");
+
+    let hasty = channel(Duration::from_millis(100));
+    let mut client = EchoClient::new(hasty.clone());
+    for _ in 0..4 {
+        let status = echo(&mut client, request("x")).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    }
+    assert_eq!(state_of(&hasty, &hung).unwrap().0, State::Open);
+    // After the open wait, two probes go out, and both reach their deadline.
+    let mut probes = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while probes < 2 {
+        assert!(std::time::Instant::now() < deadline, "no probe in 10 s");
+        let status = echo(&mut client, request("probe")).await.unwrap_err();
+        let error = Error::from_status(&status).expect("the client's own error");
+        if error.is_deadline_exceeded() {
+            probes += 1;
+        } else {
+            assert!(error.is_all_ejected(), "{error:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(
+        state_of(&hasty, &hung).unwrap().0,
+        State::Open,
+        "failed probes open the breaker again"
+    );
     server.abort();
 }
 
@@ -552,6 +635,53 @@ async fn a_connection_lost_after_sending_is_unknown_and_not_replayed() {
         "{error}"
     );
     server.abort();
+}
+
+/// A provider that does not take a call — it refuses the call's stream (`REFUSED_STREAM`), or goes
+/// away (`GOAWAY` below the call's stream, then closes, as a graceful shutdown in a rolling
+/// deploy does) — leaves the call not sent: plain calls, not idempotent, move to the other
+/// provider and all succeed, each executed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_the_server_did_not_take_move_to_another_endpoint() {
+    for refusal in [Refusal::ResetRefusedStream, Refusal::GoAway] {
+        let (ps, faults) = providers(1).await;
+        let (refusing, refused, server) = refusing_h2_server(refusal).await;
+        let never_opens = keel_breaker::breaker::BreakerConfig {
+            minimum_number_of_calls: 100_000,
+            sliding_window_size: 100_000,
+            ..quick_breaker(Duration::from_secs(60))
+        };
+        let channel = GrpcChannel::builder("echo")
+            .balance(Balance::RoundRobin)
+            .retry_budget(Arc::new(RetryBudget::new(
+                Duration::from_secs(10),
+                1_000,
+                1.0,
+            )))
+            .breaker(never_opens)
+            .endpoints([
+                format!("http://{refusing}"),
+                format!("http://{}", ps[0].addr()),
+            ])
+            .unwrap();
+        let mut client = EchoClient::new(channel);
+        for i in 0..20 {
+            let reply = echo(&mut client, request(&format!("debit-{i}")))
+                .await
+                .unwrap_or_else(|status| panic!("{refusal:?}, call {i}: {status:?}"));
+            assert_eq!(reply.server_id, "p-0");
+        }
+        assert!(
+            refused.load(Ordering::SeqCst) >= 5,
+            "{refusal:?}: the refusing provider had its share"
+        );
+        assert_eq!(
+            faults[0].calls(),
+            20,
+            "{refusal:?}: each call executed once"
+        );
+        server.abort();
+    }
 }
 
 /// Calling through an API gateway: a default header (an API key) goes with every call, unless

@@ -20,6 +20,8 @@ pin_project! {
         // Boxed: only a retry sleeps, and the timer is large.
         Backoff { sleep: Pin<Box<Sleep>> },
         Ready,
+        // Refused before any attempt (see `ResponseFuture::refused`).
+        Refused { error: Option<BoxError> },
     }
 }
 
@@ -66,6 +68,16 @@ impl<S, F, B, C> ResponseFuture<S, F, B, C> {
     pub(super) fn once(fut: F) -> Self {
         Self {
             state: State::Called { fut },
+            retry: None,
+            _body: std::marker::PhantomData,
+        }
+    }
+
+    /// A call refused before its first attempt: it fails with `error`, nothing is sent.
+    #[cold]
+    pub(super) fn refused(error: BoxError) -> Self {
+        Self {
+            state: State::Refused { error: Some(error) },
             retry: None,
             _body: std::marker::PhantomData,
         }
@@ -161,6 +173,12 @@ where
                 StateProj::Backoff { sleep } => {
                     ready!(sleep.as_mut().poll(cx));
                     this.state.set(State::Ready);
+                }
+                StateProj::Refused { error } => {
+                    let error = error
+                        .take()
+                        .unwrap_or_else(|| "polled after completion".into());
+                    return Poll::Ready(Err(error));
                 }
                 StateProj::Ready => {
                     let Some(retry) = this.retry.as_mut() else {

@@ -8,7 +8,9 @@
 //! * UNKNOWN (may have executed: a timeout or reset after the request was written, 500,
 //!   `INTERNAL`) is retried only when the request is marked [`Idempotent`](crate::request::Idempotent)
 //!   or carries an idempotency key ([`IdempotencyKey`](crate::request::IdempotencyKey) or the
-//!   `idempotency-key` header), and the same key goes with every attempt.
+//!   `idempotency-key` header), and the same key goes with every attempt. A key that breaks
+//!   [`check_idempotency_key`](crate::request::check_idempotency_key) fails the call before
+//!   anything is sent ([`InvalidIdempotencyKey`](crate::request::InvalidIdempotencyKey)).
 //!
 //! A retry also needs: an attempt left ([`RetryPolicy::max_attempts`]), a token from the shared
 //! [`RetryBudget`], a replayable body (buffered whole, at most
@@ -359,7 +361,9 @@ where
         let fresh = self.inner.clone();
         let mut service = std::mem::replace(&mut self.inner, fresh);
         let (mut parts, mut body) = req.into_parts();
-        stamp_idempotency_key(&mut parts.headers, &parts.extensions);
+        if let Err(invalid) = stamp_idempotency_key(&mut parts.headers, &parts.extensions) {
+            return ResponseFuture::refused(Box::new(invalid));
+        }
         let deadline = parts.extensions.get::<Deadline>().copied();
         self.policy.budget.deposit();
         if self.policy.max_attempts <= 1 {

@@ -462,3 +462,96 @@ pub async fn silent_provider() -> (String, JoinHandle<()>) {
     let (addr, task) = keel_testkit::silent_server().await.unwrap();
     (format!("http://{addr}"), task)
 }
+
+/// What [`refusing_h2_server`] does with each request it receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `RST_STREAM` with `REFUSED_STREAM` on the request's stream; the connection stays open.
+    ResetRefusedStream,
+    /// `GOAWAY` (`NO_ERROR`) whose last-stream-id is below the request's stream, then the end of
+    /// the connection: a server going away without taking the request, as in a rolling deploy.
+    GoAway,
+}
+
+/// An HTTP/2 server, written frame by frame, that takes no request: each one is refused as
+/// `refusal` says. Its address, the number of requests that reached it, and its task.
+pub async fn refusing_h2_server(refusal: Refusal) -> (SocketAddr, Arc<AtomicU64>, JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const ACK: u8 = 0x1;
+    const REFUSED_STREAM: u32 = 0x7;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        let mut out = vec![len[1], len[2], len[3], kind, flags];
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    async fn serve(mut stream: tokio::net::TcpStream, refusal: Refusal, requests: Arc<AtomicU64>) {
+        let mut preface = [0u8; PREFACE.len()];
+        if stream.read_exact(&mut preface).await.is_err() || preface != PREFACE {
+            return;
+        }
+        if stream.write_all(&frame(SETTINGS, 0, 0, &[])).await.is_err() {
+            return;
+        }
+        loop {
+            let mut head = [0u8; 9];
+            if stream.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            if stream.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            let reply = match kind {
+                SETTINGS if flags & ACK == 0 => frame(SETTINGS, ACK, 0, &[]),
+                HEADERS => {
+                    requests.fetch_add(1, Ordering::SeqCst);
+                    match refusal {
+                        Refusal::ResetRefusedStream => {
+                            frame(RST_STREAM, 0, id, &REFUSED_STREAM.to_be_bytes())
+                        }
+                        Refusal::GoAway => {
+                            let mut goaway = id.saturating_sub(2).to_be_bytes().to_vec();
+                            goaway.extend_from_slice(&0u32.to_be_bytes());
+                            let _ = stream.write_all(&frame(GOAWAY, 0, 0, &goaway)).await;
+                            // Read until the client closes (closing with its frames unread would
+                            // reset the connection, and the client might never read the GOAWAY).
+                            let mut sink = [0u8; 4096];
+                            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+                            return;
+                        }
+                    }
+                }
+                _ => continue,
+            };
+            if stream.write_all(&reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicU64::new(0));
+    let task = tokio::spawn({
+        let requests = Arc::clone(&requests);
+        async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve(stream, refusal, Arc::clone(&requests)));
+            }
+        }
+    });
+    (addr, requests, task)
+}

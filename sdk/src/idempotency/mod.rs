@@ -123,7 +123,7 @@ pub use self::store::{BoxError, Claim, IdempotencyStore, StoreError, StoreFuture
 pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// The longest idempotency key accepted, in bytes.
-pub const MAX_KEY_LEN: usize = 255;
+pub const MAX_KEY_LEN: usize = keel_breaker::request::MAX_IDEMPOTENCY_KEY_LEN;
 
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const MAX_WAIT_STEP: Duration = Duration::from_millis(200);
@@ -575,19 +575,9 @@ fn request_key(headers: &HeaderMap) -> Result<&str, Rejection> {
             "a request must carry exactly one idempotency-key header",
         ));
     };
-    let key = value
-        .to_str()
-        .map_err(|_| Rejection::InvalidKey("the idempotency key must be visible ASCII"))?
-        .trim();
-    if key.is_empty() {
-        return Err(Rejection::InvalidKey("the idempotency key is empty"));
-    }
-    if key.len() > MAX_KEY_LEN {
-        return Err(Rejection::InvalidKey(
-            "the idempotency key is longer than 255 bytes",
-        ));
-    }
-    Ok(key)
+    // The rule Keel's clients check before sending.
+    keel_breaker::request::check_idempotency_key(value.as_bytes())
+        .map_err(|invalid| Rejection::InvalidKey(invalid.reason()))
 }
 
 /// The store key: the hex SHA-256 of namespace, scope, method, path and key, each length
