@@ -74,6 +74,11 @@ impl Error {
         Self::new(Kind::Config, Some(message.into().into()))
     }
 
+    /// A configuration error whose cause is a typed error (which then decides the status).
+    pub(crate) fn config_caused_by(source: impl Into<BoxError>) -> Self {
+        Self::new(Kind::Config, Some(source.into()))
+    }
+
     pub(crate) fn decode(source: impl Into<BoxError>) -> Self {
         Self::new(Kind::Decode, Some(source.into()))
     }

@@ -314,7 +314,7 @@ pub struct RestRequest {
     method: Method,
     path: Result<http::uri::PathAndQuery, String>,
     /// The call's own headers, or why one of them was refused.
-    headers: Result<HeaderMap, String>,
+    headers: Result<HeaderMap, Error>,
     /// The body is JSON: `content-type: application/json` unless the headers name another.
     json: bool,
     body: Result<Bytes, String>,
@@ -380,7 +380,7 @@ impl RestRequest {
                 Ok((n, v)) => {
                     headers.append(n, v);
                 }
-                Err(why) => self.headers = Err(why),
+                Err(why) => self.headers = Err(Error::config(why)),
             }
         }
         self
@@ -402,7 +402,7 @@ impl RestRequest {
         if self.headers.is_ok()
             && let Err(invalid) = keel_breaker::request::check_idempotency_key(key.as_bytes())
         {
-            self.headers = Err(invalid.to_string());
+            self.headers = Err(Error::config_caused_by(invalid));
         }
         self.extensions.insert(IdempotencyKey(key));
         self
@@ -530,7 +530,7 @@ impl RestRequest {
         } = self;
         let body = body.map_err(Error::decode)?;
         let path = path.map_err(Error::config)?;
-        let headers = headers.map_err(Error::config)?;
+        let headers = headers?;
         let metrics = match &route {
             Some(route) => client.shared.metrics.method(route),
             None => route_metrics(&client.shared.metrics, &method, path.path()),
@@ -656,6 +656,7 @@ mod tests {
             let err = refused(|client| client.request(Method::POST, "/pay").idempotency_key(key));
             assert!(err.is_config(), "{err:?}");
             assert!(err.to_string().contains("idempotency key"), "{err}");
+            assert_eq!(err.http_status(), http::StatusCode::BAD_REQUEST);
         }
     }
 }
