@@ -12,6 +12,9 @@ use crate::classify::DefaultClassifier;
 ///
 /// For per-endpoint breakers build one layer (and one [`Breaker`]) per endpoint.
 #[derive(Debug, Clone)]
+// Laid out as declared: the breaker handle, all that admission reads, comes first (a balancer
+// keeps it on the cache line it reads of each candidate).
+#[repr(C)]
 pub struct CircuitBreakerLayer<C = DefaultClassifier> {
     breaker: Breaker,
     stripes: Stripes,
