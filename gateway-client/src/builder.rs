@@ -71,6 +71,20 @@ macro_rules! common_builder_methods {
             self
         }
 
+        /// Dead-peer detection at the TCP level, for a provider's host that vanishes without
+        /// closing its connections (powered off, partitioned): each connection is probed after
+        /// `idle` without traffic (TCP keep-alive, then every third of it) and is closed once
+        /// data or probes stay unacknowledged for `idle` (`TCP_USER_TIMEOUT`), failing the calls
+        /// on it. Default [`DEFAULT_TCP_KEEPALIVE`](crate::DEFAULT_TCP_KEEPALIVE) (30 s): such
+        /// calls fail within about a minute, where the system's defaults take about 15 minutes
+        /// (and forever for a REST call without a deadline that waits for its response). A
+        /// live provider answers probes from its kernel, however long its handler takes.
+        /// `None` (or zero) leaves the system's defaults.
+        pub fn tcp_keepalive(mut self, idle: Option<std::time::Duration>) -> Self {
+            self.options.tcp_keepalive = idle.filter(|idle| !idle.is_zero());
+            self
+        }
+
         /// A bulkhead for this downstream: at most `n` calls of this client (all its clones; a
         /// call holds its slot through all its attempts) in flight at once. A call finding
         /// every slot taken fails at once (see [`max_concurrent_wait`](Self::max_concurrent_wait))

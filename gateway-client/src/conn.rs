@@ -54,10 +54,12 @@ pub(crate) enum Alpn {
 }
 
 /// The connector for `tls` (the CA to trust, the name to verify), dialling with
-/// `connect_timeout`.
+/// `connect_timeout`; with `tcp_keepalive`, its connections are probed after that long idle and
+/// closed once data or probes stay unacknowledged that long (see the builders' `tcp_keepalive`).
 pub(crate) fn https_connector(
     tls: Option<&TlsConfig>,
     connect_timeout: Duration,
+    tcp_keepalive: Option<Duration>,
     alpn: Alpn,
 ) -> Result<Https, Error> {
     let mut roots = rustls::RootCertStore::empty();
@@ -81,6 +83,12 @@ pub(crate) fn https_connector(
     http.set_nodelay(true);
     http.enforce_http(false);
     http.set_connect_timeout(Some(connect_timeout));
+    if let Some(idle) = tcp_keepalive {
+        http.set_keepalive(Some(idle));
+        http.set_keepalive_interval(Some((idle / 3).max(Duration::from_secs(1))));
+        #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+        http.set_tcp_user_timeout(Some(idle));
+    }
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(config)
         .https_or_http();
@@ -565,6 +573,38 @@ impl Service<http::Request<Wire>> for GrpcConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The connections both clients open are probed when idle and closed when unacknowledged,
+    /// after `tcp_keepalive`; without it they keep the system's defaults.
+    #[tokio::test]
+    async fn connections_get_the_dead_peer_timeouts() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: Uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        for alpn in [Alpn::H2, Alpn::Http1] {
+            for idle in [Some(Duration::from_secs(30)), None] {
+                let mut connector =
+                    https_connector(None, Duration::from_secs(2), idle, alpn).unwrap();
+                let stream = connector.call(uri.clone()).await.unwrap();
+                let hyper_rustls::MaybeHttpsStream::Http(io) = stream else {
+                    panic!("plain TCP expected");
+                };
+                let socket = socket2::SockRef::from(io.inner());
+                assert_eq!(socket.keepalive().unwrap(), idle.is_some(), "{alpn:?}");
+                if let Some(idle) = idle {
+                    assert_eq!(socket.tcp_keepalive_time().unwrap(), idle);
+                    assert_eq!(
+                        socket.tcp_keepalive_interval().unwrap(),
+                        Duration::from_secs(10)
+                    );
+                    assert_eq!(socket.tcp_user_timeout().unwrap(), Some(idle));
+                } else {
+                    assert_eq!(socket.tcp_user_timeout().unwrap(), None);
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_first_request_sends_the_propagated_values_indexable_and_nothing_else() {

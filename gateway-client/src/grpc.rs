@@ -242,6 +242,7 @@ impl GrpcBuilder {
         let https = https_connector(
             self.options.tls.as_ref(),
             self.options.connect_timeout,
+            self.options.tcp_keepalive,
             Alpn::H2,
         )?;
         let has_tls = self.options.tls.is_some();

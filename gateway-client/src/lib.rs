@@ -87,5 +87,5 @@ pub use discovery::Discovery;
 pub use error::{AllEjected, Error, NoEndpoints, RetryBudgetExhausted};
 pub use grpc::{EndpointInfo, GrpcBuilder, GrpcChannel, KeepAlive, ResponseBody, ResponseFuture};
 pub use metrics::ClientMetrics;
-pub use options::{TlsConfig, default_endpoint_breaker};
+pub use options::{DEFAULT_TCP_KEEPALIVE, TlsConfig, default_endpoint_breaker};
 pub use rest::{RestBuilder, RestClient, RestRequest};

@@ -62,6 +62,9 @@ impl TlsConfig {
 /// new allocation on every call.
 const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(REQUEST_ID);
 
+/// The default of the builders' `tcp_keepalive`.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
 /// Settings common to both clients.
 #[derive(Clone)]
 pub(crate) struct Options {
@@ -74,6 +77,8 @@ pub(crate) struct Options {
     pub(crate) breaker: BreakerConfig,
     pub(crate) tls: Option<TlsConfig>,
     pub(crate) connect_timeout: Duration,
+    /// See `tcp_keepalive` of the builders; `None`: the system's defaults.
+    pub(crate) tcp_keepalive: Option<Duration>,
     pub(crate) request_id: bool,
     /// `(max concurrent calls, longest wait for a slot)`; `None`: no bulkhead.
     pub(crate) bulkhead: Option<(usize, Duration)>,
@@ -111,6 +116,7 @@ impl Options {
             breaker: default_endpoint_breaker(),
             tls: None,
             connect_timeout: Duration::from_secs(2),
+            tcp_keepalive: Some(DEFAULT_TCP_KEEPALIVE),
             request_id: true,
             bulkhead: None,
             tracer: None,

@@ -110,6 +110,7 @@ impl RestBuilder {
         let https = https_connector(
             self.options.tls.as_ref(),
             self.options.connect_timeout,
+            self.options.tcp_keepalive,
             Alpn::Http1,
         )?;
         let connect_timeout = self.options.connect_timeout;

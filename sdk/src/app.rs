@@ -756,6 +756,9 @@ macro_rules! configure {
         if let Some(t) = cfg.warm_up {
             b = b.warm_up(t);
         }
+        if let Some(idle) = cfg.tcp_keepalive {
+            b = b.tcp_keepalive(Some(idle));
+        }
         if let Some(breaker) = &cfg.breaker {
             b = b.breaker(breaker.clone());
         }

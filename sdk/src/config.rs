@@ -47,6 +47,7 @@
 //! bulkhead = { max_concurrent = 64, max_wait = "0ms" }
 //! pool = { idle_timeout = "90s", max_idle = 256 }   # REST keep-alive pool, per endpoint
 //! keep_alive = { interval = "300s", timeout = "20s" } # gRPC: HTTP/2 PINGs while calls are in flight
+//! tcp_keepalive = "30s"               # dead-peer detection at the TCP level; "0s": system defaults
 //!
 //! [messaging.payments]
 //! broker = "kafka://127.0.0.1:9092"
@@ -440,6 +441,11 @@ pub struct ClientConfig {
     /// gRPC clients: HTTP/2 keep-alive PINGs while calls are in flight (an error for a REST
     /// client).
     pub keep_alive: Option<KeepAliveConfig>,
+    /// Dead-peer detection at the TCP level, gRPC and REST: connections are probed after this
+    /// long idle and closed once data or probes stay unacknowledged this long (default 30 s;
+    /// zero: the system's defaults). See `tcp_keepalive` of the client builders.
+    #[serde(deserialize_with = "opt_duration")]
+    pub tcp_keepalive: Option<Duration>,
 }
 
 /// `[clients.NAME] keep_alive = { interval = "300s", timeout = "20s" }`: a gRPC client sends a
@@ -601,6 +607,7 @@ mod tests {
             bulkhead = { max_concurrent = 64 }
             pool = { idle_timeout = "30s", max_idle = 16 }
             keep_alive = { interval = "20s" }
+            tcp_keepalive = "45s"
             [messaging.payments]
             broker = "kafka://127.0.0.1:9092"
             "#,
@@ -634,6 +641,7 @@ mod tests {
             (keep_alive.interval, keep_alive.timeout),
             (Some(Duration::from_secs(20)), None)
         );
+        assert_eq!(account.tcp_keepalive, Some(Duration::from_secs(45)));
         assert_eq!(config.service.zone.as_deref(), Some("sh-a"));
         assert_eq!(
             config.messaging["payments"].broker,

@@ -27,6 +27,7 @@
 //! default windows; an HTTP/1.1 keep-alive pool with `TCP_NODELAY` that opens a connection per
 //! call in flight and reuses idle ones — hyper-util's legacy client for raw, Keel's own pool on
 //! hyper for Keel; HTTP/2 keep-alive as Keel's default, 5 min / 20 s while calls are in flight;
+//! TCP keep-alive as Keel's default, 30 s (and `TCP_USER_TIMEOUT` where the library can set it);
 //! the same 64 B payload; the REST raw arm also decodes the JSON reply). `Setup`
 //! records those settings and the run refuses to compare arms whose set-ups differ.
 //!
@@ -689,7 +690,8 @@ fn grpc_setup(server: SocketAddr) -> Setup {
         protocol: "h2c",
         connections: "1 per endpoint",
         tcp_nodelay: true,
-        windows: "hyper h2 defaults (tonic sets none); Keel's default keep-alive (5 min / 20 s)",
+        windows: "hyper h2 defaults (tonic sets none); Keel's default keep-alive (5 min / 20 s), \
+                  TCP keep-alive 30 s",
         payload: PAYLOAD,
     }
 }
@@ -700,7 +702,7 @@ fn rest_setup(server: SocketAddr) -> Setup {
         protocol: "http/1.1",
         connections: "HTTP/1.1 keep-alive pool, one connection per call in flight",
         tcp_nodelay: true,
-        windows: "n/a",
+        windows: "n/a; TCP keep-alive and user timeout 30 s",
         payload: PAYLOAD,
     }
 }
@@ -710,6 +712,10 @@ async fn raw_grpc(addr: SocketAddr) -> Result<(RawGrpc, Setup)> {
     let keep_alive = keel::client::KeepAlive::default();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
+        // Keel's default TCP keep-alive (its TCP_USER_TIMEOUT, set once per connection, tonic
+        // cannot set; neither costs anything per call).
+        .tcp_keepalive(Some(keel::client::DEFAULT_TCP_KEEPALIVE))
+        .tcp_keepalive_interval(Some(keel::client::DEFAULT_TCP_KEEPALIVE / 3))
         .http2_keep_alive_interval(keep_alive.interval)
         .keep_alive_timeout(keep_alive.timeout)
         .connect_timeout(Duration::from_secs(2))
@@ -761,6 +767,10 @@ async fn keel_grpc(
 fn raw_rest(addr: SocketAddr) -> Result<(RawRest, Setup)> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
+    // Keel's default TCP keep-alive and user timeout, set once per connection.
+    http.set_keepalive(Some(keel::client::DEFAULT_TCP_KEEPALIVE));
+    http.set_keepalive_interval(Some(keel::client::DEFAULT_TCP_KEEPALIVE / 3));
+    http.set_tcp_user_timeout(Some(keel::client::DEFAULT_TCP_KEEPALIVE));
     let client = Client::builder(TokioExecutor::new()).build(http);
     let uri = format!("http://{addr}/echo").parse()?;
     Ok((RawRest { client, uri }, rest_setup(addr)))
