@@ -450,7 +450,7 @@ async fn a_provider_that_never_answers_is_ejected() {
     let channel = GrpcChannel::builder("echo")
         .balance(Balance::RoundRobin)
         .breaker(quick_breaker(Duration::from_secs(60)))
-        .timeout(Duration::from_millis(150))
+        .timeout(Duration::from_millis(400))
         .endpoints([hung.clone(), healthy.clone()])
         .unwrap();
     let mut client = EchoClient::new(channel.clone());

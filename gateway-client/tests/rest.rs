@@ -804,7 +804,7 @@ async fn a_provider_that_never_answers_is_ejected() {
     let client = RestClient::builder("accounts")
         .balance(Balance::RoundRobin)
         .breaker(quick_breaker(Duration::from_secs(60)))
-        .timeout(Duration::from_millis(150))
+        .timeout(Duration::from_millis(400))
         .endpoints([hung.clone(), provider.url()])
         .unwrap();
     let mut timed_out = 0;
