@@ -72,13 +72,20 @@ pub fn is_replay_safe(headers: &HeaderMap, extensions: &Extensions) -> bool {
 }
 
 /// Copies an [`IdempotencyKey`] extension into the `idempotency-key` header unless the header is
-/// already set, and checks the key that will be sent with [`check_idempotency_key`]: a request
-/// whose key the server could not use must not be sent (see [`InvalidIdempotencyKey`]).
+/// already set, and checks the key that will be sent with [`check_idempotency_key`] (and that
+/// there is only one): a request whose key the server could not use must not be sent (see
+/// [`InvalidIdempotencyKey`]).
 pub fn stamp_idempotency_key(
     headers: &mut HeaderMap,
     extensions: &Extensions,
 ) -> Result<(), InvalidIdempotencyKey> {
-    if let Some(value) = headers.get(IDEMPOTENCY_KEY_HEADER) {
+    let mut keys = headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
+    if let Some(value) = keys.next() {
+        if keys.next().is_some() {
+            return Err(InvalidIdempotencyKey {
+                reason: "a request must carry exactly one idempotency-key header",
+            });
+        }
         check_idempotency_key(value.as_bytes())?;
     } else if let Some(IdempotencyKey(key)) = extensions.get::<IdempotencyKey>() {
         check_idempotency_key(key.as_bytes())?;
@@ -132,6 +139,11 @@ mod tests {
         assert_eq!(headers[IDEMPOTENCY_KEY_HEADER], "own");
         let mut headers = HeaderMap::new();
         headers.insert(IDEMPOTENCY_KEY_HEADER, HeaderValue::from_static(""));
+        assert!(stamp_idempotency_key(&mut headers, &Extensions::new()).is_err());
+        // Two keys: which one would the server de-duplicate on? A Keel server refuses both.
+        let mut headers = HeaderMap::new();
+        headers.append(IDEMPOTENCY_KEY_HEADER, HeaderValue::from_static("a"));
+        headers.append(IDEMPOTENCY_KEY_HEADER, HeaderValue::from_static("b"));
         assert!(stamp_idempotency_key(&mut headers, &Extensions::new()).is_err());
     }
 }

@@ -74,12 +74,20 @@ macro_rules! common_builder_methods {
         /// Dead-peer detection at the TCP level, for a provider's host that vanishes without
         /// closing its connections (powered off, partitioned): each connection is probed after
         /// `idle` without traffic (TCP keep-alive, then every third of it) and is closed once
-        /// data or probes stay unacknowledged for `idle` (`TCP_USER_TIMEOUT`), failing the calls
-        /// on it. Default [`DEFAULT_TCP_KEEPALIVE`](crate::DEFAULT_TCP_KEEPALIVE) (30 s): such
-        /// calls fail within about a minute, where the system's defaults take about 15 minutes
-        /// (and forever for a REST call without a deadline that waits for its response). A
-        /// live provider answers probes from its kernel, however long its handler takes.
-        /// `None` (or zero) leaves the system's defaults.
+        /// data or probes stay unacknowledged for three times `idle` (`TCP_USER_TIMEOUT` on
+        /// Linux), failing the calls on it. Default
+        /// [`DEFAULT_TCP_KEEPALIVE`](crate::DEFAULT_TCP_KEEPALIVE) (30 s): such calls fail
+        /// within about 100 s, where the system's defaults take about 15 minutes (and forever
+        /// for a REST call without a deadline that waits for its response).
+        ///
+        /// A live provider's kernel answers the probes however long its handler takes. What
+        /// the user timeout also ends (Linux 5.11 and later) is a connection whose peer keeps
+        /// its receive window closed that long, e.g. a server that stops reading a request
+        /// body for 90 s; a call on it fails with an unknown outcome.
+        ///
+        /// `None` (or zero) leaves the system's defaults. Outside
+        /// [`TCP_KEEPALIVE_RANGE`](crate::TCP_KEEPALIVE_RANGE) (whole seconds, as the kernel
+        /// counts them) the build fails with [`Error::is_config`](crate::Error::is_config).
         pub fn tcp_keepalive(mut self, idle: Option<std::time::Duration>) -> Self {
             self.options.tcp_keepalive = idle.filter(|idle| !idle.is_zero());
             self

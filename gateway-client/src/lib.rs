@@ -87,5 +87,7 @@ pub use discovery::Discovery;
 pub use error::{AllEjected, Error, NoEndpoints, RetryBudgetExhausted};
 pub use grpc::{EndpointInfo, GrpcBuilder, GrpcChannel, KeepAlive, ResponseBody, ResponseFuture};
 pub use metrics::ClientMetrics;
-pub use options::{DEFAULT_TCP_KEEPALIVE, TlsConfig, default_endpoint_breaker};
+pub use options::{
+    DEFAULT_TCP_KEEPALIVE, TCP_KEEPALIVE_RANGE, TlsConfig, default_endpoint_breaker,
+};
 pub use rest::{RestBuilder, RestClient, RestRequest};

@@ -65,6 +65,11 @@ const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(REQUEST_ID);
 /// The default of the builders' `tcp_keepalive`.
 pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
+/// The values the builders' `tcp_keepalive` accepts: whole seconds as the kernel counts them
+/// (`TCP_KEEPIDLE` is at least 1 s and at most 32 767 s).
+pub const TCP_KEEPALIVE_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(32_767);
+
 /// Settings common to both clients.
 #[derive(Clone)]
 pub(crate) struct Options {
@@ -128,11 +133,20 @@ impl Options {
     /// Checks what the builder methods could not report.
     ///
     /// # Errors
-    /// [`Error::is_config`] for an invalid default header or breaker configuration.
+    /// [`Error::is_config`] for an invalid default header, TCP keep-alive or breaker
+    /// configuration.
     pub(crate) fn validate(&self) -> Result<(), Error> {
         if let Some(name) = &self.invalid_header {
             return Err(Error::config(format!(
                 "invalid default header {name:?} (name or value)"
+            )));
+        }
+        if let Some(idle) = self.tcp_keepalive
+            && !TCP_KEEPALIVE_RANGE.contains(&idle)
+        {
+            return Err(Error::config(format!(
+                "tcp_keepalive must be between 1 s and {} s, not {idle:?}",
+                TCP_KEEPALIVE_RANGE.end().as_secs()
             )));
         }
         self.breaker

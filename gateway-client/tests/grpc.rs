@@ -494,7 +494,7 @@ async fn only_calls_dropped_at_their_deadline_count_and_a_hung_probe_reopens() {
     let channel = |timeout| {
         GrpcChannel::builder("echo")
             .max_attempts(1)
-            .breaker(quick_breaker(Duration::from_millis(300)))
+            .breaker(quick_breaker(Duration::from_secs(1)))
             .timeout(timeout)
             .endpoints([hung.clone()])
             .unwrap()

@@ -231,8 +231,19 @@ impl App {
         ShutdownHandle(self.shutdown.clone())
     }
 
-    fn client_config(&self, name: &str) -> ClientConfig {
-        self.config.clients.get(name).cloned().unwrap_or_default()
+    /// `[clients.NAME]` (the defaults without one), with the checks that need the key's name.
+    fn client_config(&self, name: &str) -> Result<ClientConfig, Error> {
+        let cfg = self.config.clients.get(name).cloned().unwrap_or_default();
+        if let Some(idle) = cfg.tcp_keepalive
+            && !idle.is_zero()
+            && !keel_client::TCP_KEEPALIVE_RANGE.contains(&idle)
+        {
+            return Err(Error::Config(ConfigError::new(
+                Some(format!("clients.{name}.tcp_keepalive")),
+                "must be zero (the system's defaults) or between 1 s and 32767 s",
+            )));
+        }
+        Ok(cfg)
     }
 
     /// A gRPC channel to the service configured as `[clients.NAME]` (or, without such a
@@ -243,7 +254,7 @@ impl App {
     /// # Errors
     /// [`Error::Client`] for a bad client configuration.
     pub fn grpc(&self, name: &str) -> Result<GrpcChannel, Error> {
-        let cfg = self.client_config(name);
+        let cfg = self.client_config(name)?;
         let service = cfg.service.clone().unwrap_or_else(|| name.to_owned());
         let client_err = |source| Error::Client {
             name: name.to_owned(),
@@ -300,7 +311,7 @@ impl App {
     /// # Errors
     /// [`Error::Client`] for a bad client configuration.
     pub fn rest_client(&self, name: &str) -> Result<RestClient, Error> {
-        let cfg = self.client_config(name);
+        let cfg = self.client_config(name)?;
         let service = cfg.service.clone().unwrap_or_else(|| name.to_owned());
         let client_err = |source| Error::Client {
             name: name.to_owned(),

@@ -519,7 +519,8 @@ async fn a_repeated_key_executes_once_across_instances_with_the_redis_store() {
 
 /// `[clients.NAME]` of a gRPC client calling through a gateway: its `headers` go with every
 /// call; its `keep_alive` ends a call to a provider that went silent; a `pool` (REST clients
-/// only) is a configuration error naming the key, as is a `keep_alive` (gRPC only) for REST.
+/// only) is a configuration error naming the key, as is a `keep_alive` (gRPC only) for REST and
+/// a `tcp_keepalive` the kernel cannot take.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_client_config_sends_its_headers_and_refuses_a_rest_pool() {
     let root = TestRoot::new();
@@ -545,6 +546,9 @@ async fn grpc_client_config_sends_its_headers_and_refuses_a_rest_pool() {
                 [clients.zero]
                 urls = ["http://{silent_addr}"]
                 keep_alive = {{ timeout = "0s" }}
+                [clients.subsecond]
+                urls = ["http://{silent_addr}"]
+                tcp_keepalive = "500ms"
                 "#,
                 addr = echo.addr()
             ),
@@ -565,6 +569,17 @@ async fn grpc_client_config_sends_its_headers_and_refuses_a_rest_pool() {
             assert_eq!(e.key(), Some("clients.zero.keep_alive.timeout"), "{e}");
         }
         other => panic!("{other:?}"),
+    }
+    for built in [
+        app.grpc("subsecond").map(drop),
+        app.rest_client("subsecond").map(drop),
+    ] {
+        match built.unwrap_err() {
+            keel::Error::Config(e) => {
+                assert_eq!(e.key(), Some("clients.subsecond.tcp_keepalive"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
     match app.rest_client("silent").unwrap_err() {
         keel::Error::Config(e) => assert_eq!(e.key(), Some("clients.silent.keep_alive"), "{e}"),
