@@ -442,8 +442,9 @@ pub struct ClientConfig {
     /// client).
     pub keep_alive: Option<KeepAliveConfig>,
     /// Dead-peer detection at the TCP level, gRPC and REST: connections are probed after this
-    /// long idle and closed once data or probes stay unacknowledged this long (default 30 s;
-    /// zero: the system's defaults). See `tcp_keepalive` of the client builders.
+    /// long idle and closed once data or probes stay unacknowledged three times this long
+    /// (default 30 s; zero: the system's defaults; else 1 s to 32767 s). See `tcp_keepalive` of
+    /// the client builders.
     #[serde(deserialize_with = "opt_duration")]
     pub tcp_keepalive: Option<Duration>,
 }
