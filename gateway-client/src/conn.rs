@@ -434,7 +434,7 @@ impl GrpcConn {
             )));
         }
         Ok(futures::TryFutureExt::map_err(
-            sender.try_send_request(req),
+            sender.send_request(req),
             unsent_or_not,
         ))
     }
@@ -474,7 +474,9 @@ fn index_propagated_names(headers: &mut HeaderMap) {
 
 /// Judges a failed HTTP/2 call: [`NotSent`] when the server cannot have processed the request,
 /// else the error as it is (an unknown outcome). Not sent are:
-/// - a request hyper hands back: its connection closed before the request reached it;
+/// - a request hyper cancelled: its connection closed before the request reached it (hyper's
+///   HTTP/2 client makes a "canceled" error only then; `try_send_request` would say the same by
+///   handing the request back, but its response channel is a few hundred bytes larger per call);
 /// - a stream the server refused with `RST_STREAM` `REFUSED_STREAM` (RFC 9113 8.7: "closed
 ///   prior to any processing");
 /// - a stream ended by the server's `GOAWAY`: h2 gives a stream the peer's `GOAWAY` only when the
@@ -493,10 +495,8 @@ fn index_propagated_names(headers: &mut HeaderMap) {
 /// method cannot run without it (tonic, grpc-java and grpc-go read it before the handler runs);
 /// only a client-streaming or bidirectional handler, invoked on the headers, sees a cancelled
 /// stream with no message, and only a fully buffered (replayable) body is then retried.
-fn unsent_or_not(mut error: hyper::client::conn::TrySendError<http::Request<Wire>>) -> BoxError {
-    let returned = error.take_message().is_some();
-    let error = error.into_error();
-    if returned || refused_by_peer(&error) {
+fn unsent_or_not(error: hyper::Error) -> BoxError {
+    if error.is_canceled() || refused_by_peer(&error) {
         Box::new(NotSent::new(error))
     } else {
         Box::new(error)
