@@ -108,6 +108,75 @@ async fn killed_provider_is_ejected_without_failed_calls() {
     }
 }
 
+/// A rolling deploy: under steady load of plain calls (not idempotent, so never replayed after
+/// an unknown outcome), one of two tonic providers found in ZooKeeper shuts down gracefully
+/// while callers still route to it — it sends `GOAWAY`, finishes the calls it took and stops
+/// listening — and is started again on a new port. No call fails: those it took complete, those
+/// it did not take (refused by its `GOAWAY`, or by its closed port) go to the other provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_restart_under_load_fails_no_plain_call() {
+    let root = ZkRoot::new().await;
+    let registry = root.registry().await;
+    let mut providers = Vec::new();
+    let mut regs = Vec::new();
+    for i in 0..2 {
+        let p = keel_testkit::echo::EchoProvider::start(&format!("p-{i}"))
+            .await
+            .unwrap();
+        regs.push(
+            registry
+                .register(instance("echo", &format!("p-{i}"), p.addr()))
+                .await
+                .unwrap(),
+        );
+        providers.push(p);
+    }
+    let channel = GrpcChannel::builder("echo")
+        .timeout(Duration::from_secs(5))
+        .connect(&registry, Duration::from_secs(10))
+        .await
+        .unwrap();
+    eventually("both discovered", Duration::from_secs(10), || async {
+        (channel.endpoints().len() == 2).then_some(())
+    })
+    .await
+    .unwrap();
+    let load = EchoLoad::plain(&channel, 8);
+    for round in 0..3 {
+        let before = load.ok();
+        eventually("the load runs", Duration::from_secs(10), || async {
+            (load.ok() > before + 300).then_some(())
+        })
+        .await
+        .unwrap();
+        // Stopped while still registered: the callers keep sending to it as it goes away.
+        providers.remove(0).stop().await;
+        let reg = regs.remove(0);
+        let _ = reg.deregister().await;
+        let id = format!("p-{}", round + 2);
+        let p = keel_testkit::echo::EchoProvider::start(&id).await.unwrap();
+        regs.push(
+            registry
+                .register(instance("echo", &id, p.addr()))
+                .await
+                .unwrap(),
+        );
+        providers.push(p);
+        eventually(
+            "the new provider serves",
+            Duration::from_secs(10),
+            || async { (state_of(&channel, &id)?.1 > 50).then_some(()) },
+        )
+        .await
+        .unwrap();
+    }
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "no plain call may fail ({ok} succeeded)");
+    for r in regs {
+        let _ = r.deregister().await;
+    }
+}
+
 /// A provider failing half its calls with UNAVAILABLE is ejected (callers still succeed through
 /// retries elsewhere) and, once healthy, readmitted after half-open probes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

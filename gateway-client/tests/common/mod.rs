@@ -283,8 +283,8 @@ pub fn state_of(channel: &GrpcChannel, id: &str) -> Option<(State, u64)> {
         .map(|e| (e.state, e.calls))
 }
 
-/// Steady load: `callers` tasks making idempotent echo calls through a channel until stopped,
-/// counting the calls that succeeded and those that failed (printed).
+/// Steady load: `callers` tasks making echo calls through a channel until stopped, counting the
+/// calls that succeeded and those that failed (printed).
 pub struct EchoLoad {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
@@ -293,7 +293,18 @@ pub struct EchoLoad {
 }
 
 impl EchoLoad {
+    /// Idempotent calls (replayed after an unknown outcome).
     pub fn start(channel: &GrpcChannel, callers: usize) -> Self {
+        Self::calls(channel, callers, true)
+    }
+
+    /// Plain calls: not idempotent, so only a call that was certainly not executed is sent
+    /// again.
+    pub fn plain(channel: &GrpcChannel, callers: usize) -> Self {
+        Self::calls(channel, callers, false)
+    }
+
+    fn calls(channel: &GrpcChannel, callers: usize, idempotent: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let tasks = (0..callers)
@@ -306,7 +317,9 @@ impl EchoLoad {
                             message: "load".into(),
                             payload: Vec::new(),
                         });
-                        req.extensions_mut().insert(Idempotent);
+                        if idempotent {
+                            req.extensions_mut().insert(Idempotent);
+                        }
                         match client.echo(req).await {
                             Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                             Err(status) => {
