@@ -56,8 +56,20 @@
 //! [`keel_breaker::request::IdempotencyKey`] into a request's extensions to let a call that may
 //! have executed be retried (with the same key on every attempt), and a [`HashKey`] to route by
 //! key with [`Balance::ConsistentHash`]. Without either, a call whose outcome is unknown is never
-//! replayed; nor is one whose key is empty or not a valid header value (it cannot reach the
-//! server, which could then not de-duplicate the replay).
+//! replayed. A call whose key a Keel server could not use (empty, longer than 255 bytes, not
+//! visible ASCII; see [`keel_breaker::request::check_idempotency_key`]) is not sent at all: it
+//! fails with [`Error::is_config`] (`INVALID_ARGUMENT`, 400).
+//!
+//! What counts as certainly not executed, and is therefore sent to another endpoint even when
+//! the call is plain: a failed dial, a connection that closed before the request reached it, and
+//! on gRPC a stream the provider refused (`REFUSED_STREAM`) or did not take before going away
+//! (`GOAWAY`). So a provider shutting down gracefully in a rolling deploy fails no call. An
+//! error after the request may have reached the provider (a reset, an end of stream, a deadline
+//! in flight) leaves the outcome unknown: `UNKNOWN` (gRPC) or 502, never `UNAVAILABLE`.
+//!
+//! Dead providers: HTTP/2 keep-alive ([`KeepAlive`]) and TCP keep-alive with a user timeout
+//! (`tcp_keepalive` on the builders, [`DEFAULT_TCP_KEEPALIVE`]) end the calls to a provider
+//! whose host vanished without closing its connections, even calls without a deadline.
 //!
 //! Tracing: every call makes an OpenTelemetry client span (`grpc.client` / `http.client`) under
 //! the caller's context and sends the span's context downstream. Spans go to OpenTelemetry's
