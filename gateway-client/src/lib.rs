@@ -63,9 +63,10 @@
 //! What counts as certainly not executed, and is therefore sent to another endpoint even when
 //! the call is plain: a failed dial, a connection that closed before the request reached it, and
 //! on gRPC a stream the provider refused (`REFUSED_STREAM`) or did not take before going away
-//! (`GOAWAY`). So a provider shutting down gracefully in a rolling deploy fails no call. An
-//! error after the request may have reached the provider (a reset, an end of stream, a deadline
-//! in flight) leaves the outcome unknown: `UNKNOWN` (gRPC) or 502, never `UNAVAILABLE`.
+//! (`GOAWAY`). So a provider shutting down gracefully in a rolling deploy fails no call. A
+//! connection that breaks after the request may have reached the provider (a reset, an end of
+//! stream) leaves the outcome unknown: `UNKNOWN` (gRPC) or 502, never `UNAVAILABLE`; a deadline
+//! that passes in flight is `DEADLINE_EXCEEDED` (504).
 //!
 //! Dead providers: HTTP/2 keep-alive ([`KeepAlive`]) and TCP keep-alive with a user timeout
 //! (`tcp_keepalive` on the builders, [`DEFAULT_TCP_KEEPALIVE`]) end the calls to a provider
