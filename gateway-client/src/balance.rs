@@ -127,13 +127,10 @@ impl Load {
         }
     }
 
-    /// A new estimate that starts where this one is (the calls in flight stay counted here).
-    fn carried(&self) -> Self {
-        Self {
-            cost_ns: AtomicU64::new(self.cost_ns.load(Ordering::Relaxed)),
-            stamp_ns: AtomicU64::new(self.stamp_ns.load(Ordering::Relaxed)),
-            pending: AtomicU32::new(0),
-        }
+    /// Calls in flight.
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> u32 {
+        self.pending.load(Ordering::Relaxed)
     }
 
     fn cost(&self) -> f64 {
@@ -183,18 +180,34 @@ pub(crate) struct EndpointState<C> {
     /// Builds the per-call breaker guard (built once: it holds the breaker's per-CPU stripes).
     pub(crate) gate: CircuitBreakerLayer,
     pub(crate) added_ns: u64,
-    pub(crate) weight: u64,
+    /// From the metadata (see [`weight_of`]); read when a snapshot is built.
+    pub(crate) weight: AtomicU64,
     pub(crate) calls: AtomicU64,
     pub(crate) conn: C,
     pub(crate) breaker: Breaker,
-    pub(crate) instance: ServiceInstance,
+    /// The instance as discovery last reported it: its id, address and TLS never change (an
+    /// instance that moves is a new endpoint), its metadata may ([`Set::update_metadata`]).
+    instance: RwLock<Arc<ServiceInstance>>,
+}
+
+impl<C> EndpointState<C> {
+    /// The instance as discovery last reported it.
+    pub(crate) fn instance(&self) -> Arc<ServiceInstance> {
+        Arc::clone(&self.instance.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Its balancing weight.
+    pub(crate) fn weight(&self) -> u64 {
+        self.weight.load(Ordering::Relaxed)
+    }
 }
 
 impl<C> fmt::Debug for EndpointState<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let instance = self.instance();
         f.debug_struct("Endpoint")
-            .field("id", &self.instance.id)
-            .field("endpoint", &self.instance.endpoint)
+            .field("id", &instance.id)
+            .field("endpoint", &instance.endpoint)
             .field("breaker", &self.breaker.state())
             .finish_non_exhaustive()
     }
@@ -244,14 +257,14 @@ impl Pool {
             Balance::Weighted => {
                 let mut total = 0u64;
                 for i in 0..len {
-                    total += endpoints[pool.member(i)].weight;
+                    total += endpoints[pool.member(i)].weight();
                     pool.cumulative.push(total);
                 }
             }
             Balance::ConsistentHash => {
                 for i in 0..len {
                     let m = pool.member(i);
-                    let id = &endpoints[m].instance.id;
+                    let id = &endpoints[m].instance().id;
                     for v in 0..config.vnodes {
                         pool.ring.push((HashKey::of(&(id.as_str(), v)).0, m as u32));
                     }
@@ -297,7 +310,7 @@ impl<C> Snapshot<C> {
             let members = (0..endpoints.len() as u32)
                 .filter(|&i| {
                     endpoints[i as usize]
-                        .instance
+                        .instance()
                         .metadata
                         .get("zone")
                         .map(String::as_str)
@@ -371,8 +384,8 @@ impl<C> Set<C> {
     ) -> Arc<EndpointState<C>> {
         Arc::new(EndpointState {
             uid: self.next_uid.fetch_add(1, Ordering::Relaxed),
-            weight: weight_of(&instance),
-            instance,
+            weight: AtomicU64::new(weight_of(&instance)),
+            instance: RwLock::new(Arc::new(instance)),
             conn,
             gate: CircuitBreakerLayer::new(breaker.clone()).mode(Mode::Gate),
             breaker,
@@ -384,30 +397,13 @@ impl<C> Set<C> {
         })
     }
 
-    /// `old` with the instance's new `instance` (same address, other metadata: a weight, a
-    /// zone): the same connection, breaker (an ejected endpoint stays ejected), latency
-    /// estimate and warm-up start; only what the metadata decides changes.
-    pub(crate) fn updated(
-        &self,
-        old: &EndpointState<C>,
-        instance: ServiceInstance,
-    ) -> Arc<EndpointState<C>>
-    where
-        C: Clone,
-    {
-        Arc::new(EndpointState {
-            uid: old.uid,
-            weight: weight_of(&instance),
-            instance,
-            conn: old.conn.clone(),
-            gate: old.gate.clone(),
-            breaker: old.breaker.clone(),
-            load: old.load.carried(),
-            added_ns: old.added_ns,
-            skip_until_ns: AtomicU64::new(old.skip_until_ns.load(Ordering::Relaxed)),
-            removed: AtomicBool::new(false),
-            calls: AtomicU64::new(old.calls.load(Ordering::Relaxed)),
-        })
+    /// The instance of `ep` now has `instance`'s metadata (same id, address and TLS: a new
+    /// weight or zone). The endpoint stays what it is — connection, breaker (an ejected
+    /// endpoint stays ejected), load estimate with the calls in flight, call count, warm-up
+    /// start — and only what the metadata decides changes, in the snapshot published next.
+    pub(crate) fn update_metadata(&self, ep: &EndpointState<C>, instance: ServiceInstance) {
+        ep.weight.store(weight_of(&instance), Ordering::Relaxed);
+        *ep.instance.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(instance);
     }
 
     /// Publishes a new endpoint list, and drops the replaced snapshots nothing holds any more.
@@ -655,7 +651,7 @@ mod tests {
     fn first_pick(set: &Set<()>, key: Option<HashKey>, avoid: u64) -> String {
         let snap = set.snapshot();
         let i = set.candidates(&snap, key, avoid).next().unwrap();
-        snap.endpoints[i].instance.id.clone()
+        snap.endpoints[i].instance().id.clone()
     }
 
     fn shares(set: &Set<()>, n: usize) -> BTreeMap<String, usize> {
@@ -722,7 +718,7 @@ mod tests {
             add(&s, "c", Some("18446744073709551616")), // u64::MAX + 1: not a u64, default
         );
         assert_eq!(
-            (a.weight, b.weight, c.weight),
+            (a.weight(), b.weight(), c.weight()),
             (MAX_WEIGHT, MAX_WEIGHT, 100)
         );
         // Would overflow the running total (a panic in a debug build) without the cap.
@@ -785,7 +781,7 @@ mod tests {
         assert!(per.values().all(|n| *n > 60), "keys spread out: {per:?}");
         s.publish(
             eps.iter()
-                .filter(|e| e.instance.id != "e3")
+                .filter(|e| e.instance().id != "e3")
                 .cloned()
                 .collect(),
         );
@@ -817,7 +813,7 @@ mod tests {
         let snap = s.snapshot();
         let order: Vec<String> = s
             .candidates(&snap, None, 0)
-            .map(|i| snap.endpoints[i].instance.id.clone())
+            .map(|i| snap.endpoints[i].instance().id.clone())
             .collect();
         assert_eq!(order.first().map(String::as_str), Some("l"));
         assert!(

@@ -78,26 +78,23 @@ impl<C: Retire> Members<C> {
     }
 
     fn upsert(&mut self, instance: ServiceInstance) {
-        if let Some(existing) = self.by_id.get(&instance.id)
-            && existing.instance.endpoint == instance.endpoint
-            && existing.instance.tls == instance.tls
-            && !restarted(&existing.instance, &instance)
-        {
-            if existing.instance.metadata == instance.metadata {
+        if let Some(existing) = self.by_id.get(&instance.id) {
+            let known = existing.instance();
+            if known.endpoint == instance.endpoint
+                && known.tls == instance.tls
+                && !restarted(&known, &instance)
+            {
+                // At most its metadata changed: it stays the same endpoint (connection, breaker
+                // — an ejected instance is not readmitted by a metadata change — and load).
+                if known.metadata != instance.metadata {
+                    self.set.update_metadata(existing, instance);
+                }
                 return;
             }
-            // Only its metadata changed: it keeps its connection, breaker (an ejected instance
-            // is not readmitted by a metadata change) and load. The old state is marked removed
-            // (a call still picking from an old snapshot picks again) but not retired: its
-            // connection is the new state's.
-            let ep = self.set.updated(existing, instance);
-            if let Some(old) = self.by_id.insert(ep.instance.id.clone(), ep) {
-                old.removed.store(true, Ordering::Relaxed);
-            }
-            return;
         }
+        let id = instance.id.clone();
         if let Some(ep) = self.make(instance)
-            && let Some(old) = self.by_id.insert(ep.instance.id.clone(), ep)
+            && let Some(old) = self.by_id.insert(id, ep)
         {
             retire(&old);
         }
@@ -259,18 +256,25 @@ mod tests {
         let before = Arc::clone(&set.snapshot().endpoints[0]);
         before.calls.store(7, Ordering::Relaxed);
 
+        before.load.start(); // a call in flight
         members.apply(Change::Update(a.clone().with_metadata("weight", "300")));
         members.publish();
         let after = Arc::clone(&set.snapshot().endpoints[0]);
-        assert_eq!(after.weight, 300, "what the metadata decides changes");
         assert!(
-            std::ptr::eq(before.breaker.config(), after.breaker.config()),
-            "the same breaker: an ejected instance stays ejected"
+            Arc::ptr_eq(&before, &after),
+            "the same endpoint: connection, breaker (an ejected instance stays ejected), load"
         );
+        assert_eq!(after.weight(), 300, "what the metadata decides changes");
+        assert_eq!(after.instance().metadata["weight"], "300");
         assert_eq!(after.calls.load(Ordering::Relaxed), 7);
-        assert_eq!((after.uid, after.added_ns), (before.uid, before.added_ns));
+        assert_eq!(
+            after.load.pending(),
+            1,
+            "the call in flight still counts, and will finish on it"
+        );
         assert!(!retired.load(Ordering::Relaxed), "its connection goes on");
-        assert!(before.removed.load(Ordering::Relaxed) && !after.removed.load(Ordering::Relaxed));
+        assert!(!after.removed.load(Ordering::Relaxed));
+        after.load.finish();
 
         // A restarted process at the same address (Dubbo: new `timestamp`) is a new endpoint.
         let restarted = Arc::clone(&set.snapshot().endpoints[0]);

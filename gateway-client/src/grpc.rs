@@ -174,11 +174,14 @@ pub(crate) fn endpoint_info<C>(set: &Set<C>) -> Vec<EndpointInfo> {
     set.snapshot()
         .endpoints
         .iter()
-        .map(|e| EndpointInfo {
-            id: e.instance.id.clone(),
-            endpoint: e.instance.endpoint.clone(),
-            calls: e.calls.load(std::sync::atomic::Ordering::Relaxed),
-            state: e.breaker.state(),
+        .map(|e| {
+            let instance = e.instance();
+            EndpointInfo {
+                id: instance.id.clone(),
+                endpoint: instance.endpoint.clone(),
+                calls: e.calls.load(std::sync::atomic::Ordering::Relaxed),
+                state: e.breaker.state(),
+            }
         })
         .collect()
 }

@@ -287,7 +287,7 @@ where
                 refused => {
                     // Failed, or its breaker is not closed: skip it for a while.
                     if let Poll::Ready(Err(error)) = refused {
-                        tracing::debug!(%error, endpoint = %ep.instance.endpoint, "endpoint not ready");
+                        tracing::debug!(%error, endpoint = %ep.instance().endpoint, "endpoint not ready");
                     }
                     ep.skip_until_ns
                         .store(set.now_ns() + RECHECK.as_nanos() as u64, Ordering::Relaxed);
