@@ -216,9 +216,19 @@ impl NotSent {
 /// [`RateLimited`](crate::rate_limit::RateLimited)) are [`Outcome::LocalRejection`]; a deadline
 /// that expired before sending is ignored, one that elapsed in flight is UNKNOWN; a
 /// [`tonic::Status`] by its code; [`NotSent`] and connect-time I/O errors (refused, address not
-/// available, not connected) are NOT_SENT; anything else is UNKNOWN.
+/// available, not connected, unreachable) are NOT_SENT — an I/O error only when it is the error
+/// itself (possibly in `io::Error::other` wrappers), not the cause of another error: wrapped by a
+/// transport's error it may come from a connection that carried the request; anything else is
+/// UNKNOWN.
 pub fn classify_error(error: &(dyn Error + 'static)) -> Outcome {
     let mut next = Some(error);
+    // Whether every link so far was an `io::Error` (or none): only then does an I/O error's kind
+    // say when it happened. Under a transport's error (hyper's, h2's, tonic's) a "refused" or
+    // "unreachable" kind can come from an established connection that the kernel ended after
+    // the request was written (a keep-alive or user timeout reports the last ICMP error it got,
+    // e.g. EHOSTUNREACH, instead of ETIMEDOUT), so there it proves nothing: the transports wrap
+    // their own connect failures in `NotSent`.
+    let mut bare_io = true;
     while let Some(err) = next {
         if err.is::<crate::breaker::BreakerError>()
             || err.is::<crate::bulkhead::BulkheadFull>()
@@ -250,10 +260,15 @@ pub fn classify_error(error: &(dyn Error + 'static)) -> Outcome {
                 | io::ErrorKind::AddrNotAvailable
                 | io::ErrorKind::NotConnected
                 | io::ErrorKind::HostUnreachable
-                | io::ErrorKind::NetworkUnreachable => Outcome::Failure(FailureClass::NotSent),
+                | io::ErrorKind::NetworkUnreachable
+                    if bare_io =>
+                {
+                    Outcome::Failure(FailureClass::NotSent)
+                }
                 _ => Outcome::Failure(FailureClass::Unknown),
             };
         }
+        bare_io = false;
         next = err.source();
     }
     Outcome::Failure(FailureClass::Unknown)
@@ -360,6 +375,26 @@ mod tests {
             classify_error(&reset),
             Outcome::Failure(FailureClass::Unknown)
         );
+        // Under another error (a transport's), the kind says nothing about when it happened:
+        // an established connection's timeout reports the last ICMP error, e.g. unreachable.
+        #[derive(Debug, thiserror::Error)]
+        #[error("connection error")]
+        struct Transport(#[source] io::Error);
+        for kind in [
+            io::ErrorKind::HostUnreachable,
+            io::ErrorKind::ConnectionRefused,
+        ] {
+            assert_eq!(
+                classify_error(&Transport(io::Error::from(kind))),
+                Outcome::Failure(FailureClass::Unknown),
+                "{kind:?}"
+            );
+            assert_eq!(
+                classify_error(&io::Error::other(io::Error::from(kind))),
+                Outcome::Failure(FailureClass::NotSent),
+                "{kind:?}"
+            );
+        }
         let wrapped = io::Error::other(NotSent::new("no endpoint"));
         assert_eq!(
             classify_error(&wrapped),

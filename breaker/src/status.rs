@@ -18,7 +18,7 @@ use crate::classify::{FailureClass, Outcome};
 /// | [`DeadlineExceeded`](crate::deadline::DeadlineExceeded) | `DEADLINE_EXCEEDED` | 504 |
 /// | [`InvalidIdempotencyKey`](crate::request::InvalidIdempotencyKey) | `INVALID_ARGUMENT` | 400 |
 /// | [`tonic::Status`] | its code | per [`http_status_for_code`] |
-/// | [`NotSent`](crate::classify::NotSent), a connect-time [`std::io::Error`] (refused, unreachable) | `UNAVAILABLE` | 502 |
+/// | [`NotSent`](crate::classify::NotSent), a connect-time [`std::io::Error`] (refused, unreachable; the error itself, not a transport error's cause) | `UNAVAILABLE` | 502 |
 /// | any other [`std::io::Error`] (reset, broken pipe, end of stream: the request may have been executed) | `UNKNOWN` | 502 |
 /// | anything else | `UNKNOWN` | 500 |
 ///
@@ -28,6 +28,8 @@ use crate::classify::{FailureClass, Outcome};
 /// as that when a service hands its downstream's status back to its own caller.
 pub fn status_of(error: &(dyn Error + 'static)) -> (Code, StatusCode) {
     let mut next = Some(error);
+    // As in `classify_error`: an I/O error's kind says "not sent" only for the error itself.
+    let mut bare_io = true;
     while let Some(err) = next {
         if err.is::<crate::breaker::BreakerError>() {
             return (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE);
@@ -56,8 +58,8 @@ pub fn status_of(error: &(dyn Error + 'static)) -> (Code, StatusCode) {
         }
         if err.is::<crate::classify::NotSent>() || err.is::<std::io::Error>() {
             // The classifier's judgement: `NotSent`, or an I/O error at connect time.
-            let not_sent =
-                crate::classify::classify_error(err) == Outcome::Failure(FailureClass::NotSent);
+            let not_sent = (bare_io || err.is::<crate::classify::NotSent>())
+                && crate::classify::classify_error(err) == Outcome::Failure(FailureClass::NotSent);
             let code = if not_sent {
                 Code::Unavailable
             } else {
@@ -65,6 +67,7 @@ pub fn status_of(error: &(dyn Error + 'static)) -> (Code, StatusCode) {
             };
             return (code, StatusCode::BAD_GATEWAY);
         }
+        bare_io = false;
         next = err.source();
     }
     (Code::Unknown, StatusCode::INTERNAL_SERVER_ERROR)
@@ -99,6 +102,10 @@ pub fn http_status_for_code(code: Code) -> StatusCode {
 mod tests {
     use super::*;
     use crate::BoxError;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connection error")]
+    struct Transport(#[source] std::io::Error);
 
     #[test]
     fn maps_keel_errors_through_the_chain() {
@@ -168,6 +175,15 @@ mod tests {
                 502,
             ),
             ("opaque".into(), Code::Unknown, 500),
+            // A "refused" or "unreachable" kind under a transport's error may come from an
+            // established connection that carried the request.
+            (
+                Box::new(Transport(std::io::Error::from(
+                    std::io::ErrorKind::HostUnreachable,
+                ))),
+                Code::Unknown,
+                502,
+            ),
         ];
         for (err, code, http) in cases {
             let (c, h) = status_of(err.as_ref());

@@ -45,10 +45,19 @@ pub const KEEL_DEADLINE: HeaderName = HeaderName::from_static("x-keel-deadline")
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Deadline(pub Instant);
 
+/// The longest time ahead a deadline is set: a longer timeout (`Duration::MAX`, a common way to
+/// say "none") means this, instead of overflowing the clock.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `now + timeout`, with `timeout` capped at [`MAX_TIMEOUT`].
+fn after(now: Instant, timeout: Duration) -> Instant {
+    now + timeout.min(MAX_TIMEOUT)
+}
+
 impl Deadline {
-    /// `timeout` from now.
+    /// `timeout` from now (at most [`MAX_TIMEOUT`]).
     pub fn after(timeout: Duration) -> Self {
-        Self(Instant::now() + timeout)
+        Self(after(Instant::now(), timeout))
     }
 
     /// Time left (zero once passed).
@@ -65,13 +74,13 @@ impl Deadline {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
         {
-            return Some(Self(now + d));
+            return Some(Self(after(now, d)));
         }
         headers
             .get(KEEL_DEADLINE)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|ms| Self(now + Duration::from_millis(ms)))
+            .map(|ms| Self(after(now, Duration::from_millis(ms))))
     }
 }
 
@@ -98,7 +107,7 @@ pub fn format_grpc_timeout(remaining: Duration) -> String {
 /// Parses a gRPC `TimeoutValue` (`799m`, `1S`, `100u`, …).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     let value = value.trim();
-    if value.len() < 2 || value.len() > 9 {
+    if value.len() < 2 || value.len() > 9 || !value.is_ascii() {
         return None;
     }
     let (digits, unit) = value.split_at(value.len() - 1);
@@ -256,7 +265,7 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let now = Instant::now();
-        let own = self.timeout.map(|t| Deadline(now + t));
+        let own = self.timeout.map(|t| Deadline(after(now, t)));
         let incoming = req.extensions().get::<Deadline>().copied();
         let deadline = match (own, incoming) {
             (Some(a), Some(b)) => a.min(b),
@@ -294,6 +303,28 @@ mod tests {
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_grpc_timeout("123456789m"), None, "max 8 digits");
         assert_eq!(parse_grpc_timeout("10x"), None);
+        assert_eq!(parse_grpc_timeout("1\u{e9}"), None, "not ASCII: no panic");
+    }
+
+    /// `Duration::MAX` — a common way to say "no timeout" — is a deadline far ahead, not an
+    /// overflow of the clock (a panic on every call).
+    #[tokio::test]
+    async fn the_longest_timeout_is_far_ahead() {
+        let far = Deadline::after(Duration::MAX);
+        assert!(far.remaining() > Duration::from_secs(99 * 365 * 24 * 3600));
+        let mut headers = HeaderMap::new();
+        stamp(&mut headers, far, Protocol::Grpc);
+        stamp(&mut headers, far, Protocol::Rest);
+        let back = Deadline::from_headers(&headers).unwrap();
+        assert!(back.remaining() > Duration::from_secs(99 * 365 * 24 * 3600));
+
+        let svc = tower::ServiceBuilder::new()
+            .layer(DeadlineLayer::new(Duration::MAX))
+            .service(tower::service_fn(|_: http::Request<()>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(()))
+            }));
+        let response = tower::ServiceExt::oneshot(svc, http::Request::new(())).await;
+        assert!(response.is_ok());
     }
 
     #[test]

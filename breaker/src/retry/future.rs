@@ -118,7 +118,9 @@ impl<S, C> Retrying<S, C> {
         }
         let delay = self.policy.backoff_for(self.attempts);
         if let Some(deadline) = self.deadline
-            && Instant::now() + delay >= deadline.0
+            && Instant::now()
+                .checked_add(delay)
+                .is_none_or(|at| at >= deadline.0)
         {
             return None;
         }
