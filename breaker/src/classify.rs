@@ -6,8 +6,13 @@
 //! | class | meaning | examples | retried |
 //! |---|---|---|---|
 //! | [`FailureClass::NotSent`] | the request never left | connect refused, no endpoint | always |
-//! | [`FailureClass::Rejected`] | the server says it did not execute it | HTTP 503 / 429, gRPC `UNAVAILABLE`, `RESOURCE_EXHAUSTED` | always |
-//! | [`FailureClass::Unknown`] | it may have executed | timeout or reset after the request was written, HTTP 500, gRPC `INTERNAL` | only if idempotent or keyed |
+//! | [`FailureClass::Rejected`] | the server says it did not execute it | HTTP 429, HTTP 503 with `Retry-After`, gRPC `UNAVAILABLE`, `RESOURCE_EXHAUSTED` | always |
+//! | [`FailureClass::Unknown`] | it may have executed | timeout or reset after the request was written, HTTP 500, HTTP 503 without `Retry-After`, gRPC `INTERNAL` | only if idempotent or keyed |
+//!
+//! An HTTP 503 alone does not say the request was not executed: a gateway (Envoy, nginx)
+//! answers 503 when its upstream connection breaks after it forwarded the request. A server
+//! shedding load says when to come back (`Retry-After`, as Keel's own servers do); only then is
+//! a 503 taken as a refusal.
 //!
 //! gRPC codes that say the *request* was wrong (`INVALID_ARGUMENT`, `NOT_FOUND`,
 //! `ALREADY_EXISTS`, `FAILED_PRECONDITION`, …) are [`Outcome::Success`] for the breaker (the
@@ -143,7 +148,7 @@ pub fn classify_http_head(status: http::StatusCode, headers: &http::HeaderMap) -
     if grpc && status == http::StatusCode::OK {
         return Verdict::AtEnd(classify_grpc_trailers);
     }
-    Verdict::Now(classify_http_status(status))
+    Verdict::Now(classify_http_status_with(status, headers))
 }
 
 /// Classifies the trailers of a gRPC response: by their `grpc-status`
@@ -162,13 +167,24 @@ impl<T> Classify<tonic::Response<T>> for DefaultClassifier {
     }
 }
 
-/// Classifies an HTTP response head: `grpc-status` if present, else the HTTP status.
+/// Classifies an HTTP response head: `grpc-status` if present, else the HTTP status, where a
+/// 503 with `Retry-After` is a refusal (see [`classify_http_status`]).
 pub fn classify_http_response(status: http::StatusCode, headers: &http::HeaderMap) -> Outcome {
     if headers.is_empty() {
         return classify_http_status(status);
     }
     if let Some(code) = grpc_status(headers) {
         return classify_grpc_code(code);
+    }
+    classify_http_status_with(status, headers)
+}
+
+/// [`classify_http_status`], and a 503 that says when to come back (`Retry-After`) is REJECTED.
+fn classify_http_status_with(status: http::StatusCode, headers: &http::HeaderMap) -> Outcome {
+    if status == http::StatusCode::SERVICE_UNAVAILABLE
+        && headers.contains_key(http::header::RETRY_AFTER)
+    {
+        return Outcome::Failure(FailureClass::Rejected);
     }
     classify_http_status(status)
 }
@@ -187,10 +203,13 @@ pub fn classify_grpc_code(code: Code) -> Outcome {
     }
 }
 
-/// HTTP statuses: 429 and 503 are REJECTED, other 5xx are UNKNOWN failures, the rest succeed.
+/// HTTP statuses alone: 429 is REJECTED (a rate limit refuses before anything runs), every 5xx
+/// an UNKNOWN failure — 503 too, which a gateway also answers when its upstream broke after it
+/// forwarded the request ([`classify_http_response`] takes a 503 with `Retry-After` as a
+/// refusal) — and the rest succeed.
 pub fn classify_http_status(status: http::StatusCode) -> Outcome {
     match status.as_u16() {
-        429 | 503 => Outcome::Failure(FailureClass::Rejected),
+        429 => Outcome::Failure(FailureClass::Rejected),
         500..=599 => Outcome::Failure(FailureClass::Unknown),
         _ => Outcome::Success,
     }
@@ -315,6 +334,26 @@ mod tests {
             classify_http_response(http::StatusCode::NOT_FOUND, &headers),
             Outcome::Success
         );
+        // A 503 may come from a gateway whose upstream broke after the request went through;
+        // one that says when to come back is a server refusing (shedding load).
+        let unavailable = http::StatusCode::SERVICE_UNAVAILABLE;
+        assert_eq!(
+            classify_http_response(unavailable, &headers),
+            Outcome::Failure(FailureClass::Unknown)
+        );
+        let mut shedding = http::HeaderMap::new();
+        shedding.insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("1"),
+        );
+        assert_eq!(
+            classify_http_response(unavailable, &shedding),
+            Outcome::Failure(FailureClass::Rejected)
+        );
+        assert!(matches!(
+            classify_http_head(unavailable, &shedding),
+            Verdict::Now(Outcome::Failure(FailureClass::Rejected))
+        ));
         headers.insert("grpc-status", http::HeaderValue::from_static("14"));
         assert_eq!(
             classify_http_response(http::StatusCode::OK, &headers),

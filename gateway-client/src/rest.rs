@@ -268,9 +268,10 @@ impl RestClient {
         self.request(Method::GET, path).send_json()
     }
 
-    /// `POST path` with a JSON body, decoding a JSON response. Not retried after an unknown
-    /// outcome unless marked (use [`request`](Self::request) and
-    /// [`RestRequest::idempotency_key`]).
+    /// `POST path` with a JSON body, decoding a JSON response. Sent again (to another endpoint)
+    /// only when it certainly did not execute: not sent, or refused with 429 or a 503 with
+    /// `Retry-After`; not after an unknown outcome (a reset, a 500, a bare 503) unless marked
+    /// (use [`request`](Self::request) and [`RestRequest::idempotency_key`]).
     ///
     /// # Errors
     /// As [`get`](Self::get).

@@ -795,6 +795,56 @@ async fn idle_connections_the_server_dropped_are_skipped() {
     server.abort();
 }
 
+/// A plain POST answered 503 without `Retry-After` is not sent again: a gateway whose upstream
+/// broke answers so after forwarding it, and it may have run. Answered 503 with `Retry-After` (a
+/// server shedding load) it goes to the other provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_503_is_not_replayed_for_a_plain_post() {
+    let a = RestProvider::start("r-a").await;
+    let b = RestProvider::start("r-b").await;
+    a.faults.fail_every(1, 503);
+    let never_opens = keel_breaker::breaker::BreakerConfig {
+        minimum_number_of_calls: 100_000,
+        sliding_window_size: 100_000,
+        ..quick_breaker(Duration::from_secs(60))
+    };
+    let client = RestClient::builder("accounts")
+        .balance(Balance::RoundRobin)
+        .breaker(never_opens)
+        .endpoints([a.url(), b.url()])
+        .unwrap();
+    let mut failed = 0;
+    for i in 0..6 {
+        match client
+            .post::<_, Value>("/transfers", &serde_json::json!({ "n": i }))
+            .await
+        {
+            Ok(v) => assert_eq!(v["server"], "r-b"),
+            Err(e) => {
+                assert_eq!(
+                    e.http_status(),
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    "{e:?}"
+                );
+                failed += 1;
+            }
+        }
+    }
+    assert_eq!(failed, 3, "every call to r-a failed, none was replayed");
+    assert_eq!((a.faults.calls(), b.faults.calls()), (3, 3));
+
+    a.faults.retry_after(true);
+    for i in 0..6 {
+        let v: Value = client
+            .post("/transfers", &serde_json::json!({ "n": i }))
+            .await
+            .unwrap();
+        assert_eq!(v["server"], "r-b");
+    }
+    assert_eq!(b.faults.calls(), 9, "each call executed once, by r-b");
+    assert!(a.faults.calls() > 3, "r-a refused some on the way");
+}
+
 /// As for gRPC: a provider that accepts calls and never answers is ejected, because calls that
 /// end at their deadline count against it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,10 +3,10 @@
 //! Every failed attempt is classified (see [`classify`](crate::classify)):
 //!
 //! * NOT_SENT (never left: connect refused, no endpoint, a local breaker / bulkhead / rate limit
-//!   refusal) and REJECTED (the server says it did not execute: 503 / 429, `UNAVAILABLE`,
-//!   `RESOURCE_EXHAUSTED`) are retried by default;
-//! * UNKNOWN (may have executed: a timeout or reset after the request was written, 500,
-//!   `INTERNAL`) is retried only when the request is marked [`Idempotent`](crate::request::Idempotent)
+//!   refusal) and REJECTED (the server says it did not execute: 429, 503 with `Retry-After`,
+//!   `UNAVAILABLE`, `RESOURCE_EXHAUSTED`) are retried by default;
+//! * UNKNOWN (may have executed: a timeout or reset after the request was written, 500, a 503
+//!   without `Retry-After`, `INTERNAL`) is retried only when the request is marked [`Idempotent`](crate::request::Idempotent)
 //!   or carries an idempotency key ([`IdempotencyKey`](crate::request::IdempotencyKey) or the
 //!   `idempotency-key` header), and the same key goes with every attempt. A key that breaks
 //!   [`check_idempotency_key`](crate::request::check_idempotency_key) fails the call before

@@ -32,6 +32,16 @@ fn status(code: u16) -> http::Response<()> {
     res
 }
 
+/// A server refusing the call (shedding load): 503 with `Retry-After`.
+fn refused() -> http::Response<()> {
+    let mut res = status(503);
+    res.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    res
+}
+
 fn request(body: &'static str) -> http::Request<Full<Bytes>> {
     http::Request::post("http://account/transfer")
         .body(Full::new(Bytes::from_static(body.as_bytes())))
@@ -113,7 +123,7 @@ async fn a_retry_carries_the_same_head_with_every_header_value() {
     };
     let (first, send) = handle.next_request().await.unwrap();
     let sent = head(&first);
-    send.send_response(status(503));
+    send.send_response(refused());
     let (second, send) = handle.next_request().await.unwrap();
     assert_eq!(head(&second), sent);
     assert_eq!(
@@ -127,14 +137,22 @@ async fn a_retry_carries_the_same_head_with_every_header_value() {
 
 #[tokio::test(start_paused = true)]
 async fn rejected_is_retried() {
-    for rejected in [503, 429] {
+    for rejected in [refused(), status(429)] {
+        let code = rejected.status();
         let (task, mut handle) = spawn_call(policy(), request("x"));
         let (_, send) = handle.next_request().await.unwrap();
-        send.send_response(status(rejected));
+        send.send_response(rejected);
         let (_, send) = handle.next_request().await.unwrap();
         send.send_response(status(200));
-        assert_eq!(task.await.unwrap().unwrap().status(), 200, "{rejected}");
+        assert_eq!(task.await.unwrap().unwrap().status(), 200, "{code}");
     }
+    // A 503 without `Retry-After` may come from a gateway after the request went through: a
+    // plain call is not replayed.
+    let (task, mut handle) = spawn_call(policy(), request("pay 10"));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(status(503));
+    assert_eq!(task.await.unwrap().unwrap().status(), 503);
+    assert_no_more_requests(&mut handle).await;
     // gRPC UNAVAILABLE as an error.
     let (task, mut handle) = spawn_call(policy(), request("x"));
     let (_, send) = handle.next_request().await.unwrap();
@@ -219,7 +237,7 @@ async fn max_attempts_bounds_retries() {
     let (task, mut handle) = spawn_call(policy().max_attempts(3), request("x"));
     for _ in 0..3 {
         let (_, send) = handle.next_request().await.unwrap();
-        send.send_response(status(503));
+        send.send_response(refused());
     }
     assert_eq!(task.await.unwrap().unwrap().status(), 503);
     assert_no_more_requests(&mut handle).await;
@@ -230,7 +248,7 @@ async fn spent_budget_stops_retries() {
     let budget = Arc::new(RetryBudget::new(Duration::from_secs(10), 0, 0.0));
     let (task, mut handle) = spawn_call(RetryPolicy::new(budget).max_attempts(5), request("x"));
     let (_, send) = handle.next_request().await.unwrap();
-    send.send_response(status(503));
+    send.send_response(refused());
     assert_eq!(task.await.unwrap().unwrap().status(), 503);
     assert_no_more_requests(&mut handle).await;
 }
@@ -241,7 +259,7 @@ async fn bodies_over_the_cap_are_not_replayed() {
     let (req, send) = handle.next_request().await.unwrap();
     assert!(!req.body().is_buffered());
     assert_eq!(body_of(req).await, "too long", "sent whole, once");
-    send.send_response(status(503));
+    send.send_response(refused());
     assert_eq!(task.await.unwrap().unwrap().status(), 503);
     assert_no_more_requests(&mut handle).await;
 }
@@ -277,7 +295,7 @@ async fn streaming_bodies_are_never_replayed() {
     assert!(!req.body().is_buffered());
     let body = req.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "chunk", "the stream is still delivered whole");
-    send.send_response(status(503));
+    send.send_response(refused());
     assert_eq!(task.await.unwrap().unwrap().status(), 503);
     let next = tokio::time::timeout(Duration::from_secs(60), handle.next_request()).await;
     assert!(matches!(next, Err(_) | Ok(None)));
@@ -300,7 +318,7 @@ async fn a_retry_restamps_the_rest_deadline_and_both_when_both_are_sent() {
         let (first, send) = handle.next_request().await.unwrap();
         assert_eq!(first.headers()[KEEL_DEADLINE], "800");
         tokio::time::advance(Duration::from_millis(100)).await;
-        send.send_response(status(503));
+        send.send_response(refused());
         let (second, send) = handle.next_request().await.unwrap();
         let left: u64 = second.headers()[KEEL_DEADLINE]
             .to_str()
@@ -344,7 +362,7 @@ async fn retries_restamp_the_deadline_and_stop_before_it() {
         last = remaining;
         attempts += 1;
         tokio::time::advance(Duration::from_millis(50)).await;
-        send.send_response(status(503));
+        send.send_response(refused());
     }
     assert_eq!(task.await.unwrap().unwrap().status(), 503);
     assert!(
@@ -396,7 +414,7 @@ async fn the_future_reports_a_refusal_by_the_budget() {
         let respond = async {
             for _ in 0..answers {
                 let (_, send) = handle.next_request().await.unwrap();
-                send.send_response(status(503));
+                send.send_response(refused());
             }
         };
         let (result, ()) = tokio::join!(fut.as_mut(), respond);
@@ -445,7 +463,7 @@ async fn every_attempt_uses_the_service_made_ready() {
         }
         fn call(&mut self, _req: Req) -> Self::Future {
             self.seen.lock().unwrap().push(self.id);
-            std::future::ready(Ok(status(503)))
+            std::future::ready(Ok(refused()))
         }
     }
 

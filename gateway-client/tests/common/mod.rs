@@ -81,6 +81,8 @@ impl ZkRoot {
 pub struct RestFaults {
     every: std::sync::atomic::AtomicU32,
     status: std::sync::atomic::AtomicU32,
+    /// Whether an injected failure says when to come back (`Retry-After: 1`).
+    retry_after: std::sync::atomic::AtomicBool,
     pub calls: std::sync::atomic::AtomicU64,
     /// Calls to `…/held` that arrived (held or not).
     pub held: std::sync::atomic::AtomicU64,
@@ -92,6 +94,7 @@ impl Default for RestFaults {
         Self {
             every: Default::default(),
             status: Default::default(),
+            retry_after: Default::default(),
             calls: Default::default(),
             held: Default::default(),
             gate: tokio::sync::Semaphore::new(0),
@@ -104,6 +107,11 @@ impl RestFaults {
         use std::sync::atomic::Ordering::Relaxed;
         self.status.store(u32::from(status), Relaxed);
         self.every.store(n, Relaxed);
+    }
+    /// Injected failures carry `Retry-After: 1` (a server shedding load), or not.
+    pub fn retry_after(&self, yes: bool) {
+        self.retry_after
+            .store(yes, std::sync::atomic::Ordering::Relaxed);
     }
     pub fn heal(&self) {
         self.every.store(0, std::sync::atomic::Ordering::Relaxed);
@@ -148,7 +156,14 @@ impl RestProvider {
                     if every != 0 && n.is_multiple_of(every) {
                         let status =
                             http::StatusCode::from_u16(faults.status.load(Relaxed) as u16).unwrap();
-                        return (status, "injected failure").into_response();
+                        let mut response = (status, "injected failure").into_response();
+                        if faults.retry_after.load(Relaxed) {
+                            response.headers_mut().insert(
+                                http::header::RETRY_AFTER,
+                                http::HeaderValue::from_static("1"),
+                            );
+                        }
+                        return response;
                     }
                     if uri.path().ends_with("/held") {
                         faults.held.fetch_add(1, Relaxed);
