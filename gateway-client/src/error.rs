@@ -149,9 +149,11 @@ impl Error {
         self.kind == Kind::BulkheadFull
     }
 
-    /// A REST call got a non-2xx response ([`status`](Self::status), [`body`](Self::body)).
+    /// A REST call got a non-2xx response ([`status`](Self::status), [`body`](Self::body)) —
+    /// also when that response would have been retried but the retry budget was spent
+    /// ([`is_retry_budget_exhausted`](Self::is_retry_budget_exhausted) is true then too).
     pub fn is_status(&self) -> bool {
-        self.kind == Kind::Status
+        self.status.is_some()
     }
 
     /// A response body could not be decoded (or a request body encoded).
@@ -277,6 +279,14 @@ mod tests {
 
         let e = Error::http(http::StatusCode::NOT_FOUND, Bytes::from_static(b"nope"));
         assert!(e.is_status());
+        let spent = Error::http(
+            http::StatusCode::TOO_MANY_REQUESTS,
+            Bytes::from_static(b"slow"),
+        )
+        .into_budget_exhausted();
+        assert!(spent.is_status() && spent.is_retry_budget_exhausted());
+        assert_eq!(spent.status(), Some(http::StatusCode::TOO_MANY_REQUESTS));
+        assert_eq!(spent.body().as_ref(), b"slow");
         assert_eq!(e.http_status().as_u16(), 404);
         assert_eq!(e.body().as_ref(), b"nope");
 

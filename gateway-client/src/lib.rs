@@ -103,4 +103,4 @@ pub use metrics::ClientMetrics;
 pub use options::{
     DEFAULT_TCP_KEEPALIVE, TCP_KEEPALIVE_RANGE, TlsConfig, default_endpoint_breaker,
 };
-pub use rest::{RestBuilder, RestClient, RestRequest};
+pub use rest::{DEFAULT_MAX_RESPONSE_BODY, RestBuilder, RestClient, RestRequest};

@@ -72,6 +72,7 @@ fn wire(body: Wire) -> Wire {
 pub struct RestClient {
     stack: Stack,
     shared: Arc<Shared<RestConnection>>,
+    max_body: usize,
 }
 
 impl fmt::Debug for RestClient {
@@ -87,7 +88,11 @@ impl fmt::Debug for RestClient {
 pub struct RestBuilder {
     options: Options,
     pool: PoolConfig,
+    max_body: usize,
 }
+
+/// The default of [`RestBuilder::max_response_body`]: 16 MiB.
+pub const DEFAULT_MAX_RESPONSE_BODY: usize = 16 << 20;
 
 impl RestBuilder {
     common_builder_methods!();
@@ -96,6 +101,15 @@ impl RestBuilder {
     /// reused, a connection per call.
     pub fn pool_idle_timeout(mut self, timeout: Duration) -> Self {
         self.pool.idle_timeout = timeout;
+        self
+    }
+
+    /// The largest response body read into memory, in bytes (default
+    /// [`DEFAULT_MAX_RESPONSE_BODY`], 16 MiB): a call whose response is larger fails with
+    /// [`Error::is_decode`] once that much has arrived, instead of a provider's endless or huge
+    /// body exhausting the caller's memory.
+    pub fn max_response_body(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
         self
     }
 
@@ -150,7 +164,12 @@ impl RestBuilder {
             self.options.policy(),
         )));
         let shared = Arc::new(Shared::new(&self.options, set, closed));
-        Ok((RestClient { stack, shared }, members))
+        let client = RestClient {
+            stack,
+            shared,
+            max_body: self.max_body,
+        };
+        Ok((client, members))
     }
 
     /// A client calling through one base URL (`https://gateway.example.com/api/v1`): request
@@ -226,6 +245,7 @@ impl RestClient {
         RestBuilder {
             options: Options::new(service),
             pool: PoolConfig::default(),
+            max_body: DEFAULT_MAX_RESPONSE_BODY,
         }
     }
 
@@ -486,8 +506,17 @@ impl RestRequest {
             };
             let status = res.status();
             let (head, body) = res.into_parts();
-            let bytes = match body.collect().await {
+            let bytes = match http_body_util::Limited::new(body, client.max_body)
+                .collect()
+                .await
+            {
                 Ok(collected) => collected.to_bytes(),
+                Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+                    break 'round_trip Err(Error::decode(format!(
+                        "the response body is larger than {} bytes (max_response_body)",
+                        client.max_body
+                    )));
+                }
                 Err(error) => break 'round_trip Err(Error::from_box(error)),
             };
             if status.is_success() {

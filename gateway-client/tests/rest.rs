@@ -795,6 +795,69 @@ async fn idle_connections_the_server_dropped_are_skipped() {
     server.abort();
 }
 
+/// A response body is read into memory up to `max_response_body` (default 16 MiB): a provider
+/// sending an endless body, or one larger than the limit, fails the call with a decode error
+/// instead of exhausting the caller's memory; a body within the limit is decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_bodies_are_bounded() {
+    use futures::StreamExt as _;
+    type Frames = futures::stream::BoxStream<
+        'static,
+        Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: http::Request<_>| async move {
+                    let chunk = bytes::Bytes::from(vec![b'x'; 64 << 10]);
+                    let frames: Frames = if req.uri().path() == "/endless" {
+                        futures::stream::repeat(chunk)
+                            .map(|c| Ok(http_body::Frame::data(c)))
+                            .boxed()
+                    } else {
+                        // A JSON string of 2 MiB.
+                        let quote = || Ok(http_body::Frame::data(bytes::Bytes::from_static(b"\"")));
+                        futures::stream::once(async move { quote() })
+                            .chain(
+                                futures::stream::repeat(chunk)
+                                    .take(32)
+                                    .map(|c| Ok(http_body::Frame::data(c))),
+                            )
+                            .chain(futures::stream::once(async move { quote() }))
+                            .boxed()
+                    };
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .header("content-type", "application/json")
+                            .body(http_body_util::StreamBody::new(frames))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let url = format!("http://{addr}");
+    let default = RestClient::builder("big").endpoints([&url]).unwrap();
+    let error = default.get::<Value>("/endless").await.unwrap_err();
+    assert!(error.is_decode(), "{error:?}");
+    assert!(error.to_string().contains("larger than"), "{error}");
+    let two_mib: String = default.get("/two-mib").await.unwrap();
+    assert_eq!(two_mib.len(), 2 << 20);
+
+    let small = RestClient::builder("big")
+        .max_response_body(1 << 20)
+        .endpoints([&url])
+        .unwrap();
+    let error = small.get::<String>("/two-mib").await.unwrap_err();
+    assert!(error.is_decode(), "{error:?}");
+    server.abort();
+}
+
 /// A plain POST answered 503 without `Retry-After` is not sent again: a gateway whose upstream
 /// broke answers so after forwarding it, and it may have run. Answered 503 with `Retry-After` (a
 /// server shedding load) it goes to the other provider.
