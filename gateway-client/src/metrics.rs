@@ -69,18 +69,36 @@ pub struct MethodSnapshot {
     pub buckets: [u64; BUCKETS.len()],
 }
 
+/// At most this many methods get series of their own per client; calls of methods first seen
+/// after that are counted under [`OVERFLOW_METHOD`] (REST routes come from paths, and a path
+/// segment without digits — `/users/alice` — is kept as it is).
+pub const MAX_METHODS: usize = 1000;
+
+/// The method name of the calls past [`MAX_METHODS`] (as OpenTelemetry's SDK names its
+/// overflow series).
+pub const OVERFLOW_METHOD: &str = "_OTHER";
+
 impl ClientMetrics {
-    /// The counters of `method`, created on first use.
+    /// The counters of `method`, created on first use (see [`MAX_METHODS`]).
     pub(crate) fn method(&self, method: &str) -> Arc<MethodMetrics> {
-        if let Some(m) = self
-            .methods
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(method)
         {
-            return Arc::clone(m);
+            let map = self.methods.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(m) = map.get(method) {
+                return Arc::clone(m);
+            }
+            // Past the cap: the overflow series, with the read lock only.
+            if map.len() >= MAX_METHODS
+                && let Some(m) = map.get(OVERFLOW_METHOD)
+            {
+                return Arc::clone(m);
+            }
         }
         let mut map = self.methods.write().unwrap_or_else(PoisonError::into_inner);
+        let method = if map.len() >= MAX_METHODS && !map.contains_key(method) {
+            OVERFLOW_METHOD
+        } else {
+            method
+        };
         Arc::clone(map.entry(method.into()).or_insert_with(|| {
             Arc::new(MethodMetrics {
                 name: opentelemetry::StringValue::from(Arc::<str>::from(method)),
@@ -118,6 +136,30 @@ impl ClientMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn methods_past_the_cap_share_the_overflow_series() {
+        let metrics = ClientMetrics::default();
+        for i in 0..MAX_METHODS {
+            metrics
+                .method(&format!("GET /users/u{i}"))
+                .record(Duration::ZERO, false);
+        }
+        metrics
+            .method("GET /users/late")
+            .record(Duration::ZERO, false);
+        metrics
+            .method("GET /users/later")
+            .record(Duration::ZERO, true);
+        metrics
+            .method("GET /users/u7")
+            .record(Duration::ZERO, false);
+        assert_eq!(metrics.snapshot().len(), MAX_METHODS + 1);
+        assert!(metrics.get("GET /users/late").is_none());
+        let overflow = metrics.get(OVERFLOW_METHOD).unwrap();
+        assert_eq!((overflow.requests, overflow.errors), (2, 1));
+        assert_eq!(metrics.get("GET /users/u7").unwrap().requests, 2);
+    }
 
     #[test]
     fn records_requests_errors_and_buckets() {
