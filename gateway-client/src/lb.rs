@@ -319,8 +319,13 @@ where
                     guard,
                     start_ns,
                 } => {
-                    let result = ready!(fut.poll(cx));
+                    let mut result = ready!(fut.poll(cx));
                     guard.observe_since(set, *start_ns);
+                    if let Ok(response) = &mut result {
+                        // A body dropped unfinished past the deadline (a provider that stalls
+                        // after its head) counts against the endpoint too.
+                        response.body_mut().fail_unfinished_after(*this.deadline);
+                    }
                     this.phase.set(Phase::Done);
                     return Poll::Ready(result);
                 }

@@ -1093,6 +1093,36 @@ async fn deadline_bounds_a_response_body_that_never_ends() {
     server.abort();
 }
 
+/// A provider that sends its response headers and then stalls is ejected like one that never
+/// answers: its calls end at their deadline inside the body, and those count against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_stalls_after_its_headers_is_ejected() {
+    let (addr, server) = common::stalling_server("application/grpc").await;
+    let stalling = format!("http://{addr}");
+    let (ps, _faults) = providers(1).await;
+    let channel = GrpcChannel::builder("echo")
+        .balance(Balance::RoundRobin)
+        .breaker(quick_breaker(Duration::from_secs(60)))
+        .timeout(Duration::from_millis(400))
+        .max_attempts(1)
+        .endpoints([stalling.clone(), format!("http://{}", ps[0].addr())])
+        .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    for _ in 0..12 {
+        if let Err(status) = echo(&mut client, request("x")).await {
+            assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        }
+    }
+    let (state, calls) = state_of(&channel, &stalling).unwrap();
+    assert_eq!(state, State::Open, "the stalling provider is ejected");
+    assert!((4..=6).contains(&calls), "{calls}");
+    for _ in 0..10 {
+        echo(&mut client, request("y")).await.unwrap();
+    }
+    assert_eq!(state_of(&channel, &stalling).unwrap().1, calls);
+    server.abort();
+}
+
 /// Issue 5, connections per endpoint: when an instance leaves discovery (deregistered from
 /// ZooKeeper while still running), the channel closes its connection to it once its calls have
 /// moved on to the remaining instance.

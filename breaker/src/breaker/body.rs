@@ -10,11 +10,29 @@ use crate::classify::{FailureClass, Outcome};
 
 /// The outcome of a call the breaker is still waiting for: recorded when the response body
 /// ends (see [`ResponseBody`]); if dropped first, the call is not counted, like a cancelled
-/// one.
+/// one — unless its deadline had passed ([`ResponseBody::fail_unfinished_after`]).
 pub struct PendingOutcome {
-    guard: Guard,
+    // `None` once recorded.
+    guard: Option<Guard>,
     head_ms: u64,
     at_end: fn(Option<&http::HeaderMap>) -> Outcome,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Drop for PendingOutcome {
+    fn drop(&mut self) {
+        // Dropped before the end of the body. Once the call's deadline has passed, the
+        // provider owed the rest by then: a failure (a provider that sends its head and then
+        // stalls is ejected like one that never answers). Else the caller stopped reading: not
+        // counted (the guard gives a half-open probe slot back).
+        if let Some(guard) = self.guard.take()
+            && self
+                .deadline
+                .is_some_and(|d| tokio::time::Instant::now() >= d)
+        {
+            guard.record_at(self.head_ms, Outcome::Failure(FailureClass::Unknown));
+        }
+    }
 }
 
 impl fmt::Debug for PendingOutcome {
@@ -30,20 +48,23 @@ impl PendingOutcome {
         at_end: fn(Option<&http::HeaderMap>) -> Outcome,
     ) -> Self {
         Self {
-            guard,
+            guard: Some(guard),
             head_ms,
             at_end,
+            deadline: None,
         }
     }
 
     /// Records the outcome the trailers (or their absence) give.
-    pub fn finish(self, trailers: Option<&http::HeaderMap>) {
+    pub fn finish(mut self, trailers: Option<&http::HeaderMap>) {
         let outcome = (self.at_end)(trailers);
         self.record(outcome);
     }
 
-    fn record(self, outcome: Outcome) {
-        self.guard.record_at(self.head_ms, outcome);
+    fn record(&mut self, outcome: Outcome) {
+        if let Some(guard) = self.guard.take() {
+            guard.record_at(self.head_ms, outcome);
+        }
     }
 }
 
@@ -105,7 +126,8 @@ pin_project! {
     /// * end of body without trailers: classified with none (for gRPC, an UNKNOWN failure);
     /// * a body error: an UNKNOWN failure;
     /// * dropped before the end: not counted (the caller stopped reading; like a cancelled
-    ///   call, a half-open probe slot is given back).
+    ///   call, a half-open probe slot is given back) — unless the call's deadline had passed
+    ///   ([`fail_unfinished_after`](Self::fail_unfinished_after)): then an UNKNOWN failure.
     ///
     /// The slow-call threshold is measured to the response head, not to the end of the body,
     /// so a long stream is not a slow call.
@@ -129,6 +151,15 @@ impl<B> ResponseBody<B> {
     /// Whether the outcome still waits for the end of this body.
     pub fn is_pending(&self) -> bool {
         self.pending.is_some()
+    }
+
+    /// The call's deadline: if this body is dropped before its end once `deadline` has passed
+    /// (the deadline layer above gave up on it), the pending outcome is an UNKNOWN failure of
+    /// the endpoint, not a cancelled call. Nothing changes when no outcome is pending.
+    pub fn fail_unfinished_after(&mut self, deadline: Option<tokio::time::Instant>) {
+        if let Some(pending) = &mut self.pending {
+            pending.deadline = deadline;
+        }
     }
 
     /// The inner body.
@@ -162,7 +193,7 @@ impl<B: Body> Body for ResponseBody<B> {
                     }
                 }
                 Some(Err(_)) => {
-                    if let Some(pending) = this.pending.take() {
+                    if let Some(mut pending) = this.pending.take() {
                         pending.record(Outcome::Failure(FailureClass::Unknown));
                     }
                 }

@@ -967,6 +967,46 @@ async fn grpc_body_end_without_trailers_or_error_fails_and_drop_is_not_counted()
     assert_eq!(breaker.recount(), (2, 2, 0));
 }
 
+/// A body dropped before its end counts for nothing while the call's deadline has not passed
+/// (the caller stopped reading), and as a failure once it has (the provider sent its head and
+/// stalled: the deadline layer gave up on the body).
+#[tokio::test(start_paused = true)]
+async fn a_body_dropped_unfinished_past_the_deadline_is_a_failure() {
+    let breaker = Breaker::new(config()).unwrap();
+    let (mut svc, mut handle) = grpc_breaker(&breaker);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(100);
+
+    let mut res = grpc_call(&mut svc, &mut handle, grpc_response(None)).await;
+    res.body_mut().fail_unfinished_after(Some(deadline));
+    drop(res);
+    assert_eq!(
+        breaker.recount(),
+        (0, 0, 0),
+        "dropped before the deadline: cancelled"
+    );
+
+    let mut res = grpc_call(&mut svc, &mut handle, grpc_response(None)).await;
+    res.body_mut().fail_unfinished_after(Some(deadline));
+    tokio::time::advance(std::time::Duration::from_millis(100)).await;
+    drop(res);
+    assert_eq!(
+        breaker.recount(),
+        (1, 1, 0),
+        "dropped at the deadline: a failure"
+    );
+
+    // Read to its end, the trailers decide as usual, whatever the deadline.
+    let mut res = grpc_call(
+        &mut svc,
+        &mut handle,
+        grpc_response(Some(Ok(trailers(tonic::Code::Ok)))),
+    )
+    .await;
+    res.body_mut().fail_unfinished_after(Some(deadline));
+    assert!(read_to_end(res).await.is_some());
+    assert_eq!(breaker.recount(), (2, 1, 0));
+}
+
 #[tokio::test(start_paused = true)]
 async fn trailers_only_and_plain_http_responses_are_decided_at_the_head() {
     let breaker = Breaker::new(config()).unwrap();
