@@ -67,7 +67,8 @@ impl Outcome {
 /// What a response's head says about its outcome.
 #[derive(Debug, Clone, Copy)]
 pub enum Verdict {
-    /// The outcome is known from the head.
+    /// The outcome is known from the head (the circuit breaker records it once the body is
+    /// done with, or as a failure if the body fails or is abandoned past the call's deadline).
     Now(Outcome),
     /// The outcome is only known at the end of the body (a gRPC status in trailers after the
     /// messages): the function classifies the trailers, or `None` when the body ended without

@@ -908,6 +908,36 @@ async fn a_bare_503_is_not_replayed_for_a_plain_post() {
     assert!(a.faults.calls() > 3, "r-a refused some on the way");
 }
 
+/// As for gRPC: a provider that sends its response head and then stalls is ejected; its calls
+/// end at their deadline inside the body, and those count against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_stalls_after_its_head_is_ejected() {
+    let (addr, server) = common::stalling_server("application/json").await;
+    let stalling = format!("http://{addr}");
+    let provider = RestProvider::start("r-ok").await;
+    let client = RestClient::builder("accounts")
+        .balance(Balance::RoundRobin)
+        .breaker(quick_breaker(Duration::from_secs(60)))
+        .timeout(Duration::from_millis(400))
+        .max_attempts(1)
+        .endpoints([stalling.clone(), provider.url()])
+        .unwrap();
+    for _ in 0..12 {
+        if let Err(e) = client.get::<Value>("/accounts/1").await {
+            assert!(e.is_deadline_exceeded(), "{e:?}");
+        }
+    }
+    assert!(
+        state_is(&client, &stalling, State::Open),
+        "{:?}",
+        client.endpoints()
+    );
+    for _ in 0..10 {
+        client.get::<Value>("/accounts/1").await.unwrap();
+    }
+    server.abort();
+}
+
 /// As for gRPC: a provider that accepts calls and never answers is ejected, because calls that
 /// end at their deadline count against it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,22 +15,36 @@ pub struct PendingOutcome {
     // `None` once recorded.
     guard: Option<Guard>,
     head_ms: u64,
-    at_end: fn(Option<&http::HeaderMap>) -> Outcome,
+    at_end: AtEnd,
     deadline: Option<tokio::time::Instant>,
+}
+
+/// What decides a pending outcome at the end of the body.
+#[derive(Clone, Copy)]
+enum AtEnd {
+    /// The trailers (a gRPC status after the messages).
+    Trailers(fn(Option<&http::HeaderMap>) -> Outcome),
+    /// The head already did (an HTTP status); it is recorded once the body is done with.
+    Known(Outcome),
 }
 
 impl Drop for PendingOutcome {
     fn drop(&mut self) {
         // Dropped before the end of the body. Once the call's deadline has passed, the
         // provider owed the rest by then: a failure (a provider that sends its head and then
-        // stalls is ejected like one that never answers). Else the caller stopped reading: not
-        // counted (the guard gives a half-open probe slot back).
-        if let Some(guard) = self.guard.take()
-            && self
-                .deadline
-                .is_some_and(|d| tokio::time::Instant::now() >= d)
+        // stalls is ejected like one that never answers). Else the caller stopped reading: the
+        // head's outcome when it told one; else not counted (the guard gives a half-open probe
+        // slot back).
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
+        if self
+            .deadline
+            .is_some_and(|d| tokio::time::Instant::now() >= d)
         {
             guard.record_at(self.head_ms, Outcome::Failure(FailureClass::Unknown));
+        } else if let AtEnd::Known(outcome) = self.at_end {
+            guard.record_at(self.head_ms, outcome);
         }
     }
 }
@@ -50,14 +64,28 @@ impl PendingOutcome {
         Self {
             guard: Some(guard),
             head_ms,
-            at_end,
+            at_end: AtEnd::Trailers(at_end),
             deadline: None,
         }
     }
 
-    /// Records the outcome the trailers (or their absence) give.
+    /// An outcome the head decided, recorded once the body is done with.
+    pub(super) fn known(guard: Guard, head_ms: u64, outcome: Outcome) -> Self {
+        Self {
+            guard: Some(guard),
+            head_ms,
+            at_end: AtEnd::Known(outcome),
+            deadline: None,
+        }
+    }
+
+    /// Records the outcome: the one the head decided, or the one the trailers (or their
+    /// absence) give.
     pub fn finish(mut self, trailers: Option<&http::HeaderMap>) {
-        let outcome = (self.at_end)(trailers);
+        let outcome = match self.at_end {
+            AtEnd::Trailers(classify) => classify(trailers),
+            AtEnd::Known(outcome) => outcome,
+        };
         self.record(outcome);
     }
 
@@ -119,15 +147,19 @@ impl<T> FollowResponse for tonic::Response<T> {
 
 pin_project! {
     /// Response body of a [`CircuitBreaker`](super::CircuitBreaker) over HTTP: the inner body,
-    /// frame for frame. When the outcome waits for the trailers (a gRPC status after the
-    /// messages), it is recorded as they pass — once:
+    /// frame for frame. The call's outcome is recorded once the body is done with — once:
     ///
-    /// * trailers: classified (for gRPC, by their `grpc-status`);
-    /// * end of body without trailers: classified with none (for gRPC, an UNKNOWN failure);
+    /// * trailers: the outcome the head decided ([`Verdict::Now`]: an HTTP status, a
+    ///   trailers-only gRPC status), else classified (for gRPC, by their `grpc-status`);
+    /// * end of body without trailers: the head's outcome, else classified with none (for
+    ///   gRPC, an UNKNOWN failure);
     /// * a body error: an UNKNOWN failure;
-    /// * dropped before the end: not counted (the caller stopped reading; like a cancelled
-    ///   call, a half-open probe slot is given back) — unless the call's deadline had passed
-    ///   ([`fail_unfinished_after`](Self::fail_unfinished_after)): then an UNKNOWN failure.
+    /// * dropped before the end: the head's outcome (the caller stopped reading), else not
+    ///   counted (like a cancelled call, a half-open probe slot is given back) — unless the
+    ///   call's deadline had passed ([`fail_unfinished_after`](Self::fail_unfinished_after)):
+    ///   then an UNKNOWN failure, for a provider that sends its head and then stalls.
+    ///
+    /// [`Verdict::Now`]: crate::classify::Verdict::Now
     ///
     /// The slow-call threshold is measured to the response head, not to the end of the body,
     /// so a long stream is not a slow call.

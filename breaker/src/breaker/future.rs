@@ -134,15 +134,21 @@ where
             Ok(res) => classifier.classify_head(res),
             Err(err) => Verdict::Now(classifier.classify_error(err.as_ref())),
         };
-        Poll::Ready(match verdict {
-            Verdict::Now(outcome) => {
+        Poll::Ready(match (verdict, result) {
+            // A response the head decided: recorded once its body is done with (read to the
+            // end, failed, or dropped), so that a provider stalling in the body can count.
+            (Verdict::Now(outcome), Ok(res)) => {
+                let head_ms = guard.breaker().clock().now_ms();
+                Ok(res.follow(PendingOutcome::known(guard, head_ms, outcome)))
+            }
+            (Verdict::Now(outcome), Err(error)) => {
                 guard.recorded = true;
                 guard
                     .breaker()
                     .record(guard.permit, guard.start_ms, outcome);
-                result.map(T::settled)
+                Err(error)
             }
-            Verdict::AtEnd(at_end) => {
+            (Verdict::AtEnd(at_end), result) => {
                 let head_ms = guard.breaker().clock().now_ms();
                 result.map(|res| res.follow(PendingOutcome::new(guard, head_ms, at_end)))
             }

@@ -1007,6 +1007,10 @@ async fn a_body_dropped_unfinished_past_the_deadline_is_a_failure() {
     assert_eq!(breaker.recount(), (2, 1, 0));
 }
 
+/// Trailers-only gRPC responses and plain HTTP responses are decided by their head, and that
+/// outcome is recorded once their body is done with (read to the end, or dropped): so a body
+/// dropped unfinished past the call's deadline (a provider stalling after its head) can still
+/// count as a failure instead.
 #[tokio::test(start_paused = true)]
 async fn trailers_only_and_plain_http_responses_are_decided_at_the_head() {
     let breaker = Breaker::new(config()).unwrap();
@@ -1020,14 +1024,43 @@ async fn trailers_only_and_plain_http_responses_are_decided_at_the_head() {
         .headers_mut()
         .insert("grpc-status", http::HeaderValue::from_static("14"));
     let res = grpc_call(&mut svc, &mut handle, trailers_only).await;
-    assert!(!res.body().is_pending());
+    assert_eq!(
+        breaker.recount(),
+        (0, 0, 0),
+        "recorded when the body is done with"
+    );
+    assert!(read_to_end(res).await.is_none());
+    assert_eq!(breaker.recount(), (1, 1, 0), "UNAVAILABLE from the head");
+
     let mut plain = http::Response::new(Frames(Default::default()));
     *plain.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
     let res = grpc_call(&mut svc, &mut handle, plain).await;
-    assert!(!res.body().is_pending());
-    assert_eq!(breaker.recount(), (2, 2, 0), "both recorded at the head");
     drop(res);
-    assert_eq!(breaker.recount(), (2, 2, 0));
+    assert_eq!(
+        breaker.recount(),
+        (2, 2, 0),
+        "dropped unread: the head's 503"
+    );
+
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(100);
+    let ok = || http::Response::new(Frames(Default::default()));
+    let mut res = grpc_call(&mut svc, &mut handle, ok()).await;
+    res.body_mut().fail_unfinished_after(Some(deadline));
+    drop(res);
+    assert_eq!(
+        breaker.recount(),
+        (3, 2, 0),
+        "dropped early: the head's 200"
+    );
+    let mut res = grpc_call(&mut svc, &mut handle, ok()).await;
+    res.body_mut().fail_unfinished_after(Some(deadline));
+    tokio::time::advance(std::time::Duration::from_millis(100)).await;
+    drop(res);
+    assert_eq!(
+        breaker.recount(),
+        (4, 3, 0),
+        "dropped past the deadline: a failure"
+    );
 }
 
 #[tokio::test(start_paused = true)]
