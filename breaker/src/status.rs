@@ -22,10 +22,12 @@ use crate::classify::{FailureClass, Outcome};
 /// | any other [`std::io::Error`] (reset, broken pipe, end of stream: the request may have been executed) | `UNKNOWN` | 502 |
 /// | anything else | `UNKNOWN` | 500 |
 ///
-/// `UNAVAILABLE` (HTTP 503 or 502) is kept for what certainly was not executed: callers — Keel's
-/// own [classifier](crate::classify::classify_grpc_code) among them — retry it even when the
-/// call is not idempotent. A failure after the request may have reached the server must not read
-/// as that when a service hands its downstream's status back to its own caller.
+/// `UNAVAILABLE` is kept for what certainly was not executed: gRPC callers — Keel's own
+/// [classifier](crate::classify::classify_grpc_code) among them — retry it even when the call
+/// is not idempotent. A failure after the request may have reached the server must not read as
+/// that when a service hands its downstream's status back to its own caller. Over HTTP, Keel's
+/// clients retry a plain call only after a 429 or a 503 with `Retry-After`: a service that
+/// refuses a call before executing any of it says so with that header.
 pub fn status_of(error: &(dyn Error + 'static)) -> (Code, StatusCode) {
     let mut next = Some(error);
     // As in `classify_error`: an I/O error's kind says "not sent" only for the error itself.

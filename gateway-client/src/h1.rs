@@ -239,7 +239,8 @@ impl<B> Retire for RestConn<B> {
     }
 }
 
-/// Nothing was sent: retried elsewhere, counted by the breaker; `503`-class to the caller.
+/// Nothing was sent: retried elsewhere, counted by the breaker; `UNAVAILABLE` (502) to the
+/// caller.
 fn not_sent(message: String) -> BoxError {
     Box::new(NotSent::new(message))
 }

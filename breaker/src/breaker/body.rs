@@ -1,6 +1,6 @@
 use std::fmt;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -9,14 +9,15 @@ use super::future::Guard;
 use crate::classify::{FailureClass, Outcome};
 
 /// The outcome of a call the breaker is still waiting for: recorded when the response body
-/// ends (see [`ResponseBody`]); if dropped first, the call is not counted, like a cancelled
-/// one — unless its deadline had passed ([`ResponseBody::fail_unfinished_after`]).
+/// ends, fails or is dropped (see [`ResponseBody`] for the rules).
 pub struct PendingOutcome {
     // `None` once recorded.
     guard: Option<Guard>,
     head_ms: u64,
     at_end: AtEnd,
     deadline: Option<tokio::time::Instant>,
+    /// Whether the body's last poll found nothing ready: the provider owed the next frame.
+    waiting: bool,
 }
 
 /// What decides a pending outcome at the end of the body.
@@ -30,17 +31,19 @@ enum AtEnd {
 
 impl Drop for PendingOutcome {
     fn drop(&mut self) {
-        // Dropped before the end of the body. Once the call's deadline has passed, the
-        // provider owed the rest by then: a failure (a provider that sends its head and then
-        // stalls is ejected like one that never answers). Else the caller stopped reading: the
-        // head's outcome when it told one; else not counted (the guard gives a half-open probe
-        // slot back).
+        // Dropped before the end of the body. Waiting for the provider's next frame when the
+        // call's deadline had passed: the provider owed it by then, a failure (a provider that
+        // sends its head and then stalls is ejected like one that never answers). Else the
+        // caller stopped reading (a complete or flowing body it no longer wants, a head it
+        // handled late): the head's outcome when it told one; else not counted (the guard
+        // gives a half-open probe slot back).
         let Some(guard) = self.guard.take() else {
             return;
         };
-        if self
-            .deadline
-            .is_some_and(|d| tokio::time::Instant::now() >= d)
+        if self.waiting
+            && self
+                .deadline
+                .is_some_and(|d| tokio::time::Instant::now() >= d)
         {
             guard.record_at(self.head_ms, Outcome::Failure(FailureClass::Unknown));
         } else if let AtEnd::Known(outcome) = self.at_end {
@@ -66,6 +69,7 @@ impl PendingOutcome {
             head_ms,
             at_end: AtEnd::Trailers(at_end),
             deadline: None,
+            waiting: false,
         }
     }
 
@@ -76,6 +80,7 @@ impl PendingOutcome {
             head_ms,
             at_end: AtEnd::Known(outcome),
             deadline: None,
+            waiting: false,
         }
     }
 
@@ -155,9 +160,10 @@ pin_project! {
     ///   gRPC, an UNKNOWN failure);
     /// * a body error: an UNKNOWN failure;
     /// * dropped before the end: the head's outcome (the caller stopped reading), else not
-    ///   counted (like a cancelled call, a half-open probe slot is given back) — unless the
-    ///   call's deadline had passed ([`fail_unfinished_after`](Self::fail_unfinished_after)):
-    ///   then an UNKNOWN failure, for a provider that sends its head and then stalls.
+    ///   counted (like a cancelled call, a half-open probe slot is given back) — unless it was
+    ///   waiting for the provider's next frame when the call's deadline passed
+    ///   ([`fail_unfinished_after`](Self::fail_unfinished_after)): then an UNKNOWN failure,
+    ///   for a provider that sends its head and then stalls.
     ///
     /// [`Verdict::Now`]: crate::classify::Verdict::Now
     ///
@@ -199,7 +205,8 @@ impl<B> ResponseBody<B> {
         &self.inner
     }
 
-    /// The inner body; a pending outcome is dropped (not counted).
+    /// The inner body; a pending outcome is settled as if the body were dropped here (the
+    /// head's outcome, nothing, or a failure past the deadline: see [`ResponseBody`]).
     pub fn into_inner(self) -> B {
         self.inner
     }
@@ -214,7 +221,15 @@ impl<B: Body> Body for ResponseBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
+        let Poll::Ready(frame) = this.inner.poll_frame(cx) else {
+            if let Some(pending) = this.pending.as_mut() {
+                pending.waiting = true;
+            }
+            return Poll::Pending;
+        };
+        if let Some(pending) = this.pending.as_mut() {
+            pending.waiting = false;
+        }
         if this.pending.is_some() {
             match &frame {
                 Some(Ok(frame)) => {

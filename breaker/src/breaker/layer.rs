@@ -72,8 +72,9 @@ impl<C> CircuitBreakerLayer<C> {
     /// });
     /// # let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     /// # rt.block_on(async {
-    /// let response = admission.call(&mut inner, ()).await?; // a 200: recorded as a success
+    /// let response = admission.call(&mut inner, ()).await?; // a 200: a success,
     /// assert_eq!(response.status(), 200);
+    /// drop(response); // recorded once its body is done with
     /// # Ok::<_, keel_breaker::BoxError>(()) })?;
     /// # Ok::<_, keel_breaker::BoxError>(())
     /// ```

@@ -16,10 +16,12 @@
 //!   [`BreakerError`].
 //!
 //! Outcomes are classified by a [`crate::classify::Classify`] implementation. Over
-//! HTTP the guarded service returns `http::Response<`[`ResponseBody`]`<B>>`: when the outcome is
-//! only known at the end of the body (a gRPC status in the trailers after the messages), it is
-//! recorded when the trailers pass through (see [`ResponseBody`] for the end-of-body rules);
-//! otherwise at the response head, as before, with no allocation either way.
+//! HTTP the guarded service returns `http::Response<`[`ResponseBody`]`<B>>`, and the outcome is
+//! recorded once that body is done with: when the outcome is only known at the end of the body
+//! (a gRPC status in the trailers after the messages), as the trailers pass through; when the
+//! head decided it (an HTTP status), at the end of the body or when it is dropped — or as a
+//! failure when the provider stalls in the body past the call's deadline (see [`ResponseBody`]
+//! for the end-of-body rules). No allocation either way.
 //!
 //! Why this is cheap when closed: see the notes on the state word and windows in the source
 //! (`state.rs`): no lock, no allocation, and with a coarse [`Clock`](crate::clock::Clock) no

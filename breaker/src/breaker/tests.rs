@@ -820,8 +820,36 @@ impl http_body::Body for Frames {
         mut self: std::pin::Pin<&mut Self>,
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        // A `STALL` error in front: the provider sends nothing more.
+        if matches!(self.0.front(), Some(Err(e)) if e.to_string() == STALL) {
+            return std::task::Poll::Pending;
+        }
         std::task::Poll::Ready(self.0.pop_front())
     }
+}
+
+const STALL: &str = "stall";
+
+/// A response whose body stalls at once (a gRPC one when `grpc`).
+fn stalling(grpc: bool) -> http::Response<Frames> {
+    let mut res = http::Response::new(Frames([Err(STALL.into())].into()));
+    if grpc {
+        res.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+    }
+    res
+}
+
+/// Polls `body` once, as a reader waiting for its next frame would.
+async fn poll_once(body: &mut ResponseBody<Frames>) {
+    use http_body::Body as _;
+    std::future::poll_fn(|cx| {
+        let _ = std::pin::Pin::new(&mut *body).poll_frame(cx);
+        std::task::Poll::Ready(())
+    })
+    .await;
 }
 
 fn trailers(code: tonic::Code) -> http::HeaderMap {
@@ -967,17 +995,19 @@ async fn grpc_body_end_without_trailers_or_error_fails_and_drop_is_not_counted()
     assert_eq!(breaker.recount(), (2, 2, 0));
 }
 
-/// A body dropped before its end counts for nothing while the call's deadline has not passed
-/// (the caller stopped reading), and as a failure once it has (the provider sent its head and
-/// stalled: the deadline layer gave up on the body).
+/// A body dropped before its end while waiting for the provider counts for nothing before the
+/// call's deadline (the caller stopped reading), and as a failure once it has passed (the
+/// provider sent its head and stalled: the deadline layer gave up on the body). A body that was
+/// not waiting (complete but unread, or never polled: a head handled late) is never a failure.
 #[tokio::test(start_paused = true)]
 async fn a_body_dropped_unfinished_past_the_deadline_is_a_failure() {
     let breaker = Breaker::new(config()).unwrap();
     let (mut svc, mut handle) = grpc_breaker(&breaker);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(100);
 
-    let mut res = grpc_call(&mut svc, &mut handle, grpc_response(None)).await;
+    let mut res = grpc_call(&mut svc, &mut handle, stalling(true)).await;
     res.body_mut().fail_unfinished_after(Some(deadline));
+    poll_once(res.body_mut()).await;
     drop(res);
     assert_eq!(
         breaker.recount(),
@@ -985,14 +1015,29 @@ async fn a_body_dropped_unfinished_past_the_deadline_is_a_failure() {
         "dropped before the deadline: cancelled"
     );
 
-    let mut res = grpc_call(&mut svc, &mut handle, grpc_response(None)).await;
+    let mut res = grpc_call(&mut svc, &mut handle, stalling(true)).await;
     res.body_mut().fail_unfinished_after(Some(deadline));
+    poll_once(res.body_mut()).await;
     tokio::time::advance(std::time::Duration::from_millis(100)).await;
     drop(res);
     assert_eq!(
         breaker.recount(),
         (1, 1, 0),
-        "dropped at the deadline: a failure"
+        "stalled at the deadline: a failure"
+    );
+
+    // Not waiting for the provider: never polled (a head handled late), or a frame ready.
+    let mut res = grpc_call(&mut svc, &mut handle, grpc_response(None)).await;
+    res.body_mut().fail_unfinished_after(Some(deadline));
+    drop(res);
+    let mut res = grpc_call(&mut svc, &mut handle, grpc_response(None)).await;
+    res.body_mut().fail_unfinished_after(Some(deadline));
+    poll_once(res.body_mut()).await;
+    drop(res);
+    assert_eq!(
+        breaker.recount(),
+        (1, 1, 0),
+        "not the provider's doing: not counted"
     );
 
     // Read to its end, the trailers decide as usual, whatever the deadline.
@@ -1043,23 +1088,42 @@ async fn trailers_only_and_plain_http_responses_are_decided_at_the_head() {
     );
 
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(100);
-    let ok = || http::Response::new(Frames(Default::default()));
-    let mut res = grpc_call(&mut svc, &mut handle, ok()).await;
+    let mut res = grpc_call(&mut svc, &mut handle, stalling(false)).await;
     res.body_mut().fail_unfinished_after(Some(deadline));
+    poll_once(res.body_mut()).await;
     drop(res);
     assert_eq!(
         breaker.recount(),
         (3, 2, 0),
         "dropped early: the head's 200"
     );
-    let mut res = grpc_call(&mut svc, &mut handle, ok()).await;
+}
+
+/// Plain HTTP responses follow the same rule past the deadline: a complete body left unread is
+/// the head's outcome, a body stalled while the caller waited is a failure.
+#[tokio::test(start_paused = true)]
+async fn plain_http_bodies_past_the_deadline() {
+    let breaker = Breaker::new(config()).unwrap();
+    let (mut svc, mut handle) = grpc_breaker(&breaker);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(100);
+    let mut res = grpc_call(
+        &mut svc,
+        &mut handle,
+        http::Response::new(Frames(Default::default())),
+    )
+    .await;
     res.body_mut().fail_unfinished_after(Some(deadline));
+    let mut stalled = grpc_call(&mut svc, &mut handle, stalling(false)).await;
+    stalled.body_mut().fail_unfinished_after(Some(deadline));
+    poll_once(stalled.body_mut()).await;
     tokio::time::advance(std::time::Duration::from_millis(100)).await;
     drop(res);
+    assert_eq!(breaker.recount(), (1, 0, 0), "not waiting: the head's 200");
+    drop(stalled);
     assert_eq!(
         breaker.recount(),
-        (4, 3, 0),
-        "dropped past the deadline: a failure"
+        (2, 1, 0),
+        "stalled past the deadline: a failure"
     );
 }
 
