@@ -393,6 +393,35 @@ impl Service<http::Request<Body>> for GrpcChannel {
     }
 }
 
+/// A response to a gRPC call that is not one (an HTTP error without `grpc-status`, e.g. from a
+/// proxy in between) gets the gRPC status Keel's classifier gives it, instead of the one tonic
+/// would infer from the HTTP status (`UNAVAILABLE` for 502, 503, 504): `UNAVAILABLE` only for a
+/// refusal (429, 503 with `Retry-After`), else `UNKNOWN` — a proxy answers 502 or 503 also when
+/// its upstream broke after it forwarded the call, so the call may have run, and a service
+/// handing the status back must not tell its own callers "not executed".
+#[cold]
+fn not_grpc<B>(response: &mut http::Response<B>) {
+    let refused =
+        keel_breaker::classify::classify_http_response(response.status(), response.headers())
+            == keel_breaker::classify::Outcome::Failure(
+                keel_breaker::classify::FailureClass::Rejected,
+            );
+    let code = if refused {
+        tonic::Code::Unavailable
+    } else {
+        tonic::Code::Unknown
+    };
+    let message = format!(
+        "the provider answered HTTP {} without a gRPC status",
+        response.status().as_u16()
+    );
+    let headers = response.headers_mut();
+    headers.insert(GRPC_STATUS, http::HeaderValue::from(code as i32));
+    if let Ok(message) = http::HeaderValue::from_str(&message) {
+        headers.insert(http::HeaderName::from_static("grpc-message"), message);
+    }
+}
+
 pin_project! {
     /// Response future of [`GrpcChannel`].
     pub struct ResponseFuture {
@@ -421,7 +450,12 @@ impl Future for ResponseFuture {
         let elapsed = this.start.elapsed();
         let span = this.span.take();
         Poll::Ready(match result {
-            Ok(response) => {
+            Ok(mut response) => {
+                if response.status() != http::StatusCode::OK
+                    && !response.headers().contains_key(GRPC_STATUS)
+                {
+                    not_grpc(&mut response);
+                }
                 let failed = response
                     .headers()
                     .get(GRPC_STATUS)

@@ -753,6 +753,86 @@ async fn calls_the_server_did_not_take_move_to_another_endpoint() {
     }
 }
 
+/// A proxy's HTTP error on a gRPC call (503 without `grpc-status`): the caller gets `UNKNOWN`,
+/// not the `UNAVAILABLE` tonic would infer — the proxy may have forwarded the call before its
+/// upstream broke — and a plain call is not replayed; the client's metrics count it as an
+/// error. A 503 with `Retry-After` (a refusal) is `UNAVAILABLE`, and goes to another endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_error_without_grpc_status_is_unknown() {
+    let retry_after = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answered = Arc::new(AtomicU64::new(0));
+    let server = tokio::spawn({
+        let (retry_after, answered) = (Arc::clone(&retry_after), Arc::clone(&answered));
+        async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (retry_after, answered) = (Arc::clone(&retry_after), Arc::clone(&answered));
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_: http::Request<_>| {
+                        answered.fetch_add(1, Ordering::SeqCst);
+                        let mut res = http::Response::builder()
+                            .status(503)
+                            .header("content-type", "text/plain");
+                        if retry_after.load(Ordering::SeqCst) {
+                            res = res.header("retry-after", "1");
+                        }
+                        let res = res.body(http_body_util::Full::new(bytes::Bytes::from_static(
+                            b"upstream connect error or disconnect/reset before headers",
+                        )));
+                        async move { res }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .http2_only()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        }
+    });
+    let (ps, faults) = providers(1).await;
+    let channel = GrpcChannel::builder("echo")
+        .balance(Balance::RoundRobin)
+        .retry_budget(Arc::new(RetryBudget::new(
+            Duration::from_secs(10),
+            1_000,
+            1.0,
+        )))
+        .endpoints([format!("http://{addr}"), format!("http://{}", ps[0].addr())])
+        .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    let mut unknown = 0;
+    for i in 0..6 {
+        match echo(&mut client, request(&format!("debit-{i}"))).await {
+            Ok(reply) => assert_eq!(reply.server_id, "p-0"),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unknown, "{status:?}");
+                unknown += 1;
+            }
+        }
+    }
+    assert_eq!(
+        unknown, 3,
+        "every call through the proxy failed, none was replayed"
+    );
+    assert_eq!(answered.load(Ordering::SeqCst), 3);
+    assert_eq!(faults[0].calls(), 3);
+    let metrics = channel.metrics().get("/keel.echo.v1.Echo/Echo").unwrap();
+    assert_eq!((metrics.requests, metrics.errors), (6, 3));
+
+    retry_after.store(true, Ordering::SeqCst);
+    for i in 0..6 {
+        let reply = echo(&mut client, request(&format!("credit-{i}")))
+            .await
+            .unwrap();
+        assert_eq!(reply.server_id, "p-0");
+    }
+    assert_eq!(faults[0].calls(), 9, "each refused call went to p-0, once");
+    server.abort();
+}
+
 /// Calling through an API gateway: a default header (an API key) goes with every call, unless
 /// the call carries its own; an invalid one is a configuration error naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
