@@ -122,7 +122,8 @@ impl KafkaPublisher {
 
     /// Hands `m` to librdkafka, waiting (up to the confirm timeout) while its queue is full.
     async fn enqueue(&self, m: &OutgoingMessage) -> Result<DeliveryFuture, KafkaError> {
-        let deadline = Instant::now() + self.timeout;
+        // Capped (100 years): `Duration::MAX` as "wait forever" must not overflow the clock.
+        let deadline = Instant::now() + self.timeout.min(keel_breaker::deadline::MAX_TIMEOUT);
         loop {
             let mut kheaders = OwnedHeaders::new_with_capacity(m.headers.len());
             for (key, value) in m.headers.iter() {

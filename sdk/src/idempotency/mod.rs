@@ -753,7 +753,8 @@ where
     let fingerprint = Fingerprint::of(parts.uri.query(), &body);
 
     let store = &*config.store;
-    let deadline = tokio::time::Instant::now() + config.wait_timeout;
+    // Capped (100 years): `Duration::MAX` as "wait forever" must not overflow the clock.
+    let deadline = keel_breaker::deadline::Deadline::after(config.wait_timeout).0;
     let mut step = FIRST_WAIT_STEP;
     let lease = loop {
         let claim = match store.claim(&key, fingerprint, config.lease).await {

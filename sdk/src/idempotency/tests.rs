@@ -101,6 +101,19 @@ async fn requests_without_a_key_pass_through() {
     assert_eq!(layer.stats().executed(), 0);
 }
 
+/// `Duration::MAX` as "wait as long as it takes" does not overflow the clock (a panic on every
+/// keyed request).
+#[tokio::test]
+async fn the_longest_wait_is_accepted() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new()).wait_timeout(Duration::MAX);
+    let service = layer.layer(counting(calls.clone()));
+    let first = send(&service, request("/pay", Some("k1"), "a")).await;
+    let second = send(&service, request("/pay", Some("k1"), "a")).await;
+    assert!(!first.replayed() && second.replayed());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn a_repeated_key_is_replayed_not_executed() {
     let calls = Arc::new(AtomicUsize::new(0));
