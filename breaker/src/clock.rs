@@ -96,6 +96,11 @@ impl Clock {
         u64::try_from(ms).unwrap_or(u64::MAX)
     }
 
+    /// Milliseconds from this clock's epoch to `at` (zero before it).
+    pub fn ms_of(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// The instant `ms` milliseconds after this clock's epoch.
     pub fn instant_at(&self, ms: u64) -> Instant {
         self.epoch + Duration::from_millis(ms)

@@ -9,25 +9,25 @@ use super::future::Guard;
 use crate::classify::{FailureClass, Outcome};
 
 /// The outcome of a call the breaker is still waiting for: recorded when the response body
-/// ends, fails or is dropped (see [`ResponseBody`] for the rules).
+/// ends, fails or is dropped (see [`ResponseBody`] for the rules). Compact (it rides in every
+/// response body): times are milliseconds after the call's start.
 pub struct PendingOutcome {
     // `None` once recorded.
     guard: Option<Guard>,
-    head_ms: u64,
-    at_end: AtEnd,
-    deadline: Option<tokio::time::Instant>,
+    /// Classifies the trailers (a gRPC status after the messages), unless `known`.
+    at_end: fn(Option<&http::HeaderMap>) -> Outcome,
+    /// The response head, after the start (what slowness is judged by).
+    head_after: u32,
+    /// The call's deadline after the start; `NO_DEADLINE` for none.
+    deadline_after: u32,
+    /// The outcome the head already decided (an HTTP status), recorded once the body is done
+    /// with.
+    known: Option<Outcome>,
     /// Whether the body's last poll found nothing ready: the provider owed the next frame.
     waiting: bool,
 }
 
-/// What decides a pending outcome at the end of the body.
-#[derive(Clone, Copy)]
-enum AtEnd {
-    /// The trailers (a gRPC status after the messages).
-    Trailers(fn(Option<&http::HeaderMap>) -> Outcome),
-    /// The head already did (an HTTP status); it is recorded once the body is done with.
-    Known(Outcome),
-}
+const NO_DEADLINE: u32 = u32::MAX;
 
 impl Drop for PendingOutcome {
     fn drop(&mut self) {
@@ -40,14 +40,15 @@ impl Drop for PendingOutcome {
         let Some(guard) = self.guard.take() else {
             return;
         };
+        let head_ms = guard.start_ms() + u64::from(self.head_after);
         if self.waiting
-            && self
-                .deadline
-                .is_some_and(|d| tokio::time::Instant::now() >= d)
+            && self.deadline_after != NO_DEADLINE
+            && guard.breaker().clock().precise_ms()
+                >= guard.start_ms() + u64::from(self.deadline_after)
         {
-            guard.record_at(self.head_ms, Outcome::Failure(FailureClass::Unknown));
-        } else if let AtEnd::Known(outcome) = self.at_end {
-            guard.record_at(self.head_ms, outcome);
+            guard.record_at(head_ms, Outcome::Failure(FailureClass::Unknown));
+        } else if let Some(outcome) = self.known {
+            guard.record_at(head_ms, outcome);
         }
     }
 }
@@ -64,39 +65,46 @@ impl PendingOutcome {
         head_ms: u64,
         at_end: fn(Option<&http::HeaderMap>) -> Outcome,
     ) -> Self {
+        let head_after =
+            u32::try_from(head_ms.saturating_sub(guard.start_ms())).unwrap_or(u32::MAX);
         Self {
             guard: Some(guard),
-            head_ms,
-            at_end: AtEnd::Trailers(at_end),
-            deadline: None,
+            at_end,
+            head_after,
+            deadline_after: NO_DEADLINE,
+            known: None,
             waiting: false,
         }
     }
 
     /// An outcome the head decided, recorded once the body is done with.
     pub(super) fn known(guard: Guard, head_ms: u64, outcome: Outcome) -> Self {
-        Self {
-            guard: Some(guard),
-            head_ms,
-            at_end: AtEnd::Known(outcome),
-            deadline: None,
-            waiting: false,
-        }
+        let mut pending = Self::new(guard, head_ms, |_| Outcome::Ignored);
+        pending.known = Some(outcome);
+        pending
     }
 
     /// Records the outcome: the one the head decided, or the one the trailers (or their
     /// absence) give.
     pub fn finish(mut self, trailers: Option<&http::HeaderMap>) {
-        let outcome = match self.at_end {
-            AtEnd::Trailers(classify) => classify(trailers),
-            AtEnd::Known(outcome) => outcome,
-        };
+        let outcome = self.known.unwrap_or_else(|| (self.at_end)(trailers));
         self.record(outcome);
     }
 
     fn record(&mut self, outcome: Outcome) {
         if let Some(guard) = self.guard.take() {
-            guard.record_at(self.head_ms, outcome);
+            let head_ms = guard.start_ms() + u64::from(self.head_after);
+            guard.record_at(head_ms, outcome);
+        }
+    }
+
+    /// See [`ResponseBody::fail_unfinished_after`].
+    fn set_deadline(&mut self, deadline: tokio::time::Instant) {
+        if let Some(guard) = &self.guard {
+            let at = guard.breaker().clock().ms_of(deadline);
+            self.deadline_after = u32::try_from(at.saturating_sub(guard.start_ms()))
+                .unwrap_or(NO_DEADLINE - 1)
+                .min(NO_DEADLINE - 1);
         }
     }
 }
@@ -195,8 +203,8 @@ impl<B> ResponseBody<B> {
     /// (the deadline layer above gave up on it), the pending outcome is an UNKNOWN failure of
     /// the endpoint, not a cancelled call. Nothing changes when no outcome is pending.
     pub fn fail_unfinished_after(&mut self, deadline: Option<tokio::time::Instant>) {
-        if let Some(pending) = &mut self.pending {
-            pending.deadline = deadline;
+        if let (Some(pending), Some(deadline)) = (&mut self.pending, deadline) {
+            pending.set_deadline(deadline);
         }
     }
 

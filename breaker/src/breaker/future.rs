@@ -22,8 +22,13 @@ pub(super) struct Guard {
 
 impl Guard {
     #[inline]
-    fn breaker(&self) -> &Breaker {
+    pub(super) fn breaker(&self) -> &Breaker {
         &self.stripe.0
+    }
+
+    /// When the call started, in the breaker clock's milliseconds.
+    pub(super) fn start_ms(&self) -> u64 {
+        self.start_ms
     }
 
     /// Records `outcome`, judging slowness by the time from the start to `end_ms`.
