@@ -69,45 +69,61 @@ pub struct MethodSnapshot {
     pub buckets: [u64; BUCKETS.len()],
 }
 
-/// At most this many methods get series of their own per client; calls of methods first seen
-/// after that are counted under [`OVERFLOW_METHOD`] (REST routes come from paths, and a path
-/// segment without digits — `/users/alice` — is kept as it is).
+/// At most this many methods get series of their own per client (and per protocol on a Keel
+/// server); calls of methods first seen after that are counted under [`OVERFLOW_METHOD`] (REST
+/// routes come from paths, and a path segment without digits — `/users/alice` — is kept as it
+/// is). See [`capped_series`].
 pub const MAX_METHODS: usize = 1000;
 
 /// The method name of the calls past [`MAX_METHODS`] (as OpenTelemetry's SDK names its
 /// overflow series).
 pub const OVERFLOW_METHOD: &str = "_OTHER";
 
+/// The series of `method` in `map`, made by `make` (given the name it gets) on first use; once
+/// [`MAX_METHODS`] series exist, a method first seen then gets the series of `overflow`. A
+/// known method, or one past the cap once the overflow series exists, takes the read lock only.
+/// Keel's client and server metrics both keep their per-method series this way.
+pub fn capped_series<V>(
+    map: &RwLock<HashMap<Box<str>, Arc<V>>>,
+    method: &str,
+    overflow: &str,
+    make: impl FnOnce(&str) -> V,
+) -> Arc<V> {
+    {
+        let map = map.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(m) = map.get(method) {
+            return Arc::clone(m);
+        }
+        if map.len() >= MAX_METHODS
+            && let Some(m) = map.get(overflow)
+        {
+            return Arc::clone(m);
+        }
+    }
+    let mut map = map.write().unwrap_or_else(PoisonError::into_inner);
+    let method = if map.len() >= MAX_METHODS && !map.contains_key(method) {
+        overflow
+    } else {
+        method
+    };
+    Arc::clone(
+        map.entry(method.into())
+            .or_insert_with(|| Arc::new(make(method))),
+    )
+}
+
 impl ClientMetrics {
     /// The counters of `method`, created on first use (see [`MAX_METHODS`]).
     pub(crate) fn method(&self, method: &str) -> Arc<MethodMetrics> {
-        {
-            let map = self.methods.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(m) = map.get(method) {
-                return Arc::clone(m);
-            }
-            // Past the cap: the overflow series, with the read lock only.
-            if map.len() >= MAX_METHODS
-                && let Some(m) = map.get(OVERFLOW_METHOD)
-            {
-                return Arc::clone(m);
-            }
-        }
-        let mut map = self.methods.write().unwrap_or_else(PoisonError::into_inner);
-        let method = if map.len() >= MAX_METHODS && !map.contains_key(method) {
-            OVERFLOW_METHOD
-        } else {
-            method
-        };
-        Arc::clone(map.entry(method.into()).or_insert_with(|| {
-            Arc::new(MethodMetrics {
-                name: opentelemetry::StringValue::from(Arc::<str>::from(method)),
+        capped_series(&self.methods, method, OVERFLOW_METHOD, |name| {
+            MethodMetrics {
+                name: opentelemetry::StringValue::from(Arc::<str>::from(name)),
                 requests: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
                 duration_ns: AtomicU64::new(0),
                 buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            })
-        }))
+            }
+        })
     }
 
     /// Every method's counters, sorted by method.

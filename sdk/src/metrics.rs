@@ -31,14 +31,9 @@ use crate::server::Protocol;
 /// The `method` label of a gRPC path that no served method answers.
 pub(crate) const UNKNOWN_GRPC: &str = "unknown";
 
-/// The `method` label of REST requests once [`MAX_METHODS`] REST series exist.
+/// The `method` label of REST requests once
+/// [`MAX_METHODS`](keel_client::metrics::MAX_METHODS) REST series exist.
 const OVERFLOW_REST: &str = "_OTHER";
-
-/// At most this many `method` series per protocol: a method first seen after that is counted
-/// under the protocol's overflow label (`unknown` for gRPC, `_OTHER` for REST), so that
-/// whatever callers send, the metrics stay bounded (OpenTelemetry's SDK caps a metric's
-/// series in the same way).
-pub(crate) const MAX_METHODS: usize = 1000;
 
 /// Upper bounds of the server duration histogram buckets, in seconds.
 pub(crate) const BUCKETS: [f64; 11] = keel_client::metrics::BUCKETS;
@@ -139,46 +134,30 @@ impl ServerMetrics {
     }
 
     /// The metrics of `method` served over `protocol`, created on first use (its duration
-    /// and error series appear then, the error count at zero). Once [`MAX_METHODS`] methods of
-    /// `protocol` exist, a new one gets the metrics of the protocol's overflow label.
+    /// and error series appear then, the error count at zero). Once
+    /// [`MAX_METHODS`](keel_client::metrics::MAX_METHODS) methods of
+    /// `protocol` exist, a new one gets the metrics of the protocol's overflow label (`unknown`
+    /// for gRPC, `_OTHER` for REST), so that whatever callers send, the metrics stay bounded
+    /// (OpenTelemetry's SDK caps a metric's series in the same way).
     pub(crate) fn method(&self, protocol: Protocol, method: &str) -> Arc<MethodMetrics> {
         let methods = &self.methods[protocol as usize];
         let overflow = match protocol {
             Protocol::Grpc => UNKNOWN_GRPC,
             Protocol::Rest => OVERFLOW_REST,
         };
-        {
-            let map = methods.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(m) = map.get(method) {
-                return Arc::clone(m);
-            }
-            // Past the cap, a new method is counted as the overflow without the write lock.
-            if map.len() >= MAX_METHODS
-                && let Some(m) = map.get(overflow)
-            {
-                return Arc::clone(m);
-            }
-        }
-        let mut map = methods.write().unwrap_or_else(PoisonError::into_inner);
-        let method = if map.len() >= MAX_METHODS && !map.contains_key(method) {
-            overflow
-        } else {
-            method
-        };
-        let m = map.entry(method.into()).or_insert_with(|| {
+        keel_client::metrics::capped_series(methods, method, overflow, |name| {
             let labels = MethodLabels {
                 protocol: protocol.label(),
-                method: method.to_owned(),
+                method: name.to_owned(),
             };
-            Arc::new(MethodMetrics {
+            MethodMetrics {
                 protocol: protocol.label(),
-                name: method.into(),
+                name: name.into(),
                 duration: self.duration.get_or_create(&labels).clone(),
                 errors: self.errors.get_or_create(&labels).clone(),
                 statuses: RwLock::default(),
-            })
-        });
-        Arc::clone(m)
+            }
+        })
     }
 
     /// Counts one request of `method` (see [`MethodMetrics::record`]).
@@ -397,6 +376,8 @@ pub(crate) fn dec_in_flight(m: &ServerMetrics) {
 
 #[cfg(test)]
 mod tests {
+    use keel_client::metrics::MAX_METHODS;
+
     use super::*;
 
     /// The value of the series `line` (its name and labels, as rendered) in `text`.
