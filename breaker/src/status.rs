@@ -30,8 +30,6 @@ use crate::classify::{FailureClass, Outcome};
 /// refuses a call before executing any of it says so with that header.
 pub fn status_of(error: &(dyn Error + 'static)) -> (Code, StatusCode) {
     let mut next = Some(error);
-    // As in `classify_error`: an I/O error's kind says "not sent" only for the error itself.
-    let mut bare_io = true;
     while let Some(err) = next {
         if err.is::<crate::breaker::BreakerError>() {
             return (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE);
@@ -59,9 +57,11 @@ pub fn status_of(error: &(dyn Error + 'static)) -> (Code, StatusCode) {
             continue;
         }
         if err.is::<crate::classify::NotSent>() || err.is::<std::io::Error>() {
-            // The classifier's judgement: `NotSent`, or an I/O error at connect time.
-            let not_sent = (bare_io || err.is::<crate::classify::NotSent>())
-                && crate::classify::classify_error(err) == Outcome::Failure(FailureClass::NotSent);
+            // The classifier's judgement of the whole error: it walks the same chain to this
+            // link (`NotSent`, or a bare I/O error at connect time, is "not sent"; an I/O error
+            // under a transport's error is not).
+            let not_sent =
+                crate::classify::classify_error(error) == Outcome::Failure(FailureClass::NotSent);
             let code = if not_sent {
                 Code::Unavailable
             } else {
@@ -69,7 +69,6 @@ pub fn status_of(error: &(dyn Error + 'static)) -> (Code, StatusCode) {
             };
             return (code, StatusCode::BAD_GATEWAY);
         }
-        bare_io = false;
         next = err.source();
     }
     (Code::Unknown, StatusCode::INTERNAL_SERVER_ERROR)
