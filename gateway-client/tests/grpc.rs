@@ -19,8 +19,8 @@ use keel_testkit::eventually;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 
 use common::{
-    EchoLoad, Refusal, ZkRoot, counting_proxy, instance, providers, quick_breaker,
-    refusing_h2_server, silent_provider, state_of,
+    EchoLoad, Refusal, ZkRoot, ample_budget, counting_proxy, instance, never_opening_breaker,
+    providers, quick_breaker, refusing_h2_server, silent_provider, state_of,
 };
 
 fn request(message: &str) -> tonic::Request<EchoRequest> {
@@ -715,19 +715,10 @@ async fn calls_the_server_did_not_take_move_to_another_endpoint() {
     for refusal in [Refusal::ResetRefusedStream, Refusal::GoAway] {
         let (ps, faults) = providers(1).await;
         let (refusing, refused, server) = refusing_h2_server(refusal).await;
-        let never_opens = keel_breaker::breaker::BreakerConfig {
-            minimum_number_of_calls: 100_000,
-            sliding_window_size: 100_000,
-            ..quick_breaker(Duration::from_secs(60))
-        };
         let channel = GrpcChannel::builder("echo")
             .balance(Balance::RoundRobin)
-            .retry_budget(Arc::new(RetryBudget::new(
-                Duration::from_secs(10),
-                1_000,
-                1.0,
-            )))
-            .breaker(never_opens)
+            .retry_budget(ample_budget())
+            .breaker(never_opening_breaker())
             .endpoints([
                 format!("http://{refusing}"),
                 format!("http://{}", ps[0].addr()),
@@ -795,11 +786,7 @@ async fn a_proxy_error_without_grpc_status_is_unknown() {
     let (ps, faults) = providers(1).await;
     let channel = GrpcChannel::builder("echo")
         .balance(Balance::RoundRobin)
-        .retry_budget(Arc::new(RetryBudget::new(
-            Duration::from_secs(10),
-            1_000,
-            1.0,
-        )))
+        .retry_budget(ample_budget())
         .endpoints([format!("http://{addr}"), format!("http://{}", ps[0].addr())])
         .unwrap();
     let mut client = EchoClient::new(channel.clone());
@@ -1318,19 +1305,10 @@ async fn a_call_in_flight_finishes_and_then_its_departed_connection_closes() {
 async fn a_retry_goes_to_another_endpoint() {
     let (ps, faults) = providers(2).await;
     faults[0].fail_every(1, tonic::Code::Unavailable);
-    let never_opens = keel_breaker::breaker::BreakerConfig {
-        minimum_number_of_calls: 100_000,
-        sliding_window_size: 100_000,
-        ..quick_breaker(Duration::from_secs(60))
-    };
     let channel = GrpcChannel::builder("echo")
         .max_attempts(2)
-        .retry_budget(Arc::new(RetryBudget::new(
-            Duration::from_secs(10),
-            1_000,
-            1.0,
-        )))
-        .breaker(never_opens)
+        .retry_budget(ample_budget())
+        .breaker(never_opening_breaker())
         .endpoints(ps.iter().map(|p| format!("http://{}", p.addr())))
         .unwrap();
     let mut client = EchoClient::new(channel.clone());

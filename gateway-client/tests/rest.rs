@@ -15,7 +15,9 @@ use keel_testkit::eventually;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use serde_json::{Value, json};
 
-use common::{RestProvider, counting_proxy, instance, quick_breaker, silent_provider};
+use common::{
+    RestProvider, counting_proxy, instance, never_opening_breaker, quick_breaker, silent_provider,
+};
 
 /// JSON verbs, a typed error for non-2xx with the body kept, and the API-gateway mode (base URL
 /// with a path prefix, default headers).
@@ -866,14 +868,9 @@ async fn a_bare_503_is_not_replayed_for_a_plain_post() {
     let a = RestProvider::start("r-a").await;
     let b = RestProvider::start("r-b").await;
     a.faults.fail_every(1, 503);
-    let never_opens = keel_breaker::breaker::BreakerConfig {
-        minimum_number_of_calls: 100_000,
-        sliding_window_size: 100_000,
-        ..quick_breaker(Duration::from_secs(60))
-    };
     let client = RestClient::builder("accounts")
         .balance(Balance::RoundRobin)
-        .breaker(never_opens)
+        .breaker(never_opening_breaker())
         .endpoints([a.url(), b.url()])
         .unwrap();
     let mut failed = 0;

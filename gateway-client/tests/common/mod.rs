@@ -289,6 +289,25 @@ pub fn quick_breaker(wait: Duration) -> BreakerConfig {
     }
 }
 
+/// A breaker that never opens within a test (its window and minimum are far beyond the calls
+/// made): for tests of what happens to calls, not of ejection.
+pub fn never_opening_breaker() -> BreakerConfig {
+    BreakerConfig {
+        minimum_number_of_calls: 100_000,
+        sliding_window_size: 100_000,
+        ..quick_breaker(Duration::from_secs(60))
+    }
+}
+
+/// A retry budget no test exhausts (1 000 retries a second, and one per call).
+pub fn ample_budget() -> Arc<keel_breaker::retry::RetryBudget> {
+    Arc::new(keel_breaker::retry::RetryBudget::new(
+        Duration::from_secs(10),
+        1_000,
+        1.0,
+    ))
+}
+
 /// `(state, calls)` of endpoint `id`, `None` once discovery has removed it.
 pub fn state_of(channel: &GrpcChannel, id: &str) -> Option<(State, u64)> {
     channel
