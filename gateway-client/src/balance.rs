@@ -180,13 +180,12 @@ pub(crate) struct EndpointState<C> {
     /// Builds the per-call breaker guard (built once: it holds the breaker's per-CPU stripes).
     pub(crate) gate: CircuitBreakerLayer,
     pub(crate) added_ns: u64,
-    /// From the metadata (see [`weight_of`]); read when a snapshot is built.
-    pub(crate) weight: AtomicU64,
     pub(crate) calls: AtomicU64,
     pub(crate) conn: C,
     pub(crate) breaker: Breaker,
     /// The instance as discovery last reported it: its id, address and TLS never change (an
-    /// instance that moves is a new endpoint), its metadata may ([`Set::update_metadata`]).
+    /// instance that moves is a new endpoint), its metadata may
+    /// ([`update_metadata`](Self::update_metadata)).
     instance: RwLock<Arc<ServiceInstance>>,
 }
 
@@ -196,9 +195,21 @@ impl<C> EndpointState<C> {
         Arc::clone(&self.instance.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Its balancing weight.
+    /// The instance now has `instance`'s metadata (same id, address and TLS: a new weight or
+    /// zone). The endpoint stays what it is — connection, breaker (an ejected endpoint stays
+    /// ejected), load estimate with the calls in flight, call count, warm-up start — and only
+    /// what the metadata decides changes, in the snapshot published next.
+    pub(crate) fn update_metadata(&self, instance: ServiceInstance) {
+        *self
+            .instance
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(instance);
+    }
+
+    /// Its balancing weight, from the instance's metadata (see [`weight_of`]); read when a
+    /// snapshot is built.
     pub(crate) fn weight(&self) -> u64 {
-        self.weight.load(Ordering::Relaxed)
+        weight_of(&self.instance())
     }
 }
 
@@ -384,7 +395,6 @@ impl<C> Set<C> {
     ) -> Arc<EndpointState<C>> {
         Arc::new(EndpointState {
             uid: self.next_uid.fetch_add(1, Ordering::Relaxed),
-            weight: AtomicU64::new(weight_of(&instance)),
             instance: RwLock::new(Arc::new(instance)),
             conn,
             gate: CircuitBreakerLayer::new(breaker.clone()).mode(Mode::Gate),
@@ -395,15 +405,6 @@ impl<C> Set<C> {
             removed: AtomicBool::new(false),
             calls: AtomicU64::new(0),
         })
-    }
-
-    /// The instance of `ep` now has `instance`'s metadata (same id, address and TLS: a new
-    /// weight or zone). The endpoint stays what it is — connection, breaker (an ejected
-    /// endpoint stays ejected), load estimate with the calls in flight, call count, warm-up
-    /// start — and only what the metadata decides changes, in the snapshot published next.
-    pub(crate) fn update_metadata(&self, ep: &EndpointState<C>, instance: ServiceInstance) {
-        ep.weight.store(weight_of(&instance), Ordering::Relaxed);
-        *ep.instance.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(instance);
     }
 
     /// Publishes a new endpoint list, and drops the replaced snapshots nothing holds any more.

@@ -87,7 +87,7 @@ impl<C: Retire> Members<C> {
                 // At most its metadata changed: it stays the same endpoint (connection, breaker
                 // — an ejected instance is not readmitted by a metadata change — and load).
                 if known.metadata != instance.metadata {
-                    self.set.update_metadata(existing, instance);
+                    existing.update_metadata(instance);
                 }
                 return;
             }
