@@ -60,6 +60,21 @@ pub fn check_idempotency_key(key: &[u8]) -> Result<&str, InvalidIdempotencyKey> 
     Ok(key)
 }
 
+/// The `idempotency-key` of a request's `headers`, trimmed, if it has one: exactly one header,
+/// whose value passes [`check_idempotency_key`] (Keel's servers refuse anything else).
+pub fn idempotency_key_of(headers: &HeaderMap) -> Result<Option<&str>, InvalidIdempotencyKey> {
+    let mut keys = headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
+    let Some(value) = keys.next() else {
+        return Ok(None);
+    };
+    if keys.next().is_some() {
+        return Err(InvalidIdempotencyKey {
+            reason: "a request must carry exactly one idempotency-key header",
+        });
+    }
+    check_idempotency_key(value.as_bytes()).map(Some)
+}
+
 /// Whether a request may be replayed after an UNKNOWN outcome: it is marked [`Idempotent`], or
 /// it carries a non-empty `idempotency-key` header, which the server de-duplicates on (call
 /// [`stamp_idempotency_key`] first: it turns an [`IdempotencyKey`] extension into that header
@@ -79,15 +94,10 @@ pub fn stamp_idempotency_key(
     headers: &mut HeaderMap,
     extensions: &Extensions,
 ) -> Result<(), InvalidIdempotencyKey> {
-    let mut keys = headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
-    if let Some(value) = keys.next() {
-        if keys.next().is_some() {
-            return Err(InvalidIdempotencyKey {
-                reason: "a request must carry exactly one idempotency-key header",
-            });
-        }
-        check_idempotency_key(value.as_bytes())?;
-    } else if let Some(IdempotencyKey(key)) = extensions.get::<IdempotencyKey>() {
+    if idempotency_key_of(headers)?.is_some() {
+        return Ok(());
+    }
+    if let Some(IdempotencyKey(key)) = extensions.get::<IdempotencyKey>() {
         check_idempotency_key(key.as_bytes())?;
         let value = HeaderValue::from_str(key).map_err(|_| InvalidIdempotencyKey {
             reason: "the idempotency key must be visible ASCII",

@@ -569,15 +569,14 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// The validated key of a request, or why it is not acceptable.
 fn request_key(headers: &HeaderMap) -> Result<&str, Rejection> {
-    let mut values = headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
-    let (Some(value), None) = (values.next(), values.next()) else {
-        return Err(Rejection::InvalidKey(
-            "a request must carry exactly one idempotency-key header",
-        ));
-    };
     // The rule Keel's clients check before sending.
-    keel_breaker::request::check_idempotency_key(value.as_bytes())
-        .map_err(|invalid| Rejection::InvalidKey(invalid.reason()))
+    match keel_breaker::request::idempotency_key_of(headers) {
+        Ok(Some(key)) => Ok(key),
+        Ok(None) => Err(Rejection::InvalidKey(
+            "a request must carry exactly one idempotency-key header",
+        )),
+        Err(invalid) => Err(Rejection::InvalidKey(invalid.reason())),
+    }
 }
 
 /// The store key: the hex SHA-256 of namespace, scope, method, path and key, each length
