@@ -42,6 +42,7 @@ type StackFuture = keel_breaker::bulkhead::ResponseFuture<
             <Bal as Service<http::Request<ReplayBody<Body>>>>::Future,
             Body,
             DefaultClassifier,
+            keel_breaker::breaker::ResponseBody<Incoming>,
         >,
     >,
 >;

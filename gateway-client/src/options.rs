@@ -351,12 +351,14 @@ impl<C> Shared<C> {
     }
 }
 
+/// The future of a client's stack inside its bulkhead.
+type DeadlineFuture<S, F, B, C, R> =
+    keel_breaker::deadline::ResponseFuture<keel_breaker::retry::ResponseFuture<S, F, B, C, R>>;
+
 /// Whether the call of `fut` (complete) ended on a failure the retry layer would have retried
 /// but for an empty budget.
-pub(crate) fn budget_refused<S, F, B, C>(
-    fut: &keel_breaker::bulkhead::ResponseFuture<
-        keel_breaker::deadline::ResponseFuture<keel_breaker::retry::ResponseFuture<S, F, B, C>>,
-    >,
+pub(crate) fn budget_refused<S, F, B, C, R>(
+    fut: &keel_breaker::bulkhead::ResponseFuture<DeadlineFuture<S, F, B, C, R>>,
 ) -> bool {
     fut.get_ref()
         .and_then(keel_breaker::deadline::ResponseFuture::get_ref)

@@ -16,7 +16,8 @@ use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, Tra
 use serde_json::{Value, json};
 
 use common::{
-    RestProvider, counting_proxy, instance, never_opening_breaker, quick_breaker, silent_provider,
+    RestProvider, ample_budget, counting_proxy, instance, never_opening_breaker, quick_breaker,
+    silent_provider,
 };
 
 /// JSON verbs, a typed error for non-2xx with the body kept, and the API-gateway mode (base URL
@@ -903,6 +904,37 @@ async fn a_bare_503_is_not_replayed_for_a_plain_post() {
     }
     assert_eq!(b.faults.calls(), 9, "each call executed once, by r-b");
     assert!(a.faults.calls() > 3, "r-a refused some on the way");
+}
+
+/// A refusal that is retried (503 with `Retry-After`, a server shedding load) is read to its end
+/// before the retry, so its connection goes back to the pool: retrying a refusal costs the
+/// provider no new connection (dropped unread, hyper closes it, and every retried refusal would
+/// dial again, under overload of all times).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_refusal_keeps_its_connection() {
+    let p = RestProvider::start("r-0").await;
+    p.faults.fail_every(2, 503);
+    p.faults.retry_after(true);
+    let (proxy, accepted) = counting_proxy(p.addr).await;
+    let client = RestClient::builder("echo-rest")
+        .breaker(never_opening_breaker())
+        .retry_budget(ample_budget())
+        .endpoints([format!("http://{proxy}")])
+        .unwrap();
+    for i in 0..10 {
+        let got: Value = client.get(&format!("/seq/{i}")).await.unwrap();
+        assert_eq!(got["server"], "r-0");
+    }
+    assert_eq!(
+        p.faults.calls(),
+        19,
+        "nine calls were refused once and retried"
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "the refusals' connection was reused"
+    );
 }
 
 /// As for gRPC: a provider that sends its response head and then stalls is ejected; its calls

@@ -13,12 +13,17 @@ use crate::BoxError;
 use crate::classify::Classify;
 use crate::deadline::Deadline;
 
+/// At most this much of a failed attempt's response body is read (and discarded) while the
+/// retry waits, so that its connection stays usable (see [`drain`]).
+const DRAIN_LIMIT: usize = 64 * 1024;
+
 pin_project! {
     #[project = StateProj]
-    enum State<F> {
+    enum State<F, R> {
         Called { #[pin] fut: F },
-        // Boxed: only a retry sleeps, and the timer is large.
-        Backoff { sleep: Pin<Box<Sleep>> },
+        // Boxed: only a retry sleeps, and the timer is large. `drain` is the failed attempt's
+        // response body while it is read to its end.
+        Backoff { sleep: Pin<Box<Sleep>>, drain: Option<Pin<Box<R>>>, left: usize },
         Ready,
         // Refused before any attempt (see `ResponseFuture::refused`).
         Refused { error: Option<BoxError> },
@@ -41,16 +46,18 @@ pub(super) struct Retrying<S, C> {
 
 pin_project! {
     /// Response future of [`Retry`](super::Retry).
-    pub struct ResponseFuture<S, F, B, C> {
+    ///
+    /// `R` is the response body type.
+    pub struct ResponseFuture<S, F, B, C, R> {
         #[pin]
-        state: State<F>,
+        state: State<F, R>,
         // `None` when the call cannot be retried (one attempt allowed, or a streaming body).
         retry: Option<Retrying<S, C>>,
         _body: std::marker::PhantomData<fn(B)>,
     }
 }
 
-impl<S, F, B, C> fmt::Debug for ResponseFuture<S, F, B, C> {
+impl<S, F, B, C, R> fmt::Debug for ResponseFuture<S, F, B, C, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("ResponseFuture");
         d.field("replayable", &self.retry.is_some());
@@ -62,7 +69,7 @@ impl<S, F, B, C> fmt::Debug for ResponseFuture<S, F, B, C> {
     }
 }
 
-impl<S, F, B, C> ResponseFuture<S, F, B, C> {
+impl<S, F, B, C, R> ResponseFuture<S, F, B, C, R> {
     /// A call that is never retried.
     #[inline]
     pub(super) fn once(fut: F) -> Self {
@@ -94,7 +101,7 @@ impl<S, F, B, C> ResponseFuture<S, F, B, C> {
     }
 }
 
-impl<S, F, B, C> ResponseFuture<S, F, B, C> {
+impl<S, F, B, C, R> ResponseFuture<S, F, B, C, R> {
     /// Whether the call ended with a failure that would have been retried but for an empty
     /// retry budget (read once the future has completed).
     pub fn budget_refused(&self) -> bool {
@@ -139,8 +146,39 @@ impl<S, C> Retrying<S, C> {
     }
 }
 
-impl<S, F, B, C, ResB, E> Future for ResponseFuture<S, F, B, C>
+/// Reads `body` to its end, discarding it, while `left` bytes allow: `Ready` when it is done with
+/// (ended, failed or over the limit) and may be dropped.
+///
+/// A failed attempt's response (a 503 or 429, say) is usually small and already received with
+/// its head. Dropped unread, it takes its connection with it: hyper closes an HTTP/1.1
+/// connection whose response was not read to its end, so every retried refusal would cost the
+/// provider a new connection (and a TLS handshake), under overload of all times. Read to its
+/// end, the connection goes back to the pool.
+fn drain<R>(mut body: Pin<&mut R>, cx: &mut Context<'_>, left: &mut usize) -> Poll<()>
 where
+    R: http_body::Body,
+{
+    use bytes::Buf;
+    loop {
+        if body.is_end_stream() {
+            return Poll::Ready(());
+        }
+        match ready!(body.as_mut().poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                let size = frame.data_ref().map_or(0, Buf::remaining);
+                match left.checked_sub(size) {
+                    Some(rest) => *left = rest,
+                    None => return Poll::Ready(()),
+                }
+            }
+            Some(Err(_)) | None => return Poll::Ready(()),
+        }
+    }
+}
+
+impl<S, F, B, C, ResB, E> Future for ResponseFuture<S, F, B, C, ResB>
+where
+    ResB: http_body::Body,
     S: Service<http::Request<ReplayBody<B>>, Response = http::Response<ResB>, Future = F>,
     S::Error: Into<BoxError>,
     F: Future<Output = Result<http::Response<ResB>, E>>,
@@ -170,9 +208,18 @@ where
                     };
                     this.state.set(State::Backoff {
                         sleep: Box::pin(tokio::time::sleep(delay)),
+                        drain: result.ok().map(|response| Box::pin(response.into_body())),
+                        left: DRAIN_LIMIT,
                     });
                 }
-                StateProj::Backoff { sleep } => {
+                StateProj::Backoff { sleep, drain, left } => {
+                    if let Some(body) = drain
+                        && self::drain(body.as_mut(), cx, left).is_ready()
+                    {
+                        *drain = None;
+                    }
+                    // A body not done with when the backoff ends is dropped (its connection
+                    // closes), rather than delaying the retry.
                     ready!(sleep.as_mut().poll(cx));
                     this.state.set(State::Ready);
                 }

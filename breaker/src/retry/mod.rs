@@ -345,10 +345,11 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
     C: Classify<http::Response<ResB>> + Clone,
+    ResB: Body,
 {
     type Response = http::Response<ResB>;
     type Error = BoxError;
-    type Future = ResponseFuture<S, S::Future, B, C>;
+    type Future = ResponseFuture<S, S::Future, B, C, ResB>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)

@@ -14,7 +14,9 @@ use crate::classify::NotSent;
 use crate::request::{IDEMPOTENCY_KEY_HEADER, IdempotencyKey, Idempotent};
 
 type Req = http::Request<ReplayBody<Full<Bytes>>>;
-type Handle = mock::Handle<Req, http::Response<()>>;
+/// The mock servers' response body.
+type Res = http_body_util::Empty<Bytes>;
+type Handle = mock::Handle<Req, http::Response<Res>>;
 
 fn policy() -> RetryPolicy {
     RetryPolicy::new(Arc::new(RetryBudget::new(
@@ -26,14 +28,14 @@ fn policy() -> RetryPolicy {
     .backoff(Duration::from_millis(10), Duration::from_millis(100))
 }
 
-fn status(code: u16) -> http::Response<()> {
-    let mut res = http::Response::new(());
+fn status(code: u16) -> http::Response<Res> {
+    let mut res = http::Response::new(Res::new());
     *res.status_mut() = http::StatusCode::from_u16(code).unwrap();
     res
 }
 
 /// A server refusing the call (shedding load): 503 with `Retry-After`.
-fn refused() -> http::Response<()> {
+fn refused() -> http::Response<Res> {
     let mut res = status(503);
     res.headers_mut().insert(
         http::header::RETRY_AFTER,
@@ -53,10 +55,10 @@ fn spawn_call(
     policy: RetryPolicy,
     req: http::Request<Full<Bytes>>,
 ) -> (
-    tokio::task::JoinHandle<Result<http::Response<()>, BoxError>>,
+    tokio::task::JoinHandle<Result<http::Response<Res>, BoxError>>,
     Handle,
 ) {
-    let (svc, mut handle) = mock::pair::<Req, http::Response<()>>();
+    let (svc, mut handle) = mock::pair::<Req, http::Response<Res>>();
     handle.allow(100);
     let svc = Retry::new(svc, policy);
     let task = tokio::spawn(async move { svc.oneshot(req).await });
@@ -286,7 +288,7 @@ impl Body for Streaming {
 #[tokio::test(start_paused = true)]
 async fn streaming_bodies_are_never_replayed() {
     let (svc, mut handle) =
-        mock::pair::<http::Request<ReplayBody<Streaming>>, http::Response<()>>();
+        mock::pair::<http::Request<ReplayBody<Streaming>>, http::Response<Res>>();
     handle.allow(10);
     let svc = Retry::new(svc, policy());
     let req = http::Request::new(Streaming(Some(Bytes::from_static(b"chunk")), false));
@@ -407,7 +409,7 @@ async fn attempts_carry_only_the_forwarded_extensions() {
 #[tokio::test(start_paused = true)]
 async fn the_future_reports_a_refusal_by_the_budget() {
     async fn run(policy: RetryPolicy, answers: usize) -> (u16, bool, u32) {
-        let (svc, mut handle) = mock::pair::<Req, http::Response<()>>();
+        let (svc, mut handle) = mock::pair::<Req, http::Response<Res>>();
         handle.allow(100);
         let mut svc = Retry::new(svc, policy);
         let mut fut = std::pin::pin!(svc.ready().await.unwrap().call(request("x")));
@@ -455,9 +457,9 @@ async fn every_attempt_uses_the_service_made_ready() {
         }
     }
     impl tower_service::Service<Req> for Tagged {
-        type Response = http::Response<()>;
+        type Response = http::Response<Res>;
         type Error = BoxError;
-        type Future = std::future::Ready<Result<http::Response<()>, BoxError>>;
+        type Future = std::future::Ready<Result<http::Response<Res>, BoxError>>;
         fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
             Poll::Ready(Ok(()))
         }
@@ -486,4 +488,82 @@ async fn every_attempt_uses_the_service_made_ready() {
         seen[0], seen[3],
         "each call gets its own instance: {seen:?}"
     );
+}
+
+/// A response body that counts what was read of it and whether it was dropped.
+struct Tracked {
+    /// Chunks of 1 000 bytes still to yield; `None` for no end.
+    chunks: Option<usize>,
+    /// Yield nothing, ever (a stalled body).
+    stall: bool,
+    read: Arc<std::sync::atomic::AtomicUsize>,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.stall {
+            return Poll::Pending;
+        }
+        match &mut self.chunks {
+            Some(0) => return Poll::Ready(None),
+            Some(n) => *n -= 1,
+            None => {}
+        }
+        self.read
+            .fetch_add(1_000, std::sync::atomic::Ordering::SeqCst);
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![0; 1_000])))))
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.dropped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The response of an attempt that is retried is read to its end (so its connection can be
+/// reused) while the retry waits, but at most about 64 KiB of it, and a body that does not end
+/// never delays the retry beyond its backoff.
+#[tokio::test(start_paused = true)]
+async fn a_retried_response_is_drained_within_bounds() {
+    use std::sync::atomic::Ordering::SeqCst;
+    for (chunks, stall) in [(Some(3), false), (None, false), (None, true)] {
+        let (svc, mut handle) = mock::pair::<Req, http::Response<Tracked>>();
+        handle.allow(10);
+        let svc = Retry::new(svc, policy());
+        let task = tokio::spawn(svc.oneshot(request("x")));
+        let (read, dropped) = (Arc::default(), Arc::default());
+        let body = |chunks, stall| Tracked {
+            chunks,
+            stall,
+            read: Arc::clone(&read),
+            dropped: Arc::clone(&dropped),
+        };
+        let (_, send) = handle.next_request().await.unwrap();
+        let refused_at = tokio::time::Instant::now();
+        let (parts, _) = refused().into_parts();
+        send.send_response(http::Response::from_parts(parts, body(chunks, stall)));
+        let (_, send) = handle.next_request().await.unwrap();
+        assert!(
+            refused_at.elapsed() <= Duration::from_millis(100),
+            "retried within the backoff's cap ({chunks:?}, stall {stall})"
+        );
+        assert!(dropped.load(SeqCst), "the refused response is done with");
+        let read = read.load(SeqCst);
+        match (chunks, stall) {
+            (Some(n), _) => assert_eq!(read, n * 1_000, "read to its end"),
+            (None, false) => assert!((64_000..=66_536).contains(&read), "{read}"),
+            (None, true) => assert_eq!(read, 0),
+        }
+        send.send_response(http::Response::new(body(Some(0), false)));
+        assert_eq!(task.await.unwrap().unwrap().status(), 200);
+    }
 }
