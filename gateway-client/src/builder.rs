@@ -109,6 +109,13 @@ macro_rules! common_builder_methods {
 
         /// How long a call may wait for a bulkhead slot before it is rejected (default zero:
         /// rejected at once). Only with [`max_concurrent`](Self::max_concurrent).
+        ///
+        /// The wait is spent in the client's `poll_ready` (tower's `ready()`, which tonic's
+        /// generated clients and [`RestClient`](crate::RestClient)'s calls await before the
+        /// call), before the call's own [`timeout`](Self::timeout) starts: a call may take up to
+        /// this wait plus its timeout. A deadline the request carries in its extensions
+        /// ([`Deadline`](keel_breaker::deadline::Deadline), e.g. a server's incoming one) is a
+        /// point in time, and the wait counts against it.
         pub fn max_concurrent_wait(mut self, wait: std::time::Duration) -> Self {
             if let Some(bulkhead) = &mut self.options.bulkhead {
                 bulkhead.1 = wait;
