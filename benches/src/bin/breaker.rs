@@ -34,16 +34,16 @@ const ROUNDS: usize = 9;
 struct Backend(u16);
 
 impl<B> Service<http::Request<B>> for Backend {
-    type Response = http::Response<()>;
+    type Response = http::Response<http_body_util::Empty<bytes::Bytes>>;
     type Error = Infallible;
-    type Future = std::future::Ready<Result<http::Response<()>, Infallible>>;
+    type Future = std::future::Ready<Result<http::Response<http_body_util::Empty<bytes::Bytes>>, Infallible>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, _: http::Request<B>) -> Self::Future {
-        let mut res = http::Response::new(());
+        let mut res = http::Response::new(http_body_util::Empty::new());
         if self.0 != 200 {
             *res.status_mut() = http::StatusCode::from_u16(self.0).unwrap_or_default();
         }
