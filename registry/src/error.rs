@@ -17,10 +17,16 @@ pub enum Error {
         /// The `ephemeralOwner` of the node (0 for a persistent node).
         owner: i64,
     },
-    /// The same instance id is already registered (static registry).
+    /// The instance is already registered: in the static registry, an instance with this id;
+    /// in ZooKeeper, another live [`Registration`](crate::Registration) of the same registry
+    /// owns this node (the same service and id for Spring; the same provider URL, so the same
+    /// endpoint, parameters and status, for Dubbo). Two handles on one node would alias, and
+    /// deregistering either would remove the other; deregister the first before registering the
+    /// node again (to change metadata, deregister and register anew).
     #[error("{path}: an instance with this id is already registered")]
     Duplicate {
-        /// Where the duplicate lives (`static:<service>/<id>` for the static registry).
+        /// Where the duplicate lives (`static:<service>/<id>` for the static registry, the
+        /// node's path for ZooKeeper).
         path: String,
     },
     /// The root holds instances written by another framework (for example Dubbo 3
@@ -79,7 +85,8 @@ pub enum Error {
 }
 
 impl Error {
-    /// The node is owned by another live session (or the id is already registered).
+    /// The node is owned by another live session, or the instance is already registered
+    /// ([`Error::Duplicate`]).
     pub fn is_conflict(&self) -> bool {
         matches!(self, Error::Conflict { .. } | Error::Duplicate { .. })
     }

@@ -79,7 +79,8 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
     ///
     /// # Errors
     /// The instance cannot be written ([`Error::InvalidInstance`]), its node belongs to another
-    /// live process ([`Error::Conflict`]), the root holds another framework's instances
+    /// live process ([`Error::Conflict`]) or to another live registration of this registry
+    /// ([`Error::Duplicate`]), the root holds another framework's instances
     /// ([`Error::ForeignPayload`]), or the registry is unreachable ([`Error::is_unavailable`]).
     fn register(&self, instance: ServiceInstance) -> BoxFuture<'_, Result<Registration, Error>>;
 

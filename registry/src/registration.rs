@@ -66,7 +66,9 @@ impl Registration {
     /// `UP` instances).
     ///
     /// # Errors
-    /// The registry could not write the new status; the registration keeps its old one.
+    /// The registry could not write the new status; the registration keeps its old one. With
+    /// Dubbo the status is part of the node's name: [`Error::Duplicate`] when another
+    /// registration of the same endpoint already has the new name.
     pub async fn set_status(&mut self, status: InstanceStatus) -> Result<(), Error> {
         self.backend.set_status(self.key, status).await?;
         self.instance.status = status;

@@ -873,3 +873,64 @@ async fn watch_rearmed_after_reconnect_to_restarted_member() {
         consumer.stats()
     );
 }
+
+/// Two handles on one node would alias: dropping either would delete the node the other one
+/// relies on. The second registration of a node through the same registry is refused.
+#[tokio::test]
+async fn second_registration_of_the_same_node_is_a_duplicate() {
+    let root = TestRoot::new();
+    let provider = registry(spring_at(&root)).await;
+    let first = provider
+        .register(instance("account", "a-1", 1))
+        .await
+        .unwrap();
+    let err = provider
+        .register(instance("account", "a-1", 1).with_metadata("weight", "300"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Duplicate { path } if path == first.path()),
+        "{err:?}"
+    );
+    assert!(err.is_conflict());
+    // The first registration is untouched: its node, its data.
+    let raw = raw_client().await;
+    let (data, stat) = raw.get_data(first.path()).await.unwrap();
+    assert_eq!(stat.ephemeral_owner, provider.session_id());
+    let decoded = spring::decode(first.path(), "account", &data).unwrap();
+    assert!(!decoded.metadata.contains_key("weight"), "{decoded:?}");
+
+    // Dubbo: the node is the provider URL, so two ids on one endpoint are one node…
+    let iface = "com.acme.Ledger";
+    let dubbo_view = provider
+        .with_dialect(Dialect::Dubbo(dubbo_at(&root)))
+        .unwrap();
+    let at = |id: &str| ServiceInstance::new(iface, id, Endpoint::new("127.0.0.1", 7));
+    let mut x = dubbo_view.register(at("x")).await.unwrap();
+    let err = dubbo_view.register(at("y")).await.unwrap_err();
+    assert!(matches!(err, Error::Duplicate { .. }), "{err:?}");
+    // …and a status change may not move one registration onto another's node.
+    let oos = dubbo_view
+        .register(at("z").with_status(InstanceStatus::OutOfService))
+        .await
+        .unwrap();
+    let err = x
+        .set_status(InstanceStatus::OutOfService)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Duplicate { .. }), "{err:?}");
+    assert_eq!(x.instance().status, InstanceStatus::Up);
+    let providers = format!("{}/{iface}/providers", root.path);
+    assert_eq!(raw.list_children(&providers).await.unwrap().len(), 2);
+
+    // Once the first handle is gone, the node may be registered again.
+    let path = first.path().to_owned();
+    first.deregister().await.unwrap();
+    let again = provider
+        .register(instance("account", "a-1", 1))
+        .await
+        .unwrap();
+    let stat = raw.check_stat(&path).await.unwrap().unwrap();
+    assert_eq!(stat.ephemeral_owner, provider.session_id());
+    drop((again, oos, x));
+}

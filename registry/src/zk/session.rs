@@ -68,6 +68,23 @@ struct Node {
 }
 
 impl Record {
+    /// The path of the record's node as of its current status (Dubbo names the node by a URL
+    /// that carries the status); `None` when the instance cannot be written in its dialect.
+    fn path(&self) -> Option<String> {
+        let parent = self.dialect.service_path(&self.instance.service);
+        match &self.dialect {
+            Dialect::Spring(_) => Some(format!("{parent}/{}", self.instance.id)),
+            Dialect::Dubbo(o) => dubbo::provider_url(&self.instance, o.protocol())
+                .ok()
+                .map(|url| format!("{parent}/{}", dubbo::encode_node_name(&url))),
+        }
+    }
+
+    /// Whether this record's node is, or would be, at `path`.
+    fn claims(&self, path: &str) -> bool {
+        matches!(&self.created, Some((_, p)) if p == path) || self.path().is_some_and(|p| p == path)
+    }
+
     fn node(&self) -> Result<Node, Error> {
         let invalid = |path: String, reason: String| Error::InvalidInstance { path, reason };
         match &self.dialect {
@@ -242,6 +259,13 @@ impl Supervisor {
             client: self.client.clone(),
         });
         Flow::Continue
+    }
+
+    /// Whether a record other than `key` has its node at `path`.
+    fn claimed_by_other(&self, key: u64, path: &str) -> bool {
+        self.records
+            .iter()
+            .any(|(k, r)| *k != key && r.claims(path))
     }
 
     fn unsatisfied(&self) -> bool {
@@ -431,7 +455,19 @@ impl Supervisor {
                     instance,
                     registered_at_ms: now_ms(),
                     created: None,
+                    waiting: None,
+                };
+                // Two records on one node would alias: deleting either one's node would
+                // remove the other's registration. The node belongs to the first.
+                if let Some(path) = record.path()
+                    && self.claimed_by_other(key, &path)
+                {
+                    let _ = reply.send(Err(Error::Duplicate { path }));
+                    return;
+                }
+                let record = Record {
                     waiting: Some(reply),
+                    ..record
                 };
                 let root = record.dialect.root().to_owned();
                 let is_spring = matches!(record.dialect, Dialect::Spring(_));
@@ -464,8 +500,20 @@ impl Supervisor {
             return Err(Error::Closed);
         };
         let old_status = record.instance.status;
-        let old_created = record.created.take();
         record.instance.status = status;
+        // Dubbo: the new status may name the node of another registration of the same endpoint.
+        if let Some(path) = record.path()
+            && self.claimed_by_other(key, &path)
+        {
+            if let Some(record) = self.records.get_mut(&key) {
+                record.instance.status = old_status;
+            }
+            return Err(Error::Duplicate { path });
+        }
+        let Some(record) = self.records.get_mut(&key) else {
+            return Err(Error::Closed);
+        };
+        let old_created = record.created.take();
         let Some(record) = self.records.get(&key) else {
             return Err(Error::Closed);
         };
