@@ -17,9 +17,8 @@ use futures::{FutureExt as _, StreamExt as _};
 use lapin::PublisherConfirm;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -431,18 +430,35 @@ impl AmqpPublisher {
 // ------------------------------------------------------------------------------------------
 // Consumer
 
+/// Publishes dead letters to `<queue>.dlx` on a channel of its own, in confirm mode.
 #[derive(Debug, Clone)]
 struct DeadLetters {
-    channel: Channel,
+    connection: Arc<Connection>,
+    /// Re-opened when the broker closed it (a channel exception closes only the channel).
+    channel: Arc<tokio::sync::Mutex<Channel>>,
     queue: String,
     exchange: String,
     group: String,
     timeout: Duration,
+    backoff: RetryPolicy,
 }
 
 impl DeadLetters {
-    /// Publishes the dead letter to the dead-letter exchange; true once confirmed.
-    async fn send(&self, d: &Delivery, attempts: u32, error: &str) -> bool {
+    /// Publishes the dead letter to the dead-letter exchange, retrying with backoff until the
+    /// broker confirms it; true once confirmed, false only when `stop` ended the wait (the
+    /// delivery then stays unacknowledged and is redelivered).
+    ///
+    /// A letter the broker returns as unroutable (someone deleted `<queue>.dlq` or its binding)
+    /// re-declares the topology before the next attempt; a closed channel is re-opened. A nack
+    /// (e.g. a full dead-letter queue with `overflow=reject-publish`) is retried as it is: the
+    /// lane waits here rather than drop the message.
+    async fn send(
+        &self,
+        d: &Delivery,
+        attempts: u32,
+        error: &str,
+        stop: &CancellationToken,
+    ) -> bool {
         let mut h = amqp_headers(d);
         h.insert(headers::DLQ_ORIGINAL_DESTINATION, self.queue.as_str())
             .insert(headers::DLQ_GROUP, self.group.as_str())
@@ -454,8 +470,36 @@ impl DeadLetters {
             payload: d.data.clone(),
             headers: h,
         };
-        let published = self
-            .channel
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let sent = tokio::select! {
+                biased;
+                () = stop.cancelled() => return false,
+                r = self.publish(&letter) => r,
+            };
+            match sent {
+                Ok(()) => return true,
+                Err((kind, error)) => {
+                    tracing::warn!(%error, ?kind, attempt, queue = %self.queue, "dead-letter publish not confirmed; retrying");
+                    if kind == PublishErrorKind::Unroutable {
+                        self.redeclare().await;
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return false,
+                () = tokio::time::sleep(self.backoff.backoff(attempt)) => {}
+            }
+        }
+    }
+
+    /// One publish of `letter`, waiting for its confirm.
+    async fn publish(&self, letter: &OutgoingMessage) -> Result<(), (PublishErrorKind, BoxError)> {
+        let unavailable = |e: lapin::Error| (PublishErrorKind::Unavailable, BoxError::from(e));
+        let channel = self.channel().await.map_err(unavailable)?;
+        let confirm = channel
             .basic_publish(
                 self.exchange.as_str().into(),
                 self.queue.as_str().into(),
@@ -464,18 +508,49 @@ impl DeadLetters {
                     ..BasicPublishOptions::default()
                 },
                 &letter.payload,
-                properties(&letter),
+                properties(letter),
             )
-            .await;
-        let result = match published {
-            Ok(confirm) => wait_confirm(confirm, self.timeout).await,
-            Err(e) => Err((PublishErrorKind::Unavailable, e.into())),
+            .await
+            .map_err(unavailable)?;
+        wait_confirm(confirm, self.timeout).await
+    }
+
+    /// The dead-letter channel, re-opened (in confirm mode) if the broker closed it.
+    async fn channel(&self) -> lapin::Result<Channel> {
+        let mut channel = self.channel.lock().await;
+        if !channel.status().connected() {
+            let reopened = tokio::time::timeout(CONNECT_TIMEOUT, async {
+                let fresh = self.connection.create_channel().await?;
+                fresh
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+                Ok::<_, lapin::Error>(fresh)
+            })
+            .await
+            .map_err(|_| {
+                lapin::Error::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no dead-letter channel within {CONNECT_TIMEOUT:?}"),
+                ))
+            })??;
+            *channel = reopened;
+        }
+        Ok(channel.clone())
+    }
+
+    /// Re-declares the queue's topology (best effort: the next publish tells whether it worked).
+    async fn redeclare(&self) {
+        let declared = match self.channel().await {
+            Ok(channel) => tokio::time::timeout(CONNECT_TIMEOUT, declare(&channel, &self.queue))
+                .await
+                .map_err(|_| BoxError::from("no answer to the declarations"))
+                .and_then(|r| r.map_err(BoxError::from)),
+            Err(e) => Err(e.into()),
         };
-        match result {
-            Ok(()) => true,
-            Err((_, error)) => {
-                tracing::warn!(%error, queue = %self.queue, "dead-letter publish failed");
-                false
+        match declared {
+            Ok(()) => tracing::info!(queue = %self.queue, "dead-letter topology re-declared"),
+            Err(error) => {
+                tracing::warn!(%error, queue = %self.queue, "could not re-declare the dead-letter topology");
             }
         }
     }
@@ -521,32 +596,42 @@ async fn lane<H: Handler>(
             "rabbitmq",
         )
         .await;
+        // Only an acknowledgement is bounded by SETTLE_TIMEOUT: a dead letter waits for its
+        // confirm as long as it takes (or until `stop`), because a delivery is never settled
+        // before its dead letter is confirmed.
+        let ack = || async {
+            tokio::time::timeout(SETTLE_TIMEOUT, d.ack(BasicAckOptions::default())).await
+        };
         let settle = async {
             match outcome {
-                Outcome::Handled => d.ack(BasicAckOptions::default()).await,
+                Outcome::Handled => Some(ack().await),
                 Outcome::DeadLetter { attempts, error } => {
-                    if dead.send(&d, attempts, &error).await {
-                        d.ack(BasicAckOptions::default()).await
+                    if dead.send(&d, attempts, &error, &stop).await {
+                        Some(ack().await)
                     } else {
-                        // The queue's own dead-lettering still keeps it (without Keel's reason).
-                        d.nack(BasicNackOptions {
-                            requeue: false,
-                            ..BasicNackOptions::default()
-                        })
-                        .await
+                        // Stopped before the dead letter was confirmed: left unacknowledged,
+                        // so the broker redelivers it. Never a negative settlement: the queue's
+                        // own dead-lettering is at-most-once and would drop it without a route.
+                        None
                     }
                 }
                 // Left unacknowledged: the broker redelivers it.
-                Outcome::Abandoned => Ok(true),
+                Outcome::Abandoned => None,
             }
         };
         let settled = tokio::select! {
             biased;
-            () = lost.cancelled() => None,
-            r = tokio::time::timeout(SETTLE_TIMEOUT, settle) => Some(r),
+            () = lost.cancelled() => {
+                tracing::debug!(
+                    tag = d.delivery_tag,
+                    "connection lost while settling; the message will be redelivered"
+                );
+                continue;
+            }
+            r = settle => r,
         };
         match settled {
-            Some(Ok(Ok(_))) => {}
+            Some(Ok(Ok(_))) | None => {}
             // The channel is gone: the broker redelivers the message.
             Some(Ok(Err(error))) => {
                 tracing::warn!(%error, "could not acknowledge; the message will be redelivered");
@@ -554,10 +639,6 @@ async fn lane<H: Handler>(
             Some(Err(_)) => tracing::warn!(
                 tag = d.delivery_tag,
                 "no answer to an acknowledgement in {SETTLE_TIMEOUT:?}; the message stays unacknowledged"
-            ),
-            None => tracing::debug!(
-                tag = d.delivery_tag,
-                "connection lost while acknowledging; the message will be redelivered"
             ),
         }
     }
@@ -593,7 +674,16 @@ pub(crate) async fn run<H: Handler>(
         match connected {
             Ok((connection, channel, dlq_channel)) => {
                 delay = config.reconnect_backoff;
-                let end = session(&config, &handler, &channel, dlq_channel, shutdown.clone()).await;
+                let connection = Arc::new(connection);
+                let end = session(
+                    &config,
+                    &handler,
+                    &connection,
+                    &channel,
+                    dlq_channel,
+                    shutdown.clone(),
+                )
+                .await;
                 let _ =
                     tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "bye".into())).await;
                 match end {
@@ -636,6 +726,7 @@ async fn open(
 async fn session<H: Handler>(
     config: &ConsumerBuilder,
     handler: &Arc<H>,
+    connection: &Arc<Connection>,
     channel: &Channel,
     dlq_channel: Channel,
     shutdown: impl std::future::Future<Output = ()>,
@@ -657,11 +748,13 @@ async fn session<H: Handler>(
         }
     };
     let dead = DeadLetters {
-        channel: dlq_channel,
+        connection: connection.clone(),
+        channel: Arc::new(tokio::sync::Mutex::new(dlq_channel)),
         queue: config.destination.clone(),
         exchange: dead_letter_exchange(&config.destination),
         group: config.group.clone(),
         timeout: Duration::from_secs(30),
+        backoff: config.retry,
     };
     let stop = CancellationToken::new();
     let lost = CancellationToken::new();

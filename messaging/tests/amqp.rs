@@ -521,3 +521,157 @@ async fn shutdown_finishes_the_handler_in_flight_and_acknowledges_it() {
     publisher.close().await.unwrap();
     cleanup(&queue).await;
 }
+
+/// The first message of `queue` on a fresh channel of `conn`, acknowledged; `None` when the
+/// queue is empty or does not exist (a missing queue closes only that channel).
+async fn take(conn: &Connection, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+    let ch = conn.create_channel().await.ok()?;
+    let got = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .ok()
+        .flatten();
+    let _ = ch.close(200, "bye".into()).await;
+    got
+}
+
+fn header_str(m: &lapin::message::BasicGetMessage, name: &str) -> Option<String> {
+    match m
+        .delivery
+        .properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(name)?
+    {
+        lapin::types::AMQPValue::LongString(s) => {
+            Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        _ => None,
+    }
+}
+
+/// A handler that fails every message permanently, counting the calls.
+fn always_failing(calls: &Arc<std::sync::atomic::AtomicU32>) -> impl keel_messaging::Handler {
+    let calls = calls.clone();
+    move |_m: Received| {
+        calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { Err::<(), _>(HandlerError::permanent("ledger refuses it")) }
+    }
+}
+
+/// Someone deletes `<q>.dlq` while the consumer runs: the dead-letter publish comes back
+/// unroutable. The delivery is not settled negatively (the queue's own dead-lettering would
+/// drop it, with no queue bound to `<q>.dlx`): the consumer re-declares the topology and the
+/// message lands in the re-created dead-letter queue, with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_to_a_deleted_dlq_is_not_lost() {
+    let queue = unique("keel-msg-dlq-gone");
+    let dlq = format!("{queue}.dlq");
+    let publisher = Publisher::connect(AMQP).await.unwrap();
+    publisher.declare(&queue, 1).await.unwrap();
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (stop, run) = consume_with_defaults(&queue, always_failing(&calls));
+    let side = Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    // The consumer is up once a first message is dead-lettered the ordinary way.
+    publisher
+        .publish(&queue, None, b"first".to_vec(), Headers::new())
+        .await
+        .unwrap();
+    eventually("the first dead letter", WAIT, || take(&side, &dlq))
+        .await
+        .unwrap();
+
+    let ch = side.create_channel().await.unwrap();
+    ch.queue_delete(dlq.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    publisher
+        .publish(&queue, None, b"second".to_vec(), Headers::new())
+        .await
+        .unwrap();
+    let letter = eventually("the second message, kept", WAIT, || async {
+        if let Some(m) = take(&side, &dlq).await {
+            return Some(("dlq", m));
+        }
+        take(&side, &queue).await.map(|m| ("queue", m))
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: the message vanished ({} handler calls)",
+            calls.load(std::sync::atomic::Ordering::SeqCst)
+        )
+    });
+    assert_eq!(letter.0, "dlq", "dead-lettered once the topology is back");
+    assert_eq!(letter.1.delivery.data, b"second");
+    assert_eq!(
+        header_str(&letter.1, DLQ_ERROR).as_deref(),
+        Some("ledger refuses it")
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    publisher.close().await.unwrap();
+    let _ = side.close(200, "bye".into()).await;
+    cleanup(&queue).await;
+}
+
+/// The dead-letter queue refuses everything (`max-length=0`, `overflow=reject-publish`): the
+/// dead-letter publish is nacked. The delivery stays unacknowledged while the consumer keeps
+/// trying, and is back in the queue once the consumer stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_dlq_refuses_stays_in_the_queue() {
+    let queue = unique("keel-msg-dlq-full");
+    let dlq = format!("{queue}.dlq");
+    let policy = unique("keel-test-full");
+    let publisher = Publisher::connect(AMQP).await.unwrap();
+    publisher.declare(&queue, 1).await.unwrap();
+    let set = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "set_policy",
+            &policy,
+            &format!("^{}$", dlq.replace('.', "\\.")),
+            r#"{"max-length":0,"overflow":"reject-publish"}"#,
+            "--apply-to",
+            "queues",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(set.status.success(), "{set:?}");
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (stop, run) = consume_with_defaults(&queue, always_failing(&calls));
+    publisher
+        .publish(&queue, None, b"refused".to_vec(), Headers::new())
+        .await
+        .unwrap();
+    eventually("the handler ran", WAIT, || async {
+        (calls.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+    run.await.unwrap().unwrap();
+
+    let side = Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let kept = eventually("the message, back in the queue", WAIT, || {
+        take(&side, &queue)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: the message vanished"));
+    assert_eq!(kept.delivery.data, b"refused");
+    assert!(take(&side, &dlq).await.is_none(), "the dlq took nothing");
+    let cleared = tokio::process::Command::new("rabbitmqctl")
+        .args(["clear_policy", &policy])
+        .output()
+        .await
+        .unwrap();
+    assert!(cleared.status.success(), "{cleared:?}");
+    publisher.close().await.unwrap();
+    let _ = side.close(200, "bye".into()).await;
+    cleanup(&queue).await;
+}
