@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::proxy::{Mode, ZkProxy};
 use common::{Follower, StartOnDrop, TestRoot, eventually, raw_client, servers};
 use keel_core::{Endpoint, InstanceStatus, ServiceInstance};
 use keel_registry::dialect::{DubboOptions, SpringOptions, dubbo, spring};
@@ -874,6 +875,13 @@ async fn watch_rearmed_after_reconnect_to_restarted_member() {
     );
 }
 
+/// The first member of the shared ZooKeeper, for the fault-injecting proxy.
+fn first_member() -> String {
+    let servers = servers();
+    let hosts = servers.split('/').next().unwrap_or_default();
+    hosts.split(',').next().unwrap_or_default().to_owned()
+}
+
 /// Two handles on one node would alias: dropping either would delete the node the other one
 /// relies on. The second registration of a node through the same registry is refused.
 #[tokio::test]
@@ -933,4 +941,43 @@ async fn second_registration_of_the_same_node_is_a_duplicate() {
     let stat = raw.check_stat(&path).await.unwrap().unwrap();
     assert_eq!(stat.ephemeral_owner, provider.session_id());
     drop((again, oos, x));
+}
+
+/// A deregistration cut off by a connection blip (the session survives) is retried until the
+/// node is gone; it is never left for the rest of the session.
+#[tokio::test]
+async fn deregister_during_a_connection_blip_still_removes_the_node() {
+    common::trace();
+    let root = TestRoot::new();
+    let proxy = ZkProxy::start(&first_member()).await;
+    let provider = ZkRegistry::connect(
+        ZkConfig::new(proxy.addr().to_string())
+            .with_dialect(spring_at(&root))
+            .with_session_timeout(Duration::from_secs(10)),
+    )
+    .await
+    .unwrap();
+    let registration = provider
+        .register(instance("account", "a", 1))
+        .await
+        .unwrap();
+    let path = registration.path().to_owned();
+    let session = provider.session_id();
+
+    proxy.set(Mode::Blackhole);
+    // The client gives up on the silent connection after 2/5 of the session timeout.
+    let err = registration.deregister().await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    proxy.set(Mode::Pass);
+
+    let raw = raw_client().await;
+    eventually(WAIT, "a deleted after the reconnection", || async {
+        raw.check_stat(&path).await.unwrap().is_none()
+    })
+    .await;
+    assert_eq!(
+        (provider.session_id(), provider.stats().session_expiries),
+        (session, 0),
+        "the session must survive the blip, or this test does not test a reconnection"
+    );
 }

@@ -144,6 +144,9 @@ pub(crate) struct Supervisor {
     sessions: watch::Sender<SessionSlot>,
     stats: Arc<Stats>,
     checked_roots: HashSet<String>,
+    /// Nodes of ours that must go but whose delete failed: retried by every sweep until they
+    /// are gone (with their session at the latest), unless a live record claims one again.
+    tombstones: Vec<String>,
 }
 
 enum Flow {
@@ -170,6 +173,7 @@ impl Supervisor {
             sessions,
             stats,
             checked_roots: HashSet::new(),
+            tombstones: Vec::new(),
         };
         (supervisor, rx)
     }
@@ -270,13 +274,17 @@ impl Supervisor {
 
     fn unsatisfied(&self) -> bool {
         let sid = self.session_id();
-        self.records
-            .values()
-            .any(|r| !matches!(&r.created, Some((s, _)) if *s == sid))
+        !self.tombstones.is_empty()
+            || self
+                .records
+                .values()
+                .any(|r| !matches!(&r.created, Some((s, _)) if *s == sid))
     }
 
-    /// Creates every record not yet created in this session; returns how many it created.
+    /// Deletes the tombstoned nodes, then creates every record not yet created in this
+    /// session; returns how many it created.
     async fn ensure_all(&mut self) -> usize {
+        self.clear_tombstones().await;
         let sid = self.session_id();
         let keys: Vec<u64> = self
             .records
@@ -482,13 +490,13 @@ impl Supervisor {
             }
             Command::Deregister { key, reply } => {
                 let result = match self.records.remove(&key) {
-                    Some(record) => self.delete_owned(&record).await,
+                    Some(record) => self.remove_nodes(&record).await,
                     None => Ok(()),
                 };
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 } else if let Err(error) = result {
-                    tracing::warn!(%error, "background deregistration failed; the node goes with the session");
+                    tracing::warn!(%error, "background deregistration failed; retrying until the node is gone");
                 }
             }
         }
@@ -542,21 +550,74 @@ impl Supervisor {
         }
     }
 
-    async fn delete_owned(&self, record: &Record) -> Result<(), Error> {
-        match &record.created {
-            Some((sid, path)) if *sid == self.session_id() => self.delete_path(path).await,
-            _ => Ok(()),
+    /// Every node a removed record may have left: its node at its current status (it may exist
+    /// although `created` does not say so: a create whose reply was lost, a register that timed
+    /// out) and the one it created.
+    fn paths_of(record: &Record) -> Vec<String> {
+        let mut paths: Vec<String> = record.path().into_iter().collect();
+        if let Some((_, path)) = &record.created
+            && !paths.contains(path)
+        {
+            paths.push(path.clone());
+        }
+        paths
+    }
+
+    /// Deletes the nodes of a removed record; a delete that fails is tombstoned (retried by
+    /// the sweep until the node is gone). Returns the first error.
+    async fn remove_nodes(&mut self, record: &Record) -> Result<(), Error> {
+        let mut result = Ok(());
+        for path in Self::paths_of(record) {
+            if let Err(error) = self.delete_path(&path).await {
+                self.tombstone(path);
+                if result.is_ok() {
+                    result = Err(error);
+                }
+            }
+        }
+        result
+    }
+
+    fn tombstone(&mut self, path: String) {
+        if !self.tombstones.contains(&path) {
+            self.tombstones.push(path);
         }
     }
 
-    /// Deletes `path` only if this session owns it.
+    /// Retries the tombstoned deletes. A node a live record claims again is that record's
+    /// (re-registered, or a status changed back) and is kept. Stops at the first failure that
+    /// says ZooKeeper is unreachable, keeping the rest for the next sweep.
+    async fn clear_tombstones(&mut self) {
+        let mut pending = std::mem::take(&mut self.tombstones).into_iter();
+        while let Some(path) = pending.next() {
+            if self.records.values().any(|r| r.claims(&path)) {
+                continue;
+            }
+            match self.delete_path(&path).await {
+                Ok(()) => tracing::info!(%path, "deleted a node left by a failed deregistration"),
+                Err(error) => {
+                    tracing::warn!(%error, "node still to be deleted; retrying");
+                    let unavailable = error.is_unavailable();
+                    self.tombstones.push(path);
+                    if unavailable {
+                        self.tombstones.extend(pending);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes `path` only if a session of ours (this one, or an earlier one whose node the
+    /// server still keeps) owns it; a node that is gone, or another session's, is left alone.
     async fn delete_path(&self, path: &str) -> Result<(), Error> {
         let stat = match self.op(self.client.check_stat(path)).await {
             Ok(Some(stat)) => stat,
             Ok(None) => return Ok(()),
             Err(e) => return Err(Error::zk("exists", path, e)),
         };
-        if stat.ephemeral_owner != self.session_id() {
+        let owner = stat.ephemeral_owner;
+        if owner != self.session_id() && !self.past_sessions.contains(&owner) {
             return Ok(());
         }
         match self.op(self.client.delete(path, Some(stat.version))).await {
@@ -567,8 +628,10 @@ impl Supervisor {
 
     async fn shutdown(&mut self) {
         let records = std::mem::take(&mut self.records);
-        for record in records.values() {
-            if let Err(error) = self.delete_owned(record).await {
+        let tombstones = std::mem::take(&mut self.tombstones);
+        let paths = records.values().flat_map(Self::paths_of).chain(tombstones);
+        for path in paths {
+            if let Err(error) = self.delete_path(&path).await {
                 tracing::debug!(%error, "deregistration at shutdown failed; the session close removes it");
             }
         }

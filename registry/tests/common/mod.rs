@@ -14,6 +14,8 @@ use keel_registry::zookeeper_client as zk;
 use keel_registry::{Change, Watch};
 use tokio::time::Instant;
 
+pub mod proxy;
+
 /// The connect string of the shared ZooKeeper (`KEEL_ZK`, default `127.0.0.1:2181`).
 pub use keel_testkit::zk::servers;
 

@@ -1,0 +1,164 @@
+//! A fault-injecting TCP proxy in front of one ZooKeeper member, on loopback only.
+//!
+//! It forwards whole ZooKeeper frames (a 4-byte big-endian length, then the body). A silenced
+//! connection stays open and reads and discards what it gets: a silent partition, not a reset,
+//! so the client has to notice by its own timeouts, as on a real network. A connection that lost
+//! a frame is closed as soon as the proxy passes again (its stream would be out of step), so
+//! the client reconnects through a clean one.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// What the proxy does with the frames it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward everything.
+    Pass,
+    /// Forward nothing, keep every socket open.
+    Blackhole,
+    /// The first connection accepted after the switch forwards two frames each way (the
+    /// client's ConnectRequest and first ping, the server's ConnectResponse and ping reply: a
+    /// session is established), then nothing; every other connection forwards nothing.
+    OneHandshakeThenBlackhole,
+}
+
+/// Frames larger than this end the connection (ZooKeeper's own `jute.maxbuffer` is ~1 MiB).
+const MAX_FRAME: usize = 16 << 20;
+
+/// The proxy; dropping it closes its listener and every connection.
+pub struct ZkProxy {
+    addr: SocketAddr,
+    mode: watch::Sender<Mode>,
+    handshake_granted: Arc<AtomicBool>,
+    accept: JoinHandle<()>,
+}
+
+impl ZkProxy {
+    /// Listens on `127.0.0.1:0` and forwards to `upstream`, which must be a loopback address.
+    pub async fn start(upstream: &str) -> Self {
+        let upstream: SocketAddr = upstream.parse().expect("upstream is ip:port");
+        assert!(
+            upstream.ip().is_loopback(),
+            "the proxy only talks to loopback"
+        );
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port for the proxy");
+        let addr = listener.local_addr().expect("the proxy's address");
+        let (mode, rx) = watch::channel(Mode::Pass);
+        let handshake_granted = Arc::new(AtomicBool::new(false));
+        let granted = handshake_granted.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let handshake = *rx.borrow() == Mode::OneHandshakeThenBlackhole
+                    && !granted.swap(true, Ordering::SeqCst);
+                tokio::spawn(serve(client, upstream, rx.clone(), handshake));
+            }
+        });
+        Self {
+            addr,
+            mode,
+            handshake_granted,
+            accept,
+        }
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Switches the mode, for live connections too.
+    pub fn set(&self, mode: Mode) {
+        if mode == Mode::OneHandshakeThenBlackhole {
+            self.handshake_granted.store(false, Ordering::SeqCst);
+        }
+        self.mode.send_replace(mode);
+    }
+}
+
+impl Drop for ZkProxy {
+    fn drop(&mut self) {
+        // Connections end when they see the mode sender gone.
+        self.accept.abort();
+    }
+}
+
+async fn serve(
+    client: TcpStream,
+    upstream: SocketAddr,
+    mut mode: watch::Receiver<Mode>,
+    handshake: bool,
+) {
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let lossy = Arc::new(AtomicBool::new(false));
+    let up = pump(
+        client_read,
+        server_write,
+        mode.clone(),
+        handshake,
+        lossy.clone(),
+    );
+    let down = pump(
+        server_read,
+        client_write,
+        mode.clone(),
+        handshake,
+        lossy.clone(),
+    );
+    let healed = async {
+        while mode.changed().await.is_ok() {
+            if *mode.borrow() == Mode::Pass && lossy.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+        () = healed => {}
+    }
+}
+
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mode: watch::Receiver<Mode>,
+    handshake: bool,
+    lossy: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    let mut forwarded = 0usize;
+    loop {
+        let mut len = [0u8; 4];
+        from.read_exact(&mut len).await?;
+        let size = usize::try_from(u32::from_be_bytes(len)).unwrap_or(usize::MAX);
+        if size > MAX_FRAME {
+            return Err(std::io::Error::other("frame too large"));
+        }
+        let mut body = vec![0u8; size];
+        from.read_exact(&mut body).await?;
+        let forward = match *mode.borrow() {
+            Mode::Pass => !lossy.load(Ordering::SeqCst),
+            Mode::Blackhole => false,
+            Mode::OneHandshakeThenBlackhole => handshake && forwarded < 2,
+        };
+        if forward {
+            to.write_all(&len).await?;
+            to.write_all(&body).await?;
+            forwarded += 1;
+        } else {
+            lossy.store(true, Ordering::SeqCst);
+        }
+    }
+}
