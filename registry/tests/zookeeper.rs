@@ -981,3 +981,61 @@ async fn deregister_during_a_connection_blip_still_removes_the_node() {
         "the session must survive the blip, or this test does not test a reconnection"
     );
 }
+
+/// A Dubbo status change whose second half fails (the old node cannot be deleted: the parent
+/// grants no DELETE) leaves the registration as it was, with exactly one provider node.
+#[tokio::test]
+async fn failed_dubbo_status_change_leaves_one_provider_node() {
+    let root = TestRoot::new();
+    let provider = registry(Dialect::Dubbo(dubbo_at(&root))).await;
+    let iface = "com.acme.Ledger";
+    let mut registration = provider
+        .register(ServiceInstance::new(
+            iface,
+            "x",
+            Endpoint::new("127.0.0.1", 7),
+        ))
+        .await
+        .unwrap();
+    let providers = format!("{}/{iface}/providers", root.path);
+    let up_name = registration.path().rsplit('/').next().unwrap().to_owned();
+    let raw = raw_client().await;
+    let no_delete = [zk::Acl::new(
+        zk::Permission::CREATE
+            | zk::Permission::READ
+            | zk::Permission::WRITE
+            | zk::Permission::ADMIN,
+        zk::AuthId::anyone(),
+    )];
+    let all = [zk::Acl::new(zk::Permission::ALL, zk::AuthId::anyone())];
+    raw.set_acl(&providers, &no_delete, None).await.unwrap();
+    let result = registration.set_status(InstanceStatus::OutOfService).await;
+    // Restored before any assertion, so the root can be cleaned up whatever happens.
+    raw.set_acl(&providers, &all, None).await.unwrap();
+    let err = result.unwrap_err();
+    assert!(
+        matches!(err, Error::ZooKeeper { op: "delete", .. }),
+        "{err:?}"
+    );
+    assert_eq!(registration.instance().status, InstanceStatus::Up);
+
+    // The half-done change is undone: only the UP node is left.
+    eventually(WAIT, "only the UP provider node", || async {
+        raw.list_children(&providers).await.unwrap() == [up_name.as_str()]
+    })
+    .await;
+    // A retry now succeeds and leaves only the OUT_OF_SERVICE node.
+    registration
+        .set_status(InstanceStatus::OutOfService)
+        .await
+        .unwrap();
+    let names = raw.list_children(&providers).await.unwrap();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(
+        dubbo::decode_node_name(&names[0])
+            .unwrap()
+            .contains("enabled=false")
+    );
+    registration.deregister().await.unwrap();
+    assert!(raw.list_children(&providers).await.unwrap().is_empty());
+}

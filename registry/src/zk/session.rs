@@ -525,25 +525,39 @@ impl Supervisor {
         let Some(record) = self.records.get(&key) else {
             return Err(Error::Closed);
         };
-        match self.ensure(record).await {
-            Ok(path) => {
-                if let Some((s, old_path)) = &old_created
-                    && *s == sid
-                    && *old_path != path
-                {
-                    // Dubbo: the status is part of the node name; remove the old name.
-                    self.delete_path(old_path).await?;
+        let result = match self.ensure(record).await {
+            Ok(path) => match &old_created {
+                // Dubbo: the status is part of the node name; remove the old name.
+                Some((_, old_path)) if *old_path != path => {
+                    match self.delete_path(old_path).await {
+                        Ok(()) => Ok(path),
+                        Err(error) => Err((error, Some(path))),
+                    }
                 }
+                _ => Ok(path),
+            },
+            // The new node may exist all the same (a create whose reply was lost).
+            Err(error) => Err((error, self.records.get(&key).and_then(Record::path))),
+        };
+        match result {
+            Ok(path) => {
                 if let Some(record) = self.records.get_mut(&key) {
                     record.created = Some((sid, path));
                 }
                 Ok(())
             }
-            Err(error) => {
-                if let Some(record) = self.records.get_mut(&key) {
+            Err((error, new_path)) => {
+                // Undone: the registration keeps its old status, the sweep re-checks its node
+                // and deletes the new one (never tracked, it would outlive a deregistration).
+                let old_path = self.records.get_mut(&key).and_then(|record| {
                     record.instance.status = old_status;
-                    // Re-checked by the next sweep.
                     record.created = None;
+                    record.path()
+                });
+                if let Some(new_path) = new_path
+                    && old_path.as_ref() != Some(&new_path)
+                {
+                    self.tombstone(new_path);
                 }
                 Err(error)
             }
