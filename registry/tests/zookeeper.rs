@@ -1039,3 +1039,75 @@ async fn failed_dubbo_status_change_leaves_one_provider_node() {
     registration.deregister().await.unwrap();
     assert!(raw.list_children(&providers).await.unwrap().is_empty());
 }
+
+/// A deregistration queued while the expired session is being replaced is applied before the
+/// registrations are re-created: the deregistered instance never comes back, not even briefly.
+#[tokio::test]
+async fn deregistered_during_renew_is_never_recreated() {
+    common::trace();
+    let root = TestRoot::new();
+    let proxy = ZkProxy::start(&first_member()).await;
+    let provider = ZkRegistry::connect(
+        ZkConfig::new(proxy.addr().to_string())
+            .with_dialect(spring_at(&root))
+            .with_session_timeout(Duration::from_secs(4))
+            .with_request_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap();
+    let registration = provider
+        .register(instance("account", "a", 1))
+        .await
+        .unwrap();
+    let old_session = provider.session_id();
+    let a = registration.path().to_owned();
+    let raw = raw_client().await;
+    let mut events = raw
+        .watch(
+            &format!("{}/account", root.path),
+            zk::AddWatchMode::PersistentRecursive,
+        )
+        .await
+        .unwrap();
+
+    proxy.set(Mode::Blackhole);
+    eventually(WAIT, "the session task sees the expiry", || async {
+        provider.stats().session_expiries >= 1
+    })
+    .await;
+    eventually(WAIT, "a gone with the old session", || async {
+        raw.check_stat(&a).await.unwrap().is_none()
+    })
+    .await;
+    // No session to run it on: the caller times out, the command stays queued.
+    let err = registration.deregister().await.unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    proxy.set(Mode::Pass);
+    eventually(WAIT, "a new session", || async {
+        provider.session_id() != old_session
+    })
+    .await;
+    // Commands run in order on the session task: once b is created, whatever the new session
+    // did with a is done, and its events came before b's.
+    let b = provider
+        .register(instance("account", "b", 2))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let event = tokio::time::timeout(WAIT, events.changed())
+            .await
+            .expect("b's creation is seen");
+        seen.push((event.event_type, event.path.clone()));
+        if event.event_type == zk::EventType::NodeCreated && event.path == b.path() {
+            break;
+        }
+    }
+    assert!(
+        !seen
+            .iter()
+            .any(|(kind, path)| *kind == zk::EventType::NodeCreated && *path == a),
+        "the deregistered instance was re-created on the new session: {seen:?}"
+    );
+    assert_eq!(raw.check_stat(&a).await.unwrap(), None);
+}

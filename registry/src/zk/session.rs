@@ -218,7 +218,8 @@ impl Supervisor {
         self.shutdown().await;
     }
 
-    /// Replaces an ended session, re-creates every registration, then tells the watch tasks.
+    /// Replaces an ended session, applies the commands queued meanwhile, re-creates every
+    /// registration left, then tells the watch tasks.
     async fn renew(
         &mut self,
         commands: &mut mpsc::UnboundedReceiver<Command>,
@@ -253,6 +254,11 @@ impl Supervisor {
         self.generation += 1;
         for record in self.records.values_mut() {
             record.created = None;
+        }
+        // What arrived while there was no session comes first: a registration deregistered
+        // (or taken out of service) meanwhile must not be re-created as it was, not even briefly.
+        while let Some(command) = backlog.pop_front() {
+            self.handle(command).await;
         }
         let reregistered = self.ensure_all().await;
         for _ in 0..reregistered {
