@@ -469,3 +469,125 @@ async fn tonic_concurrent_duplicates_execute_once() {
     assert_eq!(replies.iter().filter(|(_, replayed)| !replayed).count(), 1);
     redis.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// callers that go away
+
+/// A client whose connection drops while its keyed payment executes does not free the key:
+/// the handler runs to its end, its response is stored, and the client's retry (with the same
+/// key, as Keel's clients send it) is answered from it instead of paying again.
+#[tokio::test]
+async fn axum_a_client_that_disconnects_mid_request_does_not_free_the_key() {
+    use tokio::io::AsyncWriteExt;
+    let redis = Redis::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let router = payments(calls.clone(), always_created, Duration::from_millis(300))
+        .layer(redis.layer().await);
+    let server = HttpServer::start(router).await;
+
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let body = r#"{"amount":10}"#;
+    let request = format!(
+        "POST /payments HTTP/1.1\r\nhost: {}\r\nidempotency-key: pay-9\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        server.addr,
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    keel_testkit::eventually("the handler runs", Duration::from_secs(5), || {
+        let calls = calls.clone();
+        async move { (calls.load(Ordering::SeqCst) == 1).then_some(()) }
+    })
+    .await
+    .unwrap();
+    drop(socket);
+
+    let retry = pay(&server, "pay-9", r#"{"amount":10}"#).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed(), "answered from the first execution");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the payment ran once");
+    redis.cleanup().await;
+}
+
+/// An echo whose handler takes 300 ms, counting executions.
+struct SlowEcho {
+    calls: Arc<AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl keel_testkit::echo::echo_server::Echo for SlowEcho {
+    async fn echo(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(tonic::Response::new(EchoReply {
+            message: request.into_inner().message,
+            payload: Vec::new(),
+            server_id: format!("execution {n}"),
+            metadata: Default::default(),
+        }))
+    }
+}
+
+/// A caller's deadline passing while its keyed call executes (tonic then drops the request on
+/// the server) does not free the key: the retry gets the first execution's reply.
+#[tokio::test]
+async fn tonic_a_caller_deadline_does_not_free_the_key() {
+    let redis = Redis::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(redis.layer().await)
+            .add_service(EchoServer::new(SlowEcho {
+                calls: calls.clone(),
+            }))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            ),
+    );
+    let mut client = EchoClient::connect(format!("http://{addr}")).await.unwrap();
+    let call = |timeout: Option<Duration>| {
+        let mut request = tonic::Request::new(EchoRequest {
+            message: "debit 10".to_owned(),
+            payload: Vec::new(),
+        });
+        request
+            .metadata_mut()
+            .insert("idempotency-key", "debit-9".parse().unwrap());
+        if let Some(timeout) = timeout {
+            request.set_timeout(timeout);
+        }
+        request
+    };
+    let late = client
+        .echo(call(Some(Duration::from_millis(100))))
+        .await
+        .unwrap_err();
+    // tonic's client gives up (CANCELLED) as its server does (DEADLINE_EXCEEDED).
+    assert!(
+        matches!(
+            late.code(),
+            tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+        ),
+        "{late:?}"
+    );
+    let retry = client.echo(call(None)).await.unwrap();
+    assert_eq!(retry.get_ref().server_id, "execution 1");
+    assert!(
+        retry
+            .metadata()
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the debit ran once");
+    let _ = stop.send(());
+    redis.cleanup().await;
+}

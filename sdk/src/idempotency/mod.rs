@@ -21,25 +21,33 @@
 //! - **Concurrent duplicates** wait (default up to 10 s) for the first to finish and then get
 //!   its response. If it is still running at the deadline they get HTTP **409** / gRPC
 //!   **`ABORTED`** with `retry-after: 1`. A key never executes twice at the same time.
-//! - **Failures release the key.** A response that says the call did not (or did not fully)
-//!   execute releases the key so that a retry executes; everything else is stored. Defaults
-//!   ([`default_disposition`], replaceable with [`IdempotencyLayer::classify`]): HTTP 408, 429
-//!   and every 5xx, and gRPC `CANCELLED`, `UNKNOWN`, `DEADLINE_EXCEEDED`,
-//!   `RESOURCE_EXHAUSTED`, `ABORTED`, `INTERNAL`, `UNAVAILABLE`, `DATA_LOSS` (and a gRPC
-//!   response without `grpc-status`) release; success and definite client errors
-//!   (`INVALID_ARGUMENT`, `NOT_FOUND`, `ALREADY_EXISTS`, `FAILED_PRECONDITION`, …, HTTP 4xx)
-//!   are stored. When the inner service returns an error, or the response body fails, the key
-//!   is released too, and so it is when the request's future is dropped mid-flight (the client
-//!   cancelled; a drop guard releases on a spawned task). Handlers whose side effects must not
-//!   be repeated after such failures should use the same key downstream (Keel's clients do)
-//!   or supply a stricter classifier.
+//! - **Only "not executed" releases the key.** A response that says the request was not
+//!   executed releases the key so that a retry executes; every other outcome is stored,
+//!   failures included, because a handler may fail after a side effect (a 500 after the debit
+//!   was committed) and its retry must not repeat it. Defaults ([`default_disposition`],
+//!   replaceable with [`IdempotencyLayer::classify`], e.g. to let retries re-run 5xx of
+//!   handlers that are transactional): HTTP 408, 429 and 503, and gRPC `UNAVAILABLE`,
+//!   `RESOURCE_EXHAUSTED` and `ABORTED` release; everything else is stored and replayed.
+//! - **Executions run to their end.** Once a request has claimed its key, the handler runs on
+//!   a task of its own (spawned per keyed request, in the request's tracing span), which
+//!   stores the outcome: a caller that goes away (a dropped connection, a reset stream, its
+//!   deadline passing, which tonic enforces by dropping the request) does not stop a handler
+//!   half-way and free the key while side effects may have happened; a repeat waits for the
+//!   stored response. An execution whose outcome cannot be known — the handler panicked, the
+//!   service returned an error, the response body failed after its head — is stored as HTTP
+//!   500 / gRPC `UNKNOWN` (`idempotency_outcome_unknown`) and classified as such.
 //! - **Fail closed.** When the store cannot be reached the request is answered HTTP **503** /
 //!   gRPC **`UNAVAILABLE`** (with `retry-after: 1`) and not executed: executing without the
-//!   guarantee could execute twice. If the store fails only when the response is to be stored,
-//!   the response is still returned (it executed) and the claim stays until its lease runs out.
+//!   guarantee could execute twice. If the store fails when the response is to be stored, the
+//!   response is still returned (it executed) and storing it is retried for as long as the
+//!   claim can still be held (a lease since it was last renewed); only a store outage longer
+//!   than that leaves the key to lapse.
 //! - **Leases.** A claim is a lease (default 30 s) renewed every third of it while the handler
-//!   runs, so a crashed instance blocks its keys for at most one lease, and a slow handler
-//!   never loses its claim to a retry.
+//!   runs (every 200 ms after a failed renewal, beside the handler, never holding it up), so a
+//!   crashed instance blocks its keys for at most one lease, and a slow handler keeps its claim
+//!   through store outages shorter than a lease. A process that stops mid-execution (a crash,
+//!   or a runtime shut down) leaves its keys to lapse after the lease: the one case in which a
+//!   retry executes again.
 //!
 //! Requests without the header pass straight through: one header lookup, no allocation.
 //!
@@ -130,6 +138,11 @@ const MAX_WAIT_STEP: Duration = Duration::from_millis(200);
 const FIRST_WAIT_STEP: Duration = Duration::from_millis(5);
 const MIN_LEASE: Duration = Duration::from_secs(1);
 
+/// The longest [`ttl`](IdempotencyLayer::ttl) and [`lease`](IdempotencyLayer::lease): ten years.
+/// Longer ones are cut to it (a store's clock, and Redis's expiry, cannot go further; ten years
+/// is "for ever" for a payment's key).
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// What a handler answered, as the layer classifies it to decide whether to keep the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -146,47 +159,26 @@ pub enum Outcome {
 pub enum Disposition {
     /// The call executed with a definite answer: store it, replay it to repeats.
     Store,
-    /// The call did not execute (or not fully): free the key so that a retry executes.
+    /// The call did not execute: free the key so that a retry executes.
     Release,
 }
 
-/// The default classification (see the [module docs](self)): HTTP 408, 429 and 5xx and the
-/// "did not complete" gRPC codes release the key; everything else is stored.
+/// The default classification (see the [module docs](self)): only an answer that says the
+/// request was *not* executed releases the key — HTTP 408, 429 and 503, gRPC `UNAVAILABLE`,
+/// `RESOURCE_EXHAUSTED` and `ABORTED`; every other outcome is stored, failures included (a 500
+/// or an `INTERNAL` may come after a side effect, and a retry must not repeat it).
 pub fn default_disposition(outcome: Outcome) -> Disposition {
     use tonic::Code;
     match outcome {
-        Outcome::Http(status) => {
-            if status.is_server_error()
-                || status == StatusCode::REQUEST_TIMEOUT
-                || status == StatusCode::TOO_MANY_REQUESTS
-            {
-                Disposition::Release
-            } else {
-                Disposition::Store
-            }
-        }
-        Outcome::Grpc(
-            Code::Ok
-            | Code::InvalidArgument
-            | Code::NotFound
-            | Code::AlreadyExists
-            | Code::PermissionDenied
-            | Code::FailedPrecondition
-            | Code::OutOfRange
-            | Code::Unimplemented
-            | Code::Unauthenticated,
-        ) => Disposition::Store,
-        Outcome::Grpc(
-            Code::Cancelled
-            | Code::Unknown
-            | Code::DeadlineExceeded
-            | Code::ResourceExhausted
-            | Code::Aborted
-            | Code::Internal
-            | Code::Unavailable
-            | Code::DataLoss,
+        Outcome::Http(
+            StatusCode::REQUEST_TIMEOUT
+            | StatusCode::TOO_MANY_REQUESTS
+            | StatusCode::SERVICE_UNAVAILABLE,
         )
-        | Outcome::GrpcMissingStatus => Disposition::Release,
+        | Outcome::Grpc(Code::Unavailable | Code::ResourceExhausted | Code::Aborted) => {
+            Disposition::Release
+        }
+        Outcome::Http(_) | Outcome::Grpc(_) | Outcome::GrpcMissingStatus => Disposition::Store,
     }
 }
 
@@ -320,16 +312,17 @@ impl IdempotencyLayer {
         self
     }
 
-    /// How long a completed response is kept for replay (default 24 h; at least 1 s).
+    /// How long a completed response is kept for replay (default 24 h; at least 1 s, at most
+    /// [`MAX_TTL`]).
     pub fn ttl(self, ttl: Duration) -> Self {
-        self.edit(|c| c.ttl = ttl.max(MIN_LEASE))
+        self.edit(|c| c.ttl = ttl.clamp(MIN_LEASE, MAX_TTL))
     }
 
     /// How long a claim lasts without renewal (default 30 s; at least 1 s). The layer renews it
     /// every third of this while the handler runs; a crashed instance blocks its keys for at
-    /// most this long.
+    /// most this long. At most [`MAX_TTL`].
     pub fn lease(self, lease: Duration) -> Self {
-        self.edit(|c| c.lease = lease.max(MIN_LEASE))
+        self.edit(|c| c.lease = lease.clamp(MIN_LEASE, MAX_TTL))
     }
 
     /// How long a duplicate waits for the first request with its key to finish before it gets
@@ -393,8 +386,8 @@ pub struct Idempotency<S> {
 impl<S, B, ResB> Service<Request<B>> for Idempotency<S>
 where
     S: Service<Request<IdempotencyBody<B>>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Error: Send,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
     ResB: Body<Data = Bytes> + Send + 'static,
@@ -483,6 +476,8 @@ enum Rejection {
     Mismatch,
     Conflict,
     StoreUnavailable,
+    /// Stored and answered for an execution whose outcome the layer cannot know.
+    OutcomeUnknown,
 }
 
 impl Rejection {
@@ -493,6 +488,7 @@ impl Rejection {
             Self::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Conflict => StatusCode::CONFLICT,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -504,6 +500,7 @@ impl Rejection {
             Self::BodyTooLarge => tonic::Code::ResourceExhausted,
             Self::Conflict => tonic::Code::Aborted,
             Self::StoreUnavailable => tonic::Code::Unavailable,
+            Self::OutcomeUnknown => tonic::Code::Unknown,
         }
     }
 
@@ -515,6 +512,7 @@ impl Rejection {
             Self::Mismatch => "idempotency_key_reused",
             Self::Conflict => "idempotency_key_in_flight",
             Self::StoreUnavailable => "idempotency_store_unavailable",
+            Self::OutcomeUnknown => "idempotency_outcome_unknown",
         }
     }
 
@@ -526,12 +524,19 @@ impl Rejection {
             Self::Mismatch => "the idempotency key was already used with a different request",
             Self::Conflict => "a request with this idempotency key is still being processed",
             Self::StoreUnavailable => "idempotency cannot be guaranteed right now; retry later",
+            Self::OutcomeUnknown => {
+                "the request with this idempotency key failed while it executed; its outcome is unknown"
+            }
         }
     }
 
-    fn response<ResB>(self, grpc: bool) -> Response<IdempotencyBody<ResB>> {
-        let mut response = if grpc {
-            tonic::Status::new(self.grpc_code(), self.message()).into_http()
+    /// The response, as a store would keep it.
+    fn stored(self, grpc: bool) -> StoredResponse {
+        let (status, mut headers, body) = if grpc {
+            let (parts, ()) = tonic::Status::new(self.grpc_code(), self.message())
+                .into_http::<()>()
+                .into_parts();
+            (parts.status, parts.headers, Bytes::new())
         } else {
             let status = self.http_status();
             let body = serde_json::json!({
@@ -541,23 +546,26 @@ impl Rejection {
                 "detail": self.message(),
                 "code": self.code(),
             });
-            let mut response = Response::new(IdempotencyBody::buffered(
-                Bytes::from(body.to_string()),
-                None,
-            ));
-            *response.status_mut() = status;
-            response.headers_mut().insert(
+            let mut headers = HeaderMap::new();
+            headers.insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("application/problem+json"),
             );
-            response
+            (status, headers, Bytes::from(body.to_string()))
         };
         if matches!(self, Self::Conflict | Self::StoreUnavailable) {
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        response
+        StoredResponse {
+            status,
+            headers,
+            body,
+            trailers: None,
+        }
+    }
+
+    fn response<ResB>(self, grpc: bool) -> Response<IdempotencyBody<ResB>> {
+        respond(self.stored(grpc))
     }
 }
 
@@ -622,36 +630,21 @@ fn outcome(
         })
 }
 
-fn replay<ResB>(stored: StoredResponse) -> Response<IdempotencyBody<ResB>> {
+/// `stored` as a response.
+fn respond<ResB>(stored: StoredResponse) -> Response<IdempotencyBody<ResB>> {
     let mut response = Response::new(IdempotencyBody::buffered(stored.body, stored.trailers));
     *response.status_mut() = stored.status;
     *response.headers_mut() = stored.headers;
     response
+}
+
+/// `stored` as the response to a repeat.
+fn replay<ResB>(stored: StoredResponse) -> Response<IdempotencyBody<ResB>> {
+    let mut response = respond(stored);
+    response
         .headers_mut()
         .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
     response
-}
-
-/// Releases a claim unless disarmed; if dropped armed (the request future was dropped), the
-/// release runs on a spawned task (without a runtime, the claim expires with its lease).
-struct ClaimGuard {
-    store: Arc<dyn IdempotencyStore>,
-    stats: IdempotencyStats,
-    key: String,
-    lease: Option<Lease>,
-}
-
-impl ClaimGuard {
-    async fn release(mut self) {
-        if let Some(lease) = self.lease.clone() {
-            release(&*self.store, &self.stats, &self.key, &lease).await;
-        }
-        self.lease = None;
-    }
-
-    fn disarm(mut self) {
-        self.lease = None;
-    }
 }
 
 async fn release(store: &dyn IdempotencyStore, stats: &IdempotencyStats, key: &str, lease: &Lease) {
@@ -666,65 +659,202 @@ async fn release(store: &dyn IdempotencyStore, stats: &IdempotencyStats, key: &s
     }
 }
 
-impl Drop for ClaimGuard {
-    fn drop(&mut self) {
-        let Some(lease) = self.lease.take() else {
-            return;
-        };
-        let (store, stats, key) = (
-            Arc::clone(&self.store),
-            self.stats.clone(),
-            std::mem::take(&mut self.key),
-        );
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                tracing::debug!(
-                    key,
-                    "idempotent request dropped in flight; releasing its key"
-                );
-                drop(handle.spawn(async move { release(&*store, &stats, &key, &lease).await }));
-            }
-            Err(_) => tracing::warn!(
-                key,
-                "no runtime to release an idempotency claim; it expires with its lease"
-            ),
-        }
-    }
-}
+/// After a renewal or a completion the store failed, the next try comes this soon (at most).
+const STORE_RETRY: Duration = Duration::from_millis(200);
 
-/// Drives `future` while renewing `lease` every third of its length.
+/// Drives `future` while renewing `lease` every third of its length, and after a failed renewal
+/// every [`STORE_RETRY`] (so a short store outage does not cost the claim); the renewal runs
+/// beside the future, never holding it up. Returns the future's output and when the claim was
+/// last known to be held (`held` at first).
 async fn leased<F: Future>(
     future: F,
     store: &dyn IdempotencyStore,
     key: &str,
     lease: &Lease,
     length: Duration,
-) -> F::Output {
+    mut held: tokio::time::Instant,
+) -> (F::Output, tokio::time::Instant) {
     let mut future = std::pin::pin!(future);
     let period = length / 3;
+    let mut timer = Box::pin(tokio::time::sleep(period));
+    let mut renewal: Option<(StoreFuture<'_, bool>, tokio::time::Instant)> = None;
+    let mut lost = false;
+    let output = std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+            return Poll::Ready(output);
+        }
+        loop {
+            if let Some((renew, sent)) = renewal.as_mut() {
+                let Poll::Ready(result) = renew.as_mut().poll(cx) else {
+                    return Poll::Pending;
+                };
+                let next = match result {
+                    Ok(true) => {
+                        held = *sent;
+                        period
+                    }
+                    Ok(false) => {
+                        lost = true;
+                        tracing::warn!(key, "idempotency claim lost while the request ran");
+                        period
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, key, "idempotency claim not renewed; retrying");
+                        STORE_RETRY.min(period)
+                    }
+                };
+                renewal = None;
+                timer.as_mut().reset(tokio::time::Instant::now() + next);
+            }
+            if lost || timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            renewal = Some((store.renew(key, lease, length), tokio::time::Instant::now()));
+        }
+    })
+    .await;
+    (output, held)
+}
+
+/// Stores `stored` as the outcome of the key's execution. A store failure is retried (every
+/// [`STORE_RETRY`] at most) for as long as the claim can still be ours, i.e. until a lease has
+/// passed since it was last known to be held (`held`): giving up at once would leave the key
+/// to lapse one lease later and a retry to execute again.
+async fn complete(
+    config: &Config,
+    key: &str,
+    lease: &Lease,
+    stored: &StoredResponse,
+    held: tokio::time::Instant,
+) {
+    let stats = &config.stats;
+    let mut step = Duration::from_millis(25);
     loop {
-        tokio::select! {
-            biased;
-            output = &mut future => return output,
-            () = tokio::time::sleep(period) => match store.renew(key, lease, length).await {
-                Ok(true) => {}
-                Ok(false) => tracing::warn!(key, "idempotency claim lost while the request ran"),
-                Err(error) => tracing::warn!(%error, key, "idempotency claim not renewed"),
-            },
+        match config.store.complete(key, lease, stored, config.ttl).await {
+            Ok(true) => return,
+            Ok(false) => {
+                tracing::warn!(key, "idempotency claim lost before the response was stored");
+                return;
+            }
+            Err(error) => {
+                IdempotencyStats::add(&stats.inner.store_errors);
+                let now = tokio::time::Instant::now();
+                if now + step >= held + config.lease {
+                    tracing::error!(
+                        %error,
+                        key,
+                        "response not stored and the claim's lease ran out: a retry with this key may execute again"
+                    );
+                    return;
+                }
+                tracing::warn!(%error, key, "response not stored yet; retrying");
+                tokio::time::sleep(step).await;
+                step = (step * 2).min(STORE_RETRY);
+            }
         }
     }
 }
 
-async fn keyed<S, B, ResB>(
+/// What is stored (and answered) for an execution whose outcome the layer cannot know: the
+/// handler panicked, the service failed, or the response body failed after its head.
+fn unknown_outcome(grpc: bool) -> (Outcome, StoredResponse) {
+    let outcome = if grpc {
+        Outcome::Grpc(tonic::Code::Unknown)
+    } else {
+        Outcome::Http(StatusCode::INTERNAL_SERVER_ERROR)
+    };
+    (outcome, Rejection::OutcomeUnknown.stored(grpc))
+}
+
+/// Runs a claimed request to its end and stores (or releases) its outcome: the half of a keyed
+/// request that [`keyed`] spawns, so that nothing the caller does (disconnecting, resetting the
+/// stream, its deadline passing) stops a handler half-way and frees its key while side effects
+/// may have happened. A handler that panics counts as an unknown outcome.
+async fn execute<S, B, ResB>(
     mut inner: S,
+    config: Arc<Config>,
+    key: String,
+    lease: Lease,
+    held: tokio::time::Instant,
+    grpc: bool,
+    request: Request<IdempotencyBody<B>>,
+) -> Result<Response<IdempotencyBody<ResB>>, S::Error>
+where
+    S: Service<Request<IdempotencyBody<B>>, Response = Response<ResB>>,
+    ResB: Body<Data = Bytes>,
+    ResB::Error: Into<BoxError>,
+{
+    use futures::FutureExt;
+    let store = &*config.store;
+    let run = async {
+        let response = inner.call(request).await?;
+        let (parts, body) = response.into_parts();
+        let collected = body.collect().await.map_err(Into::into);
+        Ok::<_, S::Error>((parts, collected))
+    };
+    let run = std::panic::AssertUnwindSafe(run).catch_unwind();
+    let (ran, held) = leased(run, store, &key, &lease, config.lease, held).await;
+    // What the caller gets, and what is kept for a repeat (per the classification).
+    let (answer, outcome, stored) = match ran {
+        Ok(Ok((parts, Ok(collected)))) => {
+            let trailers = collected.trailers().cloned();
+            let body = collected.to_bytes();
+            let outcome = outcome(grpc, parts.status, &parts.headers, trailers.as_ref());
+            let mut headers = HeaderMap::with_capacity(parts.headers.len());
+            for (name, value) in &parts.headers {
+                if !is_hop_by_hop(name) {
+                    headers.append(name.clone(), value.clone());
+                }
+            }
+            let stored = StoredResponse {
+                status: parts.status,
+                headers,
+                body: body.clone(),
+                trailers: trailers.clone(),
+            };
+            let answer = Ok(Response::from_parts(
+                parts,
+                IdempotencyBody::buffered(body, trailers),
+            ));
+            (answer, outcome, stored)
+        }
+        Ok(Ok((parts, Err(error)))) => {
+            tracing::warn!(%error, key, "response body failed; the outcome is unknown");
+            let (outcome, stored) = unknown_outcome(grpc);
+            let answer = Ok(Response::from_parts(parts, IdempotencyBody::failed(error)));
+            (answer, outcome, stored)
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(key, "the service failed; the outcome is unknown");
+            let (outcome, stored) = unknown_outcome(grpc);
+            (Err(error), outcome, stored)
+        }
+        Err(_panic) => {
+            tracing::error!(key, "the handler panicked; the outcome is unknown");
+            let (outcome, stored) = unknown_outcome(grpc);
+            let answer = Ok(respond(stored.clone()));
+            (answer, outcome, stored)
+        }
+    };
+    match (config.classify)(outcome) {
+        Disposition::Release => release(store, &config.stats, &key, &lease).await,
+        Disposition::Store => complete(&config, &key, &lease, &stored, held).await,
+    }
+    answer
+}
+
+async fn keyed<S, B, ResB>(
+    inner: S,
     config: Arc<Config>,
     request: Request<B>,
 ) -> Result<Response<IdempotencyBody<ResB>>, S::Error>
 where
-    S: Service<Request<IdempotencyBody<B>>, Response = Response<ResB>>,
-    B: Body<Data = Bytes>,
+    S: Service<Request<IdempotencyBody<B>>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
-    ResB: Body<Data = Bytes>,
+    ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
     let stats = &config.stats;
@@ -755,7 +885,8 @@ where
     // Capped (100 years): `Duration::MAX` as "wait forever" must not overflow the clock.
     let deadline = keel_breaker::deadline::Deadline::after(config.wait_timeout).0;
     let mut step = FIRST_WAIT_STEP;
-    let lease = loop {
+    let (lease, held) = loop {
+        let asked = tokio::time::Instant::now();
         let claim = match store.claim(&key, fingerprint, config.lease).await {
             Ok(claim) => claim,
             Err(error) => {
@@ -765,7 +896,7 @@ where
             }
         };
         match claim {
-            Claim::Acquired(lease) => break lease,
+            Claim::Acquired(lease) => break (lease, asked),
             Claim::Completed {
                 fingerprint: stored,
                 ..
@@ -794,75 +925,22 @@ where
     };
 
     IdempotencyStats::add(&stats.inner.executed);
-    let guard = ClaimGuard {
-        store: Arc::clone(&config.store),
-        stats: stats.clone(),
-        key: key.clone(),
-        lease: Some(lease.clone()),
-    };
     let request = Request::from_parts(parts, IdempotencyBody::buffered(body, request_trailers));
-    let run = async {
-        let response = inner.call(request).await?;
-        let (parts, body) = response.into_parts();
-        let collected = body.collect().await.map_err(Into::into);
-        Ok::<_, S::Error>((parts, collected))
-    };
-    let (parts, collected) = match leased(run, store, &key, &lease, config.lease).await {
-        Ok(done) => done,
-        Err(error) => {
-            guard.release().await;
-            return Err(error);
-        }
-    };
-    let (body, trailers) = match collected {
-        Ok(collected) => {
-            let trailers = collected.trailers().cloned();
-            (collected.to_bytes(), trailers)
-        }
-        Err(error) => {
-            tracing::warn!(%error, key, "response body failed; idempotency key released");
-            guard.release().await;
-            return Ok(Response::from_parts(parts, IdempotencyBody::failed(error)));
-        }
-    };
-
-    match (config.classify)(outcome(
-        grpc,
-        parts.status,
-        &parts.headers,
-        trailers.as_ref(),
-    )) {
-        Disposition::Release => guard.release().await,
-        Disposition::Store => {
-            let mut headers = HeaderMap::with_capacity(parts.headers.len());
-            for (name, value) in &parts.headers {
-                if !is_hop_by_hop(name) {
-                    headers.append(name.clone(), value.clone());
-                }
-            }
-            let stored = StoredResponse {
-                status: parts.status,
-                headers,
-                body: body.clone(),
-                trailers: trailers.clone(),
-            };
-            match store.complete(&key, &lease, &stored, config.ttl).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::warn!(key, "idempotency claim lost before the response was stored");
-                }
-                Err(error) => {
-                    IdempotencyStats::add(&stats.inner.store_errors);
-                    tracing::error!(%error, key, "response not stored; its key stays claimed until the lease ends");
-                }
-            }
-            guard.disarm();
-        }
+    let execution = execute(inner, Arc::clone(&config), key, lease, held, grpc, request);
+    // The execution owns the claim from here: spawned, it runs to its end even when this
+    // request's future is dropped (see `execute`).
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    drop(tokio::spawn(tracing::Instrument::in_current_span(
+        async move {
+            let _ = tx.send(execution.await);
+        },
+    )));
+    match rx.await {
+        Ok(answer) => answer,
+        // The task did not finish: the runtime is shutting down. The claim stays until its
+        // lease runs out.
+        Err(_) => Ok(Rejection::OutcomeUnknown.response(grpc)),
     }
-    Ok(Response::from_parts(
-        parts,
-        IdempotencyBody::buffered(body, trailers),
-    ))
 }
 
 #[cfg(test)]

@@ -302,14 +302,14 @@ async fn a_concurrent_duplicate_waits_for_the_first_and_gets_its_response() {
 #[tokio::test(start_paused = true)]
 async fn a_duplicate_gets_a_conflict_when_the_first_outlasts_the_wait() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let proceed = Arc::new(Notify::new());
+    let proceed = Arc::new(tokio::sync::Semaphore::new(0));
     let handler = {
         let (calls, proceed) = (calls.clone(), proceed.clone());
         service_fn(move |_: Req| {
             let (calls, proceed) = (calls.clone(), proceed.clone());
             async move {
                 calls.fetch_add(1, Ordering::SeqCst);
-                proceed.notified().await;
+                let _pass = proceed.acquire_owned().await;
                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
             }
         })
@@ -336,61 +336,241 @@ async fn a_duplicate_gets_a_conflict_when_the_first_outlasts_the_wait() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let still = send(&service, request("/pay", Some("k"), "a")).await;
     assert_eq!(still.status, StatusCode::CONFLICT);
-    proceed.notify_one();
+    proceed.add_permits(1);
     assert_eq!(first.await.unwrap().body, "done");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(layer.stats().conflicts(), 2);
 }
 
+/// A handler that may have had side effects is never run again for its key: not when the
+/// service returned an error, not when it panicked, not when it answered 500, and not when the
+/// caller went away while it ran (it runs to its end and its response is stored).
 #[tokio::test]
-async fn inner_errors_and_cancellation_release_the_key() {
+async fn failed_panicked_and_abandoned_executions_are_not_repeated() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let entered = Arc::new(Notify::new());
+    // The handler of `/pay` waits for `proceed` (an owned receiver: nothing borrowed is held
+    // across an await, which the generic `Send` check of a spawned call cannot see through).
+    let (proceed, gate) = tokio::sync::oneshot::channel::<()>();
+    let gate = Arc::new(std::sync::Mutex::new(Some(gate)));
+    let (entered, finished) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let handler = {
-        let (calls, entered) = (calls.clone(), entered.clone());
-        service_fn(move |_: Req| {
-            let (calls, entered) = (calls.clone(), entered.clone());
+        let (calls, entered, gate, finished) = (
+            calls.clone(),
+            entered.clone(),
+            gate.clone(),
+            finished.clone(),
+        );
+        service_fn(move |request: Req| {
+            let (calls, entered, finished) = (calls.clone(), entered.clone(), finished.clone());
+            let gate = Arc::clone(&gate);
             async move {
-                match calls.fetch_add(1, Ordering::SeqCst) + 1 {
+                calls.fetch_add(1, Ordering::SeqCst);
+                // Decided before any await: nothing borrowed is held across one.
+                let path = match request.uri().path() {
+                    "/error" => 1,
+                    "/panic" => 2,
+                    "/500" => 3,
+                    _ => 0,
+                };
+                match path {
                     1 => Err::<Response<Full<Bytes>>, BoxError>("boom".into()),
-                    2 => {
-                        entered.notify_one();
-                        std::future::pending().await
+                    2 => panic!("handler bug"),
+                    3 => {
+                        let mut response = Response::new(Full::new(Bytes::from_static(b"db down")));
+                        *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                        Ok(response)
                     }
-                    _ => Ok(Response::new(Full::new(Bytes::from_static(b"ok")))),
+                    _ => {
+                        entered.notify_one();
+                        let gate = gate.lock().unwrap().take();
+                        if let Some(gate) = gate {
+                            let _ = gate.await;
+                        }
+                        finished.notify_one();
+                        Ok(Response::new(Full::new(Bytes::from_static(b"done"))))
+                    }
                 }
             }
         })
     };
     let layer = IdempotencyLayer::new(MemoryStore::new());
     let service = layer.layer(handler);
+
     let error = service
         .clone()
-        .oneshot(request("/pay", Some("k"), "a"))
+        .oneshot(request("/error", Some("k"), "a"))
         .await
         .unwrap_err();
     assert_eq!(error.to_string(), "boom");
+    let again = send(&service, request("/error", Some("k"), "a")).await;
+    assert_eq!(again.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(again.replayed());
+    assert!(
+        String::from_utf8_lossy(&again.body).contains("idempotency_outcome_unknown"),
+        "{again:?}"
+    );
 
-    let cancelled = tokio::spawn({
-        let service = service.clone();
-        async move { send(&service, request("/pay", Some("k"), "a")).await }
-    });
+    let panicked = send(&service, request("/panic", Some("k"), "a")).await;
+    assert_eq!(panicked.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let again = send(&service, request("/panic", Some("k"), "a")).await;
+    assert!(again.replayed() && again.status == StatusCode::INTERNAL_SERVER_ERROR);
+    // A panic of a gRPC handler is an UNKNOWN status.
+    let mut grpc = grpc_request("g", "a");
+    *grpc.uri_mut() = http::Uri::from_static("/panic");
+    let panicked = send(&service, grpc).await;
+    assert_eq!(panicked.headers[GRPC_STATUS], "2");
+
+    let failed = send(&service, request("/500", Some("k"), "a")).await;
+    let again = send(&service, request("/500", Some("k"), "a")).await;
+    assert!(!failed.replayed() && again.replayed());
+    assert_eq!((again.status, again.body), (failed.status, failed.body));
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+
+    // The caller goes away while the handler runs: the handler is not stopped.
+    let abandoned = tokio::spawn(service.clone().oneshot(request("/pay", Some("k"), "a")));
     entered.notified().await;
-    cancelled.abort();
-    let _ = cancelled.await;
-
-    let reply = keel_testkit::eventually("the key is released", Duration::from_secs(5), || {
+    abandoned.abort();
+    assert!(abandoned.await.unwrap_err().is_cancelled());
+    proceed.send(()).unwrap();
+    finished.notified().await;
+    let reply = keel_testkit::eventually("the response is stored", Duration::from_secs(5), || {
         let service = service.clone();
         async move {
             let reply = send(&service, request("/pay", Some("k"), "a")).await;
-            (reply.status == StatusCode::OK).then_some(reply)
+            reply.replayed().then_some(reply)
         }
     })
     .await
     .unwrap();
-    assert_eq!(reply.body, "ok");
-    assert_eq!(calls.load(Ordering::SeqCst), 3);
-    assert_eq!(layer.stats().released(), 2);
+    assert_eq!(reply.body, "done");
+    assert_eq!(calls.load(Ordering::SeqCst), 5);
+    assert_eq!(layer.stats().released(), 0);
+}
+
+/// A store that fails its first `fails` completions and renewals (then works as `inner`).
+#[derive(Debug)]
+struct Flaky {
+    inner: MemoryStore,
+    complete_fails: AtomicUsize,
+    renew_fails: AtomicUsize,
+}
+
+impl Flaky {
+    fn new(complete_fails: usize, renew_fails: usize) -> Self {
+        Self {
+            inner: MemoryStore::new(),
+            complete_fails: AtomicUsize::new(complete_fails),
+            renew_fails: AtomicUsize::new(renew_fails),
+        }
+    }
+}
+
+fn take_one(counter: &AtomicUsize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+impl IdempotencyStore for Flaky {
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        f: Fingerprint,
+        lease: Duration,
+    ) -> StoreFuture<'a, Claim> {
+        self.inner.claim(key, f, lease)
+    }
+    fn renew<'a>(&'a self, key: &'a str, lease: &'a Lease, ttl: Duration) -> StoreFuture<'a, bool> {
+        if take_one(&self.renew_fails) {
+            return Box::pin(async { Err(StoreError::new("timed out")) });
+        }
+        self.inner.renew(key, lease, ttl)
+    }
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        lease: &'a Lease,
+        response: &'a StoredResponse,
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
+        if take_one(&self.complete_fails) {
+            return Box::pin(async { Err(StoreError::new("timed out")) });
+        }
+        self.inner.complete(key, lease, response, ttl)
+    }
+    fn release<'a>(&'a self, key: &'a str, lease: &'a Lease) -> StoreFuture<'a, bool> {
+        self.inner.release(key, lease)
+    }
+}
+
+/// A response the store failed to take is stored on a later try, so its key does not lapse
+/// with the lease and a retry is answered from it.
+#[tokio::test(start_paused = true)]
+async fn a_failed_completion_is_retried_within_the_lease() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(Flaky::new(3, 0)).lease(Duration::from_secs(1));
+    let service = layer.layer(counting(calls.clone()));
+    let first = send(&service, request("/pay", Some("k"), "a")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = send(&service, request("/pay", Some("k"), "a")).await;
+    assert!(again.replayed(), "{again:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.stats().store_errors(), 3);
+}
+
+/// A renewal the store fails is tried again soon, not a third of a lease later: a handler that
+/// outlives its lease keeps its claim through a short store outage, and a duplicate waits.
+#[tokio::test(start_paused = true)]
+async fn a_failed_renewal_is_retried_before_the_lease_runs_out() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let proceed = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = {
+        let (calls, proceed) = (calls.clone(), proceed.clone());
+        service_fn(move |_: Req| {
+            let (calls, proceed) = (calls.clone(), proceed.clone());
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let _pass = proceed.acquire_owned().await;
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
+            }
+        })
+    };
+    // Lease 3 s: renewals due every second; the first two fail.
+    let layer = IdempotencyLayer::new(Flaky::new(0, 2))
+        .lease(Duration::from_secs(3))
+        .wait_timeout(Duration::ZERO);
+    let service = layer.layer(handler);
+    let first = tokio::spawn({
+        let service = service.clone();
+        async move { send(&service, request("/pay", Some("k"), "a")).await }
+    });
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let duplicate = tokio::time::timeout(
+        Duration::from_secs(5),
+        send(&service, request("/pay", Some("k"), "a")),
+    )
+    .await
+    .expect("the duplicate executed and waits for the gate");
+    assert_eq!(duplicate.status, StatusCode::CONFLICT, "the claim was kept");
+    proceed.add_permits(1);
+    assert_eq!(first.await.unwrap().body, "done");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// `Duration::MAX` as "keep for ever" (TTL) or "hold as long as it runs" (lease) does not
+/// overflow a store's clock (a panic after the handler ran).
+#[tokio::test]
+async fn the_longest_ttl_and_lease_are_accepted() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .ttl(Duration::MAX)
+        .lease(Duration::MAX);
+    let service = layer.layer(counting(calls.clone()));
+    let first = send(&service, request("/pay", Some("k"), "a")).await;
+    let second = send(&service, request("/pay", Some("k"), "a")).await;
+    assert!(!first.replayed() && second.replayed());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
 #[derive(Debug)]
@@ -489,24 +669,20 @@ async fn memory_records_expire_after_the_ttl() {
 fn default_classification() {
     use tonic::Code;
     let release = |o| default_disposition(o) == Disposition::Release;
-    for status in [408, 429, 500, 502, 503, 504] {
+    for status in [408, 429, 503] {
         assert!(
             release(Outcome::Http(StatusCode::from_u16(status).unwrap())),
             "{status}"
         );
     }
-    for status in [200, 201, 204, 400, 402, 404, 409, 422] {
+    // A failure that may come after a side effect is stored: its retry must not repeat it.
+    for status in [200, 201, 204, 400, 402, 404, 409, 422, 500, 502, 504] {
         assert!(
             !release(Outcome::Http(StatusCode::from_u16(status).unwrap())),
             "{status}"
         );
     }
-    for code in [
-        Code::Unavailable,
-        Code::ResourceExhausted,
-        Code::Internal,
-        Code::Aborted,
-    ] {
+    for code in [Code::Unavailable, Code::ResourceExhausted, Code::Aborted] {
         assert!(release(Outcome::Grpc(code)), "{code:?}");
     }
     for code in [
@@ -514,10 +690,15 @@ fn default_classification() {
         Code::InvalidArgument,
         Code::FailedPrecondition,
         Code::NotFound,
+        Code::Internal,
+        Code::Unknown,
+        Code::DeadlineExceeded,
+        Code::Cancelled,
+        Code::DataLoss,
     ] {
         assert!(!release(Outcome::Grpc(code)), "{code:?}");
     }
-    assert!(release(Outcome::GrpcMissingStatus));
+    assert!(!release(Outcome::GrpcMissingStatus));
     let mut headers = HeaderMap::new();
     assert_eq!(
         outcome(true, StatusCode::OK, &headers, None),
