@@ -16,6 +16,15 @@ use tokio::time::Instant;
 
 use crate::watch::Instances;
 
+/// The longest wait Keel's timers take (100 years): a configured window beyond it, such as
+/// `Duration::MAX`, is treated as this long instead of overflowing the clock.
+pub(crate) const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// `now + wait`, with `wait` capped at [`FAR_FUTURE`] (never a panic on overflow).
+pub(crate) fn deadline_after(now: Instant, wait: Duration) -> Instant {
+    now.checked_add(wait.min(FAR_FUTURE)).unwrap_or(now)
+}
+
 /// When a removal is "mass", and how long it is held.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MassRemovalPolicy {
@@ -43,7 +52,8 @@ impl MassRemovalPolicy {
     }
 
     /// How long a mass removal is held before it is re-checked and applied (zero disables the
-    /// hold).
+    /// hold). A hold longer than 100 years (for example `Duration::MAX`, "until it heals") is
+    /// capped at 100 years instead of overflowing the clock.
     pub fn with_hold(mut self, hold: Duration) -> Self {
         self.hold = hold;
         self
@@ -167,7 +177,7 @@ impl HeldView {
         if self.held_until.is_some() {
             (Applied::StillHeld, changed)
         } else {
-            self.held_until = Some(now + self.policy.hold);
+            self.held_until = Some(deadline_after(now, self.policy.hold));
             (Applied::HoldStarted, changed)
         }
     }
@@ -241,6 +251,26 @@ mod tests {
         let mut off = HeldView::new(MassRemovalPolicy::default().with_hold(Duration::ZERO));
         off.apply(&view(&["a", "b", "c"]), Instant::now());
         assert_eq!(off.apply(&view(&[]), Instant::now()), Applied::AsIs);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hold_of_duration_max_holds_without_overflowing_the_clock() {
+        let policy = MassRemovalPolicy::default().with_hold(Duration::MAX);
+        let mut v = HeldView::new(policy);
+        v.apply(&view(&["a", "b", "c"]), Instant::now());
+        let start = Instant::now();
+        assert_eq!(v.apply(&view(&["a"]), start), Applied::HoldStarted);
+        assert_eq!(v.deadline(), Some(start + FAR_FUTURE));
+        tokio::time::advance(Duration::from_secs(365 * 24 * 60 * 60)).await;
+        assert_eq!(v.apply(&view(&["a"]), Instant::now()), Applied::StillHeld);
+        assert_eq!(ids(&v), ["a", "b", "c"]);
+        // A debounce window takes its deadline the same way.
+        let now = Instant::now();
+        assert_eq!(deadline_after(now, Duration::MAX), now + FAR_FUTURE);
+        assert_eq!(
+            deadline_after(now, Duration::from_millis(5)),
+            now + Duration::from_millis(5)
+        );
     }
 
     #[test]

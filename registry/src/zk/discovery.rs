@@ -19,7 +19,7 @@ use zookeeper_client::{self as zk, AddWatchMode, Client, EventType, SessionState
 use super::session::SessionSlot;
 use super::{Stats, ZkConfig};
 use crate::dialect::{DecodeError, Dialect, dubbo, spring};
-use crate::hold::{Applied, HeldView};
+use crate::hold::{Applied, HeldView, deadline_after};
 use crate::watch::{Published, publish_changes};
 
 pub(crate) struct ServiceWatch {
@@ -213,7 +213,7 @@ impl ServiceWatch {
             return batch;
         }
         if !self.debounce.is_zero() {
-            let until = Instant::now() + self.debounce;
+            let until = deadline_after(Instant::now(), self.debounce);
             while let Ok(event) = tokio::time::timeout_at(until, watcher.changed()).await {
                 let stop = terminal(&event);
                 batch.push(event);

@@ -110,7 +110,8 @@ impl ZkConfig {
     /// change spread over several transactions (many providers' sessions expiring, one
     /// transaction each) reaches the [`MassRemovalPolicy`] as a whole. Applying the first event at
     /// once and batching only what follows would let the first removal of such a change
-    /// through unheld.
+    /// through unheld. A window longer than 100 years (such as `Duration::MAX`) is capped
+    /// at 100 years instead of overflowing the clock.
     pub fn with_debounce(mut self, debounce: Duration) -> Self {
         self.debounce = debounce;
         self
