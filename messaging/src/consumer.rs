@@ -128,7 +128,10 @@ impl ConsumerBuilder {
 /// - Kafka: group `group`; partitions are handled concurrently, each in offset order; offsets are
 ///   committed only up to the last contiguous handled message; on a rebalance, in-flight
 ///   handlers of revoked partitions are drained and their offsets committed before the
-///   partitions are released. Dead letters go to topic `<topic>.<group>.dlq`.
+///   partitions are released. Dead letters go to topic `<topic>.<group>.dlq`. A record with a
+///   header name that is not UTF-8 is a poison message: it is dead-lettered without running the
+///   handler, with a reason naming the header (the dead letter carries that name decoded
+///   lossily, invalid bytes as U+FFFD).
 /// - RabbitMQ: consumers of the same destination compete on its durable queue (`group` names the
 ///   consumer); prefetch bounds what is in flight; a dropped connection is re-established with
 ///   backoff and consumption resumes (unacknowledged messages are redelivered by the broker).

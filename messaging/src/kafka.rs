@@ -21,7 +21,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers as _, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message};
@@ -377,7 +377,7 @@ impl DeadLetters {
         error: &str,
         stop: &CancellationToken,
     ) -> bool {
-        let mut headers = kafka_headers(m);
+        let (mut headers, _) = kafka_headers(m);
         headers
             .insert(headers::DLQ_ORIGINAL_DESTINATION, m.topic())
             .insert(headers::DLQ_ORIGINAL_PARTITION, m.partition().to_string())
@@ -417,27 +417,50 @@ impl DeadLetters {
     }
 }
 
-fn kafka_headers(m: &OwnedMessage) -> Headers {
+/// The record's headers, and why the record is malformed if it is.
+///
+/// A header name that is not UTF-8 makes the record a poison message: Keel's headers are
+/// string-named, and a payments handler must not act on a record whose headers it cannot read
+/// as they were written. The record is dead-lettered without running the handler, with a
+/// reason naming the header; the dead letter (and these headers) carry the name decoded lossily
+/// (invalid bytes as U+FFFD).
+fn kafka_headers(m: &OwnedMessage) -> (Headers, Option<String>) {
     let mut out = Headers::new();
+    let mut malformed = None;
     if let Some(h) = m.headers() {
-        for header in h.iter() {
-            out.append(header.key, header.value.unwrap_or_default());
+        for header in crate::kafka_native::raw_headers(h.as_borrowed()) {
+            let name = match std::str::from_utf8(header.name) {
+                Ok(name) => name.to_owned(),
+                Err(_) => {
+                    malformed.get_or_insert_with(|| {
+                        format!(
+                            "record header name b\"{}\" is not UTF-8",
+                            header.name.escape_ascii()
+                        )
+                    });
+                    String::from_utf8_lossy(header.name).into_owned()
+                }
+            };
+            out.append(name, header.value.unwrap_or_default());
         }
     }
-    out
+    (out, malformed)
 }
 
-fn received(m: &OwnedMessage) -> Received {
-    Received {
+/// The message as handlers see it, and why it is malformed if it is (see [`kafka_headers`]).
+fn received(m: &OwnedMessage) -> (Received, Option<String>) {
+    let (headers, malformed) = kafka_headers(m);
+    let received = Received {
         destination: m.topic().to_owned(),
         key: m.key().map(Bytes::copy_from_slice),
         payload: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
-        headers: kafka_headers(m),
+        headers,
         partition: Some(m.partition()),
         offset: Some(m.offset()),
         redelivered: false,
         attempt: 0,
-    }
+    };
+    (received, malformed)
 }
 
 struct Worker<H> {
@@ -463,14 +486,25 @@ impl<H: Handler> Worker<H> {
             if !busy.enter(&stop) {
                 break;
             }
-            let done =
-                match process(&*self.handler, received(&m), &self.policy, &stop, "kafka").await {
-                    Outcome::Handled => true,
-                    Outcome::DeadLetter { attempts, error } => {
-                        self.dead.send(&m, attempts, &error, &stop).await
+            let outcome = match received(&m) {
+                (_, Some(malformed)) => {
+                    tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), reason = %malformed, "malformed record dead-lettered");
+                    Outcome::DeadLetter {
+                        attempts: 0,
+                        error: malformed,
                     }
-                    Outcome::Abandoned => false,
-                };
+                }
+                (message, None) => {
+                    process(&*self.handler, message, &self.policy, &stop, "kafka").await
+                }
+            };
+            let done = match outcome {
+                Outcome::Handled => true,
+                Outcome::DeadLetter { attempts, error } => {
+                    self.dead.send(&m, attempts, &error, &stop).await
+                }
+                Outcome::Abandoned => false,
+            };
             if done
                 && let Err(error) = self
                     .consumer

@@ -64,6 +64,8 @@ mod retry;
 mod amqp;
 #[cfg(feature = "kafka")]
 mod kafka;
+#[cfg(feature = "kafka")]
+mod kafka_native;
 
 pub use broker::Broker;
 pub use codec::{Codec, Json, Protobuf, TypedPublisher, typed};

@@ -321,3 +321,105 @@ async fn shutdown_finishes_the_handler_in_flight_and_commits_it() {
     publisher.close().await.unwrap();
     kafka_delete_topic(KAFKA, &topic).await;
 }
+
+/// Produces `payload` (key `k`) to `topic` with a header whose name is the bytes `name`, which
+/// rdkafka's safe API cannot write (it takes `&str` names): added through librdkafka's C API.
+async fn produce_with_raw_header_name(topic: &str, name: &[u8], payload: &str) {
+    let headers = rdkafka::message::OwnedHeaders::new();
+    let native = std::ptr::from_ref(headers.as_borrowed())
+        .cast_mut()
+        .cast::<rdkafka::bindings::rd_kafka_headers_t>();
+    let value = b"acme";
+    // SAFETY: `native` is the headers object `headers` owns (nothing else refers to it yet);
+    // name and value are valid for their lengths, which librdkafka copies.
+    #[allow(unsafe_code)]
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_header_add(
+            native,
+            name.as_ptr().cast(),
+            isize::try_from(name.len()).unwrap(),
+            value.as_ptr().cast(),
+            isize::try_from(value.len()).unwrap(),
+        )
+    };
+    assert_eq!(
+        err,
+        rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
+    );
+    let producer = keel_testkit::smoke::kafka_producer(KAFKA).unwrap();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(topic)
+                .key("k")
+                .payload(payload)
+                .headers(headers),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}
+
+/// A record whose header name is not UTF-8 (rdkafka's header reader panics on it, which killed
+/// the partition's worker and stalled the partition) is dead-lettered without running the
+/// handler, with a reason naming the header; the record after it on the partition is handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_the_partition_goes_on() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let topic = unique("keel-msg-badheader");
+    let group = unique("g");
+    let publisher = Publisher::connect(BROKER).await.unwrap();
+    publisher.declare(&topic, 1).await.unwrap();
+    produce_with_raw_header_name(&topic, b"tenant-\xff\xfe", "{\"seq\":0}").await;
+    for r in publisher.send_batch(common::batch(&topic, 1, 2, 1)).await {
+        r.unwrap();
+    }
+
+    let handled = Seen::default();
+    let stop = CancellationToken::new();
+    let c = consumer(&topic, &group).build().unwrap();
+    let dlq = c.dead_letter_destination();
+    let run = tokio::spawn(c.run(handled.handler(), stop.clone().cancelled_owned()));
+    eventually(
+        "the record after the malformed one handled",
+        WAIT,
+        || async { (handled.distinct() == 1).then_some(()) },
+    )
+    .await
+    .unwrap();
+    assert_eq!(handled.missing(1..2), Vec::<u64>::new());
+    assert_eq!(
+        handled.handled(),
+        1,
+        "the malformed record never reached the handler"
+    );
+
+    let reader = kafka_consumer(KAFKA, &unique("dlq-reader"), &dlq).unwrap();
+    let letter = tokio::time::timeout(WAIT, reader.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .detach();
+    let mut h = Headers::new();
+    for header in letter.headers().unwrap().iter() {
+        h.insert(header.key, header.value.unwrap_or_default());
+    }
+    assert_eq!(letter.payload(), Some(&b"{\"seq\":0}"[..]));
+    assert_eq!(
+        h.get_str(DLQ_ERROR),
+        Some(r#"record header name b"tenant-\xff\xfe" is not UTF-8"#),
+        "{h:?}"
+    );
+    assert_eq!(h.get_str(DLQ_ATTEMPTS), Some("0"), "the handler never ran");
+    assert_eq!(
+        h.get_str("tenant-\u{fffd}\u{fffd}"),
+        Some("acme"),
+        "the header, its name decoded lossily: {h:?}"
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    drop(reader);
+    publisher.close().await.unwrap();
+    kafka_delete_topic(KAFKA, &topic).await;
+    kafka_delete_topic(KAFKA, &dlq).await;
+}
