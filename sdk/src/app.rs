@@ -107,7 +107,7 @@ impl App {
     /// [`Error::Config`] naming the key and source of a bad value; [`Error::Registry`] when
     /// ZooKeeper cannot be reached within `registry.connect_timeout`.
     pub async fn from_config(name: &str) -> Result<Self, Error> {
-        let path = default_path(|k| std::env::var(k).ok());
+        let path = default_path(|k| std::env::var_os(k));
         if std::env::var_os("KEEL_CONFIG").is_some() && !path.exists() {
             return Err(ConfigError::new(
                 None,
@@ -241,6 +241,14 @@ impl App {
             return Err(Error::Config(ConfigError::new(
                 Some(format!("clients.{name}.tcp_keepalive")),
                 "must be zero (the system's defaults) or between 1 s and 32767 s",
+            )));
+        }
+        let ratio = cfg.retry.budget_ratio;
+        if !(0.0..=1000.0).contains(&ratio) {
+            // NaN included: a budget that allowed every retry (a retry storm).
+            return Err(Error::Config(ConfigError::new(
+                Some(format!("clients.{name}.retry.budget_ratio")),
+                format!("must be a number from 0 to 1000, not {ratio}"),
             )));
         }
         Ok(cfg)
@@ -654,10 +662,15 @@ impl App {
                 .layer(idempotency.clone());
             let stop = stop_accepting.clone();
             let routes = routes.routes();
+            let mut server = tonic::transport::Server::builder();
+            if let Some(timeout) = config.server.request_timeout {
+                // tonic enforces the shorter of this and the call's `grpc-timeout`.
+                server = server.timeout(timeout);
+            }
             servers.push((
                 "grpc",
                 tokio::spawn(async move {
-                    tonic::transport::Server::builder()
+                    server
                         .layer(layer)
                         .add_routes(routes)
                         .serve_with_incoming_shutdown(

@@ -156,8 +156,26 @@ impl Config {
     ///
     /// # Errors
     /// A [`ConfigError`] naming the key and the file (or variable) of a bad value.
+    /// A `KEEL_*` variable whose value is not UTF-8 is an error naming it; other variables are
+    /// not looked at (whatever their encoding).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::load_with_env(path, std::env::vars())
+        let mut vars = Vec::new();
+        for (key, value) in std::env::vars_os() {
+            if !key.as_encoded_bytes().starts_with(b"KEEL_") {
+                continue;
+            }
+            match (key.into_string(), value.into_string()) {
+                (Ok(key), Ok(value)) => vars.push((key, value)),
+                (key, _) => {
+                    let name = key.unwrap_or_else(|k| k.to_string_lossy().into_owned());
+                    return Err(ConfigError::new(
+                        None,
+                        format!("environment variable {name} is not valid UTF-8"),
+                    ));
+                }
+            }
+        }
+        Self::load_with_env(path, vars)
     }
 
     /// [`load`](Self::load) with the environment given explicitly (for tests and tools).
@@ -309,7 +327,9 @@ pub struct ServerConfig {
     /// Bound on finishing in-flight requests and message handlers at shutdown.
     #[serde(deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
-    /// Requests that exceed this (or their incoming deadline) fail with DEADLINE_EXCEEDED / 504.
+    /// Requests that exceed this (or their incoming deadline) fail: REST with 504, gRPC with the
+    /// status tonic gives a server-side timeout (`CANCELLED`; the caller's own deadline passing
+    /// shows as `DEADLINE_EXCEEDED` there).
     #[serde(deserialize_with = "opt_duration")]
     pub request_timeout: Option<Duration>,
 }
@@ -534,7 +554,7 @@ impl Default for IdempotencyConfig {
 }
 
 /// Where the configuration file is: `KEEL_CONFIG`, else `keel.toml`.
-pub(crate) fn default_path(env: impl Fn(&str) -> Option<String>) -> PathBuf {
+pub(crate) fn default_path(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
     env("KEEL_CONFIG").map_or_else(|| PathBuf::from("keel.toml"), PathBuf::from)
 }
 
@@ -591,6 +611,42 @@ mod tests {
         v.iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    /// Any variable of the environment may be non-UTF-8 (a deploy tool's Latin-1 value):
+    /// loading ignores it unless it is a `KEEL_*` one, and then names it in an error; it used to
+    /// panic (`std::env::vars`). The process environment cannot be changed safely in a test, so
+    /// the test runs itself as a child with such an environment.
+    #[test]
+    fn a_non_utf8_environment_variable_is_not_a_panic() {
+        use std::os::unix::ffi::OsStrExt;
+        const NAME: &str = "config::tests::a_non_utf8_environment_variable_is_not_a_panic";
+        let missing = Path::new("/nonexistent/keel.toml");
+        match std::env::var_os("KEEL_TEST_CHILD")
+            .as_deref()
+            .map(|v| v.as_bytes())
+        {
+            Some(b"unrelated") => {
+                let config = Config::load(missing).unwrap();
+                assert!(config.clients.is_empty());
+                return;
+            }
+            Some(b"keel") => {
+                let error = Config::load(missing).unwrap_err();
+                assert!(error.to_string().contains("KEEL_SERVER__DRAIN"), "{error}");
+                return;
+            }
+            _ => {}
+        }
+        for (child, name) in [("unrelated", "UNRELATED"), ("keel", "KEEL_SERVER__DRAIN")] {
+            let status = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", NAME, "--nocapture"])
+                .env("KEEL_TEST_CHILD", child)
+                .env(name, std::ffi::OsStr::from_bytes(b"\xff"))
+                .status()
+                .unwrap();
+            assert!(status.success(), "{child}: {status}");
+        }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! (`grpc.server` / `http.server`); the incoming deadline (`grpc-timeout` or `x-keel-deadline`),
 //! capped by `server.request_timeout`, is put in the request's extensions as a
 //! [`Deadline`] (outgoing Keel client calls made with those extensions inherit it) and
-//! enforced for REST (tonic enforces `grpc-timeout` itself); the idempotency key, when present,
+//! enforced for REST (for gRPC tonic enforces it: `grpc-timeout` and the App's
+//! `Server::timeout`); the idempotency key, when present,
 //! is put in the extensions as an [`IdempotencyKey`]; RED metrics are recorded per method.
 
 use std::collections::HashSet;

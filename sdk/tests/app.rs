@@ -519,8 +519,8 @@ async fn a_repeated_key_executes_once_across_instances_with_the_redis_store() {
 
 /// `[clients.NAME]` of a gRPC client calling through a gateway: its `headers` go with every
 /// call; its `keep_alive` ends a call to a provider that went silent; a `pool` (REST clients
-/// only) is a configuration error naming the key, as is a `keep_alive` (gRPC only) for REST and
-/// a `tcp_keepalive` the kernel cannot take.
+/// only) is a configuration error naming the key, as is a `keep_alive` (gRPC only) for REST,
+/// a `tcp_keepalive` the kernel cannot take and a retry `budget_ratio` that is not a number.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_client_config_sends_its_headers_and_refuses_a_rest_pool() {
     let root = TestRoot::new();
@@ -549,6 +549,9 @@ async fn grpc_client_config_sends_its_headers_and_refuses_a_rest_pool() {
                 [clients.subsecond]
                 urls = ["http://{silent_addr}"]
                 tcp_keepalive = "500ms"
+                [clients.stormy]
+                urls = ["http://{silent_addr}"]
+                retry = {{ budget_ratio = nan }}
                 "#,
                 addr = echo.addr()
             ),
@@ -581,6 +584,18 @@ async fn grpc_client_config_sends_its_headers_and_refuses_a_rest_pool() {
             other => panic!("{other:?}"),
         }
     }
+    // A ratio that is not a number allowed every retry.
+    for built in [
+        app.grpc("stormy").map(drop),
+        app.rest_client("stormy").map(drop),
+    ] {
+        match built.unwrap_err() {
+            keel::Error::Config(e) => {
+                assert_eq!(e.key(), Some("clients.stormy.retry.budget_ratio"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
     match app.rest_client("silent").unwrap_err() {
         keel::Error::Config(e) => assert_eq!(e.key(), Some("clients.silent.keep_alive"), "{e}"),
         other => panic!("{other:?}"),
@@ -601,4 +616,44 @@ async fn grpc_client_config_sends_its_headers_and_refuses_a_rest_pool() {
         other => panic!("{other:?}"),
     }
     assert!(app.rest_client("pooled").is_ok());
+}
+
+/// An echo whose handler never answers.
+struct Hanging;
+
+#[tonic::async_trait]
+impl keel_testkit::echo::echo_server::Echo for Hanging {
+    async fn echo(
+        &self,
+        _: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<keel_testkit::echo::EchoReply>, tonic::Status> {
+        std::future::pending().await
+    }
+}
+
+/// `server.request_timeout` bounds a gRPC call that came without a deadline of its own (a
+/// grpcurl or Java client without one): it stayed in flight as long as its handler hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_timeout_bounds_grpc_calls_without_a_deadline() {
+    let root = TestRoot::new();
+    let running = App::with_config(
+        &keel_testkit::unique("hang"),
+        config(&root, "[server]\nrequest_timeout = \"200ms\""),
+    )
+    .await
+    .unwrap()
+    .grpc_service(EchoServer::new(Hanging))
+    .start()
+    .await
+    .unwrap();
+    let addr = running.grpc_addr().unwrap();
+    let mut client = keel_testkit::echo::echo_client::EchoClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), client.echo(EchoRequest::default()))
+        .await
+        .expect("the server's request timeout ends the call")
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Cancelled, "{status:?}");
+    running.stop().await.unwrap();
 }

@@ -59,7 +59,12 @@ impl RetryBudget {
     /// atomic add and no clock read).
     pub fn with_clock(ttl: Duration, min_per_sec: u32, retry_ratio: f32, clock: Clock) -> Self {
         let ttl_secs = ttl.as_secs().clamp(1, 60);
-        let ratio = f64::from(retry_ratio).clamp(0.0, 1000.0);
+        // NaN counts as 0 (the floor alone): it used to allow every retry.
+        let ratio = if retry_ratio.is_nan() {
+            0.0
+        } else {
+            f64::from(retry_ratio).clamp(0.0, 1000.0)
+        };
         let (deposit, withdraw) = if ratio <= 0.0 {
             (0, 1)
         } else {
@@ -187,6 +192,18 @@ mod tests {
             "the window slid: floor is back"
         );
         assert!(!budget.withdraw());
+    }
+
+    /// A ratio that is not a number (a templating bug in a config) is no ratio: the floor alone.
+    /// It allowed every retry.
+    #[tokio::test(start_paused = true)]
+    async fn a_nan_ratio_allows_the_floor_only() {
+        let budget = RetryBudget::new(Duration::from_secs(1), 1, f32::NAN);
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        assert!(budget.withdraw(), "floor of 1");
+        assert!(!budget.withdraw(), "requests buy nothing");
     }
 
     #[test]

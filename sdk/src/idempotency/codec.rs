@@ -136,18 +136,28 @@ impl<'a> Reader<'a> {
 
     fn headers(&mut self) -> Result<HeaderMap, DecodeError> {
         let count = u32::from_be_bytes(self.array::<4>()?) as usize;
+        if count > MAX_HEADERS {
+            return Err(DecodeError("too many headers"));
+        }
         // Each header takes at least 8 bytes: do not let a corrupt count reserve memory.
-        let mut headers = HeaderMap::with_capacity(count.min(self.0.len() / 8));
+        let mut headers = HeaderMap::try_with_capacity(count.min(self.0.len() / 8))
+            .map_err(|_| DecodeError("too many headers"))?;
         for _ in 0..count {
             let name =
                 HeaderName::from_bytes(self.bytes()?).map_err(|_| DecodeError("bad header"))?;
             let value =
                 HeaderValue::from_bytes(self.bytes()?).map_err(|_| DecodeError("bad header"))?;
-            headers.append(name, value);
+            headers
+                .try_append(name, value)
+                .map_err(|_| DecodeError("too many headers"))?;
         }
         Ok(headers)
     }
 }
+
+/// The most headers (or trailers) a record may hold: far more than any response has, far fewer
+/// than a header map can (it panics past its limit when told to reserve more).
+const MAX_HEADERS: usize = 4096;
 
 #[cfg(test)]
 mod tests {
@@ -199,5 +209,24 @@ mod tests {
         huge_count.extend_from_slice(&200u16.to_be_bytes());
         huge_count.extend_from_slice(&u32::MAX.to_be_bytes());
         assert!(Record::decode(&huge_count).is_err());
+    }
+
+    /// A record with more headers than a header map holds (30 000 of them, each present) is an
+    /// error, not the panic of the map reserving or growing past its limit.
+    #[test]
+    fn a_record_with_too_many_headers_is_an_error_not_a_panic() {
+        let mut record = vec![MAGIC, VERSION, COMPLETED];
+        record.extend_from_slice(&[0; 32]);
+        record.extend_from_slice(&200u16.to_be_bytes());
+        let count = 30_000u32;
+        record.extend_from_slice(&count.to_be_bytes());
+        for i in 0..count {
+            let name = format!("x-{i}");
+            record.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            record.extend_from_slice(name.as_bytes());
+            record.extend_from_slice(&1u32.to_be_bytes());
+            record.push(b'v');
+        }
+        assert!(Record::decode(&record).is_err());
     }
 }
