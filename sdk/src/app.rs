@@ -652,6 +652,19 @@ impl App {
                     .chain([tonic_health::pb::FILE_DESCRIPTOR_SET]),
             )
             .map_err(|e| Error::config("grpc descriptors", e.to_string()))?;
+            // Streams (health's Watch, reflection, the services' own streaming methods) are not
+            // buffered for replay: a keyed one would never answer.
+            let streams = GrpcNames::new(
+                [],
+                [
+                    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                ],
+            )
+            .map_err(|e| Error::config("grpc descriptors", e.to_string()))?;
+            let idempotency = idempotency
+                .clone()
+                .pass_through(known.streaming().chain(streams.streaming()));
             let layer = tower::ServiceBuilder::new()
                 .layer(ServerLayer::new(
                     Arc::clone(&metrics.server),

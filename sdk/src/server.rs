@@ -74,6 +74,8 @@ pub(crate) struct GrpcNames {
     methods: HashSet<String>,
     /// The services those descriptors describe: paths of theirs not in `methods` are unknown.
     described: HashSet<String>,
+    /// `/pkg.Service/Method` of every streaming method (server, client or both) described.
+    streaming: HashSet<String>,
 }
 
 impl GrpcNames {
@@ -100,15 +102,22 @@ impl GrpcNames {
                         format!("{package}.{}", service.name())
                     };
                     for method in &service.method {
-                        names
-                            .methods
-                            .insert(format!("/{service_name}/{}", method.name()));
+                        let path = format!("/{service_name}/{}", method.name());
+                        if method.server_streaming() || method.client_streaming() {
+                            names.streaming.insert(path.clone());
+                        }
+                        names.methods.insert(path);
                     }
                     names.described.insert(service_name);
                 }
             }
         }
         Ok(names)
+    }
+
+    /// The paths of the streaming methods the registered descriptors describe.
+    pub(crate) fn streaming(&self) -> impl Iterator<Item = &str> {
+        self.streaming.iter().map(String::as_str)
     }
 
     /// Whether `path` is a method worth a series of its own.

@@ -657,3 +657,45 @@ async fn the_request_timeout_bounds_grpc_calls_without_a_deadline() {
     assert_eq!(status.code(), tonic::Code::Cancelled, "{status:?}");
     running.stop().await.unwrap();
 }
+
+/// A streaming call that carries an idempotency key (health's `Watch` here) is served as a
+/// stream: the idempotency layer, which buffers a keyed response whole for replay, used to wait
+/// for the end of a stream that never ends, and the caller got nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_stream_is_served_not_buffered() {
+    use tonic_health::pb::health_client::HealthClient;
+    let root = TestRoot::new();
+    let running = App::with_config(&keel_testkit::unique("watch"), config(&root, ""))
+        .await
+        .unwrap()
+        .grpc_service(EchoServer::new(EchoService::new("a")))
+        .start()
+        .await
+        .unwrap();
+    let addr = running.grpc_addr().unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    });
+    request
+        .metadata_mut()
+        .insert("idempotency-key", "watch-1".parse().unwrap());
+    let first = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut stream = health.watch(request).await?.into_inner();
+        stream.message().await
+    })
+    .await
+    .expect("the first status arrives")
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        first.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    running.stop().await.unwrap();
+}

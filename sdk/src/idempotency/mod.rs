@@ -49,6 +49,13 @@
 //!   or a runtime shut down) leaves its keys to lapse after the lease: the one case in which a
 //!   retry executes again.
 //!
+//! - **Bounded.** A keyed response is buffered whole for replay, up to
+//!   [`max_response_bytes`](IdempotencyLayer::max_response_bytes) (4 MiB); a larger one is an
+//!   unknown outcome. Streams cannot be replayed: paths given to
+//!   [`pass_through`](IdempotencyLayer::pass_through) (the App gives every streaming gRPC
+//!   method it has a descriptor of, health's `Watch` and reflection included) are not guarded,
+//!   and a keyed REST response that never ends (server-sent events) never answers.
+//!
 //! Requests without the header pass straight through: one header lookup, no allocation.
 //!
 //! Other rejections: an empty key, one longer than 255 bytes, a key that is not visible ASCII
@@ -137,6 +144,9 @@ const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const MAX_WAIT_STEP: Duration = Duration::from_millis(200);
 const FIRST_WAIT_STEP: Duration = Duration::from_millis(5);
 const MIN_LEASE: Duration = Duration::from_secs(1);
+
+/// The default of [`IdempotencyLayer::max_response_bytes`]: 4 MiB (tonic's default message cap).
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The longest [`ttl`](IdempotencyLayer::ttl) and [`lease`](IdempotencyLayer::lease): ten years.
 /// Longer ones are cut to it (a store's clock, and Redis's expiry, cannot go further; ten years
@@ -256,6 +266,9 @@ struct Config {
     lease: Duration,
     wait_timeout: Duration,
     max_body_bytes: usize,
+    max_response_bytes: usize,
+    /// Paths whose requests pass through untouched, key or not (streaming methods).
+    pass_through: Arc<std::collections::HashSet<String>>,
     stats: IdempotencyStats,
 }
 
@@ -269,6 +282,8 @@ impl fmt::Debug for Config {
             .field("lease", &self.lease)
             .field("wait_timeout", &self.wait_timeout)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .field("pass_through", &self.pass_through)
             .finish_non_exhaustive()
     }
 }
@@ -302,6 +317,8 @@ impl IdempotencyLayer {
                 lease: Duration::from_secs(30),
                 wait_timeout: Duration::from_secs(10),
                 max_body_bytes: 1024 * 1024,
+                max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+                pass_through: Arc::default(),
                 stats: IdempotencyStats::default(),
             }),
         }
@@ -335,6 +352,22 @@ impl IdempotencyLayer {
     /// get 413 / `RESOURCE_EXHAUSTED`.
     pub fn max_body_bytes(self, max: usize) -> Self {
         self.edit(|c| c.max_body_bytes = max)
+    }
+
+    /// The largest response kept for replay (default 4 MiB). A response that grows past it is
+    /// an unknown outcome: the caller's body fails, and a repeat is answered 500 / `UNKNOWN`
+    /// (the handler ran; its response could not be kept).
+    pub fn max_response_bytes(self, max: usize) -> Self {
+        self.edit(|c| c.max_response_bytes = max)
+    }
+
+    /// Requests to these paths pass through untouched, with a key or not: streaming methods,
+    /// whose responses cannot be buffered for replay (a keyed stream would never answer). The
+    /// App passes every streaming method of the descriptors it knows (health's `Watch` and
+    /// reflection included). Adds to the paths given before.
+    pub fn pass_through<P: Into<String>>(self, paths: impl IntoIterator<Item = P>) -> Self {
+        let paths: Vec<String> = paths.into_iter().map(Into::into).collect();
+        self.edit(|c| Arc::make_mut(&mut c.pass_through).extend(paths))
     }
 
     /// A fixed namespace for every key (e.g. the service name), so services sharing one store
@@ -402,7 +435,9 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        if !request.headers().contains_key(IDEMPOTENCY_KEY_HEADER) {
+        if !request.headers().contains_key(IDEMPOTENCY_KEY_HEADER)
+            || self.config.pass_through.contains(request.uri().path())
+        {
             return ResponseFuture {
                 kind: FutureKind::Passthrough {
                     future: self.inner.call(request.map(IdempotencyBody::new)),
@@ -789,7 +824,9 @@ where
     let run = async {
         let response = inner.call(request).await?;
         let (parts, body) = response.into_parts();
-        let collected = body.collect().await.map_err(Into::into);
+        let collected = Limited::new(body, config.max_response_bytes)
+            .collect()
+            .await;
         Ok::<_, S::Error>((parts, collected))
     };
     let run = std::panic::AssertUnwindSafe(run).catch_unwind();

@@ -718,3 +718,38 @@ fn default_classification() {
         Outcome::Http(StatusCode::OK)
     );
 }
+
+/// Paths passed through (streaming methods) are not guarded, key or not: each request runs.
+#[tokio::test]
+async fn passed_through_paths_are_not_guarded() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new()).pass_through(["/pkg.Svc/Watch"]);
+    let service = layer.layer(counting(calls.clone()));
+    for _ in 0..2 {
+        let reply = send(&service, request("/pkg.Svc/Watch", Some("k"), "a")).await;
+        assert!(!reply.replayed());
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let _ = send(&service, request("/pay", Some("k"), "a")).await;
+    let again = send(&service, request("/pay", Some("k"), "a")).await;
+    assert!(again.replayed(), "other paths are guarded");
+}
+
+/// A response larger than the cap is not buffered without bound: the caller's body fails, and
+/// the handler's run is an unknown outcome for repeats (it ran once).
+#[tokio::test]
+async fn a_response_over_the_cap_is_an_unknown_outcome() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new()).max_response_bytes(3);
+    let service = layer.layer(counting(calls.clone()));
+    let response = service
+        .clone()
+        .oneshot(request("/pay", Some("k"), "long"))
+        .await
+        .unwrap();
+    assert!(response.into_body().collect().await.is_err());
+    let again = send(&service, request("/pay", Some("k"), "long")).await;
+    assert!(again.replayed());
+    assert_eq!(again.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
