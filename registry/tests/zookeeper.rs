@@ -1111,3 +1111,76 @@ async fn deregistered_during_renew_is_never_recreated() {
     );
     assert_eq!(raw.check_stat(&a).await.unwrap(), None);
 }
+
+/// A second session that ends while the registrations are being re-created on it is noticed
+/// like the first: a third session re-creates them and discovery resumes on it.
+#[tokio::test]
+async fn expiry_of_the_renewed_session_during_reregistration_is_noticed() {
+    common::trace();
+    let root = TestRoot::new();
+    let proxy = ZkProxy::start(&first_member()).await;
+    let provider = ZkRegistry::connect(
+        ZkConfig::new(proxy.addr().to_string())
+            .with_dialect(spring_at(&root))
+            .with_session_timeout(Duration::from_secs(4)),
+    )
+    .await
+    .unwrap();
+    // Two registrations: the first op on the new session fails when its connection goes
+    // silent, the second is queued until that session expires on the client side (the request
+    // timeout, 15 s by default, is longer than the 5.6 s the client takes to declare it).
+    let a = provider
+        .register(instance("account", "a", 1))
+        .await
+        .unwrap();
+    let b = provider
+        .register(instance("account", "b", 2))
+        .await
+        .unwrap();
+    let first = provider.session_id();
+
+    proxy.set(Mode::Blackhole);
+    eventually(WAIT, "the first session ends", || async {
+        provider.stats().session_expiries >= 1
+    })
+    .await;
+    // The next session is established, then goes silent and expires during re-registration.
+    proxy.set(Mode::OneHandshakeThenBlackhole);
+    eventually(Duration::from_secs(40), "a second session", || async {
+        provider.session_id() != first
+    })
+    .await;
+    let second = provider.session_id();
+    proxy.set(Mode::Pass);
+
+    let raw = raw_client().await;
+    let owned = |path: String| {
+        let raw = &raw;
+        let provider = &provider;
+        async move {
+            matches!(raw.check_stat(&path).await, Ok(Some(s)) if s.ephemeral_owner == provider.session_id())
+        }
+    };
+    eventually(
+        Duration::from_secs(40),
+        "a and b re-registered on a third session",
+        || async {
+            let sid = provider.session_id();
+            sid != first
+                && sid != second
+                && provider.stats().session_expiries >= 2
+                && owned(a.path().to_owned()).await
+                && owned(b.path().to_owned()).await
+        },
+    )
+    .await;
+    // Discovery runs on the third session too.
+    let ids: Vec<_> = provider
+        .snapshot("account")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(ids, ["a", "b"]);
+}

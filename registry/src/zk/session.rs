@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keel_core::{InstanceStatus, ServiceInstance};
 use tokio::sync::{mpsc, oneshot, watch};
-use zookeeper_client::{self as zk, Acl, Acls, Client, CreateMode, Permission, SessionState};
+use zookeeper_client::{
+    self as zk, Acl, Acls, Client, CreateMode, Permission, SessionState, StateWatcher,
+};
 
 use super::{Stats, ZkConfig};
 use crate::Error;
@@ -149,11 +151,6 @@ pub(crate) struct Supervisor {
     tombstones: Vec<String>,
 }
 
-enum Flow {
-    Continue,
-    Shutdown,
-}
-
 impl Supervisor {
     pub(crate) fn new(
         config: ZkConfig,
@@ -189,15 +186,26 @@ impl Supervisor {
             while let Some(command) = backlog.pop_front() {
                 self.handle(command).await;
             }
+            // A watcher taken after the session ended never reports it (`changed` waits for a
+            // later state), so the state itself is checked too.
+            let ended = self.client.state();
+            if ended.is_terminated() {
+                tracing::warn!(session = %self.client.session_id(), state = %ended, "zookeeper session ended; opening a new one");
+                match self.renew(&mut commands, &mut backlog).await {
+                    Some(watcher) => state = watcher,
+                    None => return,
+                }
+                continue;
+            }
             let unsatisfied = self.unsatisfied();
             tokio::select! {
                 s = state.changed() => match s {
                     SessionState::Expired | SessionState::Closed | SessionState::AuthFailed => {
                         tracing::warn!(session = %self.client.session_id(), state = %s, "zookeeper session ended; opening a new one");
-                        if let Flow::Shutdown = self.renew(&mut commands, &mut backlog).await {
-                            return;
+                        match self.renew(&mut commands, &mut backlog).await {
+                            Some(watcher) => state = watcher,
+                            None => return,
                         }
-                        state = self.client.state_watcher();
                     }
                     SessionState::SyncConnected | SessionState::ConnectedReadOnly => {
                         self.ensure_all().await;
@@ -219,37 +227,32 @@ impl Supervisor {
     }
 
     /// Replaces an ended session, applies the commands queued meanwhile, re-creates every
-    /// registration left, then tells the watch tasks.
+    /// registration left, then tells the watch tasks. Returns the new session's state watcher,
+    /// taken before any operation ran on it so that it reports an end of the new session during
+    /// re-registration; `None` when every handle is gone.
     async fn renew(
         &mut self,
         commands: &mut mpsc::UnboundedReceiver<Command>,
         backlog: &mut VecDeque<Command>,
-    ) -> Flow {
+    ) -> Option<StateWatcher> {
         Stats::bump(&self.stats.session_expiries);
         self.past_sessions.insert(self.session_id());
         let mut backoff = Duration::from_millis(100);
         let client = loop {
             let config = self.config.clone();
             let attempt = connect(&config);
-            let result = match drain_while(attempt, commands, backlog).await {
-                Some(result) => result,
-                None => return Flow::Shutdown,
-            };
-            match result {
+            // `None`: every handle is gone.
+            match drain_while(attempt, commands, backlog).await? {
                 Ok(client) => break client,
                 Err(error) => {
                     tracing::warn!(%error, "zookeeper reconnect failed; retrying");
-                    if drain_while(tokio::time::sleep(backoff), commands, backlog)
-                        .await
-                        .is_none()
-                    {
-                        return Flow::Shutdown;
-                    }
+                    drain_while(tokio::time::sleep(backoff), commands, backlog).await?;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         };
         tracing::info!(session = %client.session_id(), "new zookeeper session");
+        let state = client.state_watcher();
         self.client = client;
         self.generation += 1;
         for record in self.records.values_mut() {
@@ -268,7 +271,7 @@ impl Supervisor {
             generation: self.generation,
             client: self.client.clone(),
         });
-        Flow::Continue
+        Some(state)
     }
 
     /// Whether a record other than `key` has its node at `path`.
