@@ -53,8 +53,9 @@ type EndpointsView = Box<dyn Fn() -> Vec<keel_client::EndpointInfo> + Send + Syn
 /// ```
 ///
 /// [`run`](App::run) binds every listener, serves `/health/live`, `/health/ready`, `/metrics`
-/// and `/registry` on the admin port, runs the readiness checks, registers the instance (only
-/// then do health and readiness say SERVING), and on SIGTERM / SIGINT (or
+/// and `/registry` on the admin port, runs the readiness checks, then starts the message
+/// consumers and registers the instance (only then do health and readiness say SERVING), and
+/// on SIGTERM / SIGINT (or
 /// [`ShutdownHandle::shutdown`]): reports not ready → deregisters → waits the drain window →
 /// stops accepting → finishes in-flight requests and message handlers → flushes publishers →
 /// returns `Ok(())`.
@@ -411,8 +412,10 @@ impl App {
     }
 
     /// Consumes `[messaging.NAME]` with `handler` while the App runs (at-least-once; see
-    /// [`keel_messaging::Consumer`]). At shutdown the consumer stops fetching, finishes
-    /// in-flight handlers and commits before the App returns.
+    /// [`keel_messaging::Consumer`]), from the moment the readiness checks pass (a message
+    /// handled while a dependency is still unready would fail and be dead-lettered). At
+    /// shutdown the consumer stops fetching, finishes in-flight handlers and commits before
+    /// the App returns.
     ///
     /// # Errors
     /// [`Error::Config`] when the section is missing or its broker URL is malformed.
@@ -725,11 +728,6 @@ impl App {
             ));
         }
 
-        let consumer_tasks: Vec<JoinHandle<Result<(), Error>>> = consumers
-            .into_iter()
-            .map(|c| tokio::spawn(c(stop_consuming.clone())))
-            .collect();
-
         let mut running = Running {
             name,
             config,
@@ -743,7 +741,7 @@ impl App {
             health,
             grpc_names,
             servers,
-            consumer_tasks,
+            consumer_tasks: Vec::new(),
             publishers,
             tasks,
             telemetry,
@@ -753,7 +751,7 @@ impl App {
             shutdown,
             registered,
         };
-        match running.become_ready(checks, interrupt).await {
+        match running.become_ready(checks, consumers, interrupt).await {
             Ok(true) => Ok(Some(running)),
             Ok(false) => running.stop().await.map(|()| None),
             Err(e) => {
@@ -1078,9 +1076,14 @@ impl Running {
 
     /// Runs the readiness checks, then registers; `Ok(false)` when `interrupt` completed or
     /// the shutdown handle was used first (nothing registered then).
+    /// Runs the readiness checks; once they pass, starts the `consumers` (a message handled
+    /// while, say, the database is still unready would fail its attempts and be dead-lettered),
+    /// registers the instance and reports ready. `Ok(false)`: stopped before ready (nothing
+    /// consumed).
     async fn become_ready<F: Future<Output = ()>>(
         &mut self,
         checks: Vec<(String, Check)>,
+        consumers: Vec<ConsumerTask>,
         interrupt: Pin<&mut F>,
     ) -> Result<bool, Error> {
         let deadline = tokio::time::Instant::now() + self.config.server.shutdown_timeout;
@@ -1116,6 +1119,10 @@ impl Running {
             }
             passed = passed => passed?,
         }
+        self.consumer_tasks = consumers
+            .into_iter()
+            .map(|c| tokio::spawn(c(self.stop_consuming.clone())))
+            .collect();
         let instance = self.instance_for();
         let registration = self.registry.register(instance.clone()).await?;
         self.registered

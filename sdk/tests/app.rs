@@ -699,3 +699,113 @@ async fn a_keyed_stream_is_served_not_buffered() {
     );
     running.stop().await.unwrap();
 }
+
+/// Consumers start once the readiness checks pass, not before: a message handled while, say,
+/// the database is still unready fails its attempts and is dead-lettered. Seen from the broker:
+/// the queue has no consumer while the check fails (a message published then waits in it);
+/// once the check passes, it is consumed.
+#[cfg(feature = "amqp")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_start_once_ready() {
+    use std::sync::atomic::AtomicBool;
+    let root = TestRoot::new();
+    let queue = keel_testkit::unique("ready-q");
+    let amqp = keel_testkit::services::AMQP;
+    let handled = Arc::new(AtomicU64::new(0));
+    let (open, polls) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let app = App::with_config(
+        &keel_testkit::unique("ready"),
+        config(
+            &root,
+            &format!("[messaging.pay]\nbroker = \"{amqp}\"\ndestination = \"{queue}\""),
+        ),
+    )
+    .await
+    .unwrap()
+    .consumer("pay", {
+        let handled = Arc::clone(&handled);
+        move |_: keel_messaging::Received| {
+            let handled = Arc::clone(&handled);
+            async move {
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+    })
+    .unwrap()
+    .readiness_check("db", {
+        let (open, polls) = (Arc::clone(&open), Arc::clone(&polls));
+        move || {
+            polls.fetch_add(1, Ordering::SeqCst);
+            let open = open.load(Ordering::SeqCst);
+            async move {
+                if open {
+                    Ok(())
+                } else {
+                    Err("the database is warming up".to_owned())
+                }
+            }
+        }
+    });
+    let started = tokio::spawn(app.start());
+    eventually("the check failed three times", WAIT, || {
+        let n = polls.load(Ordering::SeqCst);
+        async move { (n >= 3).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let publisher = keel_messaging::Publisher::connect(amqp).await.unwrap();
+    let publish = || {
+        publisher.publish(
+            &queue,
+            None,
+            b"pay 10".to_vec(),
+            keel_messaging::Headers::default(),
+        )
+    };
+    publish().await.unwrap();
+    let conn = lapin::Connection::connect(amqp, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let state = ch
+        .queue_declare(queue.as_str().into(), passive, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(state.consumer_count(), 0, "no consumer before ready");
+    assert_eq!(state.message_count(), 1, "the message waits");
+    assert_eq!(handled.load(Ordering::SeqCst), 0);
+
+    open.store(true, Ordering::SeqCst);
+    let running = started.await.unwrap().unwrap();
+    eventually("the message is consumed", WAIT, || {
+        let n = handled.load(Ordering::SeqCst);
+        async move { (n == 1).then_some(()) }
+    })
+    .await
+    .unwrap();
+    running.stop().await.unwrap();
+
+    for q in [queue.clone(), format!("{queue}.dlq")] {
+        let _ = ch
+            .queue_delete(
+                q.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await;
+    }
+    let _ = ch
+        .exchange_delete(
+            format!("{queue}.dlx").as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await;
+    let _ = conn.close(200, "bye".into()).await;
+}
