@@ -140,6 +140,7 @@ impl App {
     /// # Errors
     /// As [`from_config`](Self::from_config).
     pub async fn with_config(name: &str, config: Config) -> Result<Self, Error> {
+        config.validate()?;
         let telemetry = Telemetry::install(name, &config.telemetry)?;
         let metrics = Metrics::new();
         let registry: Arc<dyn Registry> = match &config.registry.zookeeper {
@@ -242,14 +243,6 @@ impl App {
             return Err(Error::Config(ConfigError::new(
                 Some(format!("clients.{name}.tcp_keepalive")),
                 "must be zero (the system's defaults) or between 1 s and 32767 s",
-            )));
-        }
-        let ratio = cfg.retry.budget_ratio;
-        if !(0.0..=1000.0).contains(&ratio) {
-            // NaN included: a budget that allowed every retry (a retry storm).
-            return Err(Error::Config(ConfigError::new(
-                Some(format!("clients.{name}.retry.budget_ratio")),
-                format!("must be a number from 0 to 1000, not {ratio}"),
             )));
         }
         Ok(cfg)

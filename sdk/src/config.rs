@@ -196,7 +196,9 @@ impl Config {
             .filter(|(k, _)| k.starts_with("KEEL_"))
             .collect();
         let figment = Figment::new().merge(Toml::file(path)).merge(EnvVars(vars));
-        Ok(figment.extract()?)
+        let config: Self = figment.extract()?;
+        config.validate()?;
+        Ok(config)
     }
 
     /// Parses `text` as the configuration file (no environment).
@@ -204,7 +206,97 @@ impl Config {
     /// # Errors
     /// A [`ConfigError`] naming the key at fault.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Ok(Figment::new().merge(Toml::string(text)).extract()?)
+        let config: Self = Figment::new().merge(Toml::string(text)).extract()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values a type cannot: ranges, zeros that mean nothing, formats. [`load`]
+    /// and [`from_toml`] call it, and so does `App::with_config` (a configuration built in
+    /// code).
+    ///
+    /// [`load`]: Self::load
+    /// [`from_toml`]: Self::from_toml
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the first key whose value is out of range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError::new(Some(key.to_owned()), why));
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        let registry = &self.registry;
+        if registry.session_timeout < Duration::from_secs(1) || registry.session_timeout > DAY {
+            // ZooKeeper takes it in milliseconds as an i32: "30d" wrapped to a negative number
+            // and the server silently gave its minimum (a few seconds).
+            return bad(
+                "registry.session_timeout",
+                "must be between 1 s and 24 h (ZooKeeper then negotiates it within its bounds)",
+            );
+        }
+        if registry.connect_timeout.is_zero() {
+            return bad("registry.connect_timeout", "must be more than zero");
+        }
+        if registry.zookeeper.is_some() && !registry.root.starts_with('/') {
+            return bad(
+                "registry.root",
+                "must be an absolute ZooKeeper path, e.g. /services",
+            );
+        }
+        if registry
+            .digest
+            .as_deref()
+            .is_some_and(|d| d.split_once(':').is_none_or(|(user, _)| user.is_empty()))
+        {
+            return bad("registry.digest", "must be user:password");
+        }
+        let server = &self.server;
+        if server.shutdown_timeout.is_zero() {
+            return bad("server.shutdown_timeout", "must be more than zero");
+        }
+        if server.drain > server.shutdown_timeout {
+            // The whole shutdown is bounded by the two; a drain of days kept a stopping
+            // instance alive that long.
+            return bad(
+                "server.drain",
+                "must not be longer than server.shutdown_timeout",
+            );
+        }
+        if server.request_timeout.is_some_and(|t| t.is_zero()) {
+            return bad(
+                "server.request_timeout",
+                "must be more than zero (leave it out for no timeout)",
+            );
+        }
+        let idempotency = &self.idempotency;
+        let (min, max) = (Duration::from_secs(1), crate::idempotency::MAX_TTL);
+        if !(min..=max).contains(&idempotency.ttl) {
+            return bad(
+                "idempotency.ttl",
+                "must be between 1 s and 10 years (a bare number is milliseconds)",
+            );
+        }
+        if !(min..=max).contains(&idempotency.lease) {
+            return bad(
+                "idempotency.lease",
+                "must be between 1 s and 10 years (a bare number is milliseconds)",
+            );
+        }
+        for (name, client) in &self.clients {
+            if client.retry.max_attempts == 0 {
+                return bad(
+                    &format!("clients.{name}.retry.max_attempts"),
+                    "must be at least 1 (the first attempt counts)",
+                );
+            }
+            let ratio = client.retry.budget_ratio;
+            if !(0.0..=1000.0).contains(&ratio) {
+                // NaN included: a budget that allowed every retry (a retry storm).
+                return bad(
+                    &format!("clients.{name}.retry.budget_ratio"),
+                    "must be a number from 0 to 1000",
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -647,6 +739,66 @@ mod tests {
                 .unwrap();
             assert!(status.success(), "{child}: {status}");
         }
+    }
+
+    /// Values no type refuses but that make no sense, or are unsafe, are errors naming their
+    /// key; each was accepted before (and silently clamped, wrapped or obeyed).
+    #[test]
+    fn out_of_range_values_are_errors_naming_the_key() {
+        for (toml, key) in [
+            // Sent to ZooKeeper as an i32 of milliseconds: wrapped to a few seconds.
+            (
+                "[registry]\nsession_timeout = \"30d\"",
+                "registry.session_timeout",
+            ),
+            (
+                "[registry]\nsession_timeout = \"0s\"",
+                "registry.session_timeout",
+            ),
+            (
+                "[registry]\nzookeeper = \"127.0.0.1:2181\"\nroot = \"services\"",
+                "registry.root",
+            ),
+            ("[registry]\ndigest = \"nocolon\"", "registry.digest"),
+            (
+                "[registry]\nconnect_timeout = \"0s\"",
+                "registry.connect_timeout",
+            ),
+            ("[server]\ndrain = \"365d\"", "server.drain"),
+            (
+                "[server]\nshutdown_timeout = \"0s\"",
+                "server.shutdown_timeout",
+            ),
+            (
+                "[server]\nrequest_timeout = \"0s\"",
+                "server.request_timeout",
+            ),
+            // Silently raised to 1 s: every retry after a second executed again.
+            ("[idempotency]\nttl = \"0s\"", "idempotency.ttl"),
+            ("[idempotency]\nttl = 60", "idempotency.ttl"),
+            ("[idempotency]\nlease = 0", "idempotency.lease"),
+            ("[idempotency]\nttl = \"20000d\"", "idempotency.ttl"),
+            (
+                "[clients.a]\nretry = { max_attempts = 0 }",
+                "clients.a.retry.max_attempts",
+            ),
+            // NaN allowed every retry: a retry storm.
+            (
+                "[clients.a]\nretry = { budget_ratio = nan }",
+                "clients.a.retry.budget_ratio",
+            ),
+            (
+                "[clients.a]\nretry = { budget_ratio = -1.0 }",
+                "clients.a.retry.budget_ratio",
+            ),
+        ] {
+            let error = Config::from_toml(toml).unwrap_err();
+            assert_eq!(error.key(), Some(key), "{toml}: {error}");
+        }
+        Config::from_toml(
+            "[registry]\nsession_timeout = \"6s\"\n[server]\ndrain = \"500ms\"\n[idempotency]\nlease = \"3s\"",
+        )
+        .unwrap();
     }
 
     #[test]
