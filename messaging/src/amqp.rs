@@ -647,6 +647,10 @@ async fn lane<H: Handler>(
 enum SessionEnd {
     Shutdown,
     Lost,
+    /// A lane task ended while the session ran (a panic: a bug in Keel, since handler panics
+    /// are caught in `process`). Fatal: the lane's later deliveries would be dropped unacked
+    /// and, once `prefetch` of them piled up, the whole consumer would stall without a word.
+    Failed(String),
 }
 
 pub(crate) async fn run<H: Handler>(
@@ -688,6 +692,9 @@ pub(crate) async fn run<H: Handler>(
                     tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "bye".into())).await;
                 match end {
                     SessionEnd::Shutdown => return Ok(()),
+                    SessionEnd::Failed(error) => {
+                        return Err(Error::new(format!("consume {}", config.destination), error));
+                    }
                     SessionEnd::Lost => {
                         tracing::warn!(queue = %config.destination, "RabbitMQ connection lost; reconnecting")
                     }
@@ -778,6 +785,14 @@ async fn session<H: Handler>(
         let next = tokio::select! {
             biased;
             () = &mut shutdown => break SessionEnd::Shutdown,
+            Some(joined) = lanes.join_next() => {
+                let error = match joined {
+                    Err(error) => format!("a delivery lane failed: {error}"),
+                    Ok(()) => "a delivery lane ended".to_owned(),
+                };
+                tracing::error!(%error, queue = %config.destination, "stopping the consumer");
+                break SessionEnd::Failed(error);
+            }
             d = deliveries.next() => d,
         };
         let d = match next {
@@ -805,7 +820,7 @@ async fn session<H: Handler>(
             _ = tx.send(d) => {}
         }
     };
-    if matches!(end, SessionEnd::Shutdown) {
+    if matches!(end, SessionEnd::Shutdown | SessionEnd::Failed(_)) {
         let _ = channel
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
             .await;

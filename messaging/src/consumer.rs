@@ -16,7 +16,8 @@ use crate::retry::RetryPolicy;
 /// [`Received::idempotency_key`].
 pub trait Handler: Send + Sync + 'static {
     /// Handles `message`; [`HandlerError::retry`] to retry it, [`HandlerError::permanent`] to
-    /// dead-letter it at once.
+    /// dead-letter it at once. A handler that panics fails permanently: the message is
+    /// dead-lettered with the reason `handler panicked: <message>`, and consumption goes on.
     fn handle(&self, message: Received) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
@@ -180,7 +181,9 @@ impl Consumer {
     /// per-partition / per-lane tasks it needs inside it and joins them before returning.
     ///
     /// # Errors
-    /// When the consumer cannot start (Kafka client, subscription). RabbitMQ connection losses
+    /// When the consumer cannot start (Kafka client, subscription), or one of its partition
+    /// workers / delivery lanes failed (a bug: handler panics are caught, see [`Handler`]); what
+    /// was handled is committed first and the rest is redelivered. RabbitMQ connection losses
     /// are retried, not returned.
     pub async fn run<H: Handler>(
         self,

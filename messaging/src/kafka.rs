@@ -595,11 +595,23 @@ pub(crate) async fn run<H: Handler>(
     let handler = Arc::new(handler);
     let mut workers = JoinSet::new();
     let all_stop = CancellationToken::new();
+    // A worker that ends with a panic (a bug in Keel: handler panics are caught in `process`)
+    // ends the consumer with an error: its partition's later messages would otherwise be
+    // dropped on the floor, the partition stalled for good without a word.
+    let mut failed = None;
     tokio::pin!(shutdown);
     'fetch: loop {
         let message = tokio::select! {
             biased;
             () = &mut shutdown => break 'fetch,
+            Some(joined) = workers.join_next() => {
+                if let Err(error) = joined {
+                    tracing::error!(%error, topic = %config.destination, "a partition worker failed; stopping the consumer");
+                    failed = Some(error);
+                    break 'fetch;
+                }
+                continue 'fetch;
+            }
             m = consumer.recv() => m,
         };
         let message = match message {
@@ -652,7 +664,6 @@ pub(crate) async fn run<H: Handler>(
                 _ = tx.send(message) => {}
             }
         }
-        while workers.try_join_next().is_some() {}
     }
 
     // Shutdown: stop fetching, let in-flight handlers finish (queued messages stay uncommitted),
@@ -673,5 +684,11 @@ pub(crate) async fn run<H: Handler>(
     lock(&shared.assigned).clear();
     // Closing the consumer blocks while it leaves the group.
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
-    Ok(())
+    match failed {
+        None => Ok(()),
+        Some(error) => Err(Error::new(
+            format!("consume {}", config.destination),
+            format!("a partition worker failed: {error}"),
+        )),
+    }
 }

@@ -1,7 +1,9 @@
 //! Handler retries: exponential backoff with full jitter, a cap on attempts, then dead letter.
 
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use opentelemetry::context::FutureExt as _;
 use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
 use rand::Rng;
@@ -9,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::consumer::Handler;
+use crate::error::HandlerError;
 use crate::message::Received;
 
 /// How often and how patiently a failing message is retried before it is dead-lettered.
@@ -97,11 +100,25 @@ pub(crate) async fn process<H: Handler>(
     loop {
         attempt += 1;
         message.attempt = attempt;
-        let result = handler
-            .handle(message.clone())
-            .with_context(cx.clone())
-            .instrument(span.clone())
-            .await;
+        // A panicking handler is a permanent failure of this message (dead-lettered with the
+        // panic's message), not the end of the task that runs the partition / lane. The call
+        // is inside the future so that a panic before the handler's first await is caught too.
+        let attempt_once = async {
+            handler
+                .handle(message.clone())
+                .with_context(cx.clone())
+                .instrument(span.clone())
+                .await
+        };
+        let result = AssertUnwindSafe(attempt_once)
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let error = format!("handler panicked: {}", panic_message(panic.as_ref()));
+                let _guard = span.enter();
+                tracing::error!(%error, attempt, "handler panicked");
+                Err(HandlerError::permanent(error))
+            });
         match result {
             Ok(()) => return Outcome::Handled,
             Err(error) if !error.is_retryable() || attempt >= max => {
@@ -127,9 +144,50 @@ pub(crate) async fn process<H: Handler>(
     }
 }
 
+/// The text a panic was raised with (`panic!` with a message carries a `&str` or a `String`).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a panic without a message)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_handler_is_a_permanent_failure() {
+        let handler = |m: Received| async move {
+            if m.payload.as_ref() == b"boom" {
+                panic!("no account {}", 42);
+            }
+            Ok::<(), HandlerError>(())
+        };
+        let message = |payload: &'static [u8]| Received {
+            destination: "t".to_owned(),
+            key: None,
+            payload: bytes::Bytes::from_static(payload),
+            headers: crate::Headers::new(),
+            partition: None,
+            offset: None,
+            redelivered: false,
+            attempt: 0,
+        };
+        let stop = CancellationToken::new();
+        let policy = RetryPolicy::default();
+        let outcome = process(&handler, message(b"boom"), &policy, &stop, "test").await;
+        match outcome {
+            Outcome::DeadLetter { attempts, error } => {
+                assert_eq!(attempts, 1, "not retried");
+                assert_eq!(error, "handler panicked: no account 42");
+            }
+            other => panic!("{other:?}"),
+        }
+        let outcome = process(&handler, message(b"fine"), &policy, &stop, "test").await;
+        assert!(matches!(outcome, Outcome::Handled), "{outcome:?}");
+    }
 
     #[test]
     fn backoff_is_bounded_and_grows() {

@@ -675,3 +675,74 @@ async fn a_dead_letter_the_dlq_refuses_stays_in_the_queue() {
     let _ = side.close(200, "bye".into()).await;
     cleanup(&queue).await;
 }
+
+/// A handler that panics on seq 1 (one key, so one lane): the panic was not caught, killed the
+/// lane's task, and every later delivery of that lane was dropped unacknowledged. Now it is a
+/// permanent failure: seq 1 is dead-lettered with the panic's message and the lane goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_dead_letters_its_message_and_the_lane_goes_on() {
+    let queue = unique("keel-msg-panic");
+    let publisher = Publisher::connect(AMQP).await.unwrap();
+    publisher.declare(&queue, 1).await.unwrap();
+    publish_all(&publisher, &queue, 10, 1, 10).await;
+
+    let handled = Seen::default();
+    let (stop, run) = consume_with_defaults(&queue, common::panicking_on(1, &handled));
+    eventually("the other nine handled", WAIT, || async {
+        (handled.distinct() == 9).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {} handled", handled.distinct()));
+    assert_eq!(handled.missing(0..10), [1]);
+    handled.assert_key_order();
+    let letters = dead_letters(&queue, 1).await;
+    assert_eq!(
+        letters[0].get_str(DLQ_ERROR),
+        Some("handler panicked: seq 1 is cursed")
+    );
+    assert_eq!(letters[0].get_str(DLQ_ATTEMPTS), Some("1"));
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    publisher.close().await.unwrap();
+    cleanup(&queue).await;
+}
+
+/// A lane that dies (here: the handler's error panics when Keel prints it, outside the handler)
+/// ends the consumer with an error instead of dropping the lane's later deliveries in silence;
+/// the unacknowledged ones are back in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_that_dies_ends_the_consumer_with_an_error() {
+    let queue = unique("keel-msg-deadlane");
+    let publisher = Publisher::connect(AMQP).await.unwrap();
+    publisher.declare(&queue, 1).await.unwrap();
+    publish_all(&publisher, &queue, 10, 1, 10).await;
+
+    let handled = Seen::default();
+    let (_stop, run) = consume_with_defaults(&queue, common::unprintable_on(1, &handled));
+    let error = tokio::time::timeout(WAIT, run)
+        .await
+        .expect("the consumer ends on its own")
+        .unwrap()
+        .expect_err("with an error");
+    assert!(
+        error.to_string().contains("a delivery lane failed"),
+        "{error}"
+    );
+    assert_eq!(handled.missing(0..10), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    let side = Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let mut back = Vec::new();
+    while back.len() < 9 {
+        let m = eventually("the rest, back in the queue", WAIT, || take(&side, &queue))
+            .await
+            .unwrap();
+        back.push(String::from_utf8(m.delivery.data).unwrap());
+    }
+    back.sort_unstable();
+    let rest: Vec<String> = (1..10).map(|i| format!("{{\"seq\":{i}}}")).collect();
+    assert_eq!(back, rest, "the failed one and the ones after it");
+    publisher.close().await.unwrap();
+    let _ = side.close(200, "bye".into()).await;
+    cleanup(&queue).await;
+}

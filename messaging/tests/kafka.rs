@@ -423,3 +423,93 @@ async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_the_partition_goes_
     kafka_delete_topic(KAFKA, &topic).await;
     kafka_delete_topic(KAFKA, &dlq).await;
 }
+
+/// A handler that panics on seq 1 (one key, one partition): the panic was not caught, killed the
+/// partition's worker and stalled the partition. Now it is a permanent failure: seq 1 is
+/// dead-lettered with the panic's message and the partition goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_dead_letters_its_message_and_the_partition_goes_on() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let topic = unique("keel-msg-panic");
+    let group = unique("g");
+    let publisher = Publisher::connect(BROKER).await.unwrap();
+    publisher.declare(&topic, 1).await.unwrap();
+    publish_all(&publisher, &topic, 10, 1, 10).await;
+
+    let handled = Seen::default();
+    let stop = CancellationToken::new();
+    let c = consumer(&topic, &group).build().unwrap();
+    let dlq = c.dead_letter_destination();
+    let run = tokio::spawn(c.run(
+        common::panicking_on(1, &handled),
+        stop.clone().cancelled_owned(),
+    ));
+    eventually("the other nine handled", WAIT, || async {
+        (handled.distinct() == 9).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {} handled", handled.distinct()));
+    assert_eq!(handled.missing(0..10), [1]);
+    handled.assert_key_order();
+
+    let reader = kafka_consumer(KAFKA, &unique("dlq-reader"), &dlq).unwrap();
+    let letter = tokio::time::timeout(WAIT, reader.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .detach();
+    let mut h = Headers::new();
+    for header in letter.headers().unwrap().iter() {
+        h.insert(header.key, header.value.unwrap_or_default());
+    }
+    assert_eq!(letter.payload(), Some(&b"{\"seq\":1}"[..]));
+    assert_eq!(
+        h.get_str(DLQ_ERROR),
+        Some("handler panicked: seq 1 is cursed")
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    drop(reader);
+    publisher.close().await.unwrap();
+    kafka_delete_topic(KAFKA, &topic).await;
+    kafka_delete_topic(KAFKA, &dlq).await;
+}
+
+/// A partition worker that dies (here: the handler's error panics when Keel prints it, outside
+/// the handler) ends the consumer with an error instead of leaving the partition stalled in
+/// silence; what was handled before it is committed, nothing after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_worker_that_dies_ends_the_consumer_with_an_error() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let topic = unique("keel-msg-deadworker");
+    let group = unique("g");
+    let publisher = Publisher::connect(BROKER).await.unwrap();
+    publisher.declare(&topic, 1).await.unwrap();
+    publish_all(&publisher, &topic, 10, 1, 10).await;
+
+    let handled = Seen::default();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(consumer(&topic, &group).build().unwrap().run(
+        common::unprintable_on(1, &handled),
+        stop.clone().cancelled_owned(),
+    ));
+    let error = tokio::time::timeout(WAIT, run)
+        .await
+        .expect("the consumer ends on its own")
+        .unwrap()
+        .expect_err("with an error");
+    assert!(
+        error.to_string().contains("a partition worker failed"),
+        "{error}"
+    );
+    assert_eq!(handled.missing(0..10), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    assert_eq!(
+        keel_testkit::smoke::kafka_committed(KAFKA, &group, &topic)
+            .await
+            .unwrap(),
+        Some(1),
+        "committed through seq 0, not past the message that failed"
+    );
+    publisher.close().await.unwrap();
+    kafka_delete_topic(KAFKA, &topic).await;
+}

@@ -273,3 +273,48 @@ pub async fn shut_down_with_a_handler_in_flight<E: std::fmt::Debug>(
         .unwrap()
         .unwrap();
 }
+
+/// A handler that panics on message `seq` and records every other message in `seen`.
+pub fn panicking_on(seq: u64, seen: &Seen) -> impl keel_messaging::Handler + use<> {
+    let seen = seen.clone();
+    move |m: Received| {
+        let seen = seen.clone();
+        async move {
+            let v: serde_json::Value =
+                serde_json::from_slice(&m.payload).map_err(HandlerError::permanent)?;
+            if v["seq"].as_u64() == Some(seq) {
+                panic!("seq {seq} is cursed");
+            }
+            seen.record(&m).map(|_| ())
+        }
+    }
+}
+
+/// An error whose `Display` panics: a handler bug that Keel meets outside the handler's own
+/// future (it formats the error to log it and to put it in the dead letter).
+#[derive(Debug)]
+pub struct UnprintableError;
+
+impl std::fmt::Display for UnprintableError {
+    fn fmt(&self, _f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        panic!("UnprintableError cannot be printed")
+    }
+}
+
+impl std::error::Error for UnprintableError {}
+
+/// A handler that fails message `seq` with an [`UnprintableError`] and records the others.
+pub fn unprintable_on(seq: u64, seen: &Seen) -> impl keel_messaging::Handler + use<> {
+    let seen = seen.clone();
+    move |m: Received| {
+        let seen = seen.clone();
+        async move {
+            let v: serde_json::Value =
+                serde_json::from_slice(&m.payload).map_err(HandlerError::permanent)?;
+            if v["seq"].as_u64() == Some(seq) {
+                return Err(HandlerError::permanent(UnprintableError));
+            }
+            seen.record(&m).map(|_| ())
+        }
+    }
+}
