@@ -843,6 +843,10 @@ async fn idempotency_layer(
             ));
         }
     };
+    let layer = match config.failures {
+        crate::config::FailurePolicy::Release => layer,
+        crate::config::FailurePolicy::Store => layer.classify(crate::idempotency::store_failures),
+    };
     Ok(layer
         .namespace(service)
         .ttl(config.ttl)

@@ -58,6 +58,7 @@
 //! [idempotency]
 //! store = "memory"                    # or "redis://127.0.0.1:6379" (feature `redis`)
 //! ttl = "24h"
+//! failures = "release"                # a failed execution frees its key; "store": replayed
 //! ```
 
 use std::collections::BTreeMap;
@@ -632,6 +633,22 @@ pub struct IdempotencyConfig {
     /// an instance dies mid-request, its keys are free again after this long.
     #[serde(deserialize_with = "duration")]
     pub lease: Duration,
+    /// What a failed execution (5xx, `INTERNAL`, a panic…) does to its key: `release` (the
+    /// default; a retry with the key runs again, right when the handler's side effects are
+    /// guarded by a transaction or by keys downstream) or `store` (it is replayed to every
+    /// retry; only "not executed" answers release). See `keel::idempotency::store_failures`.
+    pub failures: FailurePolicy,
+}
+
+/// `idempotency.failures`: what a failed execution does to its key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    /// Free the key: a retry executes again ([`default_disposition`](crate::idempotency::default_disposition)).
+    #[default]
+    Release,
+    /// Keep the failure: a retry gets it replayed ([`store_failures`](crate::idempotency::store_failures)).
+    Store,
 }
 
 impl Default for IdempotencyConfig {
@@ -641,6 +658,7 @@ impl Default for IdempotencyConfig {
             ttl: Duration::from_secs(24 * 3600),
             wait: Duration::from_secs(10),
             lease: Duration::from_secs(30),
+            failures: FailurePolicy::Release,
         }
     }
 }
@@ -795,10 +813,13 @@ mod tests {
             let error = Config::from_toml(toml).unwrap_err();
             assert_eq!(error.key(), Some(key), "{toml}: {error}");
         }
-        Config::from_toml(
-            "[registry]\nsession_timeout = \"6s\"\n[server]\ndrain = \"500ms\"\n[idempotency]\nlease = \"3s\"",
+        let fine = Config::from_toml(
+            "[registry]\nsession_timeout = \"6s\"\n[server]\ndrain = \"500ms\"\n[idempotency]\nlease = \"3s\"\nfailures = \"store\"",
         )
         .unwrap();
+        assert_eq!(fine.idempotency.failures, FailurePolicy::Store);
+        let error = Config::from_toml("[idempotency]\nfailures = \"forget\"").unwrap_err();
+        assert_eq!(error.key(), Some("idempotency.failures"), "{error}");
     }
 
     #[test]

@@ -21,21 +21,29 @@
 //! - **Concurrent duplicates** wait (default up to 10 s) for the first to finish and then get
 //!   its response. If it is still running at the deadline they get HTTP **409** / gRPC
 //!   **`ABORTED`** with `retry-after: 1`. A key never executes twice at the same time.
-//! - **Only "not executed" releases the key.** A response that says the request was not
-//!   executed releases the key so that a retry executes; every other outcome is stored,
-//!   failures included, because a handler may fail after a side effect (a 500 after the debit
-//!   was committed) and its retry must not repeat it. Defaults ([`default_disposition`],
-//!   replaceable with [`IdempotencyLayer::classify`], e.g. to let retries re-run 5xx of
-//!   handlers that are transactional): HTTP 408, 429 and 503, and gRPC `UNAVAILABLE`,
-//!   `RESOURCE_EXHAUSTED` and `ABORTED` release; everything else is stored and replayed.
+//! - **Failures release the key.** A response that says the call did not (or did not fully)
+//!   execute releases the key so that a retry with the same key can finish the work; everything
+//!   else is stored. Defaults ([`default_disposition`], replaceable with
+//!   [`IdempotencyLayer::classify`]): HTTP 408, 429 and every 5xx, and gRPC `CANCELLED`,
+//!   `UNKNOWN`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `ABORTED`, `INTERNAL`,
+//!   `UNAVAILABLE`, `DATA_LOSS` (and a gRPC response without `grpc-status`) release; success
+//!   and definite client errors (`INVALID_ARGUMENT`, `NOT_FOUND`, `ALREADY_EXISTS`,
+//!   `FAILED_PRECONDITION`, …, HTTP 4xx) are stored. This is right for handlers whose side
+//!   effects are guarded themselves — one transaction, or downstream calls with keys derived
+//!   from this one (Keel's clients carry them), as the demo's payment service does: its 502
+//!   for an in-doubt debit is released, and the caller's retry completes the payment without
+//!   debiting twice. A handler that may fail after a side effect it cannot guard (a write,
+//!   then a 500) should use [`store_failures`], which releases only answers that say "not
+//!   executed" (408, 429, 503; `UNAVAILABLE`, `RESOURCE_EXHAUSTED`, `ABORTED`).
 //! - **Executions run to their end.** Once a request has claimed its key, the handler runs on
 //!   a task of its own (spawned per keyed request, in the request's tracing span), which
 //!   stores the outcome: a caller that goes away (a dropped connection, a reset stream, its
 //!   deadline passing, which tonic enforces by dropping the request) does not stop a handler
 //!   half-way and free the key while side effects may have happened; a repeat waits for the
 //!   stored response. An execution whose outcome cannot be known — the handler panicked, the
-//!   service returned an error, the response body failed after its head — is stored as HTTP
-//!   500 / gRPC `UNKNOWN` (`idempotency_outcome_unknown`) and classified as such.
+//!   service returned an error, the response body failed after its head — is classified as
+//!   HTTP 500 / gRPC `UNKNOWN` (released by default; with [`store_failures`], stored and
+//!   replayed as such, `idempotency_outcome_unknown`).
 //! - **Fail closed.** When the store cannot be reached the request is answered HTTP **503** /
 //!   gRPC **`UNAVAILABLE`** (with `retry-after: 1`) and not executed: executing without the
 //!   guarantee could execute twice. If the store fails when the response is to be stored, the
@@ -169,15 +177,63 @@ pub enum Outcome {
 pub enum Disposition {
     /// The call executed with a definite answer: store it, replay it to repeats.
     Store,
-    /// The call did not execute: free the key so that a retry executes.
+    /// The call did not execute, or not fully: free the key so that a retry executes.
     Release,
 }
 
-/// The default classification (see the [module docs](self)): only an answer that says the
-/// request was *not* executed releases the key — HTTP 408, 429 and 503, gRPC `UNAVAILABLE`,
-/// `RESOURCE_EXHAUSTED` and `ABORTED`; every other outcome is stored, failures included (a 500
-/// or an `INTERNAL` may come after a side effect, and a retry must not repeat it).
+/// The default classification (see the [module docs](self)): HTTP 408, 429 and 5xx and the
+/// "did not complete" gRPC codes release the key; everything else is stored.
+///
+/// Releasing a failure lets the caller's retry (with the same key) finish what the first
+/// attempt left undone, which is safe when the handler's side effects are themselves guarded:
+/// done in one transaction, or made downstream with a key derived from this one (Keel's clients
+/// carry it). A handler with side effects that a retry must never repeat after a failure (a
+/// non-transactional write before a later error) needs [`store_failures`] instead.
 pub fn default_disposition(outcome: Outcome) -> Disposition {
+    use tonic::Code;
+    match outcome {
+        Outcome::Http(status) => {
+            if status.is_server_error()
+                || status == StatusCode::REQUEST_TIMEOUT
+                || status == StatusCode::TOO_MANY_REQUESTS
+            {
+                Disposition::Release
+            } else {
+                Disposition::Store
+            }
+        }
+        Outcome::Grpc(
+            Code::Ok
+            | Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::PermissionDenied
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::Unimplemented
+            | Code::Unauthenticated,
+        ) => Disposition::Store,
+        Outcome::Grpc(
+            Code::Cancelled
+            | Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss,
+        )
+        | Outcome::GrpcMissingStatus => Disposition::Release,
+    }
+}
+
+/// The strict classification: only an answer that says the request was *not* executed releases
+/// the key — HTTP 408, 429 and 503, gRPC `UNAVAILABLE`, `RESOURCE_EXHAUSTED` and `ABORTED`;
+/// every other outcome is stored and replayed, failures included (a 500 may come after a side
+/// effect). For handlers whose side effects are not guarded against a re-run; their callers
+/// must then treat a replayed failure as final for the key. Use with
+/// [`IdempotencyLayer::classify`].
+pub fn store_failures(outcome: Outcome) -> Disposition {
     use tonic::Code;
     match outcome {
         Outcome::Http(
@@ -355,8 +411,8 @@ impl IdempotencyLayer {
     }
 
     /// The largest response kept for replay (default 4 MiB). A response that grows past it is
-    /// an unknown outcome: the caller's body fails, and a repeat is answered 500 / `UNKNOWN`
-    /// (the handler ran; its response could not be kept).
+    /// an unknown outcome: the caller's body fails, and the outcome is classified as 500 /
+    /// `UNKNOWN` (the handler ran; its response could not be kept).
     pub fn max_response_bytes(self, max: usize) -> Self {
         self.edit(|c| c.max_response_bytes = max)
     }

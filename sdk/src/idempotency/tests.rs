@@ -342,9 +342,10 @@ async fn a_duplicate_gets_a_conflict_when_the_first_outlasts_the_wait() {
     assert_eq!(layer.stats().conflicts(), 2);
 }
 
-/// A handler that may have had side effects is never run again for its key: not when the
-/// service returned an error, not when it panicked, not when it answered 500, and not when the
-/// caller went away while it ran (it runs to its end and its response is stored).
+/// With [`store_failures`], a handler that may have had side effects is never run again for
+/// its key: not when the service returned an error, not when it panicked, not when it answered
+/// 500. With either classification it is not stopped when the caller goes away while it runs:
+/// it runs to its end and its response is stored.
 #[tokio::test]
 async fn failed_panicked_and_abandoned_executions_are_not_repeated() {
     let calls = Arc::new(AtomicUsize::new(0));
@@ -393,8 +394,8 @@ async fn failed_panicked_and_abandoned_executions_are_not_repeated() {
             }
         })
     };
-    let layer = IdempotencyLayer::new(MemoryStore::new());
-    let service = layer.layer(handler);
+    let layer = IdempotencyLayer::new(MemoryStore::new()).classify(store_failures);
+    let service = layer.layer(handler.clone());
 
     let error = service
         .clone()
@@ -445,6 +446,14 @@ async fn failed_panicked_and_abandoned_executions_are_not_repeated() {
     assert_eq!(reply.body, "done");
     assert_eq!(calls.load(Ordering::SeqCst), 5);
     assert_eq!(layer.stats().released(), 0);
+
+    // By default a failure (a 500, a panic) releases the key: the retry runs again.
+    let service = IdempotencyLayer::new(MemoryStore::new()).layer(handler);
+    for path in ["/500", "/500", "/panic", "/panic"] {
+        let reply = send(&service, request(path, Some("d"), "a")).await;
+        assert!(!reply.replayed(), "{path}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 9);
 }
 
 /// A store that fails its first `fails` completions and renewals (then works as `inner`).
@@ -669,20 +678,24 @@ async fn memory_records_expire_after_the_ttl() {
 fn default_classification() {
     use tonic::Code;
     let release = |o| default_disposition(o) == Disposition::Release;
-    for status in [408, 429, 503] {
+    for status in [408, 429, 500, 502, 503, 504] {
         assert!(
             release(Outcome::Http(StatusCode::from_u16(status).unwrap())),
             "{status}"
         );
     }
-    // A failure that may come after a side effect is stored: its retry must not repeat it.
-    for status in [200, 201, 204, 400, 402, 404, 409, 422, 500, 502, 504] {
+    for status in [200, 201, 204, 400, 402, 404, 409, 422] {
         assert!(
             !release(Outcome::Http(StatusCode::from_u16(status).unwrap())),
             "{status}"
         );
     }
-    for code in [Code::Unavailable, Code::ResourceExhausted, Code::Aborted] {
+    for code in [
+        Code::Unavailable,
+        Code::ResourceExhausted,
+        Code::Internal,
+        Code::Aborted,
+    ] {
         assert!(release(Outcome::Grpc(code)), "{code:?}");
     }
     for code in [
@@ -690,6 +703,25 @@ fn default_classification() {
         Code::InvalidArgument,
         Code::FailedPrecondition,
         Code::NotFound,
+    ] {
+        assert!(!release(Outcome::Grpc(code)), "{code:?}");
+    }
+    assert!(release(Outcome::GrpcMissingStatus));
+    // The strict classification releases only "not executed".
+    let release = |o| store_failures(o) == Disposition::Release;
+    for status in [408, 429, 503] {
+        let status = StatusCode::from_u16(status).unwrap();
+        assert!(release(Outcome::Http(status)), "{status}");
+    }
+    for status in [200, 400, 500, 502, 504] {
+        let status = StatusCode::from_u16(status).unwrap();
+        assert!(!release(Outcome::Http(status)), "{status}");
+    }
+    for code in [Code::Unavailable, Code::ResourceExhausted, Code::Aborted] {
+        assert!(release(Outcome::Grpc(code)), "{code:?}");
+    }
+    for code in [
+        Code::Ok,
         Code::Internal,
         Code::Unknown,
         Code::DeadlineExceeded,
@@ -736,11 +768,13 @@ async fn passed_through_paths_are_not_guarded() {
 }
 
 /// A response larger than the cap is not buffered without bound: the caller's body fails, and
-/// the handler's run is an unknown outcome for repeats (it ran once).
+/// the handler's run is an unknown outcome (stored as such with [`store_failures`]).
 #[tokio::test]
 async fn a_response_over_the_cap_is_an_unknown_outcome() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let layer = IdempotencyLayer::new(MemoryStore::new()).max_response_bytes(3);
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .max_response_bytes(3)
+        .classify(store_failures);
     let service = layer.layer(counting(calls.clone()));
     let response = service
         .clone()
