@@ -8,10 +8,18 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::record::{Fingerprint, Lease, Record, StoredResponse};
-use super::store::{Claim, IdempotencyStore, StoreFuture};
+use super::store::{Claim, IdempotencyStore, StoreError, StoreFuture};
 
 /// How many expired entries one store operation removes at most.
 const SWEEP_BATCH: usize = 64;
+
+/// The default of [`MemoryStore::with_max_entries`].
+pub const DEFAULT_MEMORY_MAX_ENTRIES: usize = 100_000;
+
+/// `now + d`, or ten years from now when that does not fit the clock (`Duration::MAX`).
+fn after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d).unwrap_or_else(|| now + super::MAX_TTL)
+}
 
 /// An in-process [`IdempotencyStore`] with TTL.
 ///
@@ -22,15 +30,28 @@ const SWEEP_BATCH: usize = 64;
 /// every operation also removes up to 64 expired entries in expiry order, so memory follows
 /// the live keys. Time is [`tokio::time::Instant`], so tests can run with paused time. Cloning
 /// shares the store. Waiting duplicates are woken as soon as a key completes or is released.
-#[derive(Debug, Clone, Default)]
+///
+/// Bounded: at most [`DEFAULT_MEMORY_MAX_ENTRIES`] keys (in flight or completed) are held
+/// ([`with_max_entries`](Self::with_max_entries)); the keys are the callers' to choose, and a
+/// completed one is kept for the TTL. A claim that would go past it fails (the layer answers 503
+/// / `UNAVAILABLE`, not executing) until entries expire: completed records are never dropped
+/// early, which would let a retry execute again.
+#[derive(Debug, Clone)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug, Default)]
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::with_max_entries(DEFAULT_MEMORY_MAX_ENTRIES)
+    }
+}
+
+#[derive(Debug)]
 struct Inner {
     state: Mutex<State>,
     changed: Notify,
+    max_entries: usize,
 }
 
 #[derive(Debug, Default)]
@@ -94,9 +115,20 @@ impl State {
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store holding at most [`DEFAULT_MEMORY_MAX_ENTRIES`] keys.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store holding at most `max` keys (at least one).
+    pub fn with_max_entries(max: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::default(),
+                changed: Notify::new(),
+                max_entries: max.max(1),
+            }),
+        }
     }
 
     /// Entries held, including expired ones not yet swept.
@@ -117,7 +149,12 @@ impl MemoryStore {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn claim_now(&self, key: &str, fingerprint: Fingerprint, lease: Duration) -> Claim {
+    fn claim_now(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
         let now = Instant::now();
         let mut state = self.lock();
         state.sweep(now);
@@ -125,9 +162,9 @@ impl MemoryStore {
             Some(Entry {
                 record: Record::InFlight(held),
                 ..
-            }) => Claim::InFlight {
+            }) => Ok(Claim::InFlight {
                 fingerprint: held.fingerprint(),
-            },
+            }),
             Some(Entry {
                 record:
                     Record::Completed {
@@ -135,14 +172,30 @@ impl MemoryStore {
                         response,
                     },
                 ..
-            }) => Claim::Completed {
+            }) => Ok(Claim::Completed {
                 fingerprint: *fingerprint,
                 response: response.clone(),
-            },
+            }),
             None => {
+                if state.entries.len() >= self.inner.max_entries {
+                    // Full: make room from what has expired, all of it, before refusing.
+                    while state
+                        .expiries
+                        .first_key_value()
+                        .is_some_and(|(k, _)| k.0 <= now)
+                    {
+                        state.sweep(now);
+                    }
+                    if state.entries.len() >= self.inner.max_entries {
+                        return Err(StoreError::new(format!(
+                            "the memory store holds its maximum of {} keys",
+                            self.inner.max_entries
+                        )));
+                    }
+                }
                 let claim = Lease::new(fingerprint);
-                state.put(key, Record::InFlight(claim.clone()), now + lease);
-                Claim::Acquired(claim)
+                state.put(key, Record::InFlight(claim.clone()), after(now, lease));
+                Ok(Claim::Acquired(claim))
             }
         }
     }
@@ -154,7 +207,7 @@ impl MemoryStore {
         if !state.held_by(key, lease, now) {
             return false;
         }
-        state.put(key, Record::InFlight(lease.clone()), now + ttl);
+        state.put(key, Record::InFlight(lease.clone()), after(now, ttl));
         true
     }
 
@@ -175,7 +228,7 @@ impl MemoryStore {
                     fingerprint: lease.fingerprint(),
                     response: response.clone(),
                 };
-                state.put(key, record, now + ttl);
+                state.put(key, record, after(now, ttl));
             }
             held
         };
@@ -207,7 +260,7 @@ impl IdempotencyStore for MemoryStore {
         lease: Duration,
     ) -> StoreFuture<'a, Claim> {
         let claim = self.claim_now(key, fingerprint, lease);
-        Box::pin(async move { Ok(claim) })
+        Box::pin(async move { claim })
     }
 
     fn renew<'a>(&'a self, key: &'a str, lease: &'a Lease, ttl: Duration) -> StoreFuture<'a, bool> {
@@ -286,6 +339,27 @@ mod tests {
         );
         tokio::time::advance(TTL).await;
         acquired(store.claim("k", fp, LEASE).await.unwrap());
+    }
+
+    /// The callers choose the keys: the store holds at most its maximum, refuses a new key past
+    /// it (known keys still answer), and takes new ones again as entries expire. A key held
+    /// `Duration::MAX` does not overflow the clock.
+    #[tokio::test(start_paused = true)]
+    async fn the_store_is_bounded_and_fails_closed_when_full() {
+        let store = MemoryStore::with_max_entries(2);
+        let fp = Fingerprint::of(None, b"a");
+        let a = acquired(store.claim("a", fp, LEASE).await.unwrap());
+        assert!(store.complete("a", &a, &response(), TTL).await.unwrap());
+        acquired(store.claim("b", fp, Duration::MAX).await.unwrap());
+        assert!(store.claim("c", fp, LEASE).await.is_err(), "full");
+        assert!(matches!(
+            store.claim("a", fp, LEASE).await.unwrap(),
+            Claim::Completed { .. }
+        ));
+        assert_eq!(store.len(), 2);
+        tokio::time::advance(TTL).await;
+        acquired(store.claim("c", fp, LEASE).await.unwrap());
+        assert!(store.claim("d", fp, LEASE).await.is_err(), "b is held");
     }
 
     #[tokio::test(start_paused = true)]

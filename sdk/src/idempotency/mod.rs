@@ -136,7 +136,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 pub use self::body::IdempotencyBody;
-pub use self::memory::MemoryStore;
+pub use self::memory::{DEFAULT_MEMORY_MAX_ENTRIES, MemoryStore};
 pub use self::record::{Fingerprint, Lease, StoredResponse};
 #[cfg(feature = "redis")]
 pub use self::redis::RedisStore;
