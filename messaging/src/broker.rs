@@ -53,6 +53,26 @@ impl std::str::FromStr for Broker {
     }
 }
 
+/// The Kafka replication factor that asks for the broker's default when Keel creates a topic
+/// (CreateTopics with -1: KIP-464, Kafka 2.4 and later). The default for
+/// [`crate::PublisherBuilder::kafka_replication_factor`] and
+/// [`crate::ConsumerBuilder::kafka_replication_factor`].
+pub const KAFKA_BROKER_DEFAULT_REPLICATION: i32 = -1;
+
+/// Checks a configured Kafka replication factor: the broker's default (-1) or at least 1.
+pub(crate) fn check_replication(factor: i32) -> Result<(), Error> {
+    if factor == KAFKA_BROKER_DEFAULT_REPLICATION || factor >= 1 {
+        Ok(())
+    } else {
+        Err(Error::new(
+            "Kafka replication factor",
+            format!(
+                "{factor}: expected {KAFKA_BROKER_DEFAULT_REPLICATION} (the broker's default) or at least 1"
+            ),
+        ))
+    }
+}
+
 impl Broker {
     pub(crate) fn not_built(&self, feature: &str) -> Error {
         Error::new(

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, KAFKA_BROKER_DEFAULT_REPLICATION, check_replication};
 use crate::error::{Error, HandlerError};
 use crate::message::Received;
 use crate::retry::RetryPolicy;
@@ -44,6 +44,7 @@ pub struct ConsumerBuilder {
     pub(crate) reconnect_backoff: Duration,
     pub(crate) revoke_drain_timeout: Duration,
     pub(crate) kafka_options: Vec<(String, String)>,
+    pub(crate) kafka_replication: i32,
 }
 
 impl ConsumerBuilder {
@@ -100,11 +101,23 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Kafka: the replication factor of the dead-letter topic, when Keel creates it (default
+    /// [`KAFKA_BROKER_DEFAULT_REPLICATION`]: the broker's `default.replication.factor`, which
+    /// needs Kafka 2.4 or later). Set it explicitly on older brokers, or to ask for more
+    /// replicas than the broker's default.
+    #[must_use]
+    pub fn kafka_replication_factor(mut self, factor: i32) -> Self {
+        self.kafka_replication = factor;
+        self
+    }
+
     /// The consumer. Nothing connects until [`Consumer::run`].
     ///
     /// # Errors
-    /// When the broker's feature is not built in.
+    /// When the broker's feature is not built in, or the Kafka replication factor is neither -1
+    /// nor at least 1.
     pub fn build(self) -> Result<Consumer, Error> {
+        check_replication(self.kafka_replication)?;
         match &self.broker {
             #[cfg(feature = "kafka")]
             Broker::Kafka { .. } => Ok(Consumer { config: self }),
@@ -129,7 +142,8 @@ impl ConsumerBuilder {
 /// - Kafka: group `group`; partitions are handled concurrently, each in offset order; offsets are
 ///   committed only up to the last contiguous handled message; on a rebalance, in-flight
 ///   handlers of revoked partitions are drained and their offsets committed before the
-///   partitions are released. Dead letters go to topic `<topic>.<group>.dlq`. A record with a
+///   partitions are released. Dead letters go to topic `<topic>.<group>.dlq`, created on first
+///   use with [`ConsumerBuilder::kafka_replication_factor`] replicas. A record with a
 ///   header name that is not UTF-8 is a poison message: it is dead-lettered without running the
 ///   handler, with a reason naming the header (the dead letter carries that name decoded
 ///   lossily, invalid bytes as U+FFFD).
@@ -163,6 +177,7 @@ impl Consumer {
             reconnect_backoff: Duration::from_millis(200),
             revoke_drain_timeout: Duration::from_secs(10),
             kafka_options: Vec::new(),
+            kafka_replication: KAFKA_BROKER_DEFAULT_REPLICATION,
         })
     }
 

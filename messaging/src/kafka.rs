@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, check_replication};
 use crate::consumer::{ConsumerBuilder, Handler};
 use crate::error::{Error, PublishError, PublishErrorKind};
 use crate::headers::{self, Headers};
@@ -66,6 +66,7 @@ pub(crate) struct KafkaPublisher {
     producer: FutureProducer,
     timeout: Duration,
     bootstrap: String,
+    replication: i32,
 }
 
 impl fmt::Debug for KafkaPublisher {
@@ -113,11 +114,12 @@ impl KafkaPublisher {
             producer,
             timeout: builder.confirm_timeout,
             bootstrap: bootstrap(&builder.broker).to_owned(),
+            replication: builder.kafka_replication,
         })
     }
 
     pub(crate) async fn declare(&self, topic: &str, partitions: i32) -> Result<(), Error> {
-        ensure_topic(&self.bootstrap, topic, partitions).await
+        ensure_topic(&self.bootstrap, topic, partitions, self.replication).await
     }
 
     /// Hands `m` to librdkafka, waiting (up to the confirm timeout) while its queue is full.
@@ -366,6 +368,7 @@ struct DeadLetters {
     topic: String,
     group: String,
     backoff: RetryPolicy,
+    replication: i32,
 }
 
 impl DeadLetters {
@@ -396,7 +399,7 @@ impl DeadLetters {
             attempt += 1;
             let ensured = self
                 .ensured
-                .get_or_try_init(|| ensure_topic(&self.bootstrap, &self.topic, 1))
+                .get_or_try_init(|| ensure_topic(&self.bootstrap, &self.topic, 1, self.replication))
                 .await;
             if let Err(error) = ensured {
                 tracing::warn!(%error, topic = %self.topic, "cannot create the dead-letter topic; retrying");
@@ -522,17 +525,30 @@ impl<H: Handler> Worker<H> {
     }
 }
 
-async fn ensure_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<(), Error> {
+/// What Keel asks the broker to create: `partitions` partitions (at least 1), `replication`
+/// replicas each ([`crate::KAFKA_BROKER_DEFAULT_REPLICATION`] or at least 1).
+fn new_topic(topic: &str, partitions: i32, replication: i32) -> Result<NewTopic<'_>, Error> {
+    check_replication(replication)?;
+    Ok(NewTopic::new(
+        topic,
+        partitions.max(1),
+        TopicReplication::Fixed(replication),
+    ))
+}
+
+async fn ensure_topic(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+) -> Result<(), Error> {
+    let spec = new_topic(topic, partitions, replication)?;
     let admin: AdminClient<DefaultClientContext> = base_config(bootstrap, None)
         .create()
         .map_err(|e| Error::new("create Kafka admin client", e))?;
     let results = admin
         .create_topics(
-            &[NewTopic::new(
-                topic,
-                partitions.max(1),
-                TopicReplication::Fixed(1),
-            )],
+            &[spec],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
         )
         .await
@@ -558,6 +574,7 @@ pub(crate) async fn run<H: Handler>(
         confirm_timeout: Duration::from_secs(30),
         connection_name: config.connection_name.as_ref().map(|n| format!("{n}-dlq")),
         kafka_options: Vec::new(),
+        kafka_replication: config.kafka_replication,
     })?;
     let dead = DeadLetters {
         ensured: Arc::new(tokio::sync::OnceCell::new()),
@@ -566,6 +583,7 @@ pub(crate) async fn run<H: Handler>(
         topic: dlq_topic,
         group: config.group.clone(),
         backoff: config.retry,
+        replication: config.kafka_replication,
     };
 
     let shared = Arc::new(Shared {
@@ -690,5 +708,24 @@ pub(crate) async fn run<H: Handler>(
             format!("consume {}", config.destination),
             format!("a partition worker failed: {error}"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_are_created_with_the_brokers_default_replication_unless_configured() {
+        let default = new_topic("t", 3, crate::KAFKA_BROKER_DEFAULT_REPLICATION).unwrap();
+        assert!(matches!(default.replication, TopicReplication::Fixed(-1)));
+        assert_eq!(default.num_partitions, 3);
+        let three = new_topic("t", 0, 3).unwrap();
+        assert!(matches!(three.replication, TopicReplication::Fixed(3)));
+        assert_eq!(three.num_partitions, 1);
+        for bad in [0, -2] {
+            let error = new_topic("t", 1, bad).unwrap_err().to_string();
+            assert!(error.contains("replication factor"), "{error}");
+        }
     }
 }

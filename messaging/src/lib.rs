@@ -67,7 +67,7 @@ mod kafka;
 #[cfg(feature = "kafka")]
 mod kafka_native;
 
-pub use broker::Broker;
+pub use broker::{Broker, KAFKA_BROKER_DEFAULT_REPLICATION};
 pub use codec::{Codec, Json, Protobuf, TypedPublisher, typed};
 pub use consumer::{Consumer, ConsumerBuilder, Handler};
 pub use error::{BoxError, Error, HandlerError, PublishError, PublishErrorKind};

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, KAFKA_BROKER_DEFAULT_REPLICATION, check_replication};
 use crate::error::{Error, PublishError};
 use crate::headers::Headers;
 use crate::message::{OutgoingMessage, Receipt};
@@ -14,6 +14,7 @@ pub struct PublisherBuilder {
     pub(crate) confirm_timeout: Duration,
     pub(crate) connection_name: Option<String>,
     pub(crate) kafka_options: Vec<(String, String)>,
+    pub(crate) kafka_replication: i32,
 }
 
 impl PublisherBuilder {
@@ -40,11 +41,23 @@ impl PublisherBuilder {
         self
     }
 
+    /// Kafka: the replication factor of the topics [`Publisher::declare`] creates (default
+    /// [`KAFKA_BROKER_DEFAULT_REPLICATION`]: the broker's `default.replication.factor`, which
+    /// needs Kafka 2.4 or later). Set it explicitly on older brokers, or to ask for more
+    /// replicas than the broker's default.
+    #[must_use]
+    pub fn kafka_replication_factor(mut self, factor: i32) -> Self {
+        self.kafka_replication = factor;
+        self
+    }
+
     /// Creates the publisher (RabbitMQ: connects; Kafka: starts the client).
     ///
     /// # Errors
-    /// When the broker's feature is not built in, or the client cannot be created.
+    /// When the broker's feature is not built in, the Kafka replication factor is neither -1
+    /// nor at least 1, or the client cannot be created.
     pub async fn build(self) -> Result<Publisher, Error> {
+        check_replication(self.kafka_replication)?;
         match &self.broker {
             #[cfg(feature = "kafka")]
             Broker::Kafka { .. } => Ok(Publisher {
@@ -96,6 +109,7 @@ impl Publisher {
             confirm_timeout: Duration::from_secs(30),
             connection_name: None,
             kafka_options: Vec::new(),
+            kafka_replication: KAFKA_BROKER_DEFAULT_REPLICATION,
         })
     }
 
@@ -164,8 +178,9 @@ impl Publisher {
     }
 
     /// Creates `destination` if it does not exist: a Kafka topic with `partitions` partitions
-    /// (replication 1 on a single broker, else the broker's default), or the RabbitMQ durable
-    /// queue with its dead-letter exchange and queue (`partitions` is ignored).
+    /// and the replication factor of [`PublisherBuilder::kafka_replication_factor`] (by default
+    /// the broker's `default.replication.factor`; an existing topic is left as it is), or the
+    /// RabbitMQ durable queue with its dead-letter exchange and queue (`partitions` is ignored).
     ///
     /// Kafka brokers that do not auto-create topics reject a publish to a missing topic; RabbitMQ
     /// publishes are `mandatory`, so a missing queue is an error too, never a silent drop.

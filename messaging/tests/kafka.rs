@@ -513,3 +513,98 @@ async fn a_partition_worker_that_dies_ends_the_consumer_with_an_error() {
     publisher.close().await.unwrap();
     kafka_delete_topic(KAFKA, &topic).await;
 }
+
+/// Partitions and replicas per partition of `topic`, from the broker's metadata.
+async fn topic_layout(topic: &str) -> Option<Vec<usize>> {
+    use rdkafka::consumer::Consumer as _;
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let client: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", KAFKA)
+            .create()
+            .ok()?;
+        let metadata = client
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .ok()?;
+        let t = metadata.topics().first()?;
+        (t.error().is_none() && !t.partitions().is_empty())
+            .then(|| t.partitions().iter().map(|p| p.replicas().len()).collect())
+    })
+    .await
+    .unwrap()
+}
+
+/// Topics Keel creates (declared ones and dead-letter topics) ask for the broker's default
+/// replication factor (-1, KIP-464) rather than 1, which tansu accepts; an explicit factor is
+/// used as given, and one that is neither -1 nor at least 1 is refused when building.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_keel_creates_get_the_brokers_default_replication() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let topic = unique("keel-msg-rf");
+    let group = unique("g");
+    let publisher = Publisher::connect(BROKER).await.unwrap();
+    publisher.declare(&topic, 3).await.unwrap();
+    let layout = eventually("the declared topic's metadata", WAIT, || {
+        topic_layout(&topic)
+    })
+    .await
+    .unwrap();
+    assert_eq!(layout.len(), 3, "{layout:?}");
+    assert!(layout.iter().all(|&r| r >= 1), "{layout:?}");
+
+    // The dead-letter topic is created on first use, with the broker's default too.
+    let mut poison = OutgoingMessage::new(&topic, "not json").with_key("k");
+    poison.headers.insert("content-type", "application/json");
+    publisher.send(poison).await.unwrap();
+    let stop = CancellationToken::new();
+    let c = consumer(&topic, &group).build().unwrap();
+    let dlq = c.dead_letter_destination();
+    let handler = typed(Json::<serde_json::Value>::new(), |_v, _m: Received| async {
+        Ok::<(), keel_messaging::HandlerError>(())
+    });
+    let run = tokio::spawn(c.run(handler, stop.clone().cancelled_owned()));
+    let layout = eventually("the dead-letter topic's metadata", WAIT, || {
+        topic_layout(&dlq)
+    })
+    .await
+    .unwrap();
+    assert_eq!(layout.len(), 1, "{layout:?}");
+    stop.cancel();
+    run.await.unwrap().unwrap();
+
+    let explicit = unique("keel-msg-rf1");
+    let one = Publisher::builder(BROKER)
+        .unwrap()
+        .kafka_replication_factor(1)
+        .build()
+        .await
+        .unwrap();
+    one.declare(&explicit, 1).await.unwrap();
+    assert_eq!(
+        eventually("the explicit topic's metadata", WAIT, || topic_layout(
+            &explicit
+        ))
+        .await
+        .unwrap(),
+        [1]
+    );
+    for bad in [0, -2] {
+        let error = Publisher::builder(BROKER)
+            .unwrap()
+            .kafka_replication_factor(bad)
+            .build()
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("replication factor"), "{error}");
+        let error = consumer(&topic, &group)
+            .kafka_replication_factor(bad)
+            .build()
+            .unwrap_err();
+        assert!(error.to_string().contains("replication factor"), "{error}");
+    }
+    one.close().await.unwrap();
+    publisher.close().await.unwrap();
+    for t in [&topic, &dlq, &explicit] {
+        kafka_delete_topic(KAFKA, t).await;
+    }
+}
