@@ -743,6 +743,7 @@ impl App {
             admin_stop,
             shutdown,
             registered,
+            idempotency,
         };
         match running.become_ready(checks, consumers, interrupt).await {
             Ok(true) => Ok(Some(running)),
@@ -1000,6 +1001,7 @@ pub struct Running {
     admin_stop: CancellationToken,
     shutdown: CancellationToken,
     registered: Arc<Mutex<Vec<ServiceInstance>>>,
+    idempotency: IdempotencyLayer,
 }
 
 impl fmt::Debug for Running {
@@ -1228,6 +1230,13 @@ impl Running {
         }
         for handle in self.consumer_tasks.drain(..) {
             join_until("consumer", handle, deadline, &mut first).await;
+        }
+        // Keyed executions whose callers went away run on; they may still publish.
+        if tokio::time::timeout_at(deadline, self.idempotency.executions_done())
+            .await
+            .is_err()
+        {
+            tracing::warn!("idempotent executions still running at the shutdown deadline");
         }
         let publishers: Vec<_> = std::mem::take(
             &mut *self

@@ -326,6 +326,32 @@ struct Config {
     /// Paths whose requests pass through untouched, key or not (streaming methods).
     pass_through: Arc<std::collections::HashSet<String>>,
     stats: IdempotencyStats,
+    executions: Arc<Executions>,
+}
+
+/// The executions running on tasks of their own, so that a shutdown can wait for them.
+#[derive(Debug, Default)]
+struct Executions {
+    running: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Counts one running execution while it lives.
+struct Running(Arc<Executions>);
+
+impl Running {
+    fn start(executions: &Arc<Executions>) -> Self {
+        executions.running.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(executions))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl fmt::Debug for Config {
@@ -376,6 +402,7 @@ impl IdempotencyLayer {
                 max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
                 pass_through: Arc::default(),
                 stats: IdempotencyStats::default(),
+                executions: Arc::default(),
             }),
         }
     }
@@ -451,6 +478,23 @@ impl IdempotencyLayer {
     /// The layer's counters (shared by clones of the layer and every service it built).
     pub fn stats(&self) -> IdempotencyStats {
         self.config.stats.clone()
+    }
+
+    /// Resolves when no keyed execution is running (on any service this layer, or a clone,
+    /// built). Executions run on tasks of their own, beyond their callers: a graceful shutdown
+    /// waits for this after the servers stopped (the App does, within its shutdown timeout), so
+    /// that the process does not end a handler half-way and leave its key to lapse.
+    pub async fn executions_done(&self) {
+        let executions = &self.config.executions;
+        loop {
+            let idle = executions.idle.notified();
+            let mut idle = std::pin::pin!(idle);
+            idle.as_mut().enable();
+            if executions.running.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
     }
 }
 
@@ -1023,8 +1067,10 @@ where
     // The execution owns the claim from here: spawned, it runs to its end even when this
     // request's future is dropped (see `execute`).
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let running = Running::start(&config.executions);
     drop(tokio::spawn(tracing::Instrument::in_current_span(
         async move {
+            let _running = running;
             let _ = tx.send(execution.await);
         },
     )));

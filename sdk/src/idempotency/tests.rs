@@ -432,8 +432,16 @@ async fn failed_panicked_and_abandoned_executions_are_not_repeated() {
     entered.notified().await;
     abandoned.abort();
     assert!(abandoned.await.unwrap_err().is_cancelled());
+    // A shutdown waits for it.
+    assert!(
+        futures::FutureExt::now_or_never(layer.executions_done()).is_none(),
+        "the abandoned execution runs on"
+    );
     proceed.send(()).unwrap();
     finished.notified().await;
+    tokio::time::timeout(Duration::from_secs(5), layer.executions_done())
+        .await
+        .expect("no execution left once it finished");
     let reply = keel_testkit::eventually("the response is stored", Duration::from_secs(5), || {
         let service = service.clone();
         async move {
