@@ -1004,6 +1004,19 @@ pub struct Running {
     idempotency: IdempotencyLayer,
 }
 
+/// A `Running` dropped without [`stop`](Running::stop) (an error path, a test) stops serving:
+/// not ready at once, listeners and consumers told to stop (they finish on their tasks; the
+/// registration's own drop deregisters). It used to keep serving, and reporting ready, after
+/// its instance had left the registry.
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.ready.store(false, Ordering::Release);
+        self.stop_accepting.cancel();
+        self.stop_consuming.cancel();
+        self.admin_stop.cancel();
+    }
+}
+
 impl fmt::Debug for Running {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Running")

@@ -794,3 +794,31 @@ async fn consumers_start_once_ready() {
         .await;
     let _ = conn.close(200, "bye".into()).await;
 }
+
+/// A `Running` dropped without `stop` (an error path) stops serving and stops reporting ready;
+/// it used to serve on, ready, after its registration's drop had deregistered it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_running_app_stops_serving() {
+    let root = TestRoot::new();
+    let running = App::with_config(&keel_testkit::unique("dropped"), config(&root, ""))
+        .await
+        .unwrap()
+        .grpc_service(EchoServer::new(EchoService::new("a")))
+        .start()
+        .await
+        .unwrap();
+    let (grpc, admin_addr) = (running.grpc_addr().unwrap(), running.admin_addr());
+    let health = admin(admin_addr);
+    assert_eq!(get_text(&health, "/health/ready").await.0, 200);
+    drop(running);
+    eventually("the listeners close", WAIT, || {
+        let health = health.clone();
+        async move {
+            let ready = get_text(&health, "/health/ready").await.0;
+            let grpc_closed = tokio::net::TcpStream::connect(grpc).await.is_err();
+            (ready != 200 && grpc_closed).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+}
