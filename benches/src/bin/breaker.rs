@@ -36,7 +36,8 @@ struct Backend(u16);
 impl<B> Service<http::Request<B>> for Backend {
     type Response = http::Response<http_body_util::Empty<bytes::Bytes>>;
     type Error = Infallible;
-    type Future = std::future::Ready<Result<http::Response<http_body_util::Empty<bytes::Bytes>>, Infallible>>;
+    type Future =
+        std::future::Ready<Result<http::Response<http_body_util::Empty<bytes::Bytes>>, Infallible>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
