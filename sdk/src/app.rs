@@ -181,7 +181,11 @@ impl App {
                 Arc::new(registry)
             }
         };
-        let idempotency = idempotency_layer(name, &config.idempotency).await?;
+        let mut idempotency = idempotency_layer(name, &config.idempotency).await?;
+        if let Some(limit) = config.server.request_timeout {
+            // A keyed handler runs beyond its caller, but not beyond what the server allows.
+            idempotency = idempotency.max_execution(limit);
+        }
         register_idempotency_metrics(&metrics, idempotency.stats());
         Ok(Self {
             name: name.to_owned(),
@@ -827,7 +831,9 @@ async fn idempotency_layer(
     config: &crate::config::IdempotencyConfig,
 ) -> Result<IdempotencyLayer, Error> {
     let layer = match config.store.as_str() {
-        "memory" => IdempotencyLayer::new(crate::idempotency::MemoryStore::new()),
+        "memory" => IdempotencyLayer::new(crate::idempotency::MemoryStore::with_max_bytes(
+            config.memory_max_bytes,
+        )),
         #[cfg(feature = "redis")]
         url if url.starts_with("redis://") || url.starts_with("rediss://") => {
             let store = crate::idempotency::RedisStore::connect(url)

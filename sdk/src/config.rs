@@ -638,6 +638,9 @@ pub struct IdempotencyConfig {
     /// guarded by a transaction or by keys downstream) or `store` (it is replayed to every
     /// retry; only "not executed" answers release). See `keel::idempotency::store_failures`.
     pub failures: FailurePolicy,
+    /// With `store = "memory"`: the most its entries may take, in bytes (default 1 GiB). Past it
+    /// new keyed requests are refused with 503 until entries expire.
+    pub memory_max_bytes: usize,
 }
 
 /// `idempotency.failures`: what a failed execution does to its key.
@@ -659,6 +662,7 @@ impl Default for IdempotencyConfig {
             wait: Duration::from_secs(10),
             lease: Duration::from_secs(30),
             failures: FailurePolicy::Release,
+            memory_max_bytes: crate::idempotency::DEFAULT_MEMORY_MAX_BYTES,
         }
     }
 }

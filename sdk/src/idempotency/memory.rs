@@ -13,8 +13,30 @@ use super::store::{Claim, IdempotencyStore, StoreError, StoreFuture};
 /// How many expired entries one store operation removes at most.
 const SWEEP_BATCH: usize = 64;
 
-/// The default of [`MemoryStore::with_max_entries`].
-pub const DEFAULT_MEMORY_MAX_ENTRIES: usize = 100_000;
+/// The default of [`MemoryStore::with_max_bytes`]: 1 GiB.
+pub const DEFAULT_MEMORY_MAX_BYTES: usize = 1 << 30;
+
+/// What an entry costs beside its key and response (the maps' slots, the lease, the expiry).
+const ENTRY_OVERHEAD: usize = 160;
+
+/// An entry's size as the store counts it.
+fn size_of(key: &str, record: &Record) -> usize {
+    let headers = |h: &http::HeaderMap| {
+        h.iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 32)
+            .sum::<usize>()
+    };
+    ENTRY_OVERHEAD
+        + 2 * key.len()
+        + match record {
+            Record::InFlight(_) => 0,
+            Record::Completed { response, .. } => {
+                response.body.len()
+                    + headers(&response.headers)
+                    + response.trailers.as_ref().map_or(0, headers)
+            }
+        }
+}
 
 /// `now + d`, or ten years from now when that does not fit the clock (`Duration::MAX`).
 fn after(now: Instant, d: Duration) -> Instant {
@@ -31,11 +53,13 @@ fn after(now: Instant, d: Duration) -> Instant {
 /// the live keys. Time is [`tokio::time::Instant`], so tests can run with paused time. Cloning
 /// shares the store. Waiting duplicates are woken as soon as a key completes or is released.
 ///
-/// Bounded: at most [`DEFAULT_MEMORY_MAX_ENTRIES`] keys (in flight or completed) are held
-/// ([`with_max_entries`](Self::with_max_entries)); the keys are the callers' to choose, and a
-/// completed one is kept for the TTL. A claim that would go past it fails (the layer answers 503
-/// / `UNAVAILABLE`, not executing) until entries expire: completed records are never dropped
-/// early, which would let a retry execute again.
+/// Bounded: its entries (keys, in flight or completed, with their stored responses) take at
+/// most [`DEFAULT_MEMORY_MAX_BYTES`] (1 GiB, [`with_max_bytes`](Self::with_max_bytes)); the keys
+/// are the callers' to choose, and a completed one is kept for the TTL (at 1 KiB a response and
+/// a 24 h TTL, the default holds about 12 new keys a second). A claim that would go past it
+/// fails (the layer answers 503 / `UNAVAILABLE`, not executing) until entries expire: completed
+/// records are never dropped early, which would let a retry execute again. A service beyond
+/// that wants `RedisStore`, or a shorter TTL.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
@@ -43,7 +67,7 @@ pub struct MemoryStore {
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        Self::with_max_entries(DEFAULT_MEMORY_MAX_ENTRIES)
+        Self::with_max_bytes(DEFAULT_MEMORY_MAX_BYTES)
     }
 }
 
@@ -51,12 +75,14 @@ impl Default for MemoryStore {
 struct Inner {
     state: Mutex<State>,
     changed: Notify,
-    max_entries: usize,
+    max_bytes: usize,
 }
 
 #[derive(Debug, Default)]
 struct State {
     entries: HashMap<String, Entry>,
+    /// The sum of the entries' sizes ([`size_of`]).
+    bytes: usize,
     /// Expiry order; an item whose `seq` no longer matches its entry is stale and skipped.
     expiries: BTreeMap<(Instant, u64), String>,
     seq: u64,
@@ -67,6 +93,7 @@ struct Entry {
     record: Record,
     expires: Instant,
     seq: u64,
+    size: usize,
 }
 
 impl State {
@@ -81,7 +108,7 @@ impl State {
             }
             let key = entry.remove();
             if self.entries.get(&key).is_some_and(|e| e.seq == seq) {
-                self.entries.remove(&key);
+                self.remove(&key);
             }
         }
     }
@@ -89,7 +116,7 @@ impl State {
     /// The live entry under `key` (an expired one is removed and reads as absent).
     fn live(&mut self, key: &str, now: Instant) -> Option<&mut Entry> {
         if self.entries.get(key).is_some_and(|e| e.expires <= now) {
-            self.entries.remove(key);
+            self.remove(key);
         }
         self.entries.get_mut(key)
     }
@@ -97,15 +124,24 @@ impl State {
     fn put(&mut self, key: &str, record: Record, expires: Instant) {
         self.seq += 1;
         let seq = self.seq;
+        let size = size_of(key, &record);
         self.expiries.insert((expires, seq), key.to_owned());
-        self.entries.insert(
+        let old = self.entries.insert(
             key.to_owned(),
             Entry {
                 record,
                 expires,
                 seq,
+                size,
             },
         );
+        self.bytes = self.bytes + size - old.map_or(0, |e| e.size);
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some(entry) = self.entries.remove(key) {
+            self.bytes -= entry.size;
+        }
     }
 
     /// Whether `key` is currently claimed by exactly `lease`.
@@ -115,20 +151,26 @@ impl State {
 }
 
 impl MemoryStore {
-    /// An empty store holding at most [`DEFAULT_MEMORY_MAX_ENTRIES`] keys.
+    /// An empty store of at most [`DEFAULT_MEMORY_MAX_BYTES`].
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// An empty store holding at most `max` keys (at least one).
-    pub fn with_max_entries(max: usize) -> Self {
+    /// An empty store whose entries take at most `max` bytes (as it counts them: keys, stored
+    /// responses and a fixed overhead per entry).
+    pub fn with_max_bytes(max: usize) -> Self {
         Self {
             inner: Arc::new(Inner {
                 state: Mutex::default(),
                 changed: Notify::new(),
-                max_entries: max.max(1),
+                max_bytes: max,
             }),
         }
+    }
+
+    /// The bytes the entries take, as the store counts them.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
     }
 
     /// Entries held, including expired ones not yet swept.
@@ -177,7 +219,10 @@ impl MemoryStore {
                 response: response.clone(),
             }),
             None => {
-                if state.entries.len() >= self.inner.max_entries {
+                let claim = Lease::new(fingerprint);
+                let record = Record::InFlight(claim.clone());
+                let needed = size_of(key, &record);
+                if state.bytes + needed > self.inner.max_bytes {
                     // Full: make room from what has expired, all of it, before refusing.
                     while state
                         .expiries
@@ -186,15 +231,14 @@ impl MemoryStore {
                     {
                         state.sweep(now);
                     }
-                    if state.entries.len() >= self.inner.max_entries {
+                    if state.bytes + needed > self.inner.max_bytes {
                         return Err(StoreError::new(format!(
-                            "the memory store holds its maximum of {} keys",
-                            self.inner.max_entries
+                            "the memory store is full ({} of {} bytes)",
+                            state.bytes, self.inner.max_bytes
                         )));
                     }
                 }
-                let claim = Lease::new(fingerprint);
-                state.put(key, Record::InFlight(claim.clone()), after(now, lease));
+                state.put(key, record, after(now, lease));
                 Ok(Claim::Acquired(claim))
             }
         }
@@ -243,7 +287,7 @@ impl MemoryStore {
             state.sweep(now);
             let held = state.held_by(key, lease, now);
             if held {
-                state.entries.remove(key);
+                state.remove(key);
             }
             held
         };
@@ -346,7 +390,8 @@ mod tests {
     /// `Duration::MAX` does not overflow the clock.
     #[tokio::test(start_paused = true)]
     async fn the_store_is_bounded_and_fails_closed_when_full() {
-        let store = MemoryStore::with_max_entries(2);
+        // Room for two entries of one-byte keys (162 bytes in flight, 166 with "done").
+        let store = MemoryStore::with_max_bytes(400);
         let fp = Fingerprint::of(None, b"a");
         let a = acquired(store.claim("a", fp, LEASE).await.unwrap());
         assert!(store.complete("a", &a, &response(), TTL).await.unwrap());
@@ -356,7 +401,7 @@ mod tests {
             store.claim("a", fp, LEASE).await.unwrap(),
             Claim::Completed { .. }
         ));
-        assert_eq!(store.len(), 2);
+        assert_eq!((store.len(), store.bytes()), (2, 166 + 162));
         tokio::time::advance(TTL).await;
         acquired(store.claim("c", fp, LEASE).await.unwrap());
         assert!(store.claim("d", fp, LEASE).await.is_err(), "b is held");

@@ -40,16 +40,19 @@
 //!   stores the outcome: a caller that goes away (a dropped connection, a reset stream, its
 //!   deadline passing, which tonic enforces by dropping the request) does not stop a handler
 //!   half-way and free the key while side effects may have happened; a repeat waits for the
-//!   stored response. An execution whose outcome cannot be known — the handler panicked, the
+//!   stored response. An execution is bounded by
+//!   [`max_execution`](IdempotencyLayer::max_execution) (60 s; the App uses
+//!   `server.request_timeout` when set): one that outlives it is stopped, as a request timeout
+//!   would, and its outcome is unknown. The caller gets its answer before the outcome is
+//!   stored. An execution whose outcome cannot be known — the handler panicked, the
 //!   service returned an error, the response body failed after its head — is classified as
 //!   HTTP 500 / gRPC `UNKNOWN` (released by default; with [`store_failures`], stored and
 //!   replayed as such, `idempotency_outcome_unknown`).
 //! - **Fail closed.** When the store cannot be reached the request is answered HTTP **503** /
 //!   gRPC **`UNAVAILABLE`** (with `retry-after: 1`) and not executed: executing without the
 //!   guarantee could execute twice. If the store fails when the response is to be stored, the
-//!   response is still returned (it executed) and storing it is retried for as long as the
-//!   claim can still be held (a lease since it was last renewed); only a store outage longer
-//!   than that leaves the key to lapse.
+//!   response is still returned (it executed) and storing it is retried for up to a lease while
+//!   the claim is kept renewed; only a store outage longer than that leaves the key to lapse.
 //! - **Leases.** A claim is a lease (default 30 s) renewed every third of it while the handler
 //!   runs (every 200 ms after a failed renewal, beside the handler, never holding it up), so a
 //!   crashed instance blocks its keys for at most one lease, and a slow handler keeps its claim
@@ -58,8 +61,8 @@
 //!   retry executes again.
 //!
 //! - **Bounded.** A keyed response is buffered whole for replay, up to
-//!   [`max_response_bytes`](IdempotencyLayer::max_response_bytes) (4 MiB); a larger one is an
-//!   unknown outcome. Streams cannot be replayed: paths given to
+//!   [`max_response_bytes`](IdempotencyLayer::max_response_bytes) (4 MiB); for a larger one the
+//!   caller's body fails and repeats are refused (the handler ran). Streams cannot be replayed: paths given to
 //!   [`pass_through`](IdempotencyLayer::pass_through) (the App gives every streaming gRPC
 //!   method it has a descriptor of, health's `Watch` and reflection included) are not guarded,
 //!   and a keyed REST response that never ends (server-sent events) never answers.
@@ -136,7 +139,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 pub use self::body::IdempotencyBody;
-pub use self::memory::{DEFAULT_MEMORY_MAX_ENTRIES, MemoryStore};
+pub use self::memory::{DEFAULT_MEMORY_MAX_BYTES, MemoryStore};
 pub use self::record::{Fingerprint, Lease, StoredResponse};
 #[cfg(feature = "redis")]
 pub use self::redis::RedisStore;
@@ -152,6 +155,9 @@ const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const MAX_WAIT_STEP: Duration = Duration::from_millis(200);
 const FIRST_WAIT_STEP: Duration = Duration::from_millis(5);
 const MIN_LEASE: Duration = Duration::from_secs(1);
+
+/// The default of [`IdempotencyLayer::max_execution`]: 60 s.
+pub const DEFAULT_MAX_EXECUTION: Duration = Duration::from_secs(60);
 
 /// The default of [`IdempotencyLayer::max_response_bytes`]: 4 MiB (tonic's default message cap).
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
@@ -323,6 +329,7 @@ struct Config {
     wait_timeout: Duration,
     max_body_bytes: usize,
     max_response_bytes: usize,
+    max_execution: Duration,
     /// Paths whose requests pass through untouched, key or not (streaming methods).
     pass_through: Arc<std::collections::HashSet<String>>,
     stats: IdempotencyStats,
@@ -365,6 +372,7 @@ impl fmt::Debug for Config {
             .field("wait_timeout", &self.wait_timeout)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_response_bytes", &self.max_response_bytes)
+            .field("max_execution", &self.max_execution)
             .field("pass_through", &self.pass_through)
             .finish_non_exhaustive()
     }
@@ -400,6 +408,7 @@ impl IdempotencyLayer {
                 wait_timeout: Duration::from_secs(10),
                 max_body_bytes: 1024 * 1024,
                 max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+                max_execution: DEFAULT_MAX_EXECUTION,
                 pass_through: Arc::default(),
                 stats: IdempotencyStats::default(),
                 executions: Arc::default(),
@@ -437,11 +446,21 @@ impl IdempotencyLayer {
         self.edit(|c| c.max_body_bytes = max)
     }
 
-    /// The largest response kept for replay (default 4 MiB). A response that grows past it is
-    /// an unknown outcome: the caller's body fails, and the outcome is classified as 500 /
-    /// `UNKNOWN` (the handler ran; its response could not be kept).
+    /// The largest response kept for replay (default 4 MiB). For a response that grows past it
+    /// the caller's body fails, and a repeat is answered 500 / `INTERNAL`
+    /// (`idempotency_response_too_large`) whatever the classification: the handler ran, and
+    /// must not run again.
     pub fn max_response_bytes(self, max: usize) -> Self {
         self.edit(|c| c.max_response_bytes = max)
+    }
+
+    /// How long a keyed execution may run (default 60 s; at least 1 ms). Executions run on
+    /// tasks of their own, beyond their callers; one that outlives this is stopped (its future
+    /// dropped, as a request timeout would) and counts as an unknown outcome, so a hung handler
+    /// does not hold its key, and its lease renewals, for ever. The App sets it to
+    /// `server.request_timeout` when that is configured.
+    pub fn max_execution(self, max: Duration) -> Self {
+        self.edit(|c| c.max_execution = max.clamp(Duration::from_millis(1), MAX_TTL))
     }
 
     /// Requests to these paths pass through untouched, with a key or not: streaming methods,
@@ -613,6 +632,8 @@ enum Rejection {
     StoreUnavailable,
     /// Stored and answered for an execution whose outcome the layer cannot know.
     OutcomeUnknown,
+    /// Stored for an execution whose response was too large to keep.
+    ResponseTooLarge,
 }
 
 impl Rejection {
@@ -623,7 +644,7 @@ impl Rejection {
             Self::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Conflict => StatusCode::CONFLICT,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::OutcomeUnknown | Self::ResponseTooLarge => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -636,6 +657,7 @@ impl Rejection {
             Self::Conflict => tonic::Code::Aborted,
             Self::StoreUnavailable => tonic::Code::Unavailable,
             Self::OutcomeUnknown => tonic::Code::Unknown,
+            Self::ResponseTooLarge => tonic::Code::Internal,
         }
     }
 
@@ -648,6 +670,7 @@ impl Rejection {
             Self::Conflict => "idempotency_key_in_flight",
             Self::StoreUnavailable => "idempotency_store_unavailable",
             Self::OutcomeUnknown => "idempotency_outcome_unknown",
+            Self::ResponseTooLarge => "idempotency_response_too_large",
         }
     }
 
@@ -661,6 +684,9 @@ impl Rejection {
             Self::StoreUnavailable => "idempotency cannot be guaranteed right now; retry later",
             Self::OutcomeUnknown => {
                 "the request with this idempotency key failed while it executed; its outcome is unknown"
+            }
+            Self::ResponseTooLarge => {
+                "the request with this idempotency key executed, but its response was too large to keep for a repeat"
             }
         }
     }
@@ -852,17 +878,12 @@ async fn leased<F: Future>(
 }
 
 /// Stores `stored` as the outcome of the key's execution. A store failure is retried (every
-/// [`STORE_RETRY`] at most) for as long as the claim can still be ours, i.e. until a lease has
-/// passed since it was last known to be held (`held`): giving up at once would leave the key
-/// to lapse one lease later and a retry to execute again.
-async fn complete(
-    config: &Config,
-    key: &str,
-    lease: &Lease,
-    stored: &StoredResponse,
-    held: tokio::time::Instant,
-) {
+/// [`STORE_RETRY`] at most) for up to a lease, while the caller keeps renewing the claim beside
+/// it: giving up at once would leave the key to lapse one lease later and a retry to execute
+/// again.
+async fn complete(config: &Config, key: &str, lease: &Lease, stored: &StoredResponse) {
     let stats = &config.stats;
+    let give_up = tokio::time::Instant::now() + config.lease;
     let mut step = Duration::from_millis(25);
     loop {
         match config.store.complete(key, lease, stored, config.ttl).await {
@@ -873,12 +894,11 @@ async fn complete(
             }
             Err(error) => {
                 IdempotencyStats::add(&stats.inner.store_errors);
-                let now = tokio::time::Instant::now();
-                if now + step >= held + config.lease {
+                if tokio::time::Instant::now() + step >= give_up {
                     tracing::error!(
                         %error,
                         key,
-                        "response not stored and the claim's lease ran out: a retry with this key may execute again"
+                        "response not stored: once the claim's lease runs out, a retry with this key may execute again"
                     );
                     return;
                 }
@@ -901,10 +921,13 @@ fn unknown_outcome(grpc: bool) -> (Outcome, StoredResponse) {
     (outcome, Rejection::OutcomeUnknown.stored(grpc))
 }
 
-/// Runs a claimed request to its end and stores (or releases) its outcome: the half of a keyed
-/// request that [`keyed`] spawns, so that nothing the caller does (disconnecting, resetting the
-/// stream, its deadline passing) stops a handler half-way and frees its key while side effects
-/// may have happened. A handler that panics counts as an unknown outcome.
+/// Runs a claimed request to its end, answers `answer` and stores (or releases) its outcome: the
+/// half of a keyed request that [`keyed`] spawns, so that nothing the caller does
+/// (disconnecting, resetting the stream, its deadline passing) stops a handler half-way and
+/// frees its key while side effects may have happened. The run is bounded by the layer's
+/// [`max_execution`](IdempotencyLayer::max_execution); a handler that panics or outlives it
+/// counts as an unknown outcome.
+#[allow(clippy::too_many_arguments)]
 async fn execute<S, B, ResB>(
     mut inner: S,
     config: Arc<Config>,
@@ -913,8 +936,8 @@ async fn execute<S, B, ResB>(
     held: tokio::time::Instant,
     grpc: bool,
     request: Request<IdempotencyBody<B>>,
-) -> Result<Response<IdempotencyBody<ResB>>, S::Error>
-where
+    answer: tokio::sync::oneshot::Sender<Result<Response<IdempotencyBody<ResB>>, S::Error>>,
+) where
     S: Service<Request<IdempotencyBody<B>>, Response = Response<ResB>>,
     ResB: Body<Data = Bytes>,
     ResB::Error: Into<BoxError>,
@@ -929,11 +952,15 @@ where
             .await;
         Ok::<_, S::Error>((parts, collected))
     };
-    let run = std::panic::AssertUnwindSafe(run).catch_unwind();
+    let run = tokio::time::timeout(
+        config.max_execution,
+        std::panic::AssertUnwindSafe(run).catch_unwind(),
+    );
     let (ran, held) = leased(run, store, &key, &lease, config.lease, held).await;
-    // What the caller gets, and what is kept for a repeat (per the classification).
-    let (answer, outcome, stored) = match ran {
-        Ok(Ok((parts, Ok(collected)))) => {
+    // What the caller gets, and what is kept for a repeat: per the classification, except that
+    // an execution that ran to its end with a response too large to keep is never re-run.
+    let (reply, disposition, stored) = match ran {
+        Ok(Ok(Ok((parts, Ok(collected))))) => {
             let trailers = collected.trailers().cloned();
             let body = collected.to_bytes();
             let outcome = outcome(grpc, parts.status, &parts.headers, trailers.as_ref());
@@ -949,35 +976,67 @@ where
                 body: body.clone(),
                 trailers: trailers.clone(),
             };
-            let answer = Ok(Response::from_parts(
+            let reply = Ok(Response::from_parts(
                 parts,
                 IdempotencyBody::buffered(body, trailers),
             ));
-            (answer, outcome, stored)
+            (reply, (config.classify)(outcome), stored)
         }
-        Ok(Ok((parts, Err(error)))) => {
+        Ok(Ok(Ok((parts, Err(error))))) if error.downcast_ref::<LengthLimitError>().is_some() => {
+            tracing::warn!(
+                key,
+                max = config.max_response_bytes,
+                "response too large to keep for replay; repeats are refused"
+            );
+            let stored = Rejection::ResponseTooLarge.stored(grpc);
+            let reply = Ok(Response::from_parts(parts, IdempotencyBody::failed(error)));
+            (reply, Disposition::Store, stored)
+        }
+        Ok(Ok(Ok((parts, Err(error))))) => {
             tracing::warn!(%error, key, "response body failed; the outcome is unknown");
             let (outcome, stored) = unknown_outcome(grpc);
-            let answer = Ok(Response::from_parts(parts, IdempotencyBody::failed(error)));
-            (answer, outcome, stored)
+            let reply = Ok(Response::from_parts(parts, IdempotencyBody::failed(error)));
+            (reply, (config.classify)(outcome), stored)
         }
-        Ok(Err(error)) => {
+        Ok(Ok(Err(error))) => {
             tracing::warn!(key, "the service failed; the outcome is unknown");
             let (outcome, stored) = unknown_outcome(grpc);
-            (Err(error), outcome, stored)
+            (Err(error), (config.classify)(outcome), stored)
         }
-        Err(_panic) => {
+        Ok(Err(_panic)) => {
             tracing::error!(key, "the handler panicked; the outcome is unknown");
             let (outcome, stored) = unknown_outcome(grpc);
-            let answer = Ok(respond(stored.clone()));
-            (answer, outcome, stored)
+            (
+                Ok(respond(stored.clone())),
+                (config.classify)(outcome),
+                stored,
+            )
+        }
+        Err(_elapsed) => {
+            tracing::error!(
+                key,
+                limit = ?config.max_execution,
+                "the handler outlived the execution limit and was stopped; the outcome is unknown"
+            );
+            let (outcome, stored) = unknown_outcome(grpc);
+            (
+                Ok(respond(stored.clone())),
+                (config.classify)(outcome),
+                stored,
+            )
         }
     };
-    match (config.classify)(outcome) {
+    // The caller has its answer before the outcome is stored: a store that is slow or failing
+    // does not hold up a call that succeeded. A repeat meanwhile finds the key in flight and
+    // waits for the record.
+    let _ = answer.send(reply);
+    match disposition {
         Disposition::Release => release(store, &config.stats, &key, &lease).await,
-        Disposition::Store => complete(&config, &key, &lease, &stored, held).await,
+        Disposition::Store => {
+            let storing = complete(&config, &key, &lease, &stored);
+            let ((), _) = leased(storing, store, &key, &lease, config.lease, held).await;
+        }
     }
-    answer
 }
 
 async fn keyed<S, B, ResB>(
@@ -1063,15 +1122,24 @@ where
 
     IdempotencyStats::add(&stats.inner.executed);
     let request = Request::from_parts(parts, IdempotencyBody::buffered(body, request_trailers));
-    let execution = execute(inner, Arc::clone(&config), key, lease, held, grpc, request);
     // The execution owns the claim from here: spawned, it runs to its end even when this
     // request's future is dropped (see `execute`).
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let execution = execute(
+        inner,
+        Arc::clone(&config),
+        key,
+        lease,
+        held,
+        grpc,
+        request,
+        tx,
+    );
     let running = Running::start(&config.executions);
     drop(tokio::spawn(tracing::Instrument::in_current_span(
         async move {
             let _running = running;
-            let _ = tx.send(execution.await);
+            execution.await;
         },
     )));
     match rx.await {

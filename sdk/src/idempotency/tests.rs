@@ -776,13 +776,12 @@ async fn passed_through_paths_are_not_guarded() {
 }
 
 /// A response larger than the cap is not buffered without bound: the caller's body fails, and
-/// the handler's run is an unknown outcome (stored as such with [`store_failures`]).
+/// repeats are refused, whatever the classification (the handler ran; re-running it on every
+/// retry would execute a successful payment again and again).
 #[tokio::test]
-async fn a_response_over_the_cap_is_an_unknown_outcome() {
+async fn a_response_over_the_cap_is_not_run_again() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let layer = IdempotencyLayer::new(MemoryStore::new())
-        .max_response_bytes(3)
-        .classify(store_failures);
+    let layer = IdempotencyLayer::new(MemoryStore::new()).max_response_bytes(3);
     let service = layer.layer(counting(calls.clone()));
     let response = service
         .clone()
@@ -793,5 +792,60 @@ async fn a_response_over_the_cap_is_an_unknown_outcome() {
     let again = send(&service, request("/pay", Some("k"), "long")).await;
     assert!(again.replayed());
     assert_eq!(again.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(String::from_utf8_lossy(&again.body).contains("idempotency_response_too_large"));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// A keyed handler that never ends is stopped at the execution limit (it runs beyond its
+/// caller, but not for ever holding its key): an unknown outcome, released by default, so the
+/// next attempt executes; nothing is left running.
+#[tokio::test(start_paused = true)]
+async fn a_hung_execution_is_stopped_at_the_limit() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = calls.clone();
+        service_fn(move |_: Req| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
+            }
+        })
+    };
+    let layer = IdempotencyLayer::new(MemoryStore::new()).max_execution(Duration::from_secs(5));
+    let service = layer.layer(handler);
+    let started = tokio::time::Instant::now();
+    let hung = tokio::time::timeout(
+        Duration::from_secs(600),
+        send(&service, request("/pay", Some("k"), "a")),
+    )
+    .await
+    .expect("the execution limit ends the call");
+    assert_eq!(hung.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(started.elapsed() >= Duration::from_secs(5));
+    layer.executions_done().await;
+    let retry = send(&service, request("/pay", Some("k"), "a")).await;
+    assert_eq!(retry.body, "done");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// The caller has its answer before the outcome is stored: a store that fails (and is retried)
+/// does not hold up a call that succeeded.
+#[tokio::test(start_paused = true)]
+async fn the_answer_does_not_wait_for_the_store() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(Flaky::new(3, 0));
+    let service = layer.layer(counting(calls.clone()));
+    let started = tokio::time::Instant::now();
+    let first = send(&service, request("/pay", Some("k"), "a")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(started.elapsed(), Duration::ZERO, "answered at once");
+    layer.executions_done().await;
+    assert!(
+        send(&service, request("/pay", Some("k"), "a"))
+            .await
+            .replayed()
+    );
 }
