@@ -17,6 +17,9 @@ use crate::deadline::Deadline;
 /// retry waits, so that its connection stays usable (see [`drain`]).
 const DRAIN_LIMIT: usize = 64 * 1024;
 
+/// What the drain counts for a frame smaller than this (so at most 1 024 frames are read).
+const FRAME_COST: usize = DRAIN_LIMIT / 1024;
+
 pin_project! {
     #[project = StateProj]
     enum State<F, R> {
@@ -165,7 +168,9 @@ where
         }
         match ready!(body.as_mut().poll_frame(cx)) {
             Some(Ok(frame)) => {
-                let size = frame.data_ref().map_or(0, Buf::remaining);
+                // Every frame costs something, empty ones too: a body of endless empty frames
+                // is also given up.
+                let size = frame.data_ref().map_or(0, Buf::remaining).max(FRAME_COST);
                 match left.checked_sub(size) {
                     Some(rest) => *left = rest,
                     None => return Poll::Ready(()),

@@ -496,6 +496,8 @@ struct Tracked {
     chunks: Option<usize>,
     /// Yield nothing, ever (a stalled body).
     stall: bool,
+    /// Bytes per chunk.
+    size: usize,
     read: Arc<std::sync::atomic::AtomicUsize>,
     dropped: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -516,9 +518,10 @@ impl Body for Tracked {
             Some(n) => *n -= 1,
             None => {}
         }
+        let size = self.size;
         self.read
-            .fetch_add(1_000, std::sync::atomic::Ordering::SeqCst);
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![0; 1_000])))))
+            .fetch_add(size.max(1), std::sync::atomic::Ordering::SeqCst);
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![0; size])))))
     }
 }
 
@@ -535,7 +538,13 @@ impl Drop for Tracked {
 #[tokio::test(start_paused = true)]
 async fn a_retried_response_is_drained_within_bounds() {
     use std::sync::atomic::Ordering::SeqCst;
-    for (chunks, stall) in [(Some(3), false), (None, false), (None, true)] {
+    // (chunks, stall, bytes a chunk); an endless body of empty frames is given up too.
+    for (chunks, stall, size) in [
+        (Some(3), false, 1_000),
+        (None, false, 1_000),
+        (None, true, 1_000),
+        (None, false, 0),
+    ] {
         let (svc, mut handle) = mock::pair::<Req, http::Response<Tracked>>();
         handle.allow(10);
         let svc = Retry::new(svc, policy());
@@ -544,6 +553,7 @@ async fn a_retried_response_is_drained_within_bounds() {
         let body = |chunks, stall| Tracked {
             chunks,
             stall,
+            size,
             read: Arc::clone(&read),
             dropped: Arc::clone(&dropped),
         };
@@ -558,10 +568,11 @@ async fn a_retried_response_is_drained_within_bounds() {
         );
         assert!(dropped.load(SeqCst), "the refused response is done with");
         let read = read.load(SeqCst);
-        match (chunks, stall) {
-            (Some(n), _) => assert_eq!(read, n * 1_000, "read to its end"),
-            (None, false) => assert!((64_000..=66_536).contains(&read), "{read}"),
-            (None, true) => assert_eq!(read, 0),
+        match (chunks, stall, size) {
+            (Some(n), _, _) => assert_eq!(read, n * 1_000, "read to its end"),
+            (None, false, 0) => assert!((1_000..=1_025).contains(&read), "{read} frames"),
+            (None, false, _) => assert!((64_000..=66_536).contains(&read), "{read}"),
+            (None, true, _) => assert_eq!(read, 0),
         }
         send.send_response(http::Response::new(body(Some(0), false)));
         assert_eq!(task.await.unwrap().unwrap().status(), 200);

@@ -156,8 +156,9 @@ impl<'a> Reader<'a> {
 }
 
 /// The most headers (or trailers) a record may hold: far more than any response has, far fewer
-/// than a header map can (it panics past its limit when told to reserve more).
-const MAX_HEADERS: usize = 4096;
+/// than a header map can (it panics past its limit when told to reserve more). The layer keeps
+/// no response with more.
+const MAX_HEADERS: usize = super::MAX_STORED_HEADERS;
 
 #[cfg(test)]
 mod tests {

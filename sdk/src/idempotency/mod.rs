@@ -156,6 +156,9 @@ const MAX_WAIT_STEP: Duration = Duration::from_millis(200);
 const FIRST_WAIT_STEP: Duration = Duration::from_millis(5);
 const MIN_LEASE: Duration = Duration::from_secs(1);
 
+/// The most headers and trailers a kept response may have (a store reads back no more).
+const MAX_STORED_HEADERS: usize = 4096;
+
 /// The default of [`IdempotencyLayer::max_execution`]: 60 s.
 pub const DEFAULT_MAX_EXECUTION: Duration = Duration::from_secs(60);
 
@@ -846,8 +849,14 @@ async fn leased<F: Future>(
         }
         loop {
             if let Some((renew, sent)) = renewal.as_mut() {
-                let Poll::Ready(result) = renew.as_mut().poll(cx) else {
-                    return Poll::Pending;
+                // A renewal gets a period to answer (the timer runs meanwhile), then counts as
+                // failed and is tried again: one that hangs must not stop every later one.
+                let result = match renew.as_mut().poll(cx) {
+                    Poll::Ready(result) => result,
+                    Poll::Pending if timer.as_mut().poll(cx).is_ready() => {
+                        Err(StoreError::new("the renewal did not answer in time"))
+                    }
+                    Poll::Pending => return Poll::Pending,
                 };
                 let next = match result {
                     Ok(true) => {
@@ -870,7 +879,10 @@ async fn leased<F: Future>(
             if lost || timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            renewal = Some((store.renew(key, lease, length), tokio::time::Instant::now()));
+            // Taken before the call: a store may renew eagerly, inside `renew` itself.
+            let sent = tokio::time::Instant::now();
+            renewal = Some((store.renew(key, lease, length), sent));
+            timer.as_mut().reset(sent + period);
         }
     })
     .await;
@@ -960,6 +972,19 @@ async fn execute<S, B, ResB>(
     // What the caller gets, and what is kept for a repeat: per the classification, except that
     // an execution that ran to its end with a response too large to keep is never re-run.
     let (reply, disposition, stored) = match ran {
+        Ok(Ok(Ok((parts, Ok(collected)))))
+            if parts.headers.len() + collected.trailers().map_or(0, HeaderMap::len)
+                > MAX_STORED_HEADERS =>
+        {
+            tracing::warn!(key, "response has too many headers to keep for replay");
+            let stored = Rejection::ResponseTooLarge.stored(grpc);
+            let trailers = collected.trailers().cloned();
+            let reply = Ok(Response::from_parts(
+                parts,
+                IdempotencyBody::buffered(collected.to_bytes(), trailers),
+            ));
+            (reply, Disposition::Store, stored)
+        }
         Ok(Ok(Ok((parts, Ok(collected))))) => {
             let trailers = collected.trailers().cloned();
             let body = collected.to_bytes();
@@ -1144,8 +1169,8 @@ where
     )));
     match rx.await {
         Ok(answer) => answer,
-        // The task did not finish: the runtime is shutting down. The claim stays until its
-        // lease runs out.
+        // The task ended without answering: the runtime is shutting down, or the classifier or
+        // the store panicked. The claim stays until its lease runs out.
         Err(_) => Ok(Rejection::OutcomeUnknown.response(grpc)),
     }
 }

@@ -470,6 +470,8 @@ struct Flaky {
     inner: MemoryStore,
     complete_fails: AtomicUsize,
     renew_fails: AtomicUsize,
+    /// Renewals that never answer.
+    renew_hangs: AtomicUsize,
 }
 
 impl Flaky {
@@ -478,6 +480,7 @@ impl Flaky {
             inner: MemoryStore::new(),
             complete_fails: AtomicUsize::new(complete_fails),
             renew_fails: AtomicUsize::new(renew_fails),
+            renew_hangs: AtomicUsize::new(0),
         }
     }
 }
@@ -500,6 +503,9 @@ impl IdempotencyStore for Flaky {
     fn renew<'a>(&'a self, key: &'a str, lease: &'a Lease, ttl: Duration) -> StoreFuture<'a, bool> {
         if take_one(&self.renew_fails) {
             return Box::pin(async { Err(StoreError::new("timed out")) });
+        }
+        if take_one(&self.renew_hangs) {
+            return Box::pin(std::future::pending());
         }
         self.inner.renew(key, lease, ttl)
     }
@@ -557,6 +563,45 @@ async fn a_failed_renewal_is_retried_before_the_lease_runs_out() {
     let layer = IdempotencyLayer::new(Flaky::new(0, 2))
         .lease(Duration::from_secs(3))
         .wait_timeout(Duration::ZERO);
+    hold_through_store_trouble(layer, handler, proceed, calls).await;
+    // The first renewal never answers: it is given up after a period, and the next one keeps
+    // the claim.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let proceed = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = {
+        let (calls, proceed) = (calls.clone(), proceed.clone());
+        service_fn(move |_: Req| {
+            let (calls, proceed) = (calls.clone(), proceed.clone());
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let _pass = proceed.acquire_owned().await;
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
+            }
+        })
+    };
+    let hanging = Flaky::new(0, 0);
+    hanging.renew_hangs.store(1, Ordering::SeqCst);
+    let layer = IdempotencyLayer::new(hanging)
+        .lease(Duration::from_secs(3))
+        .wait_timeout(Duration::ZERO);
+    hold_through_store_trouble(layer, handler, proceed, calls).await;
+}
+
+/// Runs a call through `layer` whose `handler` waits for `proceed`, sends a duplicate 10 s in
+/// (it must find the claim held), then lets the first finish: one execution.
+async fn hold_through_store_trouble<H>(
+    layer: IdempotencyLayer,
+    handler: H,
+    proceed: Arc<tokio::sync::Semaphore>,
+    calls: Arc<AtomicUsize>,
+) where
+    H: Service<Req, Response = Response<Full<Bytes>>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    H::Future: Send + 'static,
+{
     let service = layer.layer(handler);
     let first = tokio::spawn({
         let service = service.clone();
@@ -848,4 +893,35 @@ async fn the_answer_does_not_wait_for_the_store() {
             .await
             .replayed()
     );
+}
+
+/// A response with more headers than a store reads back is not kept as it is (every repeat
+/// would then fail to decode it, a 503 for the whole TTL): repeats are refused as too large,
+/// and it does not run again.
+#[tokio::test]
+async fn a_response_with_too_many_headers_is_not_kept_as_is() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = calls.clone();
+        service_fn(move |_: Req| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
+                for i in 0..5000 {
+                    let name = HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap();
+                    response
+                        .headers_mut()
+                        .insert(name, HeaderValue::from_static("v"));
+                }
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let service = IdempotencyLayer::new(MemoryStore::new()).layer(handler);
+    let first = send(&service, request("/pay", Some("k"), "a")).await;
+    assert_eq!(first.headers.len(), 5000);
+    let again = send(&service, request("/pay", Some("k"), "a")).await;
+    assert!(again.replayed());
+    assert!(String::from_utf8_lossy(&again.body).contains("idempotency_response_too_large"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
