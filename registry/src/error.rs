@@ -31,6 +31,8 @@ pub enum Error {
     },
     /// The root holds instances written by another framework (for example Dubbo 3
     /// application-level discovery under `/services`); mixing them would crash Java readers.
+    /// Checked once per root before its first registration, skipping services that are not
+    /// readable and bounded in time (see [`ZkRegistry`](crate::ZkRegistry)).
     #[error("refusing to register under {root}: {path} holds foreign payload class {class}")]
     ForeignPayload {
         /// The root Keel was asked to register under.

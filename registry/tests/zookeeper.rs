@@ -1184,3 +1184,52 @@ async fn expiry_of_the_renewed_session_during_reregistration_is_noticed() {
         .collect();
     assert_eq!(ids, ["a", "b"]);
 }
+
+/// A sibling service we may not read (a Java service whose Curator nodes carry a digest ACL)
+/// is skipped by the start-up foreign-payload check instead of failing our registration.
+#[tokio::test]
+async fn unreadable_sibling_service_does_not_block_registration() {
+    let java = "java-team:s3cret";
+    let root = TestRoot::new().with_auth(java);
+    let authed = zk::Client::connector()
+        .with_auth("digest", java.as_bytes())
+        .connect(&servers())
+        .await
+        .unwrap();
+    authed
+        .create(
+            &root.path,
+            &[],
+            &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
+        )
+        .await
+        .unwrap();
+    let sibling = format!("{}/java-svc", root.path);
+    let creator_only = zk::CreateMode::Persistent.with_acls(zk::Acls::creator_all());
+    authed.create(&sibling, &[], &creator_only).await.unwrap();
+    let spring_json = spring::encode(&instance("java-svc", "j-1", 8080), 0).unwrap();
+    authed
+        .create(&format!("{sibling}/j-1"), &spring_json, &creator_only)
+        .await
+        .unwrap();
+    // Without the digest, the sibling cannot even be listed.
+    let raw = raw_client().await;
+    assert_eq!(
+        raw.list_children(&sibling).await.unwrap_err(),
+        zk::Error::NoAuth
+    );
+
+    let provider = registry(spring_at(&root)).await;
+    let registration = provider
+        .register(instance("account", "a-1", 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        raw.check_stat(registration.path())
+            .await
+            .unwrap()
+            .map(|s| s.ephemeral_owner),
+        Some(provider.session_id())
+    );
+    registration.deregister().await.unwrap();
+}

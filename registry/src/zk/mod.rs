@@ -1,6 +1,7 @@
 //! The ZooKeeper registry.
 
 mod discovery;
+mod root_check;
 mod session;
 
 use std::collections::HashMap;
@@ -190,6 +191,16 @@ impl Stats {
 /// views share it), shared by every registration and every watch. Registrations are EPHEMERAL
 /// nodes; after a session expiry a new session re-creates each of them and re-arms each watch,
 /// and every [`Watch`] emits a [`Change::Reset`](crate::Change::Reset).
+///
+/// # Foreign-payload check (Spring dialect)
+/// Before the first registration under a Spring root, the registry looks at one instance of
+/// each service there and refuses the root ([`Error::ForeignPayload`]) if one carries another
+/// framework's payload class (Dubbo 3 application-level discovery and Spring Cloud crash on
+/// each other's). The check never keeps a service from starting for reasons other than a
+/// foreign payload it has seen: services it may not read (a restrictive ACL) are skipped with a
+/// warning; the registering service is checked first and the others 32 at a time, for at most
+/// a third of the request timeout, after which the registration goes ahead with a warning
+/// saying how many services were checked. It runs once per root and registry.
 ///
 /// # Background tasks
 /// [`connect`](Self::connect) spawns the session task on the current tokio runtime; the first

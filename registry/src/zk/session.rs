@@ -14,6 +14,7 @@ use zookeeper_client::{
     self as zk, Acl, Acls, Client, CreateMode, Permission, SessionState, StateWatcher,
 };
 
+use super::root_check::{self, Probe};
 use super::{Stats, ZkConfig};
 use crate::Error;
 use crate::dialect::{Dialect, dubbo, spring, validate_segment};
@@ -348,7 +349,8 @@ impl Supervisor {
     async fn ensure(&self, record: &Record) -> Result<String, Error> {
         let node = record.node()?;
         if let Dialect::Spring(_) = &record.dialect {
-            self.check_root(record.dialect.root()).await?;
+            self.check_root(record.dialect.root(), &record.instance.service)
+                .await?;
         }
         let sid = self.session_id();
         let acl = self.node_acls();
@@ -420,43 +422,81 @@ impl Supervisor {
             .map_err(|e| Error::zk("mkdir", path, e))
     }
 
-    /// Refuses a Spring root that holds another framework's payload class (checked once).
-    async fn check_root(&self, root: &str) -> Result<(), Error> {
+    /// Refuses a Spring root that holds another framework's payload class (checked once per
+    /// root, before its first registration). Bounded so that it cannot keep the service from
+    /// starting (see `root_check`): services we may not read are skipped with a warning, the
+    /// registering service is checked first, and the rest only within a third of the request
+    /// timeout (the registration itself must still fit in it).
+    async fn check_root(&self, root: &str, own_service: &str) -> Result<(), Error> {
         if self.checked_roots.contains(root) {
             return Ok(());
         }
         let services = match self.op(self.client.list_children(root)).await {
             Ok(children) => children,
             Err(zk::Error::NoNode) => return Ok(()),
+            Err(zk::Error::NoAuth) => {
+                tracing::warn!(%root, "cannot list the root with our credentials; foreign-payload check skipped");
+                return Ok(());
+            }
             Err(e) => return Err(Error::zk("list", root, e)),
         };
-        for service in services {
-            let parent = format!("{root}/{service}");
-            let children = match self.op(self.client.list_children(&parent)).await {
-                Ok(children) => children,
-                Err(zk::Error::NoNode) => continue,
-                Err(e) => return Err(Error::zk("list", parent, e)),
+        let services = root_check::first_things_first(services, own_service);
+        let budget = self.config.request_timeout / 3;
+        let probe = |service: String| self.probe_service(root, service);
+        let scanned =
+            match root_check::scan(services, root_check::CONCURRENCY, budget, probe).await? {
+                Ok(scanned) => scanned,
+                Err((path, class)) => {
+                    return Err(Error::ForeignPayload {
+                        root: root.to_owned(),
+                        path,
+                        class,
+                    });
+                }
             };
-            let Some(first) = children.into_iter().min() else {
-                continue;
-            };
-            let path = format!("{parent}/{first}");
-            let data = match self.op(self.client.get_data(&path)).await {
-                Ok((data, _)) => data,
-                Err(zk::Error::NoNode | zk::Error::NoAuth) => continue,
-                Err(e) => return Err(Error::zk("get_data", path, e)),
-            };
-            if let Some(class) = spring::payload_class(&data)
-                && class != spring::SPRING_PAYLOAD_CLASS
-            {
-                return Err(Error::ForeignPayload {
-                    root: root.to_owned(),
-                    path,
-                    class,
-                });
-            }
+        if !scanned.unreadable.is_empty() {
+            tracing::warn!(
+                %root,
+                skipped = scanned.unreadable.len(),
+                examples = ?scanned.unreadable.iter().take(5).collect::<Vec<_>>(),
+                "services not readable with our credentials were skipped by the foreign-payload check"
+            );
+        }
+        if !scanned.complete() {
+            tracing::warn!(
+                %root,
+                checked = scanned.checked,
+                total = scanned.total,
+                ?budget,
+                "foreign-payload check stopped at its time budget; registering anyway"
+            );
         }
         Ok(())
+    }
+
+    /// Reads one instance (the first by name) of `service` under `root` for the root check.
+    async fn probe_service(&self, root: &str, service: String) -> Result<Probe, Error> {
+        let parent = format!("{root}/{service}");
+        let children = match self.op(self.client.list_children(&parent)).await {
+            Ok(children) => children,
+            Err(zk::Error::NoNode) => return Ok(Probe::Clean),
+            Err(zk::Error::NoAuth) => return Ok(Probe::Unreadable(parent)),
+            Err(e) => return Err(Error::zk("list", parent, e)),
+        };
+        let Some(first) = children.into_iter().min() else {
+            return Ok(Probe::Clean);
+        };
+        let path = format!("{parent}/{first}");
+        let data = match self.op(self.client.get_data(&path)).await {
+            Ok((data, _)) => data,
+            Err(zk::Error::NoNode) => return Ok(Probe::Clean),
+            Err(zk::Error::NoAuth) => return Ok(Probe::Unreadable(path)),
+            Err(e) => return Err(Error::zk("get_data", path, e)),
+        };
+        Ok(match spring::payload_class(&data) {
+            Some(class) if class != spring::SPRING_PAYLOAD_CLASS => Probe::Foreign { path, class },
+            _ => Probe::Clean,
+        })
     }
 
     async fn handle(&mut self, command: Command) {
