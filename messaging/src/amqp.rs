@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -34,7 +35,7 @@ use crate::error::{BoxError, Error, PublishError, PublishErrorKind};
 use crate::headers::{self, Headers};
 use crate::message::{OutgoingMessage, Receipt, Received};
 use crate::publisher::PublisherBuilder;
-use crate::retry::{Outcome, RetryPolicy, process};
+use crate::retry::{MIN_BACKOFF, Outcome, RetryPolicy, dead_letter_backoff, process};
 
 /// Bound on opening a connection with its channels (a broker that accepts TCP but never
 /// finishes the handshake must not stall a reconnect loop).
@@ -43,6 +44,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on closing a channel or connection that may already be dead.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A consumer session that lived this long counts as healthy even if it settled nothing (a
+/// quiet queue): its loss is followed by an immediate reconnect.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// The longest pause between reconnects.
+const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
 
 fn url(broker: &Broker) -> &str {
     match broker {
@@ -463,7 +469,10 @@ impl DeadLetters {
         h.insert(headers::DLQ_ORIGINAL_DESTINATION, self.queue.as_str())
             .insert(headers::DLQ_GROUP, self.group.as_str())
             .insert(headers::DLQ_ATTEMPTS, attempts.to_string())
-            .insert(headers::DLQ_ERROR, error);
+            .insert(
+                headers::DLQ_ERROR,
+                headers::dead_letter_error(error).as_ref(),
+            );
         let letter = OutgoingMessage {
             destination: self.exchange.clone(),
             key: None,
@@ -490,7 +499,7 @@ impl DeadLetters {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => return false,
-                () = tokio::time::sleep(self.backoff.backoff(attempt)) => {}
+                () = tokio::time::sleep(dead_letter_backoff(&self.backoff, attempt)) => {}
             }
         }
     }
@@ -581,6 +590,7 @@ async fn lane<H: Handler>(
     stop: CancellationToken,
     lost: CancellationToken,
     dead: DeadLetters,
+    settled_any: Arc<AtomicBool>,
 ) {
     loop {
         let d = tokio::select! {
@@ -631,7 +641,8 @@ async fn lane<H: Handler>(
             r = settle => r,
         };
         match settled {
-            Some(Ok(Ok(_))) | None => {}
+            Some(Ok(Ok(_))) => settled_any.store(true, Ordering::Relaxed),
+            None => {}
             // The channel is gone: the broker redelivers the message.
             Some(Ok(Err(error))) => {
                 tracing::warn!(%error, "could not acknowledge; the message will be redelivered");
@@ -640,6 +651,41 @@ async fn lane<H: Handler>(
                 tag = d.delivery_tag,
                 "no answer to an acknowledgement in {SETTLE_TIMEOUT:?}; the message stays unacknowledged"
             ),
+        }
+    }
+}
+
+/// The pause before each reconnect of a consumer: doubling from the configured first delay (at
+/// least [`MIN_BACKOFF`]) up to [`MAX_RECONNECT_BACKOFF`], after a failed connect and after a
+/// session that ended before it was healthy (a refused `basic.consume`, a connection the
+/// broker closes as soon as a message is handled). Only a healthy session — one that settled a
+/// delivery or lived [`HEALTHY_SESSION`] — is followed by an immediate reconnect, and resets it.
+#[derive(Debug)]
+struct Reconnect {
+    first: Duration,
+    next: Duration,
+}
+
+impl Reconnect {
+    fn new(first: Duration) -> Self {
+        let first = first.clamp(MIN_BACKOFF, MAX_RECONNECT_BACKOFF);
+        Self { first, next: first }
+    }
+
+    /// The pause after a failed attempt; the one after it is twice as long.
+    fn failed(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next.saturating_mul(2)).min(MAX_RECONNECT_BACKOFF);
+        delay
+    }
+
+    /// The pause after a session that lived `lived` and settled a delivery or not.
+    fn session_ended(&mut self, lived: Duration, settled: bool) -> Duration {
+        if settled || lived >= HEALTHY_SESSION {
+            self.next = self.first;
+            Duration::ZERO
+        } else {
+            self.failed()
         }
     }
 }
@@ -666,7 +712,7 @@ pub(crate) async fn run<H: Handler>(
         .connection_name
         .clone()
         .unwrap_or_else(|| format!("keel-{}-{}", config.group, uuid::Uuid::new_v4().simple()));
-    let mut delay = config.reconnect_backoff;
+    let mut backoff = Reconnect::new(config.reconnect_backoff);
     loop {
         let connected = tokio::select! {
             biased;
@@ -677,7 +723,8 @@ pub(crate) async fn run<H: Handler>(
         };
         match connected {
             Ok((connection, channel, dlq_channel)) => {
-                delay = config.reconnect_backoff;
+                let started = tokio::time::Instant::now();
+                let settled_any = Arc::new(AtomicBool::new(false));
                 let connection = Arc::new(connection);
                 let end = session(
                     &config,
@@ -685,6 +732,7 @@ pub(crate) async fn run<H: Handler>(
                     &connection,
                     &channel,
                     dlq_channel,
+                    &settled_any,
                     shutdown.clone(),
                 )
                 .await;
@@ -696,18 +744,25 @@ pub(crate) async fn run<H: Handler>(
                         return Err(Error::new(format!("consume {}", config.destination), error));
                     }
                     SessionEnd::Lost => {
-                        tracing::warn!(queue = %config.destination, "RabbitMQ connection lost; reconnecting")
+                        let delay = backoff
+                            .session_ended(started.elapsed(), settled_any.load(Ordering::Relaxed));
+                        tracing::warn!(queue = %config.destination, ?delay, "RabbitMQ connection lost; reconnecting");
+                        tokio::select! {
+                            biased;
+                            () = shutdown.clone() => return Ok(()),
+                            () = tokio::time::sleep(delay) => {}
+                        }
                     }
                 }
             }
             Err(error) => {
+                let delay = backoff.failed();
                 tracing::warn!(%error, queue = %config.destination, ?delay, "RabbitMQ connect failed; retrying");
                 tokio::select! {
                     biased;
                     () = shutdown.clone() => return Ok(()),
                     () = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
     }
@@ -736,6 +791,7 @@ async fn session<H: Handler>(
     connection: &Arc<Connection>,
     channel: &Channel,
     dlq_channel: Channel,
+    settled_any: &Arc<AtomicBool>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> SessionEnd {
     let tag = format!("keel-{}", uuid::Uuid::new_v4().simple());
@@ -777,6 +833,7 @@ async fn session<H: Handler>(
             stop.clone(),
             lost.clone(),
             dead.clone(),
+            settled_any.clone(),
         ));
     }
     let hasher = BuildHasherDefault::<DefaultHasher>::default();
@@ -836,4 +893,37 @@ async fn session<H: Handler>(
     while lanes.join_next().await.is_some() {}
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "bye".into())).await;
     end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnects_back_off_until_a_session_is_healthy() {
+        let ms = Duration::from_millis;
+        let mut r = Reconnect::new(ms(200));
+        // Sessions refused at once (or connects failing) double the pause up to the cap.
+        let pauses: Vec<Duration> = (0..10)
+            .map(|i| {
+                if i % 2 == 0 {
+                    r.session_ended(ms(5), false)
+                } else {
+                    r.failed()
+                }
+            })
+            .collect();
+        assert_eq!(
+            pauses,
+            [200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000].map(ms)
+        );
+        // A session that settled a delivery reconnects at once and starts over.
+        assert_eq!(r.session_ended(ms(5), true), Duration::ZERO);
+        assert_eq!(r.session_ended(ms(5), false), ms(200));
+        // So does one that lived long enough, though the queue was quiet.
+        assert_eq!(r.session_ended(HEALTHY_SESSION, false), Duration::ZERO);
+        assert_eq!(r.failed(), ms(200));
+        // A zero first delay is no hot loop.
+        assert_eq!(Reconnect::new(Duration::ZERO).failed(), MIN_BACKOFF);
+    }
 }

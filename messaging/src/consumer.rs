@@ -78,7 +78,10 @@ impl ConsumerBuilder {
         self
     }
 
-    /// First delay before reconnecting after a lost connection (RabbitMQ; doubles to 30 s).
+    /// RabbitMQ: the first pause before reconnecting (default 200 ms, at least 50 ms), doubling
+    /// to 30 s, after a failed connect or a session that ended before it settled a delivery (a
+    /// refused `basic.consume`, say, from another client's exclusive consumer). A session that
+    /// settled one, or lived 30 s, is followed by an immediate reconnect and resets the pause.
     #[must_use]
     pub fn reconnect_backoff(mut self, delay: Duration) -> Self {
         self.reconnect_backoff = delay;

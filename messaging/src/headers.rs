@@ -19,6 +19,10 @@ pub const DLQ_ORIGINAL_DESTINATION: &str = "keel-dlq-original-destination";
 pub const DLQ_ATTEMPTS: &str = "keel-dlq-attempts";
 /// Dead letters: why the message was dead-lettered (the handler's or the codec's error text).
 pub const DLQ_ERROR: &str = "keel-dlq-error";
+/// The most bytes a dead letter's [`DLQ_ERROR`] holds. A longer reason (a handler's error can
+/// be any size) is cut at a character boundary and ends with a note of its full length: a dead
+/// letter must stay within the broker's frame / message size, or it can never be sent.
+pub const DLQ_ERROR_MAX_BYTES: usize = 4096;
 /// Dead letters: the consumer group that gave up on it.
 pub const DLQ_GROUP: &str = "keel-dlq-group";
 /// Dead letters (Kafka): the original partition.
@@ -145,9 +149,39 @@ impl Extractor for Headers {
     }
 }
 
+/// `error` as a dead letter's [`DLQ_ERROR`]: unchanged up to [`DLQ_ERROR_MAX_BYTES`], else cut
+/// to fit with a note of how long it was.
+#[cfg_attr(not(any(feature = "kafka", feature = "amqp")), allow(dead_code))]
+pub(crate) fn dead_letter_error(error: &str) -> std::borrow::Cow<'_, str> {
+    if error.len() <= DLQ_ERROR_MAX_BYTES {
+        return std::borrow::Cow::Borrowed(error);
+    }
+    let note = format!("… [truncated: {} bytes]", error.len());
+    let mut keep = DLQ_ERROR_MAX_BYTES.saturating_sub(note.len());
+    while !error.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}{note}", &error[..keep]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_dead_letter_error_is_cut_at_a_character_boundary() {
+        assert_eq!(dead_letter_error("short"), "short");
+        let exact = "e".repeat(DLQ_ERROR_MAX_BYTES);
+        assert_eq!(dead_letter_error(&exact), exact.as_str());
+        for long in ["x".repeat(200_000), "é".repeat(100_000), "€".repeat(70_000)] {
+            let cut = dead_letter_error(&long);
+            assert!(cut.len() <= DLQ_ERROR_MAX_BYTES, "{}", cut.len());
+            assert!(cut.len() > DLQ_ERROR_MAX_BYTES - 64, "{}", cut.len());
+            let note = format!("… [truncated: {} bytes]", long.len());
+            assert!(cut.ends_with(&note), "{cut:?}");
+            assert!(long.starts_with(cut.trim_end_matches(&note)));
+        }
+    }
 
     #[test]
     fn insert_replaces_case_insensitively_and_append_keeps() {

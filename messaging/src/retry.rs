@@ -55,6 +55,19 @@ impl RetryPolicy {
     }
 }
 
+/// The shortest pause Keel takes between attempts it repeats on its own (dead-letter publishes,
+/// reconnects), whatever the configuration says: a zero delay would be a hot loop.
+#[cfg_attr(not(any(feature = "kafka", feature = "amqp")), allow(dead_code))]
+pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The pause before dead-letter publish attempt `attempt + 1`: the policy's backoff, but never
+/// below [`MIN_BACKOFF`] (with `initial_backoff` 0, or a jitter draw near 0, the retry of a
+/// publish that cannot succeed would spin).
+#[cfg_attr(not(any(feature = "kafka", feature = "amqp")), allow(dead_code))]
+pub(crate) fn dead_letter_backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
+    policy.backoff(attempt).max(MIN_BACKOFF)
+}
+
 /// What became of one message.
 #[derive(Debug)]
 #[cfg_attr(not(any(feature = "kafka", feature = "amqp")), allow(dead_code))]
@@ -187,6 +200,23 @@ mod tests {
         }
         let outcome = process(&handler, message(b"fine"), &policy, &stop, "test").await;
         assert!(matches!(outcome, Outcome::Handled), "{outcome:?}");
+    }
+
+    #[test]
+    fn dead_letter_retries_never_spin() {
+        let zero = RetryPolicy {
+            max_attempts: 1,
+            initial_backoff: Duration::ZERO,
+            max_backoff: Duration::ZERO,
+        };
+        for attempt in 1..40 {
+            assert_eq!(dead_letter_backoff(&zero, attempt), MIN_BACKOFF);
+        }
+        let p = RetryPolicy::default();
+        for attempt in 1..40 {
+            let d = dead_letter_backoff(&p, attempt);
+            assert!(d >= MIN_BACKOFF && d <= p.max_backoff, "{d:?}");
+        }
     }
 
     #[test]

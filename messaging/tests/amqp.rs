@@ -14,7 +14,9 @@ use keel_messaging::{
 };
 use keel_testkit::services::AMQP;
 use keel_testkit::{eventually, unique};
-use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicCancelOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
 use lapin::{Connection, ConnectionProperties};
 use opentelemetry::context::FutureExt as _;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
@@ -744,5 +746,191 @@ async fn a_lane_that_dies_ends_the_consumer_with_an_error() {
     assert_eq!(back, rest, "the failed one and the ones after it");
     publisher.close().await.unwrap();
     let _ = side.close(200, "bye".into()).await;
+    cleanup(&queue).await;
+}
+
+/// Counts the consumer's "RabbitMQ connection lost; reconnecting" events for one queue.
+#[derive(Clone, Default)]
+struct Reconnects {
+    queue: String,
+    count: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Reconnects {
+    fn new(queue: &str) -> Self {
+        Self {
+            queue: queue.to_owned(),
+            count: Arc::default(),
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A subscriber that counts this queue's reconnects, for `WithSubscriber::with_subscriber`.
+    fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + use<> {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        tracing_subscriber::registry().with(self.clone())
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Reconnects {
+    fn on_event(&self, event: &tracing::Event<'_>, _cx: tracing_subscriber::layer::Context<'_, S>) {
+        #[derive(Default)]
+        struct Fields {
+            message: String,
+            queue: String,
+        }
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                match field.name() {
+                    "message" => self.message = format!("{value:?}"),
+                    "queue" => self.queue = format!("{value:?}"),
+                    _ => {}
+                }
+            }
+        }
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        if fields
+            .message
+            .starts_with("RabbitMQ connection lost; reconnecting")
+            && fields.queue == self.queue
+        {
+            self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+/// A consumer of `queue` (Keel's defaults) whose reconnects `reconnects` counts.
+fn consume_counting_reconnects(
+    queue: &str,
+    handler: impl keel_messaging::Handler,
+    reconnects: &Reconnects,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), keel_messaging::Error>>,
+) {
+    use tracing::instrument::WithSubscriber as _;
+    let stop = CancellationToken::new();
+    let consumer = Consumer::builder(AMQP, queue, "g")
+        .unwrap()
+        .build()
+        .unwrap();
+    let run = tokio::spawn(
+        consumer
+            .run(handler, stop.clone().cancelled_owned())
+            .with_subscriber(reconnects.subscriber()),
+    );
+    (stop, run)
+}
+
+/// Another client holds an exclusive consumer on the queue, so every `basic.consume` of Keel's
+/// consumer is refused at once: it reconnected without any pause, hundreds of connections a
+/// second. A session that ends before it settled anything now backs off (doubling from
+/// `reconnect_backoff`, 200 ms), and the consumer still takes over once the queue is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_basic_consume_reconnects_with_backoff() {
+    let queue = unique("keel-msg-exclusive");
+    let publisher = Publisher::connect(AMQP).await.unwrap();
+    publisher.declare(&queue, 1).await.unwrap();
+    let side = Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let side_ch = side.create_channel().await.unwrap();
+    let _exclusive = side_ch
+        .basic_consume(
+            queue.as_str().into(),
+            "side-exclusive".into(),
+            lapin::options::BasicConsumeOptions {
+                exclusive: true,
+                ..lapin::options::BasicConsumeOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let reconnects = Reconnects::new(&queue);
+    let seen = Seen::default();
+    let (stop, run) = consume_counting_reconnects(&queue, seen.handler(), &reconnects);
+    eventually("the consumer was refused", WAIT, || async {
+        (reconnects.count() >= 1).then_some(())
+    })
+    .await
+    .unwrap();
+    // An observation window, not a synchronisation: how often it reconnects in 3 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let in_window = reconnects.count();
+    assert!(
+        in_window <= 8,
+        "{in_window} reconnects in about 3 s: no backoff"
+    );
+
+    // The queue is free again: the consumer gets it and handles what arrives.
+    side_ch
+        .basic_cancel("side-exclusive".into(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    publish_all(&publisher, &queue, 1, 1, 1).await;
+    eventually(
+        "the message handled once the queue is free",
+        WAIT,
+        || async { (seen.distinct() == 1).then_some(()) },
+    )
+    .await
+    .unwrap();
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    publisher.close().await.unwrap();
+    let _ = side.close(200, "bye".into()).await;
+    cleanup(&queue).await;
+}
+
+/// A handler fails permanently with a 200 000-byte error. The dead letter carried it whole in
+/// its headers, above RabbitMQ's frame size (128 KiB): the broker closed the connection
+/// (`frame_too_large`), the message was redelivered and killed the next connection too, for
+/// ever. The reason is now cut to `DLQ_ERROR_MAX_BYTES`: the message is dead-lettered, the
+/// connection lives, and the next message is handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_handler_error_is_truncated_in_the_dead_letter() {
+    let queue = unique("keel-msg-hugeerr");
+    let publisher = Publisher::connect(AMQP).await.unwrap();
+    publisher.declare(&queue, 1).await.unwrap();
+    publish_all(&publisher, &queue, 2, 1, 2).await;
+    let handled = Seen::default();
+    let handler = {
+        let handled = handled.clone();
+        move |m: Received| {
+            let handled = handled.clone();
+            async move {
+                if m.payload.as_ref() == b"{\"seq\":0}" {
+                    return Err(HandlerError::permanent("x".repeat(200_000)));
+                }
+                handled.record(&m).map(|_| ())
+            }
+        }
+    };
+    let reconnects = Reconnects::new(&queue);
+    let (stop, run) = consume_counting_reconnects(&queue, handler, &reconnects);
+    eventually("the message after it handled", WAIT, || async {
+        (handled.distinct() == 1).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {} reconnects", reconnects.count()));
+    let letters = dead_letters(&queue, 1).await;
+    let error = letters[0].get_str(DLQ_ERROR).unwrap();
+    assert!(
+        error.len() <= keel_messaging::headers::DLQ_ERROR_MAX_BYTES,
+        "{} bytes",
+        error.len()
+    );
+    assert!(error.starts_with("xxxxxxxx"), "{error:.80}");
+    assert!(error.contains("200000 bytes"), "says it was cut: {error:?}");
+    assert_eq!(reconnects.count(), 0, "the connection was never lost");
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    publisher.close().await.unwrap();
     cleanup(&queue).await;
 }
