@@ -1233,3 +1233,95 @@ async fn unreadable_sibling_service_does_not_block_registration() {
     );
     registration.deregister().await.unwrap();
 }
+
+/// A node of an earlier session of ours that the server still keeps (the client gave that
+/// session up, the server did not) is replaced in one transaction: a consumer of the
+/// single-instance service never sees it empty meanwhile.
+#[tokio::test]
+async fn replacing_an_earlier_sessions_node_never_empties_the_service() {
+    common::trace();
+    let root = TestRoot::new();
+    let proxy = ZkProxy::start(&first_member()).await;
+    let provider = ZkRegistry::connect(
+        ZkConfig::new(proxy.addr().to_string())
+            .with_dialect(spring_at(&root))
+            .with_session_timeout(Duration::from_secs(4))
+            .with_request_timeout(Duration::from_secs(3)),
+    )
+    .await
+    .unwrap();
+    let registration = provider
+        .register(instance("account", "a", 1))
+        .await
+        .unwrap();
+    let a = registration.path().to_owned();
+    let old_session = provider.session_id();
+    // The consumer follows its watch all along, as a client's discovery does (a stream read
+    // only at the end would coalesce a removal and its undoing into nothing).
+    let consumer = registry(spring_at(&root)).await;
+    let mut watch = Follower::new(consumer.watch("account").unwrap());
+    watch
+        .until(WAIT, "the consumer sees a", |s| s.contains_key("a"))
+        .await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorder = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            while let Some(change) = futures::StreamExt::next(&mut watch.watch).await {
+                seen.lock().unwrap().push(change);
+            }
+        }
+    });
+
+    // The provider's connection goes silent, and a second connection takes its session over
+    // and keeps it alive on the server: the provider's client gives the session up (after 7/5
+    // of its timeout) while the server keeps it, and with it the node.
+    proxy.set(Mode::Blackhole);
+    let keeper = zk::Client::connector()
+        .with_session(provider.zookeeper_client().session().clone())
+        .connect(&servers())
+        .await
+        .unwrap();
+    eventually(WAIT, "the provider gives its session up", || async {
+        provider.stats().session_expiries >= 1
+    })
+    .await;
+    let raw = raw_client().await;
+    let owner = raw.check_stat(&a).await.unwrap().map(|s| s.ephemeral_owner);
+    assert_eq!(owner, Some(old_session), "the server must still keep a");
+
+    // A new session finds a owned by the earlier one and replaces it, over a slow link: two
+    // separate transactions would leave the consumer (direct, fast) ample time to see a gone.
+    proxy.set(Mode::Delay(Duration::from_millis(300)));
+    eventually(WAIT, "a owned by the provider's new session", || async {
+        let sid = provider.session_id();
+        sid != old_session
+            && matches!(raw.check_stat(&a).await, Ok(Some(s)) if s.ephemeral_owner == sid)
+    })
+    .await;
+    // Events arrive in order: once the consumer sees z, it has seen whatever happened to a.
+    let z = format!("{}/account/z", root.path);
+    let data = spring::encode(&instance("account", "z", 26), 0).unwrap();
+    raw.create(
+        &z,
+        &data,
+        &zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all()),
+    )
+    .await
+    .unwrap();
+    eventually(WAIT, "the consumer sees z", || async {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|c| matches!(c, Change::Add(i) if i.id == "z"))
+    })
+    .await;
+    recorder.abort();
+    let after = seen.lock().unwrap().clone();
+    assert!(
+        !after.iter().any(|c| matches!(c, Change::Remove(_))
+            || matches!(c, Change::Reset(all) if !all.iter().any(|i| i.id == "a"))),
+        "the consumer lost a while its node was replaced: {after:?}"
+    );
+    drop(keeper);
+}

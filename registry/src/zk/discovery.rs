@@ -154,10 +154,10 @@ impl ServiceWatch {
                             Err(error) => return self.failed("watch", error),
                         }
                     } else {
-                        for child in &deleted {
-                            self.nodes.remove(child);
+                        match self.confirm_deleted(client, deleted, &mut dirty).await {
+                            Ok(()) => self.refresh(client, dirty).await,
+                            Err(error) => Err(error),
                         }
-                        self.refresh(client, dirty).await
                     };
                     if let Err(error) = result {
                         // The persistent watch stays armed; re-read everything on the next try.
@@ -270,6 +270,35 @@ impl ServiceWatch {
             self.nodes.remove(&name);
         }
         self.refresh(client, children).await
+    }
+
+    /// Applies deletions only once a read confirms them; a child that exists again (replaced
+    /// in the same transaction as its deletion, as Keel does when a new session takes over its
+    /// node, whose creation event may come in a later batch) is read instead of removed, so
+    /// the service does not flap to empty in between. All requests pipelined.
+    async fn confirm_deleted(
+        &mut self,
+        client: &Client,
+        deleted: BTreeSet<String>,
+        dirty: &mut BTreeSet<String>,
+    ) -> Result<(), zk::Error> {
+        let paths: Vec<String> = deleted
+            .iter()
+            .map(|c| format!("{}/{c}", self.path))
+            .collect();
+        let checks = join_all(paths.iter().map(|p| client.check_stat(p)));
+        let results = tokio::time::timeout(self.request_timeout, checks)
+            .await
+            .map_err(|_| zk::Error::Timeout)?;
+        for (child, result) in deleted.into_iter().zip(results) {
+            match result? {
+                Some(_) => {
+                    dirty.insert(child);
+                }
+                None => self.nodes.remove(&child),
+            }
+        }
+        Ok(())
     }
 
     /// Reads and decodes the given children (all requests pipelined).

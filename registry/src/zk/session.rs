@@ -384,12 +384,11 @@ impl Supervisor {
                         });
                     }
                     tracing::info!(path = %node.path, owner = stat.ephemeral_owner, "replacing node of an earlier session of ours");
-                    match self
-                        .op(self.client.delete(&node.path, Some(stat.version)))
-                        .await
-                    {
-                        Ok(()) | Err(zk::Error::NoNode) | Err(zk::Error::BadVersion) => {}
-                        Err(e) => return Err(Error::zk("delete", &node.path, e)),
+                    match self.replace(&node, stat.version, &options).await {
+                        Ok(()) => return Ok(node.path),
+                        // Changed or gone meanwhile: look again.
+                        Err(zk::Error::NoNode | zk::Error::BadVersion) => {}
+                        Err(e) => return Err(Error::zk("replace", &node.path, e)),
                     }
                 }
                 Err(e) => return Err(Error::zk("create", &node.path, e)),
@@ -400,6 +399,22 @@ impl Supervisor {
             &node.path,
             zk::Error::UnexpectedError("node keeps changing under us".into()),
         ))
+    }
+
+    /// Replaces the node at `node.path` (at `version`, an earlier session's) by ours in one
+    /// transaction: readers never see the path empty in between, so a single-instance service
+    /// does not flap to no instances while its node changes owner.
+    async fn replace(
+        &self,
+        node: &Node,
+        version: i32,
+        options: &zk::CreateOptions<'_>,
+    ) -> Result<(), zk::Error> {
+        let mut txn = self.client.new_multi_writer();
+        txn.add_delete(&node.path, Some(version))?;
+        txn.add_create(&node.path, &node.data, options)?;
+        self.op(async { txn.commit().await.map(drop).map_err(zk::Error::from) })
+            .await
     }
 
     fn node_acls(&self) -> Acls<'static> {

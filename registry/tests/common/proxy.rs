@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -21,12 +22,22 @@ use tokio::task::JoinHandle;
 pub enum Mode {
     /// Forward everything.
     Pass,
+    /// Forward everything, each frame held for this long first (a slow link: a request and
+    /// its reply take twice as long more).
+    Delay(Duration),
     /// Forward nothing, keep every socket open.
     Blackhole,
     /// The first connection accepted after the switch forwards two frames each way (the
     /// client's ConnectRequest and first ping, the server's ConnectResponse and ping reply: a
     /// session is established), then nothing; every other connection forwards nothing.
     OneHandshakeThenBlackhole,
+}
+
+impl Mode {
+    /// Whether every frame gets through (eventually).
+    fn forwards(self) -> bool {
+        matches!(self, Mode::Pass | Mode::Delay(_))
+    }
 }
 
 /// Frames larger than this end the connection (ZooKeeper's own `jute.maxbuffer` is ~1 MiB).
@@ -119,7 +130,7 @@ async fn serve(
     );
     let healed = async {
         while mode.changed().await.is_ok() {
-            if *mode.borrow() == Mode::Pass && lossy.load(Ordering::SeqCst) {
+            if mode.borrow().forwards() && lossy.load(Ordering::SeqCst) {
                 return;
             }
         }
@@ -148,12 +159,16 @@ async fn pump(
         }
         let mut body = vec![0u8; size];
         from.read_exact(&mut body).await?;
-        let forward = match *mode.borrow() {
-            Mode::Pass => !lossy.load(Ordering::SeqCst),
+        let current = *mode.borrow();
+        let forward = match current {
+            Mode::Pass | Mode::Delay(_) => !lossy.load(Ordering::SeqCst),
             Mode::Blackhole => false,
             Mode::OneHandshakeThenBlackhole => handshake && forwarded < 2,
         };
         if forward {
+            if let Mode::Delay(delay) = current {
+                tokio::time::sleep(delay).await;
+            }
             to.write_all(&len).await?;
             to.write_all(&body).await?;
             forwarded += 1;
