@@ -97,7 +97,9 @@ impl ConsumerBuilder {
     }
 
     /// A librdkafka consumer property (e.g. `session.timeout.ms`). Keel's commit settings
-    /// (`enable.auto.offset.store=false`) cannot be overridden.
+    /// (`enable.auto.offset.store=false`) cannot be overridden. Every property that is not
+    /// consumer-only (security, SASL / TLS, timeouts…) applies to the consumer's dead-letter
+    /// producer and admin client too.
     #[must_use]
     pub fn kafka_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.kafka_options.push((key.into(), value.into()));
@@ -146,7 +148,9 @@ impl ConsumerBuilder {
 ///   committed only up to the last contiguous handled message; on a rebalance, in-flight
 ///   handlers of revoked partitions are drained and their offsets committed before the
 ///   partitions are released. Dead letters go to topic `<topic>.<group>.dlq`, created on first
-///   use with [`ConsumerBuilder::kafka_replication_factor`] replicas. A record with a
+///   use, when the broker says it is unknown, with [`ConsumerBuilder::kafka_replication_factor`]
+///   replicas (a failed creation does not keep Keel from publishing to the topic). Their
+///   error text is cut to [`crate::headers::DLQ_ERROR_MAX_BYTES`]. A record with a
 ///   header name that is not UTF-8 is a poison message: it is dead-lettered without running the
 ///   handler, with a reason naming the header (the dead letter carries that name decoded
 ///   lossily, invalid bytes as U+FFFD).

@@ -35,7 +35,7 @@ use crate::error::{Error, PublishError, PublishErrorKind};
 use crate::headers::{self, Headers};
 use crate::message::{OutgoingMessage, Receipt, Received};
 use crate::publisher::PublisherBuilder;
-use crate::retry::{Outcome, RetryPolicy, process};
+use crate::retry::{Outcome, RetryPolicy, dead_letter_backoff, process};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -46,6 +46,70 @@ fn bootstrap(broker: &Broker) -> &str {
         Broker::Kafka { bootstrap } => bootstrap,
         Broker::Amqp { url } => url,
     }
+}
+
+/// librdkafka properties only a consumer takes (`C` in librdkafka's CONFIGURATION.md): left
+/// out when the consumer's options configure its dead-letter producer and admin client.
+const CONSUMER_ONLY: &[&str] = &[
+    "group.id",
+    "group.instance.id",
+    "partition.assignment.strategy",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "group.protocol.type",
+    "group.protocol",
+    "group.remote.assignor",
+    "coordinator.query.interval.ms",
+    "max.poll.interval.ms",
+    "enable.auto.commit",
+    "auto.commit.enable",
+    "auto.commit.interval.ms",
+    "enable.auto.offset.store",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "fetch.wait.max.ms",
+    "fetch.queue.backoff.ms",
+    "fetch.message.max.bytes",
+    "max.partition.fetch.bytes",
+    "fetch.max.bytes",
+    "fetch.min.bytes",
+    "fetch.error.backoff.ms",
+    "offset.store.method",
+    "offset.store.path",
+    "offset.store.sync.interval.ms",
+    "isolation.level",
+    "enable.partition.eof",
+    "check.crcs",
+    "auto.offset.reset",
+    "consume.callback.max.messages",
+];
+
+/// The consumer's options that apply to its dead-letter producer and admin client (security,
+/// SASL / TLS, timeouts, everything but [`CONSUMER_ONLY`]), after Keel's own default for them:
+/// no topic auto-creation by a metadata request (Keel creates the dead-letter topic itself,
+/// with its replication factor), unless the options say otherwise.
+fn dead_letter_options(consumer_options: &[(String, String)]) -> Vec<(String, String)> {
+    let mut options = vec![("allow.auto.create.topics".to_owned(), "false".to_owned())];
+    options.extend(
+        consumer_options
+            .iter()
+            .filter(|(k, _)| !CONSUMER_ONLY.contains(&k.trim()))
+            .cloned(),
+    );
+    options
+}
+
+/// A client configuration for `bootstrap` with `options` applied over it.
+fn client_config(
+    bootstrap: &str,
+    name: Option<&str>,
+    options: &[(String, String)],
+) -> ClientConfig {
+    let mut config = base_config(bootstrap, name);
+    for (k, v) in options {
+        config.set(k, v);
+    }
+    config
 }
 
 fn base_config(bootstrap: &str, name: Option<&str>) -> ClientConfig {
@@ -67,6 +131,8 @@ pub(crate) struct KafkaPublisher {
     timeout: Duration,
     bootstrap: String,
     replication: i32,
+    /// The caller's librdkafka options, for the admin client that creates topics.
+    options: Arc<[(String, String)]>,
 }
 
 impl fmt::Debug for KafkaPublisher {
@@ -115,11 +181,40 @@ impl KafkaPublisher {
             timeout: builder.confirm_timeout,
             bootstrap: bootstrap(&builder.broker).to_owned(),
             replication: builder.kafka_replication,
+            options: builder.kafka_options.clone().into(),
         })
     }
 
     pub(crate) async fn declare(&self, topic: &str, partitions: i32) -> Result<(), Error> {
-        ensure_topic(&self.bootstrap, topic, partitions, self.replication).await
+        ensure_topic(
+            &self.bootstrap,
+            &self.options,
+            topic,
+            partitions,
+            self.replication,
+        )
+        .await
+    }
+
+    /// Whether the broker knows `topic`: `Ok(false)` only when it says the topic is unknown.
+    async fn topic_exists(&self, topic: &str) -> Result<bool, Error> {
+        use rdkafka::producer::Producer as _;
+        let producer = self.producer.clone();
+        let name = topic.to_owned();
+        let metadata = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&name), Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| Error::new(format!("read metadata of topic {topic}"), e))?
+        .map_err(|e| Error::new(format!("read metadata of topic {topic}"), e))?;
+        let known = metadata.topics().iter().find(|t| t.name() == topic);
+        match known.map(|t| t.error().map(RDKafkaErrorCode::from)) {
+            None | Some(Some(RDKafkaErrorCode::UnknownTopicOrPartition)) => Ok(false),
+            Some(None) => Ok(true),
+            Some(Some(code)) => Err(Error::new(format!("read metadata of topic {topic}"), code)),
+        }
     }
 
     /// Hands `m` to librdkafka, waiting (up to the confirm timeout) while its queue is full.
@@ -364,6 +459,8 @@ struct DeadLetters {
     /// Set once the dead-letter topic is known to exist (created on first use).
     ensured: Arc<tokio::sync::OnceCell<()>>,
     bootstrap: String,
+    /// The consumer's options that apply to a producer / admin client.
+    options: Arc<[(String, String)]>,
     publisher: KafkaPublisher,
     topic: String,
     group: String,
@@ -372,6 +469,37 @@ struct DeadLetters {
 }
 
 impl DeadLetters {
+    /// Makes sure the dead-letter topic exists, once: created only when the broker says it is
+    /// unknown. Best effort: whatever fails here (no CREATE permission on a cluster where
+    /// operations created the topic, no metadata) is logged, and the publish is tried anyway.
+    async fn ensure(&self) {
+        if self.ensured.initialized() {
+            return;
+        }
+        let created = match self.publisher.topic_exists(&self.topic).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                ensure_topic(
+                    &self.bootstrap,
+                    &self.options,
+                    &self.topic,
+                    1,
+                    self.replication,
+                )
+                .await
+            }
+            Err(error) => Err(error),
+        };
+        match created {
+            Ok(()) => {
+                let _ = self.ensured.set(());
+            }
+            Err(error) => {
+                tracing::warn!(%error, topic = %self.topic, "cannot make sure the dead-letter topic exists; publishing anyway");
+            }
+        }
+    }
+
     /// Publishes the dead letter, retrying until confirmed or `stop`; true once confirmed.
     async fn send(
         &self,
@@ -387,7 +515,10 @@ impl DeadLetters {
             .insert(headers::DLQ_ORIGINAL_OFFSET, m.offset().to_string())
             .insert(headers::DLQ_GROUP, self.group.as_str())
             .insert(headers::DLQ_ATTEMPTS, attempts.to_string())
-            .insert(headers::DLQ_ERROR, error);
+            .insert(
+                headers::DLQ_ERROR,
+                headers::dead_letter_error(error).as_ref(),
+            );
         let mut letter = OutgoingMessage {
             destination: self.topic.clone(),
             key: m.key().map(<[u8]>::to_vec),
@@ -397,23 +528,19 @@ impl DeadLetters {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let ensured = self
-                .ensured
-                .get_or_try_init(|| ensure_topic(&self.bootstrap, &self.topic, 1, self.replication))
-                .await;
-            if let Err(error) = ensured {
-                tracing::warn!(%error, topic = %self.topic, "cannot create the dead-letter topic; retrying");
-            } else {
-                match self.publisher.send(letter).await {
-                    Ok(_) => return true,
-                    Err(e) => {
-                        tracing::warn!(error = %e, topic = %self.topic, "dead-letter publish failed; retrying");
-                        letter = e.into_message();
-                    }
+            tokio::select! {
+                () = self.ensure() => {}
+                () = stop.cancelled() => return false,
+            }
+            match self.publisher.send(letter).await {
+                Ok(_) => return true,
+                Err(e) => {
+                    tracing::warn!(error = %e, kind = ?e.kind(), topic = %self.topic, "dead-letter publish failed; retrying");
+                    letter = e.into_message();
                 }
             }
             tokio::select! {
-                () = tokio::time::sleep(self.backoff.backoff(attempt)) => {}
+                () = tokio::time::sleep(dead_letter_backoff(&self.backoff, attempt)) => {}
                 () = stop.cancelled() => return false,
             }
         }
@@ -538,12 +665,13 @@ fn new_topic(topic: &str, partitions: i32, replication: i32) -> Result<NewTopic<
 
 async fn ensure_topic(
     bootstrap: &str,
+    options: &[(String, String)],
     topic: &str,
     partitions: i32,
     replication: i32,
 ) -> Result<(), Error> {
     let spec = new_topic(topic, partitions, replication)?;
-    let admin: AdminClient<DefaultClientContext> = base_config(bootstrap, None)
+    let admin: AdminClient<DefaultClientContext> = client_config(bootstrap, None, options)
         .create()
         .map_err(|e| Error::new("create Kafka admin client", e))?;
     let results = admin
@@ -569,16 +697,18 @@ pub(crate) async fn run<H: Handler>(
 ) -> Result<(), Error> {
     let bootstrap = bootstrap(&config.broker).to_owned();
     let dlq_topic = format!("{}.{}.dlq", config.destination, config.group);
+    let dlq_options = dead_letter_options(&config.kafka_options);
     let dlq_publisher = KafkaPublisher::new(&PublisherBuilder {
         broker: config.broker.clone(),
         confirm_timeout: Duration::from_secs(30),
         connection_name: config.connection_name.as_ref().map(|n| format!("{n}-dlq")),
-        kafka_options: Vec::new(),
+        kafka_options: dlq_options.clone(),
         kafka_replication: config.kafka_replication,
     })?;
     let dead = DeadLetters {
         ensured: Arc::new(tokio::sync::OnceCell::new()),
         bootstrap: bootstrap.clone(),
+        options: dlq_options.into(),
         publisher: dlq_publisher,
         topic: dlq_topic,
         group: config.group.clone(),
@@ -714,6 +844,43 @@ pub(crate) async fn run<H: Handler>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dead_letter_producer_gets_the_consumers_options_but_consumer_only_ones() {
+        let own = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let consumer = own(&[
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "ledger"),
+            ("ssl.ca.location", "/etc/ca.pem"),
+            ("group.instance.id", "ledger-1"),
+            ("session.timeout.ms", "6000"),
+            ("auto.offset.reset", "latest"),
+            ("socket.timeout.ms", "5000"),
+        ]);
+        assert_eq!(
+            dead_letter_options(&consumer),
+            own(&[
+                ("allow.auto.create.topics", "false"),
+                ("security.protocol", "SASL_SSL"),
+                ("sasl.mechanism", "SCRAM-SHA-512"),
+                ("sasl.username", "ledger"),
+                ("ssl.ca.location", "/etc/ca.pem"),
+                ("socket.timeout.ms", "5000"),
+            ])
+        );
+        // They make a valid producer configuration (librdkafka refuses unknown or misplaced
+        // properties only at creation).
+        let options = dead_letter_options(&own(&[("group.id", "g"), ("linger.ms", "1")]));
+        let producer: Result<FutureProducer, _> =
+            client_config("127.0.0.1:9092", None, &options).create();
+        assert!(producer.is_ok());
+    }
 
     #[test]
     fn topics_are_created_with_the_brokers_default_replication_unless_configured() {

@@ -608,3 +608,79 @@ async fn topics_keel_creates_get_the_brokers_default_replication() {
         kafka_delete_topic(KAFKA, t).await;
     }
 }
+
+/// A handler fails permanently with a 2 000 000-byte error. The dead letter carried it whole in
+/// a header, above the producer's `message.max.bytes` (1 MB): the publish failed as too large,
+/// was retried for ever and the partition stalled behind it. The reason is now cut to
+/// `DLQ_ERROR_MAX_BYTES`: the dead letter arrives and the messages after it are handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_handler_error_is_truncated_and_the_partition_goes_on() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let topic = unique("keel-msg-hugeerr");
+    let group = unique("g");
+    let publisher = Publisher::connect(BROKER).await.unwrap();
+    publisher.declare(&topic, 1).await.unwrap();
+    publish_all(&publisher, &topic, 6, 1, 6).await;
+
+    let handled = Seen::default();
+    let handler = {
+        let handled = handled.clone();
+        move |m: Received| {
+            let handled = handled.clone();
+            async move {
+                if m.payload.as_ref() == b"{\"seq\":0}" {
+                    return Err(keel_messaging::HandlerError::permanent(
+                        "e".repeat(2_000_000),
+                    ));
+                }
+                handled.record(&m).map(|_| ())
+            }
+        }
+    };
+    let stop = CancellationToken::new();
+    let c = consumer(&topic, &group)
+        .retry(RetryPolicy {
+            max_attempts: 1,
+            initial_backoff: Duration::ZERO,
+            max_backoff: Duration::ZERO,
+        })
+        .build()
+        .unwrap();
+    let dlq = c.dead_letter_destination();
+    let run = tokio::spawn(c.run(handler, stop.clone().cancelled_owned()));
+    eventually("the five after it handled", WAIT, || async {
+        (handled.distinct() == 5).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {} handled", handled.distinct()));
+    assert_eq!(handled.missing(1..6), Vec::<u64>::new());
+
+    let reader = kafka_consumer(KAFKA, &unique("dlq-reader"), &dlq).unwrap();
+    let letter = tokio::time::timeout(WAIT, reader.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .detach();
+    let mut h = Headers::new();
+    for header in letter.headers().unwrap().iter() {
+        h.insert(header.key, header.value.unwrap_or_default());
+    }
+    assert_eq!(letter.payload(), Some(&b"{\"seq\":0}"[..]));
+    let error = h.get_str(DLQ_ERROR).unwrap();
+    assert!(
+        error.len() <= keel_messaging::headers::DLQ_ERROR_MAX_BYTES,
+        "{} bytes",
+        error.len()
+    );
+    assert!(error.starts_with("eeeeeeee"), "{error:.80}");
+    assert!(
+        error.contains("2000000 bytes"),
+        "says it was cut: {error:?}"
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    drop(reader);
+    publisher.close().await.unwrap();
+    kafka_delete_topic(KAFKA, &topic).await;
+    kafka_delete_topic(KAFKA, &dlq).await;
+}
