@@ -86,12 +86,19 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
 
     /// Watches `service`: a [`Change::Reset`] with every UP instance once known, then changes.
     ///
+    /// Not free of background work: an implementation may start what keeps the service's
+    /// snapshot current. [`ZkRegistry`] spawns, for a service not watched yet, a watch task on
+    /// the runtime its `connect` ran on and adds a server-side watch; both are shared by every
+    /// `Watch` and `snapshot` of the service and released once it has been unused for the
+    /// linger ([`ZkConfig::with_watch_linger`]). [`StaticRegistry`] spawns nothing.
+    ///
     /// # Errors
     /// An invalid service name, or a registry that has shut down.
     fn watch(&self, service: &str) -> Result<Watch, Error>;
 
     /// The UP instances of `service`, sorted by id; waits for the first load of a service not
-    /// watched yet (and keeps watching it). While ZooKeeper is unreachable, the last known
+    /// watched yet (and keeps watching it for a while: [`ZkConfig::with_watch_linger`], so
+    /// repeated calls are served from memory). While ZooKeeper is unreachable, the last known
     /// snapshot is served.
     ///
     /// # Errors

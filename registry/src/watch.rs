@@ -194,8 +194,11 @@ pub fn diff(
 /// A stream of [`Change`]s for one service: a [`Change::Reset`] first, then differences.
 ///
 /// Created by [`Registry::watch`](crate::Registry::watch). The stream ends only when the
-/// registry behind it shuts down. Dropping it stops nothing else: the service stays watched
-/// for the registry's other users and for [`Registry::snapshot`](crate::Registry::snapshot).
+/// registry behind it shuts down. Dropping it stops nothing the registry's other users of the
+/// service rely on; with a [`ZkRegistry`](crate::ZkRegistry), the service's watch task and
+/// server-side watch are released once no `Watch` and no
+/// [`snapshot`](crate::Registry::snapshot) call has used the service for the linger
+/// ([`ZkConfig::with_watch_linger`](crate::ZkConfig::with_watch_linger)).
 pub struct Watch {
     service: String,
     updates: WatchStream<Published>,

@@ -1325,3 +1325,55 @@ async fn replacing_an_earlier_sessions_node_never_empties_the_service() {
     );
     drop(keeper);
 }
+
+/// Watching services does not accumulate: a service's watch task (and server-side watch) is
+/// released once it has no watcher and no snapshot caller left for the linger, and a later
+/// user of the service starts it again.
+#[tokio::test]
+async fn watches_of_dropped_watchers_are_released() {
+    let root = TestRoot::new();
+    let registry = ZkRegistry::connect(
+        ZkConfig::new(servers())
+            .with_dialect(spring_at(&root))
+            .with_watch_linger(Duration::ZERO),
+    )
+    .await
+    .unwrap();
+    let _account = registry
+        .register(instance("account", "a", 1))
+        .await
+        .unwrap();
+    let watches: Vec<Follower> = (0..50)
+        .map(|i| Follower::new(registry.watch(&format!("svc-{i}")).unwrap()))
+        .collect();
+    assert_eq!(registry.stats().watched_services, 50);
+    // Arbitrary names asked once each, as a caller-driven `snapshot` would.
+    for i in 0..50 {
+        assert!(
+            registry
+                .snapshot(&format!("absent-{i}"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    drop(watches);
+    eventually(WAIT, "every watch released", || async {
+        registry.stats().watched_services == 0
+    })
+    .await;
+
+    // A service watched again is read afresh and followed.
+    let mut account = Follower::new(registry.watch("account").unwrap());
+    account
+        .until(WAIT, "a seen by a new watch", |s| s.contains_key("a"))
+        .await;
+    assert_eq!(registry.stats().watched_services, 1);
+    let _b = registry
+        .register(instance("account", "b", 2))
+        .await
+        .unwrap();
+    account
+        .until(WAIT, "b seen by the new watch", |s| s.contains_key("b"))
+        .await;
+}

@@ -1,13 +1,13 @@
 //! The ZooKeeper registry.
 
 mod discovery;
+mod lease;
 mod root_check;
 mod session;
 
-use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt};
@@ -20,6 +20,7 @@ use crate::registration::{Backend, Registration};
 use crate::watch::Published;
 use crate::{Error, Registry, Watch};
 
+use lease::Services;
 use session::{Command, SessionSlot, Supervisor};
 
 /// How to reach ZooKeeper and how to behave there. By-value builder; validated by
@@ -33,6 +34,7 @@ pub struct ZkConfig {
     dialect: Dialect,
     mass_removal: MassRemovalPolicy,
     debounce: Duration,
+    watch_linger: Duration,
 }
 
 impl fmt::Debug for ZkConfig {
@@ -52,6 +54,7 @@ impl fmt::Debug for ZkConfig {
             .field("dialect", &self.dialect)
             .field("mass_removal", &self.mass_removal)
             .field("debounce", &self.debounce)
+            .field("watch_linger", &self.watch_linger)
             .finish()
     }
 }
@@ -59,7 +62,7 @@ impl fmt::Debug for ZkConfig {
 impl ZkConfig {
     /// A configuration for the connect string `servers` (`host:port[,host:port…][/chroot]`):
     /// session timeout 10 s, request timeout 15 s, the Spring dialect under `/services`, no ACL,
-    /// the default [`MassRemovalPolicy`], no debounce.
+    /// the default [`MassRemovalPolicy`], no debounce, a watch linger of 60 s.
     pub fn new(servers: impl Into<String>) -> Self {
         Self {
             servers: servers.into(),
@@ -69,6 +72,7 @@ impl ZkConfig {
             dialect: Dialect::default(),
             mass_removal: MassRemovalPolicy::default(),
             debounce: Duration::ZERO,
+            watch_linger: Duration::from_secs(60),
         }
     }
 
@@ -118,6 +122,16 @@ impl ZkConfig {
         self
     }
 
+    /// How long a service stays watched after its last [`Watch`] was dropped and its last
+    /// [`snapshot`](Registry::snapshot) returned: then its watch task and its server-side watch
+    /// are released (the next user of the service starts them again, with a full read). Repeated
+    /// `snapshot` calls within the linger are served from memory; zero releases at once;
+    /// `Duration::MAX` keeps every service watched until the registry is dropped.
+    pub fn with_watch_linger(mut self, linger: Duration) -> Self {
+        self.watch_linger = linger;
+        self
+    }
+
     fn validate(&self) -> Result<(), Error> {
         if self.servers.trim().is_empty() {
             return Err(Error::Config("empty ZooKeeper connect string".into()));
@@ -156,6 +170,9 @@ pub struct RegistryStats {
     pub resyncs: u64,
     /// Watches added again after a reconnection within the same session.
     pub rearmed_watches: u64,
+    /// Services watched right now, each with its watch task and server-side watch (a gauge:
+    /// it falls when a service is released, see [`ZkConfig::with_watch_linger`]).
+    pub watched_services: u64,
 }
 
 #[derive(Debug, Default)]
@@ -166,6 +183,7 @@ pub(crate) struct Stats {
     held_removals: AtomicU64,
     resyncs: AtomicU64,
     rearmed_watches: AtomicU64,
+    watched_services: AtomicU64,
 }
 
 impl Stats {
@@ -181,6 +199,7 @@ impl Stats {
             held_removals: self.held_removals.load(Ordering::Relaxed),
             resyncs: self.resyncs.load(Ordering::Relaxed),
             rearmed_watches: self.rearmed_watches.load(Ordering::Relaxed),
+            watched_services: self.watched_services.load(Ordering::Relaxed),
         }
     }
 }
@@ -203,9 +222,15 @@ impl Stats {
 /// saying how many services were checked. It runs once per root and registry.
 ///
 /// # Background tasks
-/// [`connect`](Self::connect) spawns the session task on the current tokio runtime; the first
-/// `watch` / `snapshot` of a service spawns that service's watch task. They stop when the
-/// registry, every [`Registration`] and every [`Watch`] from it are dropped.
+/// [`connect`](Self::connect) spawns the session task on the current tokio runtime; it stops
+/// when the registry, every [`Registration`] and every [`Watch`] from it are dropped.
+/// [`watch`](Registry::watch) and [`snapshot`](Registry::snapshot) of a service not watched yet
+/// spawn that service's watch task on the runtime `connect` ran on, and add a persistent
+/// recursive watch on the server. Both are shared by every user of the service and released
+/// once it has had no [`Watch`] and no `snapshot` call for the linger
+/// ([`ZkConfig::with_watch_linger`], 60 s by default), so watching arbitrary service names does
+/// not accumulate tasks or server-side watches ([`RegistryStats::watched_services`] counts the
+/// live ones).
 #[derive(Clone)]
 pub struct ZkRegistry {
     inner: Arc<Inner>,
@@ -227,7 +252,7 @@ struct Inner {
     config: ZkConfig,
     commands: mpsc::UnboundedSender<Command>,
     sessions: watch::Receiver<SessionSlot>,
-    services: Mutex<HashMap<(Dialect, String), watch::Receiver<Published>>>,
+    services: Services,
     stats: Arc<Stats>,
     runtime: tokio::runtime::Handle,
     next_key: AtomicU64,
@@ -254,7 +279,7 @@ impl ZkRegistry {
                 config,
                 commands,
                 sessions,
-                services: Mutex::new(HashMap::new()),
+                services: Arc::default(),
                 stats,
                 runtime,
                 next_key: AtomicU64::new(1),
@@ -303,25 +328,37 @@ impl ZkRegistry {
             return Err(Error::Closed);
         }
         let key = (self.dialect.clone(), service.to_owned());
-        let mut services = self
-            .inner
-            .services
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(rx) = services.get(&key) {
-            return Ok(rx.clone());
+        let mut services = lease::lock(&self.inner.services);
+        if let Some(rx) = lease::subscribe(&mut services, &key) {
+            return Ok(rx);
         }
-        let (tx, rx) = watch::channel(Published::default());
+        let (tx, _) = watch::channel(Published::default());
         let task = discovery::ServiceWatch::new(
             self.dialect.clone(),
             service.to_owned(),
             self.inner.sessions.clone(),
-            tx,
+            tx.clone(),
             self.inner.stats.clone(),
             &self.inner.config,
         );
-        self.inner.runtime.spawn(task.run());
-        services.insert(key, rx.clone());
+        let (lease, rx) = lease::enter(
+            &self.inner.services,
+            &mut services,
+            key,
+            &tx,
+            self.inner.config.watch_linger,
+            &self.inner.stats,
+        );
+        // Unlocked first: a lease dropped at once (its runtime is gone) locks the map to take
+        // its entry out.
+        drop(services);
+        self.inner.runtime.spawn(async move {
+            tokio::select! {
+                () = task.run() => {}
+                () = lease.released() => {}
+            }
+            drop(lease);
+        });
         Ok(rx)
     }
 }
