@@ -319,7 +319,9 @@ impl GrpcBuilder {
 
     /// A channel over the instances `registry` discovers for the service, and the
     /// [`Discovery`] future that keeps it up to date: spawn it (`tokio::spawn(discovery)`).
-    /// Nothing is spawned here.
+    /// The discovery task is not spawned here, but the registry's `watch` may start background
+    /// work of its own: a [`keel_registry::ZkRegistry`] spawns a watch task for a service it
+    /// does not watch yet (see [`Registry::watch`]).
     ///
     /// # Errors
     /// [`Error::is_config`] when the breaker configuration is invalid or the registry refuses
