@@ -3,18 +3,25 @@
 //! Publishing uses the idempotent producer with `acks=all`: a publish completes on its delivery
 //! report. Consuming dispatches each assigned partition to its own task (partitions run
 //! concurrently, each in offset order, so a key — which maps to one partition — is never
-//! reordered, retries included). After a message is handled (or dead-lettered with a confirmed
-//! publish) its offset is *stored*; librdkafka commits stored offsets periodically, and Keel
-//! commits them synchronously when partitions are revoked and at shutdown. Because each
-//! partition is handled strictly in order and a worker stops at the first message it could not
-//! finish, stored offsets are always contiguous: nothing unhandled is ever committed.
+//! reordered, retries included). The fetch loop never waits on a partition: one whose worker is
+//! behind (its queue full) is paused until the queue drains, so a slow or stuck handler holds
+//! up only its own partition, and rebalances are still served. After a message is handled (or
+//! dead-lettered with a confirmed publish) its offset is *stored*; librdkafka commits stored
+//! offsets periodically, and Keel commits them synchronously when partitions are revoked and at
+//! shutdown. Because each partition is handled strictly in order and a worker stops at the
+//! first message it could not finish, stored offsets are always contiguous: nothing unhandled
+//! is ever committed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt as _;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use rdkafka::TopicPartitionList;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::consumer::{
@@ -26,6 +33,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -328,6 +336,139 @@ impl KafkaPublisher {
 
 type PartitionKey = (String, i32);
 
+/// Messages a partition worker's queue holds before the fetch loop pauses the partition.
+const WORKER_QUEUE: usize = 1024;
+/// Free room in a paused partition's worker queue before the partition is resumed (half of it:
+/// resuming at the first free place would pause and resume it on every message).
+const RESUME_ROOM: usize = WORKER_QUEUE / 2;
+
+fn partition_list(key: &PartitionKey) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&key.0, key.1);
+    tpl
+}
+
+/// The messages of one paused partition not yet in its worker's queue, in offset order.
+#[derive(Debug)]
+struct HeldPartition {
+    /// Tells this hold from a later one of the same partition (after a rebalance).
+    generation: u64,
+    /// The queue of the worker they are for.
+    tx: mpsc::Sender<OwnedMessage>,
+    messages: VecDeque<OwnedMessage>,
+}
+
+/// A wait for room in a held partition's worker queue: its key, generation, and whether the
+/// queue is still open.
+type Room = BoxFuture<'static, (PartitionKey, u64, bool)>;
+
+/// Back-pressure without blocking the fetch loop: a partition whose worker queue is full is
+/// paused (librdkafka stops fetching it and, on resume, fetches again after the last message
+/// it handed over), the message in hand is held, and the partition is resumed once its queue
+/// has [`RESUME_ROOM`] free. The loop keeps polling meanwhile, so the other partitions flow and
+/// rebalances are served while one partition's handler is slow or stuck.
+#[derive(Debug, Default)]
+struct Held {
+    partitions: HashMap<PartitionKey, HeldPartition>,
+    next_generation: u64,
+}
+
+impl Held {
+    /// Hands `message` to its partition's worker queue `tx`, or holds it (pausing the
+    /// partition) when that queue is full; `rooms` gets the wait for room.
+    fn dispatch<C: ConsumerContext>(
+        &mut self,
+        consumer: &StreamConsumer<C>,
+        key: PartitionKey,
+        tx: &mpsc::Sender<OwnedMessage>,
+        message: OwnedMessage,
+        rooms: &mut FuturesUnordered<Room>,
+    ) {
+        if let Some(held) = self.partitions.get_mut(&key) {
+            if held.tx.same_channel(tx) {
+                // Fetched before the pause took effect: after the held ones, in order.
+                held.messages.push_back(message);
+                return;
+            }
+            // Held for a worker of an earlier assignment: the partition was revoked since, and
+            // librdkafka fetches those messages again from the committed offset.
+            self.partitions.remove(&key);
+        }
+        match tx.try_send(message) {
+            Ok(()) => {}
+            // The worker stopped (its partition revoked): left uncommitted for the next owner.
+            Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(message)) => {
+                if let Err(error) = consumer.pause(&partition_list(&key)) {
+                    tracing::warn!(%error, topic = %key.0, partition = key.1, "could not pause a partition whose queue is full");
+                }
+                tracing::debug!(topic = %key.0, partition = key.1, "partition paused: its handler is behind");
+                self.next_generation += 1;
+                let generation = self.next_generation;
+                rooms.push(Self::room(key.clone(), generation, tx.clone()));
+                self.partitions.insert(
+                    key,
+                    HeldPartition {
+                        generation,
+                        tx: tx.clone(),
+                        messages: VecDeque::from([message]),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Waits until `tx` has [`RESUME_ROOM`] free (only the fetch loop sends, so it stays free
+    /// until the loop fills it); false if the worker is gone.
+    fn room(key: PartitionKey, generation: u64, tx: mpsc::Sender<OwnedMessage>) -> Room {
+        Box::pin(async move {
+            let open = tx.reserve_many(RESUME_ROOM).await.is_ok();
+            (key, generation, open)
+        })
+    }
+
+    /// The worker queue of `key` has room (or is closed, `open` false): moves the held
+    /// messages into it and resumes the partition once none are left.
+    fn drained<C: ConsumerContext>(
+        &mut self,
+        consumer: &StreamConsumer<C>,
+        (key, generation, open): (PartitionKey, u64, bool),
+        rooms: &mut FuturesUnordered<Room>,
+    ) {
+        let Some(held) = self
+            .partitions
+            .get_mut(&key)
+            .filter(|held| held.generation == generation)
+        else {
+            return;
+        };
+        if !open {
+            // The worker stopped (revoked): the held messages stay uncommitted.
+            self.partitions.remove(&key);
+            return;
+        }
+        while let Some(message) = held.messages.pop_front() {
+            match held.tx.try_send(message) {
+                Ok(()) => {}
+                Err(TrySendError::Full(message)) => {
+                    held.messages.push_front(message);
+                    rooms.push(Self::room(key, generation, held.tx.clone()));
+                    return;
+                }
+                Err(TrySendError::Closed(_)) => {
+                    self.partitions.remove(&key);
+                    return;
+                }
+            }
+        }
+        self.partitions.remove(&key);
+        if let Err(error) = consumer.resume(&partition_list(&key)) {
+            tracing::warn!(%error, topic = %key.0, partition = key.1, "could not resume a partition");
+        }
+        tracing::debug!(topic = %key.0, partition = key.1, "partition resumed");
+    }
+}
+
 /// Whether a partition worker is inside a handler, so a revoke can wait for it.
 #[derive(Debug, Default)]
 struct Busy {
@@ -442,8 +583,13 @@ impl ConsumerContext for Ctx {
         tracing::info!(partitions = keys.len(), "partitions revoked");
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            // A partition paused while it was ours before (its queue was full) stays paused in
+            // librdkafka across a revoke; its new worker starts with an empty queue.
+            if let Err(error) = consumer.resume(tpl) {
+                tracing::warn!(%error, "could not resume the assigned partitions");
+            }
             let mut assigned = lock(&self.shared.assigned);
             for e in tpl.elements() {
                 assigned.insert((e.topic().to_owned(), e.partition()));
@@ -747,6 +893,8 @@ pub(crate) async fn run<H: Handler>(
     // ends the consumer with an error: its partition's later messages would otherwise be
     // dropped on the floor, the partition stalled for good without a word.
     let mut failed = None;
+    let mut held = Held::default();
+    let mut rooms: FuturesUnordered<Room> = FuturesUnordered::new();
     tokio::pin!(shutdown);
     'fetch: loop {
         let message = tokio::select! {
@@ -758,6 +906,10 @@ pub(crate) async fn run<H: Handler>(
                     failed = Some(error);
                     break 'fetch;
                 }
+                continue 'fetch;
+            }
+            Some(room) = rooms.next(), if !rooms.is_empty() => {
+                held.drained(&consumer, room, &mut rooms);
                 continue 'fetch;
             }
             m = consumer.recv() => m,
@@ -780,7 +932,7 @@ pub(crate) async fn run<H: Handler>(
             if let Some(slot) = slots.get(&key) {
                 Some(slot.tx.clone())
             } else if assigned.contains(&key) {
-                let (tx, rx) = mpsc::channel(1024);
+                let (tx, rx) = mpsc::channel(WORKER_QUEUE);
                 let stop = all_stop.child_token();
                 let busy = Arc::new(Busy::default());
                 let worker = Worker {
@@ -791,7 +943,7 @@ pub(crate) async fn run<H: Handler>(
                 };
                 workers.spawn(worker.run(rx, stop.clone(), busy.clone()));
                 slots.insert(
-                    key,
+                    key.clone(),
                     Slot {
                         tx: tx.clone(),
                         stop,
@@ -804,13 +956,9 @@ pub(crate) async fn run<H: Handler>(
             }
         };
         // A message for a partition that is not (or no longer) ours is dropped uncommitted: its
-        // owner receives it.
+        // owner receives it. Never waits: a full queue pauses its partition (see `Held`).
         if let Some(tx) = tx {
-            tokio::select! {
-                biased;
-                () = &mut shutdown => break 'fetch,
-                _ = tx.send(message) => {}
-            }
+            held.dispatch(&consumer, key, &tx, message, &mut rooms);
         }
     }
 

@@ -684,3 +684,87 @@ async fn a_huge_handler_error_is_truncated_and_the_partition_goes_on() {
     kafka_delete_topic(KAFKA, &topic).await;
     kafka_delete_topic(KAFKA, &dlq).await;
 }
+
+/// Produces `{"seq":i}` for `seqs` to partition `partition` of `topic` (key `p<partition>`),
+/// waiting for every report.
+async fn produce_to_partition(topic: &str, partition: i32, seqs: std::ops::Range<u64>) {
+    let producer = keel_testkit::smoke::kafka_producer(KAFKA).unwrap();
+    let mut reports = Vec::new();
+    for seq in seqs {
+        let payload = format!("{{\"seq\":{seq}}}");
+        let key = format!("p{partition}");
+        let record = rdkafka::producer::FutureRecord::to(topic)
+            .partition(partition)
+            .key(&key)
+            .payload(&payload);
+        reports.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    for report in reports {
+        report.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
+
+/// Partition 0's handler is stuck: its worker's queue (1024) filled and the fetch loop waited
+/// on it, so partition 1 got nothing more (and rebalances were not served). Now a partition
+/// whose queue is full is paused, its next message held, and resumed once the queue drains:
+/// partition 1 is handled while partition 0 is stuck, and partition 0 loses nothing and keeps
+/// its order once it moves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_partition_does_not_stop_the_others() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let topic = unique("keel-msg-stuck");
+    let group = unique("g");
+    let publisher = Publisher::connect(BROKER).await.unwrap();
+    publisher.declare(&topic, 2).await.unwrap();
+    produce_to_partition(&topic, 0, 0..2000).await;
+
+    let handled = Seen::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let handler = {
+        let (handled, gate, entered) = (handled.clone(), gate.clone(), entered.clone());
+        move |m: Received| {
+            let (handled, gate, entered) = (handled.clone(), gate.clone(), entered.clone());
+            async move {
+                if m.partition == Some(0) {
+                    entered.notify_one();
+                    let _pass = gate.acquire().await;
+                }
+                handled.record(&m).map(|_| ())
+            }
+        }
+    };
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(
+        consumer(&topic, &group)
+            .build()
+            .unwrap()
+            .run(handler, stop.clone().cancelled_owned()),
+    );
+    tokio::time::timeout(WAIT, entered.notified())
+        .await
+        .expect("partition 0's handler runs");
+    produce_to_partition(&topic, 1, 10_000..10_005).await;
+    eventually(
+        "partition 1 handled while partition 0 is stuck",
+        Duration::from_secs(10),
+        || async { (handled.distinct() == 5).then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {} handled", handled.distinct()));
+    assert_eq!(handled.missing(10_000..10_005), Vec::<u64>::new());
+
+    gate.add_permits(1);
+    eventually("partition 0 handled once it moves", WAIT, || async {
+        (handled.distinct() == 2005).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {} handled", handled.distinct()));
+    assert_eq!(handled.missing(0..2000), Vec::<u64>::new());
+    assert_eq!(handled.handled(), 2005, "none handled twice");
+    handled.assert_key_order();
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    publisher.close().await.unwrap();
+    kafka_delete_topic(KAFKA, &topic).await;
+}
