@@ -62,6 +62,25 @@ where
     }
 }
 
+/// A handler that counts executions and answers "done" once `proceed` lets it (a permit each).
+fn gated(
+    calls: Arc<AtomicUsize>,
+    proceed: Arc<tokio::sync::Semaphore>,
+) -> impl Service<Req, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ Sync
++ 'static {
+    service_fn(move |_: Req| {
+        let (calls, proceed) = (calls.clone(), proceed.clone());
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let _pass = proceed.acquire_owned().await;
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
+        }
+    })
+}
+
 /// A handler that counts executions and echoes `<count>:<body>` with status 201.
 fn counting(
     calls: Arc<AtomicUsize>,
@@ -303,17 +322,7 @@ async fn a_concurrent_duplicate_waits_for_the_first_and_gets_its_response() {
 async fn a_duplicate_gets_a_conflict_when_the_first_outlasts_the_wait() {
     let calls = Arc::new(AtomicUsize::new(0));
     let proceed = Arc::new(tokio::sync::Semaphore::new(0));
-    let handler = {
-        let (calls, proceed) = (calls.clone(), proceed.clone());
-        service_fn(move |_: Req| {
-            let (calls, proceed) = (calls.clone(), proceed.clone());
-            async move {
-                calls.fetch_add(1, Ordering::SeqCst);
-                let _pass = proceed.acquire_owned().await;
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
-            }
-        })
-    };
+    let handler = gated(calls.clone(), proceed.clone());
     let layer = IdempotencyLayer::new(MemoryStore::new())
         .wait_timeout(Duration::from_secs(2))
         .lease(Duration::from_secs(3));
@@ -548,17 +557,7 @@ async fn a_failed_completion_is_retried_within_the_lease() {
 async fn a_failed_renewal_is_retried_before_the_lease_runs_out() {
     let calls = Arc::new(AtomicUsize::new(0));
     let proceed = Arc::new(tokio::sync::Semaphore::new(0));
-    let handler = {
-        let (calls, proceed) = (calls.clone(), proceed.clone());
-        service_fn(move |_: Req| {
-            let (calls, proceed) = (calls.clone(), proceed.clone());
-            async move {
-                calls.fetch_add(1, Ordering::SeqCst);
-                let _pass = proceed.acquire_owned().await;
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
-            }
-        })
-    };
+    let handler = gated(calls.clone(), proceed.clone());
     // Lease 3 s: renewals due every second; the first two fail.
     let layer = IdempotencyLayer::new(Flaky::new(0, 2))
         .lease(Duration::from_secs(3))
@@ -568,17 +567,7 @@ async fn a_failed_renewal_is_retried_before_the_lease_runs_out() {
     // the claim.
     let calls = Arc::new(AtomicUsize::new(0));
     let proceed = Arc::new(tokio::sync::Semaphore::new(0));
-    let handler = {
-        let (calls, proceed) = (calls.clone(), proceed.clone());
-        service_fn(move |_: Req| {
-            let (calls, proceed) = (calls.clone(), proceed.clone());
-            async move {
-                calls.fetch_add(1, Ordering::SeqCst);
-                let _pass = proceed.acquire_owned().await;
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
-            }
-        })
-    };
+    let handler = gated(calls.clone(), proceed.clone());
     let hanging = Flaky::new(0, 0);
     hanging.renew_hangs.store(1, Ordering::SeqCst);
     let layer = IdempotencyLayer::new(hanging)
