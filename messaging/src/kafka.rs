@@ -11,6 +11,13 @@
 //! shutdown. Because each partition is handled strictly in order and a worker stops at the
 //! first message it could not finish, stored offsets are always contiguous: nothing unhandled
 //! is ever committed.
+//!
+//! A revoke waits up to the revoke drain timeout for the revoked partitions' handlers (on a
+//! multi-thread runtime only: on a `current_thread` runtime it cannot, and does not wait). A
+//! handler still running after that keeps running, but its worker's assignment is over: it
+//! stores no offset any more (that would move the partition's stored offset back under a later
+//! worker), and a later worker of the same partition handles nothing until it has finished, so
+//! one partition's messages are never handled concurrently or out of order.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -35,7 +42,7 @@ use rdkafka::{ClientConfig, Message};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::broker::{Broker, check_replication};
 use crate::consumer::{ConsumerBuilder, Handler};
@@ -483,39 +490,63 @@ impl Held {
     }
 }
 
-/// Whether a partition worker is inside a handler, so a revoke can wait for it.
+/// A partition worker's state as a revoke sees it.
+#[derive(Debug, Default)]
+struct BusyState {
+    /// Inside a handler.
+    busy: bool,
+    /// The worker's assignment is over: its partition was revoked and the revoke's drain ended.
+    /// Its offsets are not stored any more (the partition may be ours again by then, under a
+    /// later worker whose stored offset this one's would move back).
+    revoked: bool,
+}
+
+/// Whether a partition worker is inside a handler, so a revoke can wait for it, and whether
+/// its assignment is still current, so a late handler stores no offset.
 #[derive(Debug, Default)]
 struct Busy {
-    busy: Mutex<bool>,
+    state: Mutex<BusyState>,
     idle: Condvar,
 }
 
 impl Busy {
     /// Marks busy unless `stop` was cancelled (checked under the lock a revoke waits on).
     fn enter(&self, stop: &CancellationToken) -> bool {
-        let mut busy = lock(&self.busy);
+        let mut state = lock(&self.state);
         if stop.is_cancelled() {
             return false;
         }
-        *busy = true;
+        state.busy = true;
         true
     }
 
-    fn leave(&self) {
-        *lock(&self.busy) = false;
+    /// Marks idle, running `store` first unless the assignment is over ([`Busy::revoke`]);
+    /// under the lock, so a store either happens before the revoke's commit or not at all.
+    fn leave(&self, store: impl FnOnce()) {
+        let mut state = lock(&self.state);
+        if !state.revoked {
+            store();
+        }
+        state.busy = false;
+        drop(state);
         self.idle.notify_all();
     }
 
+    /// Ends the worker's assignment: it stores no offset from now on.
+    fn revoke(&self) {
+        lock(&self.state).revoked = true;
+    }
+
     fn wait_idle(&self, deadline: Instant) -> bool {
-        let mut busy = lock(&self.busy);
-        while *busy {
+        let mut state = lock(&self.state);
+        while state.busy {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
             }
-            busy = self
+            state = self
                 .idle
-                .wait_timeout(busy, left)
+                .wait_timeout(state, left)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
@@ -528,12 +559,17 @@ struct Slot {
     tx: mpsc::Sender<OwnedMessage>,
     stop: CancellationToken,
     busy: Arc<Busy>,
+    /// Cancelled when the worker has ended (its task finished or was dropped).
+    finished: CancellationToken,
 }
 
 #[derive(Debug, Default)]
 struct Shared {
     assigned: Mutex<HashSet<PartitionKey>>,
     slots: Mutex<HashMap<PartitionKey, Slot>>,
+    /// The revoked workers that may still be running (their `finished` tokens): the partition's
+    /// next worker waits for its one before it handles anything.
+    draining: Mutex<HashMap<PartitionKey, CancellationToken>>,
     drain_timeout: Duration,
 }
 
@@ -553,18 +589,25 @@ impl ConsumerContext for Ctx {
             .iter()
             .map(|e| (e.topic().to_owned(), e.partition()))
             .collect();
-        let revoked: Vec<Slot> = {
+        let revoked: Vec<(PartitionKey, Slot)> = {
             let mut assigned = lock(&self.shared.assigned);
             let mut slots = lock(&self.shared.slots);
             keys.iter()
                 .filter_map(|k| {
                     assigned.remove(k);
-                    slots.remove(k)
+                    slots.remove(k).map(|slot| (k.clone(), slot))
                 })
                 .collect()
         };
-        for slot in &revoked {
-            slot.stop.cancel();
+        {
+            // A partition's later worker waits for this one before it handles anything. (A
+            // worker ends only after the one it waited for: the latest is the one to wait for.)
+            let mut draining = lock(&self.shared.draining);
+            draining.retain(|_, finished| !finished.is_cancelled());
+            for (key, slot) in &revoked {
+                slot.stop.cancel();
+                draining.insert(key.clone(), slot.finished.clone());
+            }
         }
         // Drain: let in-flight handlers of the revoked partitions finish so their offsets are
         // stored, then commit before the partitions are given away. Workers run on other
@@ -579,12 +622,22 @@ impl ConsumerContext for Ctx {
             } else {
                 Duration::ZERO
             };
-        let wait = || revoked.iter().all(|slot| slot.busy.wait_idle(deadline));
+        let wait = || {
+            revoked
+                .iter()
+                .all(|(_, slot)| slot.busy.wait_idle(deadline))
+        };
         let drained = if multi {
             tokio::task::block_in_place(wait)
         } else {
             wait()
         };
+        // What is done is stored now and committed below. A handler still running stores
+        // nothing when it ends: by then the partition may be ours again, its offset stored past
+        // this one by the next worker, which handles it again once this one has finished.
+        for (_, slot) in &revoked {
+            slot.busy.revoke();
+        }
         if !drained {
             tracing::warn!(
                 "rebalance: in-flight handlers did not finish in time; they will be redelivered"
@@ -761,12 +814,25 @@ struct Worker<H> {
 }
 
 impl<H: Handler> Worker<H> {
+    /// Handles the partition's messages from `rx` in order. Waits first for `previous`, the
+    /// partition's worker of an earlier assignment, to end (it may still be inside a handler
+    /// after its revoke's drain timed out); `finished` is dropped (signalling the next worker)
+    /// when this one ends.
     async fn run(
         self,
         mut rx: mpsc::Receiver<OwnedMessage>,
         stop: CancellationToken,
         busy: Arc<Busy>,
+        previous: Option<CancellationToken>,
+        finished: DropGuard,
     ) {
+        let _finished = finished;
+        if let Some(previous) = previous {
+            // Not cut short by `stop`: a later worker waits for this one, so this one may end
+            // only after its predecessor.
+            tracing::debug!("partition worker waits for the revoked one still in its handler");
+            previous.cancelled().await;
+        }
         loop {
             let m = tokio::select! {
                 biased;
@@ -795,15 +861,16 @@ impl<H: Handler> Worker<H> {
                 }
                 Outcome::Abandoned => false,
             };
-            if done
-                && let Err(error) = self
-                    .consumer
-                    .store_offset(m.topic(), m.partition(), m.offset())
-            {
-                // The partition is no longer ours: the next owner handles it again.
-                tracing::warn!(%error, topic = m.topic(), partition = m.partition(), offset = m.offset(), "could not store offset");
-            }
-            busy.leave();
+            busy.leave(|| {
+                if done
+                    && let Err(error) =
+                        self.consumer
+                            .store_offset(m.topic(), m.partition(), m.offset())
+                {
+                    // The partition is no longer ours: the next owner handles it again.
+                    tracing::warn!(%error, topic = m.topic(), partition = m.partition(), offset = m.offset(), "could not store offset");
+                }
+            });
             if !done {
                 // Never handle past a message that was not finished: that would commit it.
                 break;
@@ -949,19 +1016,32 @@ pub(crate) async fn run<H: Handler>(
                 let (tx, rx) = mpsc::channel(WORKER_QUEUE);
                 let stop = all_stop.child_token();
                 let busy = Arc::new(Busy::default());
+                let finished = CancellationToken::new();
+                // The partition's revoked worker, if still running: the new one waits for it
+                // (the fetch loop does not; it fills the queue and pauses the partition).
+                let previous = lock(&shared.draining)
+                    .remove(&key)
+                    .filter(|previous| !previous.is_cancelled());
                 let worker = Worker {
                     consumer: consumer.clone(),
                     handler: handler.clone(),
                     policy: config.retry,
                     dead: dead.clone(),
                 };
-                workers.spawn(worker.run(rx, stop.clone(), busy.clone()));
+                workers.spawn(worker.run(
+                    rx,
+                    stop.clone(),
+                    busy.clone(),
+                    previous,
+                    finished.clone().drop_guard(),
+                ));
                 slots.insert(
                     key.clone(),
                     Slot {
                         tx: tx.clone(),
                         stop,
                         busy,
+                        finished,
                     },
                 );
                 Some(tx)
@@ -1003,6 +1083,7 @@ pub(crate) async fn run<H: Handler>(
     // commit what was handled, leave the group.
     all_stop.cancel();
     lock(&shared.slots).clear();
+    lock(&shared.draining).clear();
     while workers.join_next().await.is_some() {}
     let committed = {
         let consumer = consumer.clone();

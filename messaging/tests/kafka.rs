@@ -768,3 +768,163 @@ async fn a_stuck_partition_does_not_stop_the_others() {
     publisher.close().await.unwrap();
     kafka_delete_topic(KAFKA, &topic).await;
 }
+
+/// One execution of a handler: the offset, when it started and when it ended.
+type Execution = (i64, std::time::Instant, std::time::Instant);
+
+/// A revoke whose drain times out while a handler is running: the partition comes back to the
+/// same consumer (an eager rebalance when a second member joins the group), and its new worker
+/// used to handle the partition next to the old one still in its handler: the same offset
+/// handled twice at once, the key's effects applied out of order (0, 1, .., 0), and the old
+/// worker's late offset store moving the committed offset back. Now the new worker waits for
+/// the old one, which stores nothing after its revoke: offset 0 is handled twice (at-least-once),
+/// one after the other, and then the rest in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_worker_still_in_its_handler_is_not_run_next_to_the_new_one() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let topic = unique("keel-msg-revoke");
+    let other = unique("keel-msg-revoke-other");
+    let group = unique("g");
+    let publisher = Publisher::connect(BROKER).await.unwrap();
+    publisher.declare(&topic, 1).await.unwrap();
+    publisher.declare(&other, 1).await.unwrap();
+    produce_to_partition(&topic, 0, 0..5).await;
+
+    // A: holds offset 0's first execution until B is in the group (the rebalance is over),
+    // then for one more second, long past A's revoke drain timeout.
+    let executions: Arc<Mutex<Vec<Execution>>> = Arc::default();
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let b_in_group = CancellationToken::new();
+    let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handler = {
+        let (executions, entered, b_in_group, held) = (
+            executions.clone(),
+            entered.clone(),
+            b_in_group.clone(),
+            held.clone(),
+        );
+        move |m: Received| {
+            let (executions, entered, b_in_group, held) = (
+                executions.clone(),
+                entered.clone(),
+                b_in_group.clone(),
+                held.clone(),
+            );
+            async move {
+                let start = std::time::Instant::now();
+                let offset = m.offset.unwrap();
+                if offset == 0 && !held.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    entered.notify_one();
+                    let _ = tokio::time::timeout(WAIT, b_in_group.cancelled()).await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                executions
+                    .lock()
+                    .unwrap()
+                    .push((offset, start, std::time::Instant::now()));
+                Ok::<(), keel_messaging::HandlerError>(())
+            }
+        }
+    };
+    let stop = CancellationToken::new();
+    let run_a = tokio::spawn(
+        consumer(&topic, &group)
+            .revoke_drain_timeout(Duration::from_millis(100))
+            .build()
+            .unwrap()
+            .run(handler, stop.clone().cancelled_owned()),
+    );
+    tokio::time::timeout(WAIT, entered.notified())
+        .await
+        .expect("offset 0 reaches A's handler");
+
+    // The committed offset, sampled throughout.
+    let committed: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let sampling = CancellationToken::new();
+    let sampler = {
+        let (committed, sampling, group, topic) = (
+            committed.clone(),
+            sampling.clone(),
+            group.clone(),
+            topic.clone(),
+        );
+        tokio::spawn(async move {
+            while !sampling.is_cancelled() {
+                if let Ok(Some(offset)) =
+                    keel_testkit::smoke::kafka_committed(KAFKA, &group, &topic).await
+                {
+                    committed.lock().unwrap().push(offset);
+                }
+                tokio::select! {
+                    () = sampling.cancelled() => {}
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        })
+    };
+
+    // B joins the same group, subscribed to another topic: every partition is revoked (eager
+    // protocol) and the topic's only partition goes back to A.
+    produce_to_partition(&other, 0, 0..1).await;
+    let run_b = {
+        let b_in_group = b_in_group.clone();
+        tokio::spawn(consumer(&other, &group).build().unwrap().run(
+            move |_m: Received| {
+                b_in_group.cancel();
+                async { Ok::<(), keel_messaging::HandlerError>(()) }
+            },
+            stop.clone().cancelled_owned(),
+        ))
+    };
+    eventually(
+        "offset 0 handled again after the rebalance, and the rest",
+        WAIT,
+        || async {
+            let executions = executions.lock().unwrap();
+            let zero = executions.iter().filter(|e| e.0 == 0).count();
+            let rest = (1..5).all(|o| executions.iter().any(|e| e.0 == o));
+            (zero >= 2 && rest).then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", executions.lock().unwrap()));
+    // Both executions of offset 0 are over: stopping commits what A stored.
+    stop.cancel();
+    run_a.await.unwrap().unwrap();
+    run_b.await.unwrap().unwrap();
+    sampling.cancel();
+    sampler.await.unwrap();
+
+    let mut executions = executions.lock().unwrap().clone();
+    for (i, a) in executions.iter().enumerate() {
+        for b in &executions[i + 1..] {
+            assert!(
+                a.0 != b.0 || a.2 <= b.1 || b.2 <= a.1,
+                "offset {} handled twice at once: {executions:?}",
+                a.0
+            );
+        }
+    }
+    executions.sort_by_key(|e| e.2);
+    let completed: Vec<i64> = executions.iter().map(|e| e.0).collect();
+    assert!(
+        completed.is_sorted(),
+        "the key's messages completed out of order: {completed:?}"
+    );
+    let committed = committed.lock().unwrap().clone();
+    assert!(
+        committed.is_sorted(),
+        "the committed offset went back: {committed:?}"
+    );
+    assert_eq!(
+        keel_testkit::smoke::kafka_committed(KAFKA, &group, &topic)
+            .await
+            .unwrap(),
+        Some(5),
+        "committed through the last message once both consumers stopped (sampled before: \
+         {committed:?})"
+    );
+    publisher.close().await.unwrap();
+    kafka_delete_topic(KAFKA, &topic).await;
+    kafka_delete_topic(KAFKA, &other).await;
+}
