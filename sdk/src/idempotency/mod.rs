@@ -336,32 +336,8 @@ struct Config {
     /// Paths whose requests pass through untouched, key or not (streaming methods).
     pass_through: Arc<std::collections::HashSet<String>>,
     stats: IdempotencyStats,
-    executions: Arc<Executions>,
-}
-
-/// The executions running on tasks of their own, so that a shutdown can wait for them.
-#[derive(Debug, Default)]
-struct Executions {
-    running: std::sync::atomic::AtomicUsize,
-    idle: tokio::sync::Notify,
-}
-
-/// Counts one running execution while it lives.
-struct Running(Arc<Executions>);
-
-impl Running {
-    fn start(executions: &Arc<Executions>) -> Self {
-        executions.running.fetch_add(1, Ordering::AcqRel);
-        Self(Arc::clone(executions))
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
+    /// The executions running on tasks of their own, so that a shutdown can wait for them.
+    executions: tokio_util::task::TaskTracker,
 }
 
 impl fmt::Debug for Config {
@@ -414,7 +390,7 @@ impl IdempotencyLayer {
                 max_execution: DEFAULT_MAX_EXECUTION,
                 pass_through: Arc::default(),
                 stats: IdempotencyStats::default(),
-                executions: Arc::default(),
+                executions: tokio_util::task::TaskTracker::new(),
             }),
         }
     }
@@ -507,16 +483,9 @@ impl IdempotencyLayer {
     /// waits for this after the servers stopped (the App does, within its shutdown timeout), so
     /// that the process does not end a handler half-way and leave its key to lapse.
     pub async fn executions_done(&self) {
-        let executions = &self.config.executions;
-        loop {
-            let idle = executions.idle.notified();
-            let mut idle = std::pin::pin!(idle);
-            idle.as_mut().enable();
-            if executions.running.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            idle.await;
-        }
+        // A closed tracker still takes new tasks; its wait ends whenever none runs.
+        self.config.executions.close();
+        self.config.executions.wait().await;
     }
 }
 
@@ -924,13 +893,17 @@ async fn complete(config: &Config, key: &str, lease: &Lease, stored: &StoredResp
 
 /// What is stored (and answered) for an execution whose outcome the layer cannot know: the
 /// handler panicked, the service failed, or the response body failed after its head.
-fn unknown_outcome(grpc: bool) -> (Outcome, StoredResponse) {
+/// Classified as 500 / `UNKNOWN` by the layer's classifier.
+fn unknown_outcome(config: &Config, grpc: bool) -> (Disposition, StoredResponse) {
     let outcome = if grpc {
         Outcome::Grpc(tonic::Code::Unknown)
     } else {
         Outcome::Http(StatusCode::INTERNAL_SERVER_ERROR)
     };
-    (outcome, Rejection::OutcomeUnknown.stored(grpc))
+    (
+        (config.classify)(outcome),
+        Rejection::OutcomeUnknown.stored(grpc),
+    )
 }
 
 /// Runs a claimed request to its end, answers `answer` and stores (or releases) its outcome: the
@@ -969,6 +942,12 @@ async fn execute<S, B, ResB>(
         std::panic::AssertUnwindSafe(run).catch_unwind(),
     );
     let (ran, held) = leased(run, store, &key, &lease, config.lease, held).await;
+    // A handler that did not finish (it panicked, or was stopped at the limit): the caller and
+    // repeats get the unknown outcome.
+    let stopped = || {
+        let (disposition, stored) = unknown_outcome(&config, grpc);
+        (Ok(respond(stored.clone())), disposition, stored)
+    };
     // What the caller gets, and what is kept for a repeat: per the classification, except that
     // an execution that ran to its end with a response too large to keep is never re-run.
     let (reply, disposition, stored) = match ran {
@@ -1019,23 +998,18 @@ async fn execute<S, B, ResB>(
         }
         Ok(Ok(Ok((parts, Err(error))))) => {
             tracing::warn!(%error, key, "response body failed; the outcome is unknown");
-            let (outcome, stored) = unknown_outcome(grpc);
+            let (disposition, stored) = unknown_outcome(&config, grpc);
             let reply = Ok(Response::from_parts(parts, IdempotencyBody::failed(error)));
-            (reply, (config.classify)(outcome), stored)
+            (reply, disposition, stored)
         }
         Ok(Ok(Err(error))) => {
             tracing::warn!(key, "the service failed; the outcome is unknown");
-            let (outcome, stored) = unknown_outcome(grpc);
-            (Err(error), (config.classify)(outcome), stored)
+            let (disposition, stored) = unknown_outcome(&config, grpc);
+            (Err(error), disposition, stored)
         }
         Ok(Err(_panic)) => {
             tracing::error!(key, "the handler panicked; the outcome is unknown");
-            let (outcome, stored) = unknown_outcome(grpc);
-            (
-                Ok(respond(stored.clone())),
-                (config.classify)(outcome),
-                stored,
-            )
+            stopped()
         }
         Err(_elapsed) => {
             tracing::error!(
@@ -1043,12 +1017,7 @@ async fn execute<S, B, ResB>(
                 limit = ?config.max_execution,
                 "the handler outlived the execution limit and was stopped; the outcome is unknown"
             );
-            let (outcome, stored) = unknown_outcome(grpc);
-            (
-                Ok(respond(stored.clone())),
-                (config.classify)(outcome),
-                stored,
-            )
+            stopped()
         }
     };
     // The caller has its answer before the outcome is stored: a store that is slow or failing
@@ -1160,13 +1129,11 @@ where
         request,
         tx,
     );
-    let running = Running::start(&config.executions);
-    drop(tokio::spawn(tracing::Instrument::in_current_span(
-        async move {
-            let _running = running;
-            execution.await;
-        },
-    )));
+    drop(
+        config
+            .executions
+            .spawn(tracing::Instrument::in_current_span(execution)),
+    );
     match rx.await {
         Ok(answer) => answer,
         // The task ended without answering: the runtime is shutting down, or the classifier or
