@@ -201,13 +201,9 @@ impl Supervisor {
             let unsatisfied = self.unsatisfied();
             tokio::select! {
                 s = state.changed() => match s {
-                    SessionState::Expired | SessionState::Closed | SessionState::AuthFailed => {
-                        tracing::warn!(session = %self.client.session_id(), state = %s, "zookeeper session ended; opening a new one");
-                        match self.renew(&mut commands, &mut backlog).await {
-                            Some(watcher) => state = watcher,
-                            None => return,
-                        }
-                    }
+                    // The check at the top of the loop renews it (the backlog is empty here:
+                    // only a renewal fills it, and the loop drained it before waiting).
+                    SessionState::Expired | SessionState::Closed | SessionState::AuthFailed => {}
                     SessionState::SyncConnected | SessionState::ConnectedReadOnly => {
                         self.ensure_all().await;
                     }
@@ -522,7 +518,7 @@ impl Supervisor {
                 instance,
                 reply,
             } => {
-                let record = Record {
+                let mut record = Record {
                     dialect,
                     instance,
                     registered_at_ms: now_ms(),
@@ -537,10 +533,7 @@ impl Supervisor {
                     let _ = reply.send(Err(Error::Duplicate { path }));
                     return;
                 }
-                let record = Record {
-                    waiting: Some(reply),
-                    ..record
-                };
+                record.waiting = Some(reply);
                 let root = record.dialect.root().to_owned();
                 let is_spring = matches!(record.dialect, Dialect::Spring(_));
                 self.records.insert(key, record);
