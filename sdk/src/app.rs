@@ -1092,12 +1092,10 @@ impl Running {
         instance
     }
 
-    /// Runs the readiness checks, then registers; `Ok(false)` when `interrupt` completed or
-    /// the shutdown handle was used first (nothing registered then).
     /// Runs the readiness checks; once they pass, starts the `consumers` (a message handled
     /// while, say, the database is still unready would fail its attempts and be dead-lettered),
-    /// registers the instance and reports ready. `Ok(false)`: stopped before ready (nothing
-    /// consumed).
+    /// registers the instance and reports ready. `Ok(false)` when `interrupt` completed or the
+    /// shutdown handle was used first (nothing consumed or registered then).
     async fn become_ready<F: Future<Output = ()>>(
         &mut self,
         checks: Vec<(String, Check)>,

@@ -32,8 +32,8 @@ use crate::server::Protocol;
 pub(crate) const UNKNOWN_GRPC: &str = "unknown";
 
 /// The `method` label of REST requests once
-/// [`MAX_METHODS`](keel_client::metrics::MAX_METHODS) REST series exist.
-const OVERFLOW_REST: &str = "_OTHER";
+/// [`MAX_METHODS`](keel_client::metrics::MAX_METHODS) REST series exist: the clients' own.
+const OVERFLOW_REST: &str = keel_client::metrics::OVERFLOW_METHOD;
 
 /// Upper bounds of the server duration histogram buckets, in seconds.
 pub(crate) const BUCKETS: [f64; 11] = keel_client::metrics::BUCKETS;

@@ -797,27 +797,25 @@ const STORE_RETRY: Duration = Duration::from_millis(200);
 
 /// Drives `future` while renewing `lease` every third of its length, and after a failed renewal
 /// every [`STORE_RETRY`] (so a short store outage does not cost the claim); the renewal runs
-/// beside the future, never holding it up. Returns the future's output and when the claim was
-/// last known to be held (`held` at first).
+/// beside the future, never holding it up.
 async fn leased<F: Future>(
     future: F,
     store: &dyn IdempotencyStore,
     key: &str,
     lease: &Lease,
     length: Duration,
-    mut held: tokio::time::Instant,
-) -> (F::Output, tokio::time::Instant) {
+) -> F::Output {
     let mut future = std::pin::pin!(future);
     let period = length / 3;
     let mut timer = Box::pin(tokio::time::sleep(period));
-    let mut renewal: Option<(StoreFuture<'_, bool>, tokio::time::Instant)> = None;
+    let mut renewal: Option<StoreFuture<'_, bool>> = None;
     let mut lost = false;
-    let output = std::future::poll_fn(|cx| {
+    std::future::poll_fn(|cx| {
         if let Poll::Ready(output) = future.as_mut().poll(cx) {
             return Poll::Ready(output);
         }
         loop {
-            if let Some((renew, sent)) = renewal.as_mut() {
+            if let Some(renew) = renewal.as_mut() {
                 // A renewal gets a period to answer (the timer runs meanwhile), then counts as
                 // failed and is tried again: one that hangs must not stop every later one.
                 let result = match renew.as_mut().poll(cx) {
@@ -828,10 +826,7 @@ async fn leased<F: Future>(
                     Poll::Pending => return Poll::Pending,
                 };
                 let next = match result {
-                    Ok(true) => {
-                        held = *sent;
-                        period
-                    }
+                    Ok(true) => period,
                     Ok(false) => {
                         lost = true;
                         tracing::warn!(key, "idempotency claim lost while the request ran");
@@ -850,12 +845,11 @@ async fn leased<F: Future>(
             }
             // Taken before the call: a store may renew eagerly, inside `renew` itself.
             let sent = tokio::time::Instant::now();
-            renewal = Some((store.renew(key, lease, length), sent));
+            renewal = Some(store.renew(key, lease, length));
             timer.as_mut().reset(sent + period);
         }
     })
-    .await;
-    (output, held)
+    .await
 }
 
 /// Stores `stored` as the outcome of the key's execution. A store failure is retried (every
@@ -912,13 +906,11 @@ fn unknown_outcome(config: &Config, grpc: bool) -> (Disposition, StoredResponse)
 /// frees its key while side effects may have happened. The run is bounded by the layer's
 /// [`max_execution`](IdempotencyLayer::max_execution); a handler that panics or outlives it
 /// counts as an unknown outcome.
-#[allow(clippy::too_many_arguments)]
 async fn execute<S, B, ResB>(
     mut inner: S,
     config: Arc<Config>,
     key: String,
     lease: Lease,
-    held: tokio::time::Instant,
     grpc: bool,
     request: Request<IdempotencyBody<B>>,
     answer: tokio::sync::oneshot::Sender<Result<Response<IdempotencyBody<ResB>>, S::Error>>,
@@ -941,7 +933,7 @@ async fn execute<S, B, ResB>(
         config.max_execution,
         std::panic::AssertUnwindSafe(run).catch_unwind(),
     );
-    let (ran, held) = leased(run, store, &key, &lease, config.lease, held).await;
+    let ran = leased(run, store, &key, &lease, config.lease).await;
     // A handler that did not finish (it panicked, or was stopped at the limit): the caller and
     // repeats get the unknown outcome.
     let stopped = || {
@@ -1028,7 +1020,7 @@ async fn execute<S, B, ResB>(
         Disposition::Release => release(store, &config.stats, &key, &lease).await,
         Disposition::Store => {
             let storing = complete(&config, &key, &lease, &stored);
-            let ((), _) = leased(storing, store, &key, &lease, config.lease, held).await;
+            leased(storing, store, &key, &lease, config.lease).await;
         }
     }
 }
@@ -1075,8 +1067,7 @@ where
     // Capped (100 years): `Duration::MAX` as "wait forever" must not overflow the clock.
     let deadline = keel_breaker::deadline::Deadline::after(config.wait_timeout).0;
     let mut step = FIRST_WAIT_STEP;
-    let (lease, held) = loop {
-        let asked = tokio::time::Instant::now();
+    let lease = loop {
         let claim = match store.claim(&key, fingerprint, config.lease).await {
             Ok(claim) => claim,
             Err(error) => {
@@ -1086,7 +1077,7 @@ where
             }
         };
         match claim {
-            Claim::Acquired(lease) => break (lease, asked),
+            Claim::Acquired(lease) => break lease,
             Claim::Completed {
                 fingerprint: stored,
                 ..
@@ -1119,16 +1110,7 @@ where
     // The execution owns the claim from here: spawned, it runs to its end even when this
     // request's future is dropped (see `execute`).
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let execution = execute(
-        inner,
-        Arc::clone(&config),
-        key,
-        lease,
-        held,
-        grpc,
-        request,
-        tx,
-    );
+    let execution = execute(inner, Arc::clone(&config), key, lease, grpc, request, tx);
     drop(
         config
             .executions
