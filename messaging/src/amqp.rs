@@ -721,7 +721,7 @@ pub(crate) async fn run<H: Handler>(
                 .map_err(|_| BoxError::from(format!("no connection within {CONNECT_TIMEOUT:?}")))
                 .and_then(|c| c.map_err(BoxError::from)),
         };
-        match connected {
+        let delay = match connected {
             Ok((connection, channel, dlq_channel)) => {
                 let started = tokio::time::Instant::now();
                 let settled_any = Arc::new(AtomicBool::new(false));
@@ -747,23 +747,20 @@ pub(crate) async fn run<H: Handler>(
                         let delay = backoff
                             .session_ended(started.elapsed(), settled_any.load(Ordering::Relaxed));
                         tracing::warn!(queue = %config.destination, ?delay, "RabbitMQ connection lost; reconnecting");
-                        tokio::select! {
-                            biased;
-                            () = shutdown.clone() => return Ok(()),
-                            () = tokio::time::sleep(delay) => {}
-                        }
+                        delay
                     }
                 }
             }
             Err(error) => {
                 let delay = backoff.failed();
                 tracing::warn!(%error, queue = %config.destination, ?delay, "RabbitMQ connect failed; retrying");
-                tokio::select! {
-                    biased;
-                    () = shutdown.clone() => return Ok(()),
-                    () = tokio::time::sleep(delay) => {}
-                }
+                delay
             }
+        };
+        tokio::select! {
+            biased;
+            () = shutdown.clone() => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
         }
     }
 }

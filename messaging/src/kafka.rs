@@ -671,14 +671,12 @@ impl ConsumerContext for Ctx {
 struct DeadLetters {
     /// Set once the dead-letter topic is known to exist (created on first use).
     ensured: Arc<tokio::sync::OnceCell<()>>,
-    bootstrap: String,
-    /// The consumer's options that apply to a producer / admin client.
-    options: Arc<[(String, String)]>,
+    /// Built with the consumer's options that apply to a producer / admin client, and its
+    /// replication factor for the topics it creates.
     publisher: KafkaPublisher,
     topic: String,
     group: String,
     backoff: RetryPolicy,
-    replication: i32,
 }
 
 impl DeadLetters {
@@ -691,16 +689,7 @@ impl DeadLetters {
         }
         let created = match self.publisher.topic_exists(&self.topic).await {
             Ok(true) => Ok(()),
-            Ok(false) => {
-                ensure_topic(
-                    &self.bootstrap,
-                    &self.options,
-                    &self.topic,
-                    1,
-                    self.replication,
-                )
-                .await
-            }
+            Ok(false) => self.publisher.declare(&self.topic, 1).await,
             Err(error) => Err(error),
         };
         match created {
@@ -929,18 +918,15 @@ pub(crate) async fn run<H: Handler>(
         broker: config.broker.clone(),
         confirm_timeout: Duration::from_secs(30),
         connection_name: config.connection_name.as_ref().map(|n| format!("{n}-dlq")),
-        kafka_options: dlq_options.clone(),
+        kafka_options: dlq_options,
         kafka_replication: config.kafka_replication,
     })?;
     let dead = DeadLetters {
         ensured: Arc::new(tokio::sync::OnceCell::new()),
-        bootstrap: bootstrap.clone(),
-        options: dlq_options.into(),
         publisher: dlq_publisher,
         topic: dlq_topic,
         group: config.group.clone(),
         backoff: config.retry,
-        replication: config.kafka_replication,
     };
 
     let shared = Arc::new(Shared {
