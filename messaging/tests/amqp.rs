@@ -690,11 +690,9 @@ async fn a_panicking_handler_dead_letters_its_message_and_the_lane_goes_on() {
 
     let handled = Seen::default();
     let (stop, run) = consume_with_defaults(&queue, common::panicking_on(1, &handled));
-    eventually("the other nine handled", WAIT, || async {
-        (handled.distinct() == 9).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {} handled", handled.distinct()));
+    handled
+        .wait_distinct("the other nine handled", 9, WAIT)
+        .await;
     assert_eq!(handled.missing(0..10), [1]);
     handled.assert_key_order();
     let letters = dead_letters(&queue, 1).await;
@@ -874,13 +872,8 @@ async fn a_refused_basic_consume_reconnects_with_backoff() {
         .await
         .unwrap();
     publish_all(&publisher, &queue, 1, 1, 1).await;
-    eventually(
-        "the message handled once the queue is free",
-        WAIT,
-        || async { (seen.distinct() == 1).then_some(()) },
-    )
-    .await
-    .unwrap();
+    seen.wait_distinct("the message handled once the queue is free", 1, WAIT)
+        .await;
     stop.cancel();
     run.await.unwrap().unwrap();
     publisher.close().await.unwrap();

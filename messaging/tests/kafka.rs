@@ -380,13 +380,9 @@ async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_the_partition_goes_
     let c = consumer(&topic, &group).build().unwrap();
     let dlq = c.dead_letter_destination();
     let run = tokio::spawn(c.run(handled.handler(), stop.clone().cancelled_owned()));
-    eventually(
-        "the record after the malformed one handled",
-        WAIT,
-        || async { (handled.distinct() == 1).then_some(()) },
-    )
-    .await
-    .unwrap();
+    handled
+        .wait_distinct("the record after the malformed one handled", 1, WAIT)
+        .await;
     assert_eq!(handled.missing(1..2), Vec::<u64>::new());
     assert_eq!(
         handled.handled(),
@@ -444,11 +440,9 @@ async fn a_panicking_handler_dead_letters_its_message_and_the_partition_goes_on(
         common::panicking_on(1, &handled),
         stop.clone().cancelled_owned(),
     ));
-    eventually("the other nine handled", WAIT, || async {
-        (handled.distinct() == 9).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {} handled", handled.distinct()));
+    handled
+        .wait_distinct("the other nine handled", 9, WAIT)
+        .await;
     assert_eq!(handled.missing(0..10), [1]);
     handled.assert_key_order();
 
@@ -648,11 +642,9 @@ async fn a_huge_handler_error_is_truncated_and_the_partition_goes_on() {
         .unwrap();
     let dlq = c.dead_letter_destination();
     let run = tokio::spawn(c.run(handler, stop.clone().cancelled_owned()));
-    eventually("the five after it handled", WAIT, || async {
-        (handled.distinct() == 5).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {} handled", handled.distinct()));
+    handled
+        .wait_distinct("the five after it handled", 5, WAIT)
+        .await;
     assert_eq!(handled.missing(1..6), Vec::<u64>::new());
 
     let reader = kafka_consumer(KAFKA, &unique("dlq-reader"), &dlq).unwrap();
@@ -745,21 +737,19 @@ async fn a_stuck_partition_does_not_stop_the_others() {
         .await
         .expect("partition 0's handler runs");
     produce_to_partition(&topic, 1, 10_000..10_005).await;
-    eventually(
-        "partition 1 handled while partition 0 is stuck",
-        Duration::from_secs(10),
-        || async { (handled.distinct() == 5).then_some(()) },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {} handled", handled.distinct()));
+    handled
+        .wait_distinct(
+            "partition 1 handled while partition 0 is stuck",
+            5,
+            Duration::from_secs(10),
+        )
+        .await;
     assert_eq!(handled.missing(10_000..10_005), Vec::<u64>::new());
 
     gate.add_permits(1);
-    eventually("partition 0 handled once it moves", WAIT, || async {
-        (handled.distinct() == 2005).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {} handled", handled.distinct()));
+    handled
+        .wait_distinct("partition 0 handled once it moves", 2005, WAIT)
+        .await;
     assert_eq!(handled.missing(0..2000), Vec::<u64>::new());
     assert_eq!(handled.handled(), 2005, "none handled twice");
     handled.assert_key_order();

@@ -58,6 +58,16 @@ impl Seen {
         all.len()
     }
 
+    /// Waits up to `within` until exactly `n` distinct seqs were handled (`what` names the wait
+    /// in the failure).
+    pub async fn wait_distinct(&self, what: &str, n: usize, within: Duration) {
+        keel_testkit::eventually(what, within, || async {
+            (self.distinct() == n).then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {} handled", self.distinct()));
+    }
+
     pub fn missing(&self, expected: impl Iterator<Item = u64>) -> Vec<u64> {
         let inner = self.inner.lock().unwrap();
         let all: std::collections::HashSet<u64> =
