@@ -943,40 +943,36 @@ async fn execute<S, B, ResB>(
     // What the caller gets, and what is kept for a repeat: per the classification, except that
     // an execution that ran to its end with a response too large to keep is never re-run.
     let (reply, disposition, stored) = match ran {
-        Ok(Ok(Ok((parts, Ok(collected)))))
-            if parts.headers.len() + collected.trailers().map_or(0, HeaderMap::len)
-                > MAX_STORED_HEADERS =>
-        {
-            tracing::warn!(key, "response has too many headers to keep for replay");
-            let stored = Rejection::ResponseTooLarge.stored(grpc);
-            let trailers = collected.trailers().cloned();
-            let reply = Ok(Response::from_parts(
-                parts,
-                IdempotencyBody::buffered(collected.to_bytes(), trailers),
-            ));
-            (reply, Disposition::Store, stored)
-        }
         Ok(Ok(Ok((parts, Ok(collected))))) => {
             let trailers = collected.trailers().cloned();
             let body = collected.to_bytes();
-            let outcome = outcome(grpc, parts.status, &parts.headers, trailers.as_ref());
-            let mut headers = HeaderMap::with_capacity(parts.headers.len());
-            for (name, value) in &parts.headers {
-                if !is_hop_by_hop(name) {
-                    headers.append(name.clone(), value.clone());
+            let (disposition, stored) = if parts.headers.len()
+                + trailers.as_ref().map_or(0, HeaderMap::len)
+                > MAX_STORED_HEADERS
+            {
+                tracing::warn!(key, "response has too many headers to keep for replay");
+                (Disposition::Store, Rejection::ResponseTooLarge.stored(grpc))
+            } else {
+                let outcome = outcome(grpc, parts.status, &parts.headers, trailers.as_ref());
+                let mut headers = HeaderMap::with_capacity(parts.headers.len());
+                for (name, value) in &parts.headers {
+                    if !is_hop_by_hop(name) {
+                        headers.append(name.clone(), value.clone());
+                    }
                 }
-            }
-            let stored = StoredResponse {
-                status: parts.status,
-                headers,
-                body: body.clone(),
-                trailers: trailers.clone(),
+                let stored = StoredResponse {
+                    status: parts.status,
+                    headers,
+                    body: body.clone(),
+                    trailers: trailers.clone(),
+                };
+                ((config.classify)(outcome), stored)
             };
             let reply = Ok(Response::from_parts(
                 parts,
                 IdempotencyBody::buffered(body, trailers),
             ));
-            (reply, (config.classify)(outcome), stored)
+            (reply, disposition, stored)
         }
         Ok(Ok(Ok((parts, Err(error))))) if error.downcast_ref::<LengthLimitError>().is_some() => {
             tracing::warn!(
