@@ -516,20 +516,27 @@ impl<'a, C> Candidates<'a, C> {
                     &self.snap.endpoints[pool.member(a)],
                     &self.snap.endpoints[pool.member(b)],
                 );
-                let now = if set.config.warm_up.is_zero() {
+                let (skip_a, skip_b) = (
+                    ea.skip_until_ns.load(Ordering::Relaxed),
+                    eb.skip_until_ns.load(Ordering::Relaxed),
+                );
+                // The clock is read only when a candidate is warming up or was refused.
+                let now = if set.config.warm_up.is_zero() && skip_a == 0 && skip_b == 0 {
                     0
                 } else {
                     set.now_ns()
                 };
-                // An endpoint that refused a call recently (ejected) loses every comparison.
-                let cost = |e: &EndpointState<C>| {
-                    if e.skip_until_ns.load(Ordering::Relaxed) != 0 {
+                // An endpoint that refused a call recently (ejected) loses every comparison until
+                // its recheck time; then it competes again, so its breaker sees the calls that
+                // probe it half-open and readmit it.
+                let cost = |e: &EndpointState<C>, skip: u64| {
+                    if skip != 0 && now < skip {
                         f64::INFINITY
                     } else {
                         e.load.cost() / set.warm_factor(e, now)
                     }
                 };
-                let (ca, cb) = (cost(ea), cost(eb));
+                let (ca, cb) = (cost(ea, skip_a), cost(eb, skip_b));
                 let pick = if (ca <= cb && ea.uid != self.avoid) || eb.uid == self.avoid {
                     a
                 } else {
@@ -751,6 +758,23 @@ mod tests {
         s.publish(vec![a.clone(), b.clone()]);
         assert_eq!(shares(&s, 100).get("b"), Some(&100));
         assert_eq!(first_pick(&s, None, b.uid), "a", "a retry goes elsewhere");
+    }
+
+    /// An endpoint skipped after a refusal loses every p2c comparison only until its recheck
+    /// time: then it is picked again, so its breaker can be probed half-open and readmit it.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_endpoint_competes_again_after_its_recheck() {
+        let s = set(Balance::P2c, Duration::ZERO);
+        let (a, b) = (add(&s, "a", None), add(&s, "b", None));
+        s.publish(vec![a.clone(), b.clone()]);
+        a.skip_until_ns.store(
+            s.now_ns() + crate::lb::RECHECK.as_nanos() as u64,
+            Ordering::Relaxed,
+        );
+        assert_eq!(shares(&s, 200).get("a"), None, "skipped until its recheck");
+        tokio::time::advance(crate::lb::RECHECK + Duration::from_millis(1)).await;
+        let later = shares(&s, 1000);
+        assert!(later.get("a").copied().unwrap_or(0) > 300, "{later:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -23,7 +23,7 @@ use crate::balance::{EndpointState, HashKey, Set, Snapshot};
 use crate::error::Error;
 
 /// How long an endpoint whose breaker refused a call is skipped before it is asked again.
-const RECHECK: Duration = Duration::from_millis(20);
+pub(crate) const RECHECK: Duration = Duration::from_millis(20);
 
 /// Counts a call in flight on an endpoint until dropped.
 pub(crate) struct LoadGuard<C>(Arc<EndpointState<C>>);

@@ -181,10 +181,21 @@ async fn a_graceful_restart_under_load_fails_no_plain_call() {
 /// retries elsewhere) and, once healthy, readmitted after half-open probes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_provider_is_ejected_then_readmitted() {
+    ejected_then_readmitted(Balance::RoundRobin).await;
+}
+
+/// The same with the default balancer (p2c): an ejected endpoint must compete again once its
+/// breaker may let a probe through, though the other providers stay healthy meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_provider_is_ejected_then_readmitted_by_p2c() {
+    ejected_then_readmitted(Balance::P2c).await;
+}
+
+async fn ejected_then_readmitted(balance: Balance) {
     let (ps, faults) = providers(3).await;
     faults[0].fail_every(2, tonic::Code::Unavailable);
     let channel = GrpcChannel::builder("echo")
-        .balance(Balance::RoundRobin)
+        .balance(balance)
         .breaker(quick_breaker(Duration::from_millis(800)))
         .endpoints(ps.iter().map(|p| format!("http://{}", p.addr())))
         .unwrap();
@@ -244,7 +255,7 @@ async fn failing_provider_is_ejected_then_readmitted() {
     .await
     .unwrap();
     let before = faults[0].calls();
-    for _ in 0..9 {
+    for _ in 0..30 {
         echo(&mut client, request("w")).await.unwrap();
     }
     assert!(
