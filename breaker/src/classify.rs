@@ -7,7 +7,7 @@
 //! |---|---|---|---|
 //! | [`FailureClass::NotSent`] | the request never left | connect refused, no endpoint | always |
 //! | [`FailureClass::Rejected`] | the server says it did not execute it | HTTP 429, HTTP 503 with `Retry-After`, gRPC `UNAVAILABLE`, `RESOURCE_EXHAUSTED` | always |
-//! | [`FailureClass::Unknown`] | it may have executed | timeout or reset after the request was written, HTTP 500, HTTP 503 without `Retry-After`, gRPC `INTERNAL` | only if idempotent or keyed |
+//! | [`FailureClass::Unknown`] | it may have executed | timeout or reset after the request was written, HTTP 500, HTTP 503 without `Retry-After`, gRPC `INTERNAL`, `CANCELLED` | only if idempotent or keyed |
 //!
 //! An HTTP 503 alone does not say the request was not executed: a gateway (Envoy, nginx)
 //! answers 503 when its upstream connection breaks after it forwarded the request. A server
@@ -191,15 +191,21 @@ fn classify_http_status_with(status: http::StatusCode, headers: &http::HeaderMap
 }
 
 /// gRPC codes: `UNAVAILABLE` and `RESOURCE_EXHAUSTED` are REJECTED; `DEADLINE_EXCEEDED`,
-/// `INTERNAL`, `UNKNOWN`, `DATA_LOSS` are UNKNOWN failures; `CANCELLED` is ignored; every other
-/// code is a success of the endpoint.
+/// `CANCELLED`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS` are UNKNOWN failures; every other code is a
+/// success of the endpoint.
+///
+/// A `CANCELLED` that reaches a classifier came from the server: it is what a tonic server
+/// answers when its own request timeout (or the caller's `grpc-timeout`) ends a handler, so a
+/// provider whose handlers hang answers it to every call, and it may have executed. (A caller
+/// that gives up drops its call, which the breaker does not count.)
 pub fn classify_grpc_code(code: Code) -> Outcome {
     match code {
         Code::Unavailable | Code::ResourceExhausted => Outcome::Failure(FailureClass::Rejected),
-        Code::DeadlineExceeded | Code::Internal | Code::Unknown | Code::DataLoss => {
-            Outcome::Failure(FailureClass::Unknown)
-        }
-        Code::Cancelled => Outcome::Ignored,
+        Code::DeadlineExceeded
+        | Code::Cancelled
+        | Code::Internal
+        | Code::Unknown
+        | Code::DataLoss => Outcome::Failure(FailureClass::Unknown),
         _ => Outcome::Success,
     }
 }
@@ -303,6 +309,7 @@ mod tests {
         for code in [
             Code::Unavailable,
             Code::DeadlineExceeded,
+            Code::Cancelled,
             Code::ResourceExhausted,
             Code::Internal,
             Code::Unknown,

@@ -264,6 +264,40 @@ async fn ejected_then_readmitted(balance: Balance) {
     );
 }
 
+/// A provider answering `CANCELLED` (what a tonic server answers when its own request timeout
+/// ends a handler: a provider whose handlers hang) is failing, and is ejected like any other;
+/// the outcome is unknown, so a plain call that got it is not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_answering_cancelled_is_ejected() {
+    let (ps, faults) = providers(2).await;
+    faults[0].fail_every(1, tonic::Code::Cancelled);
+    let channel = GrpcChannel::builder("echo")
+        .balance(Balance::RoundRobin)
+        .breaker(quick_breaker(Duration::from_secs(60)))
+        .retry_budget(ample_budget())
+        .endpoints(ps.iter().map(|p| format!("http://{}", p.addr())))
+        .unwrap();
+    let bad = format!("http://{}", ps[0].addr());
+    let mut client = EchoClient::new(channel.clone());
+    let mut cancelled = 0;
+    for _ in 0..20 {
+        if let Err(status) = echo(&mut client, request("x")).await {
+            assert_eq!(status.code(), tonic::Code::Cancelled, "{status:?}");
+            cancelled += 1;
+        }
+    }
+    assert_eq!(
+        state_of(&channel, &bad).map(|s| s.0),
+        Some(State::Open),
+        "the cancelling provider is ejected"
+    );
+    assert_eq!(
+        faults[0].calls(),
+        cancelled,
+        "each call it cancelled reached the caller, none was sent again"
+    );
+}
+
 /// Consistent hash: a key sticks to one provider; when a provider leaves, only its keys move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_hash_is_sticky_and_moves_minimally() {
