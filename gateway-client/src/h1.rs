@@ -11,8 +11,8 @@
 //! An idle connection the server has closed is skipped; a request that found its connection
 //! closed before anything was written is sent on another one (it was [`NotSent`]). A failed dial
 //! is `NotSent` as well, so the retry layer may try another endpoint and the endpoint's breaker
-//! counts it. Connections left idle longer than the pool's idle timeout are not reused, and at
-//! most its `max_idle` are kept ([`PoolConfig`]; `RestBuilder::pool_idle_timeout`,
+//! counts it. Connections left idle longer than the pool's idle timeout are not reused (they are
+//! closed by the next call that takes a connection), and at most its `max_idle` are kept ([`PoolConfig`]; `RestBuilder::pool_idle_timeout`,
 //! `RestBuilder::pool_max_idle`). When the endpoint leaves discovery the pool is retired: idle
 //! connections close at once, busy ones when their call completes, and nothing is dialled again.
 
@@ -135,14 +135,21 @@ where
     }
 
     /// The most recently used idle connection that is still open and not too old; an error
-    /// once the pool is retired.
+    /// once the pool is retired. Connections idle for the idle timeout are closed here, the
+    /// least recently used included: a pool in use at a lower concurrency than an earlier burst
+    /// does not keep the burst's connections open on the server for ever.
     fn checkout(&self) -> Result<Option<SendRequest<B>>, BoxError> {
         let mut idle = self.0.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(idle) = idle.as_mut() else {
             return Err(not_sent(format!("{} left discovery", self.0.target)));
         };
+        let now = Instant::now();
+        let timeout = self.0.config.idle_timeout;
+        // Oldest first (each was pushed when it went idle): the expired ones are a prefix.
+        let expired = idle.partition_point(|c| now.saturating_duration_since(c.since) >= timeout);
+        idle.drain(..expired);
         while let Some(conn) = idle.pop() {
-            if !conn.sender.is_closed() && conn.since.elapsed() < self.0.config.idle_timeout {
+            if !conn.sender.is_closed() {
                 return Ok(Some(conn.sender));
             }
         }

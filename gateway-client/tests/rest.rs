@@ -577,6 +577,48 @@ async fn pool_settings_bound_idle_connections() {
     assert_eq!(accepted.load(Ordering::SeqCst), 5, "never reused");
 }
 
+/// Idle connections past the pool's idle timeout are closed while the pool stays in use, not
+/// only passed over: after a burst of four calls, steady sequential calls keep one connection
+/// busy and the burst's other three are closed once they have been idle for the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_past_their_timeout_are_closed() {
+    let p = RestProvider::start("r-0").await;
+    let (proxy, _accepted, open) = common::tracking_proxy(p.addr).await;
+    let client = RestClient::builder("echo-rest")
+        .pool_idle_timeout(Duration::from_millis(300))
+        .endpoints([format!("http://{proxy}")])
+        .unwrap();
+    let held: Vec<_> = (0..4)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.get::<Value>("/held").await })
+        })
+        .collect();
+    eventually(
+        "four calls held in the server",
+        Duration::from_secs(10),
+        || async { (p.faults.held.load(Ordering::SeqCst) == 4).then_some(()) },
+    )
+    .await
+    .unwrap();
+    p.faults.release(4);
+    for call in held {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(open.load(Ordering::SeqCst), 4, "the burst's connections");
+    // One call every 20 ms (the wait between attempts) reuses the most recent connection.
+    eventually(
+        "the burst's idle connections closed",
+        Duration::from_secs(10),
+        || async {
+            let _: Value = client.get("/steady").await.unwrap();
+            (open.load(Ordering::SeqCst) == 1).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}
+
 /// A server that closes every connection after its response (`Connection: close`): the closed
 /// connection is never reused, and non-idempotent calls, which must not be replayed, all succeed
 /// on a new connection each.
