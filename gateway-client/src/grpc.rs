@@ -231,9 +231,18 @@ impl GrpcBuilder {
     /// powered off, a network partition): the calls in flight on it fail (counting against it,
     /// as an `UNKNOWN` outcome) instead of waiting for TCP to give up, some fifteen minutes on
     /// Linux, and the connection is dialled afresh. Mind the provider's limit on PINGs (see
-    /// [`KeepAlive::default`]) before shortening the interval.
+    /// [`KeepAlive::default`]) before shortening the interval. Durations are capped at
+    /// [`MAX_TIMEOUT`](keel_breaker::deadline::MAX_TIMEOUT) (a century), so `Duration::MAX`
+    /// means "never".
     pub fn keep_alive(mut self, keep_alive: Option<KeepAlive>) -> Self {
-        self.keep_alive = keep_alive.filter(|k| !k.interval.is_zero());
+        // hyper adds both to the current time unchecked (a panic in the connection's task).
+        let cap = keel_breaker::deadline::MAX_TIMEOUT;
+        self.keep_alive = keep_alive
+            .filter(|k| !k.interval.is_zero())
+            .map(|k| KeepAlive {
+                interval: k.interval.min(cap),
+                timeout: k.timeout.min(cap),
+            });
         self
     }
 

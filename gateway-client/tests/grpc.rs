@@ -696,6 +696,37 @@ async fn keep_alive_ends_calls_to_a_silent_provider() {
     server.abort();
 }
 
+/// "Never" said as `Duration::MAX`, for the keep-alive interval or timeout, works: hyper adds
+/// them to the current time unchecked, which panicked in the connection's task and failed every
+/// call on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_of_duration_max_does_not_break_connections() {
+    use keel_client::KeepAlive;
+    let (ps, _faults) = providers(1).await;
+    for keep_alive in [
+        KeepAlive {
+            interval: Duration::MAX,
+            timeout: Duration::from_secs(20),
+        },
+        KeepAlive {
+            interval: Duration::from_secs(300),
+            timeout: Duration::MAX,
+        },
+    ] {
+        let channel = GrpcChannel::builder("echo")
+            .max_attempts(1)
+            .keep_alive(Some(keep_alive))
+            .endpoints([format!("http://{}", ps[0].addr())])
+            .unwrap();
+        let mut client = EchoClient::new(channel);
+        for _ in 0..3 {
+            echo(&mut client, request("x"))
+                .await
+                .unwrap_or_else(|s| panic!("{keep_alive:?}: {s:?}"));
+        }
+    }
+}
+
 /// A provider whose connection breaks after it received the whole request (it may have
 /// executed it): the caller gets `UNKNOWN`, never `UNAVAILABLE` — a service that hands that
 /// status back to its own caller would otherwise make that caller's Keel client replay a call
