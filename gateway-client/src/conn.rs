@@ -15,6 +15,10 @@
 //! endpoint leaves discovery the connection is retired: it is never dialled again, and it closes
 //! once its last in-flight call completes — even while a client clone that has been idle since
 //! still holds the old endpoint list.
+//!
+//! A call waiting for its connection (its own dial, or another call's) has sent nothing: when
+//! its deadline passes, or the endpoint is retired, meanwhile, it fails [`NotSent`] at once
+//! ([`before_send`]) rather than as a deadline that passed in flight, an unknown outcome.
 
 use std::fmt;
 use std::future::Future;
@@ -161,6 +165,67 @@ pub(crate) async fn dial_within<T>(
     }
 }
 
+/// Set once an endpoint has left discovery; calls waiting for a connection to it are woken.
+#[derive(Default)]
+pub(crate) struct Retired {
+    flag: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Retired {
+    /// Marks the endpoint retired and wakes every call waiting in [`before_send`].
+    pub(crate) fn set(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    pub(crate) fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// Returns once the endpoint is retired.
+    async fn wait(&self) {
+        let notified = self.notify.notified();
+        let mut notified = std::pin::pin!(notified);
+        // Registered before the flag is read: a `set` in between still wakes it.
+        notified.as_mut().enable();
+        if self.is_set() {
+            return;
+        }
+        notified.await;
+    }
+}
+
+/// `wait` — a call waiting for a connection to `target`, before anything of its request was
+/// written — given up when the call's `deadline` passes or the endpoint is `retired` first.
+/// Either way the call fails [`NotSent`]: safe to send elsewhere even when not idempotent, and
+/// counted against the endpoint (a dial that outlasts every caller's deadline still ejects it).
+/// Left to the deadline layer, the same wait would end as a deadline that passed in flight: an
+/// unknown outcome, which a caller moving money must treat as possibly executed.
+pub(crate) async fn before_send<T>(
+    deadline: Option<tokio::time::Instant>,
+    retired: &Retired,
+    target: &Uri,
+    wait: impl Future<Output = Result<T, BoxError>>,
+) -> Result<T, BoxError> {
+    let expired = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        done = wait => done,
+        () = retired.wait() => Err(unavailable(format!(
+            "{target} left discovery before the request was sent"
+        ))),
+        () = expired => Err(Box::new(NotSent::new(
+            keel_breaker::deadline::DeadlineExceeded::before_send(),
+        ))),
+    }
+}
+
 /// Spawns hyper's task for one connection to `target`, logging how it ended (`protocol` names
 /// it in the log).
 pub(crate) fn drive<F>(target: &Uri, protocol: &'static str, connection: F)
@@ -296,7 +361,7 @@ struct Inner {
     /// Dials that failed so far, and the last one's error.
     failures: Mutex<(u64, String)>,
     /// Set when the endpoint left discovery: no more dials.
-    retired: AtomicBool,
+    retired: Retired,
 }
 
 impl fmt::Debug for GrpcConn {
@@ -330,7 +395,7 @@ impl GrpcConn {
             open: Mutex::new(None),
             dialling: tokio::sync::Mutex::new(()),
             failures: Mutex::new((0, String::new())),
-            retired: AtomicBool::new(false),
+            retired: Retired::default(),
         })))
     }
 
@@ -358,14 +423,14 @@ impl GrpcConn {
             // The dial this call waited for failed: fail with it rather than dial again.
             return Err(unavailable(error));
         }
-        if self.0.retired.load(Ordering::Acquire) {
+        if self.0.retired.is_set() {
             return Err(unavailable(format!("{} left discovery", self.0.target)));
         }
         match dial_within(&self.0.target, self.0.connect_timeout, self.dial()).await {
             Ok(sender) => {
                 let mut open = self.0.open.lock().unwrap_or_else(PoisonError::into_inner);
                 // Retired meanwhile: this call uses the connection, nobody keeps it.
-                if !self.0.retired.load(Ordering::Acquire) {
+                if !self.0.retired.is_set() {
                     *open = Some(sender.clone());
                 }
                 Ok((sender, true))
@@ -445,7 +510,7 @@ impl Retire for GrpcConn {
     /// calls in flight on it are done, and dial no more.
     fn retire(&self) {
         let mut open = self.0.open.lock().unwrap_or_else(PoisonError::into_inner);
-        self.0.retired.store(true, Ordering::Release);
+        self.0.retired.set();
         open.take();
     }
 }
@@ -567,7 +632,13 @@ impl Service<http::Request<Wire>> for GrpcConn {
             None => {
                 let conn = self.clone();
                 Box::pin(async move {
-                    let (sender, dialled) = conn.sender().await?;
+                    let (sender, dialled) = before_send(
+                        req.body().call_deadline(),
+                        &conn.0.retired,
+                        &conn.0.target,
+                        conn.sender(),
+                    )
+                    .await?;
                     restamp_after_wait(&mut req)?;
                     if dialled {
                         index_propagated_names(req.headers_mut());

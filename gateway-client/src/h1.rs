@@ -36,7 +36,8 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::conn::{
-    CallDeadline, Https, Origin, connect_io, dial_within, drive, origin, restamp_after_wait,
+    CallDeadline, Https, Origin, Retired, before_send, connect_io, dial_within, drive, origin,
+    restamp_after_wait,
 };
 use crate::discovery::Retire;
 
@@ -80,6 +81,8 @@ struct Pool<B> {
     config: PoolConfig,
     /// Idle connections, the most recently used last; `None` once retired.
     idle: Mutex<Option<Vec<Idle<B>>>>,
+    /// Set when the endpoint left discovery (wakes the calls still dialling it).
+    retired: Retired,
 }
 
 struct Idle<B> {
@@ -131,6 +134,7 @@ where
             connect_timeout,
             config,
             idle: Mutex::new(Some(Vec::new())),
+            retired: Retired::default(),
         })))
     }
 
@@ -198,7 +202,12 @@ where
                 // Boxed: the dial's future (TLS and handshake, kilobytes) would otherwise be part
                 // of every call's, which is boxed and moved.
                 None => {
-                    let sender = Box::pin(self.dial()).await?;
+                    // Given up (not sent) when the call's deadline passes or the endpoint
+                    // leaves discovery first.
+                    let deadline = req.body().call_deadline();
+                    let dial = Box::pin(self.dial());
+                    let sender =
+                        before_send(deadline, &self.0.retired, &self.0.target, dial).await?;
                     restamp_after_wait(&mut req)?;
                     (sender, false)
                 }
@@ -243,6 +252,7 @@ impl<B> Retire for RestConn<B> {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         drop(idle);
+        self.0.retired.set();
     }
 }
 

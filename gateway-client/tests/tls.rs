@@ -108,6 +108,112 @@ async fn time_spent_dialling_is_taken_off_the_propagated_deadline() {
     proxying.abort();
 }
 
+/// A provider whose TLS handshake never completes (it accepts, then hangs): a call whose
+/// deadline passes while it waits for its connection sent nothing, and says so. gRPC answers
+/// `UNAVAILABLE` (not executed: safe to send again even when not idempotent), not the
+/// `DEADLINE_EXCEEDED` of a call that was in flight (an unknown outcome); REST answers 502, not
+/// 504. Both still say the deadline passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_passing_while_connecting_fails_not_sent() {
+    let (ca, _, _) = test_pki();
+    let (addr, server) = keel_testkit::silent_server().await.unwrap();
+    let url = format!("https://{addr}");
+    let channel = GrpcChannel::builder("stuck")
+        .max_attempts(1)
+        .timeout(Duration::from_millis(300))
+        .connect_timeout(Duration::from_secs(30))
+        .tls(TlsConfig::with_ca_pem(ca.as_bytes()))
+        .endpoints([url.clone()])
+        .unwrap();
+    let status = echo(channel).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let error = keel_client::Error::from_status(&status).unwrap();
+    assert!(error.is_deadline_exceeded(), "{error:?}");
+
+    let client = RestClient::builder("stuck")
+        .max_attempts(1)
+        .timeout(Duration::from_millis(300))
+        .connect_timeout(Duration::from_secs(30))
+        .tls(TlsConfig::with_ca_pem(ca.as_bytes()))
+        .endpoints([url])
+        .unwrap();
+    let error = client.get::<Value>("/accounts/1").await.unwrap_err();
+    assert!(error.is_deadline_exceeded(), "{error:?}");
+    assert_eq!(
+        error.http_status(),
+        http::StatusCode::BAD_GATEWAY,
+        "{error:?}"
+    );
+    server.abort();
+}
+
+/// A call waiting for a connection to an instance that then leaves discovery fails at once (not
+/// sent), rather than waiting for the dial to time out: no call waits on a removed instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_dialling_a_removed_instance_fails_at_once() {
+    let (ca, _, _) = test_pki();
+    let (silent, server) = keel_testkit::silent_server().await.unwrap();
+    let (proxy, accepted, _open) = common::tracking_proxy(silent).await;
+    let registry = keel_registry::StaticRegistry::new();
+    let reg = registry
+        .register(instance("stuck", "s-1", proxy).with_tls(true))
+        .await
+        .unwrap();
+    let channel = GrpcChannel::builder("stuck")
+        .max_attempts(1)
+        .connect_timeout(Duration::from_secs(30))
+        .tls(TlsConfig::with_ca_pem(ca.as_bytes()))
+        .connect(&registry, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let call = tokio::spawn(echo(channel));
+    keel_testkit::eventually("the call is dialling", Duration::from_secs(10), || async {
+        (accepted.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    reg.deregister().await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the call ends when its instance leaves, not after the 30 s dial")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+
+    // REST likewise.
+    let reg = registry
+        .register(instance("stuck-rest", "s-2", proxy).with_tls(true))
+        .await
+        .unwrap();
+    let client = RestClient::builder("stuck-rest")
+        .max_attempts(1)
+        .connect_timeout(Duration::from_secs(30))
+        .tls(TlsConfig::with_ca_pem(ca.as_bytes()))
+        .connect(&registry, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let call = tokio::spawn(async move { client.get::<Value>("/accounts/1").await });
+    keel_testkit::eventually(
+        "the REST call is dialling",
+        Duration::from_secs(10),
+        || async { (accepted.load(std::sync::atomic::Ordering::SeqCst) == 2).then_some(()) },
+    )
+    .await
+    .unwrap();
+    reg.deregister().await.unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the REST call ends when its instance leaves")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        error.http_status(),
+        http::StatusCode::BAD_GATEWAY,
+        "{error:?}"
+    );
+    server.abort();
+}
+
 /// A proxy to `target` that holds each new connection `hold` before passing its bytes on.
 async fn slow_proxy(
     target: std::net::SocketAddr,

@@ -7,7 +7,9 @@ pub struct DeadlineExceeded {
 }
 
 impl DeadlineExceeded {
-    pub(crate) fn before_send() -> Self {
+    /// The deadline passed before the request was sent (say, while a transport waited for a
+    /// connection): nothing of it can have executed.
+    pub fn before_send() -> Self {
         Self { sent: false }
     }
 
