@@ -517,18 +517,13 @@ async fn connections_are_kept_alive_and_reused() {
     );
 }
 
-/// The pool's settings: with `pool_max_idle(2)`, four calls held in the server at once open four
-/// connections, and when they end two stay idle and two are closed; later calls reuse the two.
-/// With `pool_idle_timeout(0)` an idle connection is never reused: a connection per call.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pool_settings_bound_idle_connections() {
-    let p = RestProvider::start("r-0").await;
-    let (proxy, accepted, open) = common::tracking_proxy(p.addr).await;
-    let client = RestClient::builder("echo-rest")
-        .pool_max_idle(2)
-        .endpoints([format!("http://{proxy}")])
-        .unwrap();
-    let held: Vec<_> = (0..4)
+/// Four calls to `/held`, which `p` holds: returns once it holds all four (each on a connection
+/// of its own), with the calls to await after `p.faults.release(4)`.
+async fn four_held_calls(
+    client: &RestClient,
+    p: &RestProvider,
+) -> Vec<tokio::task::JoinHandle<Result<Value, keel_client::Error>>> {
+    let held = (0..4)
         .map(|_| {
             let client = client.clone();
             tokio::spawn(async move { client.get::<Value>("/held").await })
@@ -541,6 +536,21 @@ async fn pool_settings_bound_idle_connections() {
     )
     .await
     .unwrap();
+    held
+}
+
+/// The pool's settings: with `pool_max_idle(2)`, four calls held in the server at once open four
+/// connections, and when they end two stay idle and two are closed; later calls reuse the two.
+/// With `pool_idle_timeout(0)` an idle connection is never reused: a connection per call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_settings_bound_idle_connections() {
+    let p = RestProvider::start("r-0").await;
+    let (proxy, accepted, open) = common::tracking_proxy(p.addr).await;
+    let client = RestClient::builder("echo-rest")
+        .pool_max_idle(2)
+        .endpoints([format!("http://{proxy}")])
+        .unwrap();
+    let held = four_held_calls(&client, &p).await;
     assert_eq!(
         accepted.load(Ordering::SeqCst),
         4,
@@ -588,19 +598,7 @@ async fn idle_connections_past_their_timeout_are_closed() {
         .pool_idle_timeout(Duration::from_millis(300))
         .endpoints([format!("http://{proxy}")])
         .unwrap();
-    let held: Vec<_> = (0..4)
-        .map(|_| {
-            let client = client.clone();
-            tokio::spawn(async move { client.get::<Value>("/held").await })
-        })
-        .collect();
-    eventually(
-        "four calls held in the server",
-        Duration::from_secs(10),
-        || async { (p.faults.held.load(Ordering::SeqCst) == 4).then_some(()) },
-    )
-    .await
-    .unwrap();
+    let held = four_held_calls(&client, &p).await;
     p.faults.release(4);
     for call in held {
         call.await.unwrap().unwrap();
