@@ -204,8 +204,26 @@ pub(crate) async fn wait_ready<C>(set: &Set<C>, timeout: Duration) -> Result<(),
         .map_err(|_| Error::from_box(Error::no_endpoints()))
 }
 
-/// Parses `http://host:port` / `https://host:port` into an instance (id = the URL).
-pub(crate) fn instance_from_url(service: &str, url: &str) -> Result<ServiceInstance, Error> {
+/// Whether a fixed URL may carry a path (a REST base URL's prefix) or must be an origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UrlPath {
+    /// `scheme://host[:port][/]` only.
+    Origin,
+    /// A path is allowed (it becomes the prefix of every request path).
+    Prefix,
+}
+
+/// Parses `http://host:port` / `https://host:port` into an instance (id = the URL). What the
+/// client would not send is refused rather than dropped: a query, credentials in the URL
+/// (`user:password@`; send them as a default header), and a path where only an origin is
+/// taken — a gateway routing by path would otherwise get every request at the wrong route. An
+/// `https` URL needs the client's TLS configuration (`has_tls`), which says what CA to trust.
+pub(crate) fn instance_from_url(
+    service: &str,
+    url: &str,
+    path: UrlPath,
+    has_tls: bool,
+) -> Result<ServiceInstance, Error> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| Error::config(format!("invalid URL {url:?}: {e}")))?;
@@ -217,6 +235,28 @@ pub(crate) fn instance_from_url(service: &str, url: &str) -> Result<ServiceInsta
     let host = uri
         .host()
         .ok_or_else(|| Error::config(format!("URL {url:?} has no host")))?;
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(Error::config(format!(
+            "URL {url:?} carries credentials; send them as a default header"
+        )));
+    }
+    if uri.query().is_some() {
+        return Err(Error::config(format!(
+            "URL {url:?} has a query, which would not be sent"
+        )));
+    }
+    if path == UrlPath::Origin && !matches!(uri.path(), "" | "/") {
+        return Err(Error::config(format!(
+            "URL {url:?} has a path, which would not be sent (only scheme, host and port are \
+             taken here; a REST client takes a path prefix through base_url)"
+        )));
+    }
+    if tls && !has_tls {
+        return Err(Error::config(format!(
+            "URL {url:?} is https but the client has no TLS configuration (tls) saying which CA \
+             to trust"
+        )));
+    }
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     Ok(ServiceInstance::new(service, url, Endpoint::new(host, port)).with_tls(tls))
@@ -308,7 +348,10 @@ impl GrpcBuilder {
     /// connection (and spawns the connection's task on the caller's tokio runtime).
     ///
     /// # Errors
-    /// [`Error::is_config`] for a malformed URL, breaker or TLS configuration.
+    /// [`Error::is_config`] for a malformed URL, breaker or TLS configuration; for a URL with a
+    /// path, a query or credentials (`user:password@`), none of which would be sent; and for
+    /// an `https` URL without a [`tls`](Self::tls) configuration (Keel trusts no CA by
+    /// default).
     pub fn endpoints<I, S>(self, urls: I) -> Result<GrpcChannel, Error>
     where
         I: IntoIterator<Item = S>,
@@ -316,9 +359,10 @@ impl GrpcBuilder {
     {
         self.options.validate()?;
         let service = self.options.service.clone();
+        let has_tls = self.options.tls.is_some();
         let instances = urls
             .into_iter()
-            .map(|u| instance_from_url(&service, u.as_ref()))
+            .map(|u| instance_from_url(&service, u.as_ref(), UrlPath::Origin, has_tls))
             .collect::<Result<Vec<_>, _>>()?;
         let (channel, mut members) = self.finish(None)?;
         members.apply(keel_registry::Change::Reset(instances));

@@ -27,7 +27,7 @@ use crate::builder::common_builder_methods;
 use crate::conn::{Alpn, https_connector};
 use crate::discovery::{Connect, Discovery, Factory, Members};
 use crate::error::Error;
-use crate::grpc::{EndpointInfo, endpoint_info, instance_from_url, wait_ready};
+use crate::grpc::{EndpointInfo, UrlPath, endpoint_info, instance_from_url, wait_ready};
 use crate::h1::{PoolConfig, RestConn};
 use crate::lb::Balancer;
 use crate::metrics::{ClientMetrics, MethodMetrics};
@@ -130,7 +130,14 @@ impl RestBuilder {
         let connect_timeout = self.options.connect_timeout;
         let pool = self.pool;
         let prefix: Arc<str> = Arc::from(prefix.trim_end_matches('/'));
+        let has_tls = self.options.tls.is_some();
         Ok(Arc::new(move |instance: &ServiceInstance| {
+            if instance.tls && !has_tls {
+                // Skipped (with a warning) like gRPC's: every dial would fail its handshake.
+                return Err(
+                    "the instance serves TLS but the client has no TLS configuration".into(),
+                );
+            }
             RestConn::new(
                 instance,
                 https.clone(),
@@ -176,9 +183,12 @@ impl RestBuilder {
     /// paths are appended to its path. Must be called inside a tokio runtime.
     ///
     /// # Errors
-    /// [`Error::is_config`] for a malformed URL, header, CA or breaker configuration.
+    /// [`Error::is_config`] for a malformed URL, header, CA or breaker configuration; for a URL
+    /// with a query or credentials (`user:password@`), which would not be sent; and for an
+    /// `https` URL without a [`tls`](Self::tls) configuration (Keel trusts no CA by default).
     pub fn base_url(self, url: &str) -> Result<RestClient, Error> {
-        let instance = instance_from_url(&self.options.service, url)?;
+        let has_tls = self.options.tls.is_some();
+        let instance = instance_from_url(&self.options.service, url, UrlPath::Prefix, has_tls)?;
         let prefix = url
             .parse::<http::Uri>()
             .map(|u| u.path().to_owned())
@@ -192,16 +202,18 @@ impl RestBuilder {
     /// A client balancing over fixed endpoints (`http://host:port`, `https://host:port`).
     ///
     /// # Errors
-    /// As [`base_url`](Self::base_url).
+    /// As [`base_url`](Self::base_url), and for a URL with a path: here only scheme, host and
+    /// port are taken (a path prefix goes through [`base_url`](Self::base_url)).
     pub fn endpoints<I, S>(self, urls: I) -> Result<RestClient, Error>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
         let service = self.options.service.clone();
+        let has_tls = self.options.tls.is_some();
         let instances = urls
             .into_iter()
-            .map(|u| instance_from_url(&service, u.as_ref()))
+            .map(|u| instance_from_url(&service, u.as_ref(), UrlPath::Origin, has_tls))
             .collect::<Result<Vec<_>, _>>()?;
         let (client, mut members) = self.finish("", None)?;
         members.apply(keel_registry::Change::Reset(instances));
@@ -652,6 +664,50 @@ mod tests {
                 .unwrap();
             request(&client).send().await.unwrap_err()
         })
+    }
+
+    /// What a fixed URL says and the client would not send is refused, not dropped: a query,
+    /// credentials, a path where only an origin is taken; and `https` needs a TLS configuration.
+    #[test]
+    fn fixed_urls_the_client_would_not_honour_are_config_errors() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for url in [
+                "http://127.0.0.1:9/api",
+                "http://127.0.0.1:9/?k=v",
+                "http://user:pw@127.0.0.1:9",
+                "https://127.0.0.1:9",
+            ] {
+                let err = RestClient::builder("x").endpoints([url]).unwrap_err();
+                assert!(err.is_config(), "{url}: {err:?}");
+                assert!(err.to_string().contains(url), "{err}");
+                let err = crate::GrpcChannel::builder("x")
+                    .endpoints([url])
+                    .unwrap_err();
+                assert!(err.is_config(), "{url}: {err:?}");
+            }
+            for url in [
+                "http://127.0.0.1:9/api?k=v",
+                "http://user:pw@127.0.0.1:9/api",
+                "https://127.0.0.1:9/api",
+            ] {
+                let err = RestClient::builder("x").base_url(url).unwrap_err();
+                assert!(err.is_config(), "{url}: {err:?}");
+            }
+            assert!(
+                RestClient::builder("x")
+                    .base_url("http://127.0.0.1:9/api")
+                    .is_ok()
+            );
+            assert!(
+                RestClient::builder("x")
+                    .endpoints(["http://127.0.0.1:9/"])
+                    .is_ok()
+            );
+        });
     }
 
     #[test]

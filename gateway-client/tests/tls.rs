@@ -285,6 +285,66 @@ async fn rest_over_tls_with_a_test_ca() {
     assert!(!err.is_status(), "{err:?}");
 }
 
+/// A client without a TLS configuration does not take on a discovered instance that serves TLS
+/// (a Spring `sslPort` node, in the real ZooKeeper): every dial to it would fail its
+/// handshake. Its calls all go to the plain instance; the TLS one is not an endpoint. For REST
+/// as for gRPC, and an `https` URL given to such a client is a configuration error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_tls_skips_discovered_tls_instances() {
+    let (_ca, cert, key) = test_pki();
+    let secure = RestProvider::start_tls("r-tls", Some(tls_acceptor(&cert, &key))).await;
+    let plain = RestProvider::start("r-plain").await;
+    let root = ZkRoot::new().await;
+    let registry = root.registry().await;
+    let _regs = [
+        registry
+            .register(instance("mixed", "r-tls", secure.addr).with_tls(true))
+            .await
+            .unwrap(),
+        registry
+            .register(instance("mixed", "r-plain", plain.addr))
+            .await
+            .unwrap(),
+    ];
+    let client = RestClient::builder("mixed")
+        .connect(&registry, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let ids: Vec<String> = client.endpoints().into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, ["r-plain"]);
+    for _ in 0..10 {
+        let v: Value = client.get("/accounts/1").await.unwrap();
+        assert_eq!(v["server"], "r-plain");
+    }
+
+    let (ps, _faults) = common::providers(1).await;
+    let _grpc_reg = registry
+        .register(instance("mixed-grpc", "g-tls", secure.addr).with_tls(true))
+        .await
+        .unwrap();
+    let _grpc_plain = registry
+        .register(instance("mixed-grpc", "g-plain", ps[0].addr()))
+        .await
+        .unwrap();
+    let channel = GrpcChannel::builder("mixed-grpc")
+        .connect(&registry, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let ids: Vec<String> = channel.endpoints().into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, ["g-plain"]);
+    echo(channel).await.unwrap();
+
+    let https = format!("https://{}", secure.addr);
+    let err = RestClient::builder("mixed")
+        .endpoints([&https])
+        .unwrap_err();
+    assert!(err.is_config(), "{err:?}");
+    let err = GrpcChannel::builder("mixed")
+        .endpoints([&https])
+        .unwrap_err();
+    assert!(err.is_config(), "{err:?}");
+}
+
 /// The server certificate names only `account.internal`; the client calls `127.0.0.1` and
 /// verifies (and sends SNI) for the name given with `TlsConfig::domain`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
