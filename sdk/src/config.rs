@@ -296,6 +296,18 @@ impl Config {
                     "must be a number from 0 to 1000",
                 );
             }
+            if client
+                .bulkhead
+                .as_ref()
+                .is_some_and(|b| b.max_concurrent == 0)
+            {
+                // The builder raises it to 1: a zero meant as "unlimited" admitted one call
+                // at a time.
+                return bad(
+                    &format!("clients.{name}.bulkhead.max_concurrent"),
+                    "must be at least 1 (leave the bulkhead out for no limit)",
+                );
+            }
         }
         Ok(())
     }
@@ -594,7 +606,8 @@ pub struct PoolConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BulkheadConfig {
-    /// Calls in flight at most; one more fails at once (unsent) with RESOURCE_EXHAUSTED / 503.
+    /// Calls in flight at most (at least 1); one more fails at once (unsent) with
+    /// RESOURCE_EXHAUSTED / 503.
     pub max_concurrent: usize,
     /// How long a call may wait for a free slot before failing (default: not at all).
     #[serde(default, deserialize_with = "duration")]
@@ -812,6 +825,11 @@ mod tests {
             (
                 "[clients.a]\nretry = { budget_ratio = -1.0 }",
                 "clients.a.retry.budget_ratio",
+            ),
+            // Raised to 1 by the builder: one call at a time.
+            (
+                "[clients.a]\nbulkhead = { max_concurrent = 0 }",
+                "clients.a.bulkhead.max_concurrent",
             ),
         ] {
             let error = Config::from_toml(toml).unwrap_err();
