@@ -107,7 +107,8 @@ impl RestBuilder {
     /// The largest response body read into memory, in bytes (default
     /// [`DEFAULT_MAX_RESPONSE_BODY`], 16 MiB): a call whose response is larger fails with
     /// [`Error::is_decode`] once that much has arrived, instead of a provider's endless or huge
-    /// body exhausting the caller's memory.
+    /// body exhausting the caller's memory. A non-2xx response that large fails with its
+    /// status, as any other, and an empty [`Error::body`].
     pub fn max_response_body(mut self, bytes: usize) -> Self {
         self.max_body = bytes;
         self
@@ -523,6 +524,17 @@ impl RestRequest {
                 .await
             {
                 Ok(collected) => collected.to_bytes(),
+                // A refusal keeps its status (what the caller acts on), without its body.
+                Err(error)
+                    if error.is::<http_body_util::LengthLimitError>() && !status.is_success() =>
+                {
+                    let error = Error::http(status, Bytes::new());
+                    break 'round_trip Err(if refused {
+                        error.into_budget_exhausted()
+                    } else {
+                        error
+                    });
+                }
                 Err(error) if error.is::<http_body_util::LengthLimitError>() => {
                     break 'round_trip Err(Error::decode(format!(
                         "the response body is larger than {} bytes (max_response_body)",

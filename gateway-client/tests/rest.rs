@@ -840,7 +840,8 @@ async fn idle_connections_the_server_dropped_are_skipped() {
 
 /// A response body is read into memory up to `max_response_body` (default 16 MiB): a provider
 /// sending an endless body, or one larger than the limit, fails the call with a decode error
-/// instead of exhausting the caller's memory; a body within the limit is decoded.
+/// instead of exhausting the caller's memory; a body within the limit is decoded. A non-2xx
+/// answer over the limit keeps its status (its body is not kept).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_bodies_are_bounded() {
     use futures::StreamExt as _;
@@ -854,6 +855,11 @@ async fn response_bodies_are_bounded() {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(|req: http::Request<_>| async move {
+                    let status = if req.uri().path() == "/conflict" {
+                        409
+                    } else {
+                        200
+                    };
                     let chunk = bytes::Bytes::from(vec![b'x'; 64 << 10]);
                     let frames: Frames = if req.uri().path() == "/endless" {
                         futures::stream::repeat(chunk)
@@ -873,6 +879,7 @@ async fn response_bodies_are_bounded() {
                     };
                     Ok::<_, std::convert::Infallible>(
                         http::Response::builder()
+                            .status(status)
                             .header("content-type", "application/json")
                             .body(http_body_util::StreamBody::new(frames))
                             .unwrap(),
@@ -898,6 +905,13 @@ async fn response_bodies_are_bounded() {
         .unwrap();
     let error = small.get::<String>("/two-mib").await.unwrap_err();
     assert!(error.is_decode(), "{error:?}");
+    let error = small.get::<String>("/conflict").await.unwrap_err();
+    assert_eq!(
+        error.status(),
+        Some(http::StatusCode::CONFLICT),
+        "{error:?}"
+    );
+    assert!(error.body().is_empty(), "{error:?}");
     server.abort();
 }
 
