@@ -24,7 +24,7 @@ use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::config::{BalancerKind, ClientConfig, Config, ConfigError, default_path};
+use crate::config::{BalancerKind, ClientConfig, Config, ConfigError, default_path, url_path};
 use crate::error::Error;
 use crate::idempotency::{IdempotencyLayer, IdempotencyStats};
 use crate::metrics::{ClientCollector, FnCounters, Metrics};
@@ -258,7 +258,9 @@ impl App {
     /// as long as the channel (or a clone) lives.
     ///
     /// # Errors
-    /// [`Error::Client`] for a bad client configuration.
+    /// [`Error::Config`] naming the key of a bad `[clients.NAME]` value (e.g.
+    /// `clients.NAME.urls` for a URL with a path: gRPC has none); [`Error::Client`] when the
+    /// client refuses its configuration.
     pub fn grpc(&self, name: &str) -> Result<GrpcChannel, Error> {
         let cfg = self.client_config(name)?;
         let service = cfg.service.clone().unwrap_or_else(|| name.to_owned());
@@ -300,6 +302,17 @@ impl App {
             self.spawn(discovery);
             channel
         } else {
+            if let Some(i) = url_paths(name, &cfg.urls)?.iter().position(Option::is_some) {
+                // gRPC calls `/package.Service/Method` on the host: a prefix would be dropped,
+                // sending the calls to whatever the gateway routes at the root.
+                return Err(urls_error(
+                    name,
+                    format!(
+                        "urls[{i}] has a path: a gRPC client's URLs are http(s)://host:port \
+                         (gRPC calls /package.Service/Method on the host)"
+                    ),
+                ));
+            }
             b.endpoints(&cfg.urls).map_err(client_err)?
         };
         let view = channel.clone();
@@ -312,10 +325,14 @@ impl App {
     }
 
     /// A REST client to the service configured as `[clients.NAME]`; see [`grpc`](Self::grpc).
-    /// With `urls` configured it calls those (e.g. an API gateway) with the configured headers.
+    /// With `urls` configured it calls those (e.g. an API gateway) with the configured headers;
+    /// a single URL with a path is a base URL, request paths going under it
+    /// (`http://egress:8080/psp-sandbox` + `/payments`).
     ///
     /// # Errors
-    /// [`Error::Client`] for a bad client configuration.
+    /// [`Error::Config`] naming the key of a bad `[clients.NAME]` value (e.g.
+    /// `clients.NAME.urls` when several URLs have a path); [`Error::Client`] when the client
+    /// refuses its configuration.
     pub fn rest_client(&self, name: &str) -> Result<RestClient, Error> {
         let cfg = self.client_config(name)?;
         let service = cfg.service.clone().unwrap_or_else(|| name.to_owned());
@@ -346,12 +363,29 @@ impl App {
                 b = b.pool_max_idle(n);
             }
         }
-        let client = if cfg.urls.is_empty() {
-            let (client, discovery) = b.discover(&*self.registry).map_err(client_err)?;
-            self.spawn(discovery);
-            client
-        } else {
-            b.endpoints(&cfg.urls).map_err(client_err)?
+        let paths = url_paths(name, &cfg.urls)?;
+        let client = match (cfg.urls.as_slice(), paths.as_slice()) {
+            ([], _) => {
+                let (client, discovery) = b.discover(&*self.registry).map_err(client_err)?;
+                self.spawn(discovery);
+                client
+            }
+            // A gateway's route (`http://egress:8080/psp-sandbox`): every request goes under it.
+            ([url], [Some(_)]) => b.base_url(url).map_err(client_err)?,
+            (urls, paths) => {
+                if let Some(i) = paths.iter().position(Option::is_some) {
+                    // The client keeps a path prefix for one base URL only; `endpoints` would
+                    // drop it and send every request to the host's root.
+                    return Err(urls_error(
+                        name,
+                        format!(
+                            "urls[{i}] has a path, which only a single URL may have (a base \
+                             URL): give one URL, or http(s)://host:port URLs"
+                        ),
+                    ));
+                }
+                b.endpoints(urls).map_err(client_err)?
+            }
         };
         let view = client.clone();
         self.track(
@@ -758,6 +792,22 @@ impl App {
             }
         }
     }
+}
+
+/// The path of each of `[clients.NAME] urls` (`None`: none), or an error naming the key.
+fn url_paths(name: &str, urls: &[String]) -> Result<Vec<Option<String>>, Error> {
+    urls.iter()
+        .enumerate()
+        .map(|(i, url)| url_path(url).map_err(|why| urls_error(name, format!("urls[{i}]: {why}"))))
+        .collect()
+}
+
+/// A configuration error naming `clients.NAME.urls`.
+fn urls_error(name: &str, why: String) -> Error {
+    Error::Config(ConfigError::new(
+        Some(format!("clients.{name}.urls")),
+        format!("clients.{name}.{why}"),
+    ))
 }
 
 /// Applies a `[clients.NAME]` section (and the App's tracer provider, if any) to a gRPC or

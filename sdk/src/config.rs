@@ -40,6 +40,7 @@
 //! otlp_endpoint = "http://127.0.0.1:4317"   # traces exported only when set
 //!
 //! [clients.account]
+//! # urls = ["http://egress:8080/account"]  # instead of discovery; see ClientConfig::urls
 //! balancer = "p2c"                    # p2c | round_robin | weighted | consistent_hash
 //! timeout = "800ms"
 //! retry = { max_attempts = 3, budget_ratio = 0.1, min_per_second = 10 }
@@ -296,6 +297,14 @@ impl Config {
                     "must be a number from 0 to 1000",
                 );
             }
+            for (i, url) in client.urls.iter().enumerate() {
+                if let Err(why) = check_url(url) {
+                    return Err(ConfigError::new(
+                        Some(format!("clients.{name}.urls")),
+                        format!("clients.{name}.urls[{i}]: {why}"),
+                    ));
+                }
+            }
             if client
                 .bulkhead
                 .as_ref()
@@ -311,6 +320,49 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Checks one of `[clients.NAME] urls`: `http` or `https`, a host, and nothing a client would
+/// silently drop (a query, a fragment) or that does not belong in a URL (credentials: they would
+/// also show in logs and in `/registry`). The path is checked where the protocol is known
+/// (`App::grpc`, `App::rest_client`). The message quotes no part of the URL that may hold a
+/// secret.
+fn check_url(url: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("not a URL ({e}); expected e.g. http://host:port"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err("must be an http:// or https:// URL".to_owned());
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("has no host".to_owned());
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(
+            "holds credentials (user:password@): give them as a header, e.g. \
+             headers = { authorization = \"…\" }"
+                .to_owned(),
+        );
+    }
+    if uri.query().is_some() {
+        return Err(
+            "has a query string, which no call would send: give the parameters per call, or \
+             as headers"
+                .to_owned(),
+        );
+    }
+    if url.contains('#') {
+        return Err("has a fragment, which no call would send".to_owned());
+    }
+    Ok(uri)
+}
+
+/// The path of one of `[clients.NAME] urls` without its trailing `/` (`None` for none, or
+/// `/`), once [`check_url`] accepts it.
+pub(crate) fn url_path(url: &str) -> Result<Option<String>, String> {
+    let uri = check_url(url)?;
+    let path = uri.path().trim_end_matches('/');
+    Ok((!path.is_empty()).then(|| path.to_owned()))
 }
 
 /// The `KEEL_*` variables as a figment provider: `KEEL_A__B=v` sets key `a.b`; errors name the
@@ -539,7 +591,11 @@ impl Default for RetryConfig {
 pub struct ClientConfig {
     /// The registered service name (default: the section name).
     pub service: Option<String>,
-    /// Fixed base URLs (e.g. an API gateway) instead of discovery.
+    /// Fixed URLs (e.g. an API gateway) instead of discovery: `http://host:port` or
+    /// `https://host:port`. A REST client given one URL with a path
+    /// (`http://egress:8080/psp-sandbox`) sends every request under that path; several URLs,
+    /// and a gRPC client's, have none. A query string, a fragment or credentials
+    /// (`user:pass@`) are errors: give credentials as `headers`.
     pub urls: Vec<String>,
     /// Headers sent on every call that has none of that name (e.g. an API key); gRPC and REST.
     pub headers: BTreeMap<String, String>,
