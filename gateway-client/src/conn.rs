@@ -77,6 +77,19 @@ pub(crate) fn https_connector(
                 .add(cert)
                 .map_err(|e| Error::config(format!("invalid CA certificate: {e}")))?;
         }
+        if tls.system_roots {
+            let system = rustls_native_certs::load_native_certs();
+            let (added, _unparsable) = roots.add_parsable_certificates(system.certs);
+            if added == 0 {
+                let why: Vec<String> = system.errors.iter().map(ToString::to_string).collect();
+                return Err(Error::config(format!(
+                    "TLS system roots: no CA certificate could be loaded from the platform's \
+                     store{}{}",
+                    if why.is_empty() { "" } else { ": " },
+                    why.join("; ")
+                )));
+            }
+        }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)

@@ -22,11 +22,13 @@ use crate::error::Error;
 use crate::metrics::ClientMetrics;
 use crate::span::CallSpan;
 
-/// TLS settings: the CA that signs the servers' certificates, and optionally the name to
-/// verify them against (default: the instance's host).
+/// TLS settings: the CAs that sign the servers' certificates — given as PEM, the platform's
+/// store, or both — and optionally the name to verify them against (default: the instance's
+/// host). Keel trusts no CA unless told.
 #[derive(Clone)]
 pub struct TlsConfig {
     pub(crate) ca_pem: Vec<u8>,
+    pub(crate) system_roots: bool,
     pub(crate) domain: Option<String>,
 }
 
@@ -34,18 +36,39 @@ impl fmt::Debug for TlsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsConfig")
             .field("ca_pem_len", &self.ca_pem.len())
+            .field("system_roots", &self.system_roots)
             .field("domain", &self.domain)
             .finish()
     }
 }
 
 impl TlsConfig {
-    /// Trust the CA certificate(s) in `pem`.
+    /// Trust the CA certificate(s) in `pem` (an internal CA).
     pub fn with_ca_pem(pem: impl Into<Vec<u8>>) -> Self {
         Self {
             ca_pem: pem.into(),
+            system_roots: false,
             domain: None,
         }
+    }
+
+    /// Trust the platform's CA store: on Linux the system bundle (Debian's `ca-certificates`,
+    /// `/etc/ssl/certs`), or the file named by `SSL_CERT_FILE` / the directory named by
+    /// `SSL_CERT_DIR` when set — for a public endpoint such as an API gateway or a payment
+    /// provider. Loaded when the client is built; a client built while no CA can be loaded
+    /// fails to build ([`Error::is_config`](crate::Error::is_config)).
+    pub fn system_roots() -> Self {
+        Self {
+            ca_pem: Vec::new(),
+            system_roots: true,
+            domain: None,
+        }
+    }
+
+    /// Trust the platform's CA store as well (see [`system_roots`](Self::system_roots)).
+    pub fn and_system_roots(mut self) -> Self {
+        self.system_roots = true;
+        self
     }
 
     /// Verify server certificates against `name` (also sent as SNI) instead of the instance's

@@ -345,6 +345,91 @@ async fn a_client_without_tls_skips_discovered_tls_instances() {
     assert!(err.is_config(), "{err:?}");
 }
 
+/// `TlsConfig::system_roots()` trusts the platform's CA store. The test runs itself as a child
+/// process whose store is the test CA (`SSL_CERT_FILE`, which the platform loader honours): a
+/// client with the system roots calls the TLS server, gRPC and REST. Here, with the machine's
+/// own store (which does not hold the test CA), the same client cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_roots_trust_the_platform_store() {
+    const NAME: &str = "system_roots_trust_the_platform_store";
+    let child = std::env::var_os("KEEL_TEST_CHILD").is_some();
+    let (ca, cert, key) = if child {
+        let dir = std::env::var("KEEL_TEST_PKI").unwrap();
+        let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
+        (read("ca.pem"), read("cert.pem"), read("key.pem"))
+    } else {
+        test_pki()
+    };
+    let p = RestProvider::start_tls("r-tls", Some(tls_acceptor(&cert, &key))).await;
+    let rest = |tls| {
+        RestClient::builder("public")
+            .max_attempts(1)
+            .tls(tls)
+            .endpoints([format!("https://127.0.0.1:{}", p.addr.port())])
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(&cert, &key)),
+            )
+            .unwrap()
+            .add_service(echo_server::EchoServer::new(EchoService::new("tls-1")))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let grpc = || {
+        GrpcChannel::builder("public")
+            .max_attempts(1)
+            .tls(TlsConfig::system_roots())
+            .endpoints([format!("https://{grpc_addr}")])
+    };
+    if child {
+        let v: Value = rest(TlsConfig::system_roots())
+            .unwrap()
+            .get("/accounts/1")
+            .await
+            .unwrap();
+        assert_eq!(v["server"], "r-tls");
+        assert_eq!(echo(grpc().unwrap()).await.unwrap().server_id, "tls-1");
+        // A custom CA and the system roots together: either signer is trusted.
+        let (other_ca, _, _) = test_pki();
+        let both = TlsConfig::with_ca_pem(other_ca.as_bytes()).and_system_roots();
+        let v: Value = rest(both).unwrap().get("/accounts/1").await.unwrap();
+        assert_eq!(v["server"], "r-tls");
+        server.abort();
+        return;
+    }
+    // The machine's store (if it loads at all) does not hold the test CA.
+    if let Ok(client) = rest(TlsConfig::system_roots()) {
+        assert!(client.get::<Value>("/accounts/1").await.is_err());
+    }
+    if let Ok(channel) = grpc() {
+        assert!(echo(channel).await.is_err());
+    }
+    server.abort();
+
+    let dir = std::env::temp_dir().join(keel_testkit::unique("keel-pki"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (file, pem) in [("ca.pem", &ca), ("cert.pem", &cert), ("key.pem", &key)] {
+        std::fs::write(dir.join(file), pem).unwrap();
+    }
+    let status = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", NAME, "--nocapture"])
+        .env("KEEL_TEST_CHILD", "1")
+        .env("KEEL_TEST_PKI", &dir)
+        .env("SSL_CERT_FILE", dir.join("ca.pem"))
+        .status()
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        status.success(),
+        "the child, trusting the test CA as its store: {status}"
+    );
+}
+
 /// The server certificate names only `account.internal`; the client calls `127.0.0.1` and
 /// verifies (and sends SNI) for the name given with `TlsConfig::domain`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
