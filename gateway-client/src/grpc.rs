@@ -253,8 +253,8 @@ pub(crate) fn instance_from_url(
     }
     if tls && !has_tls {
         return Err(Error::config(format!(
-            "URL {url:?} is https but the client has no TLS configuration (tls) saying which CA \
-             to trust"
+            "URL {url:?} is https but the client has no TLS configuration saying which CA to \
+             trust (tls: a CA's PEM, or TlsConfig::system_roots for a public endpoint)"
         )));
     }
     let host = host.trim_start_matches('[').trim_end_matches(']');
