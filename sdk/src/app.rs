@@ -277,9 +277,11 @@ impl App {
                 ),
             )));
         }
+        let tls = client_tls(name, &cfg)?;
         let mut b = configure!(
             GrpcChannel::builder(&service),
             cfg,
+            tls,
             self.config.service.zone,
             self.telemetry.tracer_provider()
         );
@@ -349,9 +351,11 @@ impl App {
                 ),
             )));
         }
+        let tls = client_tls(name, &cfg)?;
         let mut b = configure!(
             RestClient::builder(&service),
             cfg,
+            tls,
             self.config.service.zone,
             self.telemetry.tracer_provider()
         );
@@ -794,6 +798,46 @@ impl App {
     }
 }
 
+/// `[clients.NAME] tls` as the builders take it. The CA file is read and its certificates
+/// checked here, so that a missing or unusable file is an error naming
+/// `clients.NAME.tls.ca_file` (a file without a certificate would otherwise trust nothing, and
+/// every handshake would fail).
+fn client_tls(name: &str, cfg: &ClientConfig) -> Result<Option<keel_client::TlsConfig>, Error> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let Some(tls) = &cfg.tls else {
+        return Ok(None);
+    };
+    let key = format!("clients.{name}.tls.ca_file");
+    let path = tls.ca_file.display();
+    let bad = |why: String| Error::Config(ConfigError::new(Some(key.clone()), why));
+    let pem =
+        std::fs::read(&tls.ca_file).map_err(|e| bad(format!("{key}: cannot read {path}: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| bad(format!("{key}: {path} is not valid PEM: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| bad(format!("{key}: {path} holds an invalid certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(format!(
+            "{key}: {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        )));
+    }
+    let mut config = keel_client::TlsConfig::with_ca_pem(pem);
+    if let Some(domain) = &tls.domain {
+        ServerName::try_from(domain.as_str()).map_err(|e| {
+            Error::Config(ConfigError::new(
+                Some(format!("clients.{name}.tls.domain")),
+                format!("clients.{name}.tls.domain: {domain:?} is no DNS name or IP address: {e}"),
+            ))
+        })?;
+        config = config.domain(domain.clone());
+    }
+    Ok(Some(config))
+}
+
 /// The path of each of `[clients.NAME] urls` (`None`: none), or an error naming the key.
 fn url_paths(name: &str, urls: &[String]) -> Result<Vec<Option<String>>, Error> {
     urls.iter()
@@ -813,7 +857,7 @@ fn urls_error(name: &str, why: String) -> Error {
 /// Applies a `[clients.NAME]` section (and the App's tracer provider, if any) to a gRPC or
 /// REST builder.
 macro_rules! configure {
-    ($b:expr, $cfg:expr, $zone:expr, $tracer_provider:expr) => {{
+    ($b:expr, $cfg:expr, $tls:expr, $zone:expr, $tracer_provider:expr) => {{
         let cfg = &$cfg;
         let mut b = $b.balance(match cfg.balancer {
             BalancerKind::P2c => Balance::P2c,
@@ -841,6 +885,9 @@ macro_rules! configure {
         }
         if let Some(idle) = cfg.tcp_keepalive {
             b = b.tcp_keepalive(Some(idle));
+        }
+        if let Some(tls) = $tls {
+            b = b.tls(tls);
         }
         if let Some(breaker) = &cfg.breaker {
             b = b.breaker(breaker.clone());

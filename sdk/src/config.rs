@@ -49,6 +49,7 @@
 //! pool = { idle_timeout = "90s", max_idle = 256 }   # REST keep-alive pool, per endpoint
 //! keep_alive = { interval = "300s", timeout = "20s" } # gRPC: HTTP/2 PINGs while calls are in flight
 //! tcp_keepalive = "30s"               # dead-peer detection at the TCP level; "0s": system defaults
+//! tls = { ca_file = "/etc/keel/ca.pem", domain = "account.internal" } # https; domain optional
 //!
 //! [messaging.payments]
 //! broker = "kafka://127.0.0.1:9092"
@@ -298,11 +299,21 @@ impl Config {
                 );
             }
             for (i, url) in client.urls.iter().enumerate() {
-                if let Err(why) = check_url(url) {
-                    return Err(ConfigError::new(
+                let uri = check_url(url).map_err(|why| {
+                    ConfigError::new(
                         Some(format!("clients.{name}.urls")),
                         format!("clients.{name}.urls[{i}]: {why}"),
-                    ));
+                    )
+                })?;
+                if client.tls.is_none() && uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+                    // Keel trusts no CA by default: every handshake would fail.
+                    return bad(
+                        &format!("clients.{name}.tls"),
+                        &format!(
+                            "clients.{name}.tls is needed for urls[{i}] (https): the CA that \
+                             signs its certificate, tls = {{ ca_file = \"ca.pem\" }}"
+                        ),
+                    );
                 }
             }
             if client
@@ -622,12 +633,35 @@ pub struct ClientConfig {
     /// gRPC clients: HTTP/2 keep-alive PINGs while calls are in flight (an error for a REST
     /// client).
     pub keep_alive: Option<KeepAliveConfig>,
+    /// TLS: the CA that signs the providers' certificates (Keel trusts no CA by default), for
+    /// `https://` URLs and for discovered instances that serve TLS (a Spring `sslPort`).
+    pub tls: Option<TlsConfig>,
     /// Dead-peer detection at the TCP level, gRPC and REST: connections are probed after this
     /// long idle and closed once data or probes stay unacknowledged three times this long
     /// (default 30 s; zero: the system's defaults; else 1 s to 32767 s). See `tcp_keepalive` of
     /// the client builders.
     #[serde(deserialize_with = "opt_duration")]
     pub tcp_keepalive: Option<Duration>,
+}
+
+/// `[clients.NAME] tls = { ca_file = "/etc/keel/ca.pem", domain = "account.internal" }`: a
+/// client's TLS settings, for gRPC and REST.
+///
+/// The CA file is read when the client is built (`App::grpc`, `App::rest_client`); a file that
+/// cannot be read or holds no valid PEM certificate is an error naming
+/// `clients.NAME.tls.ca_file`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// A PEM file of the CA certificate(s) that sign the providers' (or the gateway's)
+    /// certificates, the only ones trusted; a relative path is taken from the working
+    /// directory.
+    pub ca_file: PathBuf,
+    /// The name certificates are verified against (also sent as SNI) instead of each URL's or
+    /// instance's host: for instances registered by IP address whose certificates name a
+    /// service DNS name. A DNS name or an IP address.
+    #[serde(default)]
+    pub domain: Option<String>,
 }
 
 /// `[clients.NAME] keep_alive = { interval = "300s", timeout = "20s" }`: a gRPC client sends a

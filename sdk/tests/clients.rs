@@ -1,9 +1,16 @@
 //! How `[clients.NAME]` reaches the client builders: fixed URLs (paths, and what a URL may not
-//! hold), against servers on loopback. No registry: these clients are given their URLs.
+//! hold), TLS, against servers on loopback. No registry: these clients are given their URLs.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use keel::App;
 use keel::config::Config;
+use keel_testkit::echo::echo_client::EchoClient;
+use keel_testkit::echo::echo_server::EchoServer;
+use keel_testkit::echo::{EchoRequest, EchoService};
 
 /// An App over `clients` (TOML), with the static registry and no log output.
 async fn app(clients: &str) -> App {
@@ -94,4 +101,189 @@ async fn urls_a_client_cannot_honour_are_errors_naming_the_key() {
     // `/` is no path.
     assert!(app.grpc("root").is_ok());
     assert!(app.rest_client("root").is_ok());
+}
+
+/// `[clients.NAME] tls` reaches both builders: a gRPC client trusting the test CA calls an
+/// `https://` provider, and a REST client does too, its certificate verified against the
+/// configured `domain` (the certificate names no IP address). TLS could not be configured at
+/// all (`tls` was an unknown key), so no SDK client could call an https URL.
+#[tokio::test]
+async fn tls_from_the_config_calls_https_providers() {
+    let (ca, cert, key) = test_pki(&["localhost", "127.0.0.1"]);
+    let ca_file = TempFile::new("ca.pem", ca.as_bytes());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = listener.local_addr().unwrap();
+    let grpc_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(&cert, &key)),
+            )
+            .unwrap()
+            .add_service(EchoServer::new(EchoService::new("tls-1")))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let (named_ca, named_cert, named_key) = test_pki(&["keel.test"]);
+    let named_ca_file = TempFile::new("ca.pem", named_ca.as_bytes());
+    let (rest_addr, rest_server) = tls_rest_server(&named_cert, &named_key).await;
+
+    let app = app(&format!(
+        "[clients.secure]\nurls = [\"https://{grpc_addr}\"]\nretry = {{ max_attempts = 1 }}\n\
+         tls = {{ ca_file = {ca:?} }}\n\
+         [clients.gateway]\nurls = [\"https://{rest_addr}\"]\nretry = {{ max_attempts = 1 }}\n\
+         tls = {{ ca_file = {named:?}, domain = \"keel.test\" }}",
+        ca = ca_file.0,
+        named = named_ca_file.0,
+    ))
+    .await;
+    let reply = EchoClient::new(app.grpc("secure").unwrap())
+        .echo(EchoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.server_id, "tls-1");
+    let response = app
+        .rest_client("gateway")
+        .unwrap()
+        .request(http::Method::GET, "/ping")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.body().as_ref(), b"pong");
+    grpc_server.abort();
+    rest_server.abort();
+}
+
+/// A CA file that cannot be read, or holds no usable certificate, is an error naming
+/// `clients.NAME.tls.ca_file` when the client is built (a file without a certificate would
+/// trust nothing, and every handshake would fail); a bad `domain` names its key; an https URL
+/// without `tls` names `clients.NAME.tls`.
+#[tokio::test]
+async fn a_bad_tls_section_is_an_error_naming_the_key() {
+    let (ca, _, key) = test_pki(&["localhost"]);
+    let good = TempFile::new("ca.pem", ca.as_bytes());
+    let key_only = TempFile::new("key.pem", key.as_bytes());
+    let text = TempFile::new("ca.txt", b"not a certificate\n");
+    let broken = TempFile::new(
+        "broken.pem",
+        b"-----BEGIN CERTIFICATE-----\n!!not base64!!\n-----END CERTIFICATE-----\n",
+    );
+    let garbage = TempFile::new(
+        "garbage.pem",
+        b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    );
+    let missing = std::env::temp_dir().join(keel_testkit::unique("missing"));
+    let mut clients = String::new();
+    for (name, path) in [
+        ("missing", &missing),
+        ("key_only", &key_only.0),
+        ("text", &text.0),
+        ("broken", &broken.0),
+        ("garbage", &garbage.0),
+    ] {
+        clients.push_str(&format!(
+            "[clients.{name}]\nurls = [\"https://127.0.0.1:1\"]\ntls = {{ ca_file = {path:?} }}\n"
+        ));
+    }
+    clients.push_str(&format!(
+        "[clients.domain]\nurls = [\"https://127.0.0.1:1\"]\n\
+         tls = {{ ca_file = {good:?}, domain = \"not a name\" }}\n",
+        good = good.0
+    ));
+    let app = app(&clients).await;
+    for name in ["missing", "key_only", "text", "broken", "garbage"] {
+        let key = format!("clients.{name}.tls.ca_file");
+        assert_eq!(config_key(app.grpc(name)), key);
+        assert_eq!(config_key(app.rest_client(name)), key);
+    }
+    assert_eq!(config_key(app.grpc("domain")), "clients.domain.tls.domain");
+    assert_eq!(
+        config_key(app.rest_client("domain")),
+        "clients.domain.tls.domain"
+    );
+
+    let error = Config::from_toml("[clients.plain]\nurls = [\"https://127.0.0.1:1\"]").unwrap_err();
+    assert_eq!(error.key(), Some("clients.plain.tls"), "{error}");
+}
+
+/// A file in the temporary directory, removed when dropped.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, contents: &[u8]) -> Self {
+        let path = std::env::temp_dir().join(keel_testkit::unique(name));
+        std::fs::write(&path, contents).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A test CA and a server certificate for `names`: `(ca_pem, cert_pem, key_pem)`.
+fn test_pki(names: &[&str]) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let leaf = CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca_cert.pem(), leaf.pem(), key.serialize_pem())
+}
+
+/// A REST server over TLS (certificate `cert`, key `key`) answering `GET /ping` with `pong`.
+async fn tls_rest_server(cert: &str, key: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let routes = axum::Router::new().route("/ping", axum::routing::get(|| async { "pong" }));
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, routes) = (acceptor.clone(), routes.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(tls),
+                    hyper_util::service::TowerToHyperService::new(routes),
+                )
+                .await;
+            });
+        }
+    });
+    (addr, task)
 }
