@@ -44,7 +44,7 @@
 //! balancer = "p2c"                    # p2c | round_robin | weighted | consistent_hash
 //! timeout = "800ms"
 //! retry = { max_attempts = 3, budget_ratio = 0.1, min_per_second = 10 }
-//! breaker = { failureRateThreshold = 50, slidingWindowSize = 20 }
+//! breaker = { failureRateThreshold = 50, slidingWindowSize = 20 }  # others: the client's defaults
 //! bulkhead = { max_concurrent = 64, max_wait = "0ms" }
 //! pool = { idle_timeout = "90s", max_idle = 256 }   # REST keep-alive pool, per endpoint
 //! keep_alive = { interval = "300s", timeout = "20s" } # gRPC: HTTP/2 PINGs while calls are in flight
@@ -623,7 +623,11 @@ pub struct ClientConfig {
     pub warm_up: Option<Duration>,
     /// Retries.
     pub retry: RetryConfig,
-    /// The per-endpoint breaker (resilience4j field names).
+    /// The per-endpoint breaker (resilience4j field names). The fields a section leaves out
+    /// keep the client's own per-endpoint defaults
+    /// ([`default_endpoint_breaker`](keel_client::default_endpoint_breaker): eject after 5
+    /// calls, probe after 2 s), not [`BreakerConfig::default`]'s.
+    #[serde(deserialize_with = "endpoint_breaker")]
     pub breaker: Option<BreakerConfig>,
     /// A cap on this client's concurrent calls (all its endpoints together).
     pub bulkhead: Option<BulkheadConfig>,
@@ -799,6 +803,68 @@ impl serde::de::Visitor<'_> for DurationVisitor {
     }
 }
 
+/// `[clients.NAME] breaker`: the fields the section gives, over the client's per-endpoint
+/// defaults ([`keel_client::default_endpoint_breaker`]). Read as a whole, a partial section
+/// took the rest from [`BreakerConfig::default`] (10 calls before ejecting, 5 s open), twice
+/// as slow to eject as a client without the section.
+///
+/// The section is read by [`BreakerConfig`] itself (every spelling and form it takes, its
+/// errors); the fields it gave are those named in it, in any of the spellings `BreakerConfig`
+/// takes (see [`given`]). The result is checked again as a whole.
+fn endpoint_breaker<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BreakerConfig>, D::Error> {
+    use serde::de::Error as _;
+    // The message only: the key is the section's (BreakerConfig names the field).
+    let err = |e: figment::Error| D::Error::custom(e.kind);
+    let dict = |config: &BreakerConfig| match Value::serialize(config) {
+        Ok(Value::Dict(_, dict)) => Ok(dict),
+        Ok(_) => Err(D::Error::custom("a breaker configuration is not a table")),
+        Err(e) => Err(err(e)),
+    };
+    let section = Dict::deserialize(d)?;
+    let own: BreakerConfig = Value::from(section.clone()).deserialize().map_err(err)?;
+    let own = dict(&own)?;
+    let mut merged = dict(&keel_client::default_endpoint_breaker())?;
+    for (field, value) in &mut merged {
+        if given(&section, field)
+            && let Some(own) = own.get(field)
+        {
+            *value = own.clone();
+        }
+    }
+    Value::from(merged).deserialize().map(Some).map_err(err)
+}
+
+/// Whether a `breaker` section sets the field `BreakerConfig` serialises as `camel` (e.g.
+/// `failureRateThreshold`): under that name, its snake_case or kebab-case form, or (the
+/// window's type and size) as `kind` or `size` of `sliding_window = { kind, size }`.
+fn given(section: &Dict, camel: &str) -> bool {
+    let mut snake = String::with_capacity(camel.len() + 8);
+    for c in camel.chars() {
+        if c.is_ascii_uppercase() {
+            snake.push('_');
+        }
+        snake.push(c.to_ascii_lowercase());
+    }
+    let kebab = snake.replace('_', "-");
+    if [camel, &snake, &kebab]
+        .iter()
+        .any(|name| section.contains_key(*name))
+    {
+        return true;
+    }
+    let nested = match camel {
+        "slidingWindowType" => "kind",
+        "slidingWindowSize" => "size",
+        _ => return false,
+    };
+    ["sliding_window", "slidingWindow", "sliding-window"]
+        .iter()
+        .any(|name| match section.get(*name) {
+            Some(Value::Dict(_, window)) => window.contains_key(nested),
+            _ => false,
+        })
+}
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     d.deserialize_any(DurationVisitor)
 }
@@ -932,6 +998,60 @@ mod tests {
         assert_eq!(fine.idempotency.failures, FailurePolicy::Store);
         let error = Config::from_toml("[idempotency]\nfailures = \"forget\"").unwrap_err();
         assert_eq!(error.key(), Some("idempotency.failures"), "{error}");
+    }
+
+    /// A partial `breaker` section keeps the client's per-endpoint defaults for the fields it
+    /// leaves out, whatever the spelling of those it gives; it took `BreakerConfig::default`'s
+    /// (10 calls before ejecting instead of 5, 5 s open instead of 2 s).
+    #[test]
+    fn a_partial_breaker_section_keeps_the_client_defaults() {
+        use keel_breaker::breaker::SlidingWindowType;
+        let client = keel_client::default_endpoint_breaker();
+        let breaker = |section: &str| {
+            let config = Config::from_toml(&format!("[clients.a]\nbreaker = {{ {section} }}"))
+                .unwrap_or_else(|e| panic!("{section}: {e}"));
+            config.clients["a"].breaker.clone().unwrap()
+        };
+        for section in [
+            "failure_rate_threshold = 40",
+            "failureRateThreshold = 40",
+            "failure-rate-threshold = 40",
+        ] {
+            let expected = BreakerConfig {
+                failure_rate_threshold: 40.0,
+                ..client.clone()
+            };
+            assert_eq!(breaker(section), expected, "{section}");
+        }
+        // Given, so kept, though equal to BreakerConfig::default's.
+        let given = breaker("minimumNumberOfCalls = 10, wait_duration_in_open_state = \"5s\"");
+        assert_eq!(given.minimum_number_of_calls, 10);
+        assert_eq!(given.wait_duration_in_open_state, Duration::from_secs(5));
+        assert_eq!(
+            given.permitted_number_of_calls_in_half_open_state,
+            client.permitted_number_of_calls_in_half_open_state
+        );
+        // The window, nested: each of its keys on its own.
+        let time = breaker("sliding_window = { kind = \"time\" }");
+        assert_eq!(time.sliding_window_type, SlidingWindowType::TimeBased);
+        assert_eq!(time.sliding_window_size, client.sliding_window_size);
+        assert_eq!(time.minimum_number_of_calls, client.minimum_number_of_calls);
+        let size = breaker("sliding_window = { size = 7 }");
+        assert_eq!(
+            (size.sliding_window_type, size.sliding_window_size),
+            (client.sliding_window_type, 7)
+        );
+        // Still read and checked by BreakerConfig.
+        for bad in [
+            "failure_rate_threshold = 0",
+            "sliding_window = { size = 7 }, slidingWindowSize = 8",
+            "sliding_window = { kind = \"hourly\" }",
+            "minimumNumberOfCalls = \"many\"",
+        ] {
+            let error =
+                Config::from_toml(&format!("[clients.a]\nbreaker = {{ {bad} }}")).unwrap_err();
+            assert_eq!(error.key(), Some("clients.a.breaker"), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -206,6 +206,47 @@ async fn a_bad_tls_section_is_an_error_naming_the_key() {
     assert_eq!(error.key(), Some("clients.plain.tls"), "{error}");
 }
 
+/// A partial `[clients.NAME] breaker` section keeps the client's per-endpoint defaults for the
+/// fields it leaves out: against a provider that fails every call, the endpoint is ejected
+/// after the client's default minimum number of calls, as without the section. It took
+/// `BreakerConfig::default`'s (twice as many calls) and stayed closed.
+#[tokio::test]
+async fn a_partial_breaker_section_ejects_as_the_client_default_does() {
+    use keel::breaker::breaker::State;
+    let faults = keel_testkit::echo::Faults::default();
+    faults.fail_every(1, tonic::Code::Internal);
+    let provider = keel_testkit::echo::EchoProvider::start_with("failing", faults.clone())
+        .await
+        .unwrap();
+    let addr = provider.addr();
+    let app = app(&format!(
+        "[clients.plain]\nurls = [\"http://{addr}\"]\nretry = {{ max_attempts = 1 }}\n\
+         [clients.partial]\nurls = [\"http://{addr}\"]\nretry = {{ max_attempts = 1 }}\n\
+         breaker = {{ failure_rate_threshold = 50 }}"
+    ))
+    .await;
+    let minimum = keel::client::default_endpoint_breaker().minimum_number_of_calls;
+    for name in ["plain", "partial"] {
+        let channel = app.grpc(name).unwrap();
+        let state = || channel.endpoints()[0].state;
+        let mut client = EchoClient::new(channel.clone());
+        for call in 1..=minimum {
+            assert_eq!(state(), State::Closed, "{name}: before call {call}");
+            let status = client.echo(EchoRequest::default()).await.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Internal, "{name}: {status:?}");
+        }
+        // Open, or half-open already if this poll came after the open wait.
+        keel_testkit::eventually(
+            &format!("{name}: ejected after {minimum} failed calls"),
+            std::time::Duration::from_secs(5),
+            || async { (state() != State::Closed).then_some(()) },
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(faults.calls(), u64::from(minimum) * 2);
+}
+
 /// A file in the temporary directory, removed when dropped.
 struct TempFile(PathBuf);
 
