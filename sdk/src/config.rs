@@ -824,6 +824,15 @@ fn endpoint_breaker<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BreakerCon
     let own: BreakerConfig = Value::from(section.clone()).deserialize().map_err(err)?;
     let own = dict(&own)?;
     let mut merged = dict(&keel_client::default_endpoint_breaker())?;
+    // BreakerConfig ignores what it does not know: a misspelt field fell back to its default.
+    if let Some(unknown) = section.keys().find(|key| {
+        !WINDOW.contains(&key.as_str()) && !merged.keys().any(|f| names(f).contains(key))
+    }) {
+        return Err(D::Error::custom(format_args!(
+            "unknown breaker field `{unknown}`: expected a resilience4j field (camelCase, \
+             snake_case or kebab-case, e.g. failureRateThreshold) or sliding_window"
+        )));
+    }
     for (field, value) in &mut merged {
         if given(&section, field)
             && let Some(own) = own.get(field)
@@ -838,6 +847,26 @@ fn endpoint_breaker<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BreakerCon
 /// `failureRateThreshold`): under that name, its snake_case or kebab-case form, or (the
 /// window's type and size) as `kind` or `size` of `sliding_window = { kind, size }`.
 fn given(section: &Dict, camel: &str) -> bool {
+    if names(camel).iter().any(|name| section.contains_key(name)) {
+        return true;
+    }
+    let nested = match camel {
+        "slidingWindowType" => "kind",
+        "slidingWindowSize" => "size",
+        _ => return false,
+    };
+    WINDOW.iter().any(|name| match section.get(*name) {
+        Some(Value::Dict(_, window)) => window.contains_key(nested),
+        _ => false,
+    })
+}
+
+/// The names of the nested window form in a `breaker` section.
+const WINDOW: [&str; 3] = ["sliding_window", "slidingWindow", "sliding-window"];
+
+/// The names `BreakerConfig` reads the field it serialises as `camel` under: that, its
+/// snake_case and its kebab-case form.
+fn names(camel: &str) -> [String; 3] {
     let mut snake = String::with_capacity(camel.len() + 8);
     for c in camel.chars() {
         if c.is_ascii_uppercase() {
@@ -846,23 +875,7 @@ fn given(section: &Dict, camel: &str) -> bool {
         snake.push(c.to_ascii_lowercase());
     }
     let kebab = snake.replace('_', "-");
-    if [camel, &snake, &kebab]
-        .iter()
-        .any(|name| section.contains_key(*name))
-    {
-        return true;
-    }
-    let nested = match camel {
-        "slidingWindowType" => "kind",
-        "slidingWindowSize" => "size",
-        _ => return false,
-    };
-    ["sliding_window", "slidingWindow", "sliding-window"]
-        .iter()
-        .any(|name| match section.get(*name) {
-            Some(Value::Dict(_, window)) => window.contains_key(nested),
-            _ => false,
-        })
+    [camel.to_owned(), snake, kebab]
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -1147,6 +1160,11 @@ mod tests {
         assert!(err.to_string().contains("xml"), "{err}");
         let err = Config::from_toml("[clients.account]\npool = { max_idel = 4 }\n").unwrap_err();
         assert!(err.to_string().contains("max_idel"), "{err}");
+        // BreakerConfig itself ignores unknown fields: this one fell back to a default.
+        let err = Config::from_toml("[clients.account]\nbreaker = { failure_rate_treshold = 40 }")
+            .unwrap_err();
+        assert!(err.to_string().contains("failure_rate_treshold"), "{err}");
+        assert_eq!(err.key(), Some("clients.account.breaker"), "{err}");
     }
 
     #[test]
