@@ -224,7 +224,13 @@ impl Config {
     /// # Errors
     /// A [`ConfigError`] naming the first key whose value is out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, why: &str| Err(ConfigError::new(Some(key.to_owned()), why));
+        // The key in the message too: what an operator sees is the Display.
+        let bad = |key: &str, why: &str| {
+            Err(ConfigError::new(
+                Some(key.to_owned()),
+                format!("{key}: {why}"),
+            ))
+        };
         const DAY: Duration = Duration::from_secs(24 * 3600);
         let registry = &self.registry;
         if registry.session_timeout < Duration::from_secs(1) || registry.session_timeout > DAY {
@@ -310,8 +316,8 @@ impl Config {
                     return bad(
                         &format!("clients.{name}.tls"),
                         &format!(
-                            "clients.{name}.tls is needed for urls[{i}] (https): the CA that \
-                             signs its certificate, tls = {{ ca_file = \"ca.pem\" }}"
+                            "needed for urls[{i}] (https): the CA that signs its \
+                             certificate, tls = {{ ca_file = \"ca.pem\" }}"
                         ),
                     );
                 }
@@ -1003,6 +1009,8 @@ mod tests {
         ] {
             let error = Config::from_toml(toml).unwrap_err();
             assert_eq!(error.key(), Some(key), "{toml}: {error}");
+            // What an operator sees names the key too.
+            assert!(error.to_string().contains(key), "{toml}: {error}");
         }
         let fine = Config::from_toml(
             "[registry]\nsession_timeout = \"6s\"\n[server]\ndrain = \"500ms\"\n[idempotency]\nlease = \"3s\"\nfailures = \"store\"",
