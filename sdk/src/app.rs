@@ -801,18 +801,48 @@ impl App {
 /// `[clients.NAME] tls` as the builders take it. The CA file is read and its certificates
 /// checked here, so that a missing or unusable file is an error naming
 /// `clients.NAME.tls.ca_file` (a file without a certificate would otherwise trust nothing, and
-/// every handshake would fail).
+/// every handshake would fail); `system_roots` adds the platform's CA store.
 fn client_tls(name: &str, cfg: &ClientConfig) -> Result<Option<keel_client::TlsConfig>, Error> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName};
+    use rustls::pki_types::ServerName;
     let Some(tls) = &cfg.tls else {
         return Ok(None);
     };
+    let mut config = match &tls.ca_file {
+        Some(file) => keel_client::TlsConfig::with_ca_pem(ca_pem(name, file)?),
+        None if tls.system_roots => keel_client::TlsConfig::system_roots(),
+        None => {
+            return Err(Error::Config(ConfigError::new(
+                Some(format!("clients.{name}.tls")),
+                format!(
+                    "clients.{name}.tls: says no CA to trust (ca_file, system_roots = true, or \
+                     both)"
+                ),
+            )));
+        }
+    };
+    if tls.system_roots {
+        config = config.and_system_roots();
+    }
+    if let Some(domain) = &tls.domain {
+        ServerName::try_from(domain.as_str()).map_err(|e| {
+            Error::Config(ConfigError::new(
+                Some(format!("clients.{name}.tls.domain")),
+                format!("clients.{name}.tls.domain: {domain:?} is no DNS name or IP address: {e}"),
+            ))
+        })?;
+        config = config.domain(domain.clone());
+    }
+    Ok(Some(config))
+}
+
+/// The PEM of `[clients.NAME] tls.ca_file`, checked to hold valid certificates.
+fn ca_pem(name: &str, file: &std::path::Path) -> Result<Vec<u8>, Error> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
     let key = format!("clients.{name}.tls.ca_file");
-    let path = tls.ca_file.display();
+    let path = file.display();
     let bad = |why: String| Error::Config(ConfigError::new(Some(key.clone()), why));
-    let pem =
-        std::fs::read(&tls.ca_file).map_err(|e| bad(format!("{key}: cannot read {path}: {e}")))?;
+    let pem = std::fs::read(file).map_err(|e| bad(format!("{key}: cannot read {path}: {e}")))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.map_err(|e| bad(format!("{key}: {path} is not valid PEM: {e}")))?;
@@ -825,17 +855,7 @@ fn client_tls(name: &str, cfg: &ClientConfig) -> Result<Option<keel_client::TlsC
             "{key}: {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
         )));
     }
-    let mut config = keel_client::TlsConfig::with_ca_pem(pem);
-    if let Some(domain) = &tls.domain {
-        ServerName::try_from(domain.as_str()).map_err(|e| {
-            Error::Config(ConfigError::new(
-                Some(format!("clients.{name}.tls.domain")),
-                format!("clients.{name}.tls.domain: {domain:?} is no DNS name or IP address: {e}"),
-            ))
-        })?;
-        config = config.domain(domain.clone());
-    }
-    Ok(Some(config))
+    Ok(pem)
 }
 
 /// The path of each of `[clients.NAME] urls` (`None`: none), or an error naming the key.

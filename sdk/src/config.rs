@@ -50,6 +50,7 @@
 //! keep_alive = { interval = "300s", timeout = "20s" } # gRPC: HTTP/2 PINGs while calls are in flight
 //! tcp_keepalive = "30s"               # dead-peer detection at the TCP level; "0s": system defaults
 //! tls = { ca_file = "/etc/keel/ca.pem", domain = "account.internal" } # https; domain optional
+//! # tls = { system_roots = true }     # a public endpoint: the platform's CA store (with or without ca_file)
 //!
 //! [messaging.payments]
 //! broker = "kafka://127.0.0.1:9092"
@@ -643,7 +644,7 @@ pub struct ClientConfig {
     /// gRPC clients: HTTP/2 keep-alive PINGs while calls are in flight (an error for a REST
     /// client).
     pub keep_alive: Option<KeepAliveConfig>,
-    /// TLS: the CA that signs the providers' certificates (Keel trusts no CA by default), for
+    /// TLS: the CAs that sign the providers' certificates (Keel trusts no CA by default), for
     /// `https://` URLs and for discovered instances that serve TLS (a Spring `sslPort`).
     pub tls: Option<TlsConfig>,
     /// Dead-peer detection at the TCP level, gRPC and REST: connections are probed after this
@@ -655,18 +656,25 @@ pub struct ClientConfig {
 }
 
 /// `[clients.NAME] tls = { ca_file = "/etc/keel/ca.pem", domain = "account.internal" }`: a
-/// client's TLS settings, for gRPC and REST.
+/// client's TLS settings, for gRPC and REST. `tls = { system_roots = true }` trusts the
+/// platform's CA store instead (a public endpoint: an API gateway, a payment provider), or as
+/// well, with a `ca_file`.
 ///
 /// The CA file is read when the client is built (`App::grpc`, `App::rest_client`); a file that
 /// cannot be read or holds no valid PEM certificate is an error naming
-/// `clients.NAME.tls.ca_file`.
+/// `clients.NAME.tls.ca_file`; neither a `ca_file` nor `system_roots` is an error naming
+/// `clients.NAME.tls`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// A PEM file of the CA certificate(s) that sign the providers' (or the gateway's)
-    /// certificates, the only ones trusted; a relative path is taken from the working
-    /// directory.
-    pub ca_file: PathBuf,
+    /// certificates; a relative path is taken from the working directory.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Trust the platform's CA store too (on Linux the system bundle, or `SSL_CERT_FILE` /
+    /// `SSL_CERT_DIR` when set); default false.
+    #[serde(default)]
+    pub system_roots: bool,
     /// The name certificates are verified against (also sent as SNI) instead of each URL's or
     /// instance's host: for instances registered by IP address whose certificates name a
     /// service DNS name. A DNS name or an IP address.

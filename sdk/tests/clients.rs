@@ -157,7 +157,8 @@ async fn tls_from_the_config_calls_https_providers() {
 /// A CA file that cannot be read, or holds no usable certificate, is an error naming
 /// `clients.NAME.tls.ca_file` when the client is built (a file without a certificate would
 /// trust nothing, and every handshake would fail); a bad `domain` names its key; an https URL
-/// without `tls` names `clients.NAME.tls`.
+/// without `tls`, or a `tls` trusting nothing, names `clients.NAME.tls`; `system_roots` alone
+/// builds.
 #[tokio::test]
 async fn a_bad_tls_section_is_an_error_naming_the_key() {
     let (ca, _, key) = test_pki(&["localhost"]);
@@ -204,6 +205,20 @@ async fn a_bad_tls_section_is_an_error_naming_the_key() {
 
     let error = Config::from_toml("[clients.plain]\nurls = [\"https://127.0.0.1:1\"]").unwrap_err();
     assert_eq!(error.key(), Some("clients.plain.tls"), "{error}");
+
+    // A tls section must say what to trust: a CA file, the platform's store, or both.
+    let app = self::app(
+        "[clients.neither]\nurls = [\"https://127.0.0.1:1\"]\ntls = {}\n\
+         [clients.system]\nurls = [\"https://127.0.0.1:1\"]\ntls = { system_roots = true }\n",
+    )
+    .await;
+    assert_eq!(config_key(app.grpc("neither")), "clients.neither.tls");
+    assert_eq!(
+        config_key(app.rest_client("neither")),
+        "clients.neither.tls"
+    );
+    assert!(app.grpc("system").is_ok());
+    assert!(app.rest_client("system").is_ok());
 }
 
 /// A partial `[clients.NAME] breaker` section keeps the client's per-endpoint defaults for the
