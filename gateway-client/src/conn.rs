@@ -77,6 +77,12 @@ pub(crate) fn https_connector(
                 .add(cert)
                 .map_err(|e| Error::config(format!("invalid CA certificate: {e}")))?;
         }
+        if roots.is_empty() && !tls.system_roots {
+            // It would trust nothing: every handshake would fail.
+            return Err(Error::config(
+                "the TLS CA PEM holds no certificate (-----BEGIN CERTIFICATE-----)",
+            ));
+        }
         if tls.system_roots {
             let system = rustls_native_certs::load_native_certs();
             let (added, _unparsable) = roots.add_parsable_certificates(system.certs);
@@ -666,6 +672,25 @@ impl Service<http::Request<Wire>> for GrpcConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CA PEM without a certificate would trust nothing (every handshake failing): a
+    /// configuration error, for both clients.
+    #[tokio::test]
+    async fn a_ca_pem_without_a_certificate_is_a_config_error() {
+        for pem in [&b""[..], b"not a certificate\n"] {
+            let tls = crate::TlsConfig::with_ca_pem(pem);
+            let grpc = crate::GrpcChannel::builder("s")
+                .tls(tls.clone())
+                .endpoints(["https://127.0.0.1:9"])
+                .unwrap_err();
+            assert!(grpc.to_string().contains("no certificate"), "{grpc}");
+            let rest = crate::RestClient::builder("s")
+                .tls(tls)
+                .endpoints(["https://127.0.0.1:9"])
+                .unwrap_err();
+            assert!(rest.is_config(), "{rest:?}");
+        }
+    }
 
     /// A keep-alive the kernel cannot take is a configuration error, for both clients.
     #[tokio::test]

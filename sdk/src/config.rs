@@ -318,7 +318,8 @@ impl Config {
                         &format!("clients.{name}.tls"),
                         &format!(
                             "needed for urls[{i}] (https): the CA that signs its \
-                             certificate, tls = {{ ca_file = \"ca.pem\" }}"
+                             certificate, tls = {{ ca_file = \"ca.pem\" }}, or for a public \
+                             endpoint tls = {{ system_roots = true }}"
                         ),
                     );
                 }
