@@ -41,12 +41,13 @@ pub fn parse_duration(input: &str) -> Result<Duration, ParseDurationError> {
         }
         let number: f64 = rest[..num_len].parse().map_err(|_| err())?;
         rest = rest[num_len..].trim_start();
+        // `µ` (U+00B5) and `μ` (U+03BC, the Greek letter it is often typed as) are letters too.
         let unit_len = rest
-            .find(|c: char| !c.is_ascii_alphabetic())
+            .find(|c: char| !(c.is_ascii_alphabetic() || c == 'µ' || c == 'μ'))
             .unwrap_or(rest.len());
         let nanos_per_unit: f64 = match &rest[..unit_len] {
             "ns" => 1.0,
-            "us" | "µs" => 1e3,
+            "us" | "µs" | "μs" => 1e3,
             "ms" => 1e6,
             "s" | "sec" | "secs" => 1e9,
             "m" | "min" | "mins" => 60e9,
@@ -121,6 +122,12 @@ mod tests {
         assert_eq!(parse_duration("250").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
         assert_eq!(parse_duration("10us").unwrap(), Duration::from_micros(10));
+        assert_eq!(parse_duration("250µs").unwrap(), Duration::from_micros(250));
+        assert_eq!(parse_duration("250μs").unwrap(), Duration::from_micros(250));
+        assert_eq!(
+            parse_duration("1ms250µs").unwrap(),
+            Duration::from_micros(1250)
+        );
         for bad in ["", "ms", "10 parsecs", "-5s", "5x"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} must not parse");
         }

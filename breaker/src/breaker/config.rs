@@ -356,6 +356,13 @@ impl BreakerConfig {
                 "permittedNumberOfCallsInHalfOpenState must be in 1..={MAX_PERMITTED}"
             )));
         }
+        if self.slow_call_duration_threshold < Duration::from_millis(1) {
+            // Calls are timed in whole milliseconds: under 1 ms (zero too, which may read as
+            // "off") every call of a millisecond or more would be slow, and ejected for it.
+            return Err(ConfigError(
+                "slowCallDurationThreshold must be at least 1ms".into(),
+            ));
+        }
         if self.wait_duration_in_open_state < Duration::from_millis(1) {
             return Err(ConfigError(
                 "waitDurationInOpenState must be at least 1ms".into(),

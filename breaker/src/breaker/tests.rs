@@ -475,6 +475,16 @@ fn config_reads_resilience4j_names() {
     };
     assert!(Breaker::new(bad).is_err());
     assert!(serde_json::from_str::<BreakerConfig>(r#"{"slidingWindowType": "SIZE"}"#).is_err());
+    // A slow-call threshold under the millisecond the breaker times calls in made every call
+    // slow (zero, which may read as "off", too): every endpoint ejected.
+    for threshold in [Duration::ZERO, Duration::from_micros(500)] {
+        let bad = BreakerConfig {
+            slow_call_duration_threshold: threshold,
+            ..BreakerConfig::default()
+        };
+        let err = Breaker::new(bad).unwrap_err().to_string();
+        assert!(err.contains("slowCallDurationThreshold"), "{err}");
+    }
 }
 
 #[test]
