@@ -20,6 +20,13 @@ const DRAIN_LIMIT: usize = 64 * 1024;
 /// What the drain counts for a frame smaller than this (so at most 1 024 frames are read).
 const FRAME_COST: usize = DRAIN_LIMIT / 1024;
 
+/// A retry is sent only with at least this much of the deadline left. Timers fire on whole
+/// milliseconds (a backoff is rounded up), so a retry planned for the deadline's last
+/// millisecond went out with nothing left (`grpc-timeout: 0n`) in the same tick as the
+/// deadline itself: the caller got an unknown outcome instead of the refusal it had, and the
+/// endpoint picked for the retry was charged a failure.
+const MIN_LEFT: std::time::Duration = std::time::Duration::from_millis(1);
+
 pin_project! {
     #[project = StateProj]
     enum State<F, R> {
@@ -129,8 +136,8 @@ impl<S, C> Retrying<S, C> {
         let delay = self.policy.backoff_for(self.attempts);
         if let Some(deadline) = self.deadline
             && Instant::now()
-                .checked_add(delay)
-                .is_none_or(|at| at >= deadline.0)
+                .checked_add(delay.saturating_add(MIN_LEFT))
+                .is_none_or(|at| at > deadline.0)
         {
             return None;
         }
@@ -238,6 +245,12 @@ where
                     let Some(retry) = this.retry.as_mut() else {
                         return Poll::Ready(Err("retry without a request to replay".into()));
                     };
+                    if retry.deadline.is_some_and(|d| d.remaining() < MIN_LEFT) {
+                        // Polled late, past the backoff: too late to send (nothing was).
+                        return Poll::Ready(Err(
+                            crate::deadline::DeadlineExceeded::before_send().into()
+                        ));
+                    }
                     ready!(retry.service.poll_ready(cx)).map_err(Into::into)?;
                     let req = retry
                         .template

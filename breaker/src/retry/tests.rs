@@ -373,6 +373,36 @@ async fn retries_restamp_the_deadline_and_stop_before_it() {
     );
 }
 
+/// A refusal in the deadline's last millisecond is not retried: timers fire on whole
+/// milliseconds, so the retry would go out in the deadline's own tick with nothing left
+/// (`grpc-timeout: 0n`), and the caller would get an unknown outcome instead of the refusal.
+#[tokio::test(start_paused = true)]
+async fn no_retry_is_sent_in_the_deadlines_last_millisecond() {
+    use crate::deadline::{Deadline, GRPC_TIMEOUT};
+    for _ in 0..20 {
+        let mut req = request("x");
+        req.extensions_mut()
+            .insert(Deadline::after(Duration::from_millis(100)));
+        req.headers_mut()
+            .insert(GRPC_TIMEOUT, http::HeaderValue::from_static("100m"));
+        let policy = policy().backoff(Duration::from_micros(900), Duration::from_micros(900));
+        let (task, mut handle) = spawn_call(policy, req);
+        let (_, send) = handle.next_request().await.unwrap();
+        tokio::time::advance(Duration::from_micros(99_050)).await;
+        send.send_response(refused());
+        // Any retry would be due within the backoff (under 1 ms), before the deadline.
+        let retry = tokio::time::timeout(Duration::from_millis(50), handle.next_request()).await;
+        let sent = retry.ok().flatten().map(|(req, _)| {
+            req.headers()[GRPC_TIMEOUT]
+                .to_str()
+                .unwrap_or("?")
+                .to_owned()
+        });
+        assert_eq!(sent, None, "a retry went out with {sent:?} left");
+        assert_eq!(task.await.unwrap().unwrap().status(), 503);
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Route(u8);
 
