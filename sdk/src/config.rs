@@ -37,7 +37,7 @@
 //! [telemetry]
 //! format = "pretty"                   # pretty | json | none
 //! level = "info"                      # an EnvFilter directive; RUST_LOG wins when set
-//! otlp_endpoint = "http://127.0.0.1:4317"   # traces exported only when set
+//! otlp_endpoint = "http://127.0.0.1:4318"   # OTLP/HTTP; traces exported only when set
 //!
 //! [clients.account]
 //! # urls = ["http://egress:8080/account"]  # instead of discovery; see ClientConfig::urls
@@ -257,6 +257,15 @@ impl Config {
             .is_some_and(|d| d.split_once(':').is_none_or(|(user, _)| user.is_empty()))
         {
             return bad("registry.digest", "must be user:password");
+        }
+        if self.telemetry.format == LogFormat::None && self.telemetry.otlp_endpoint.is_some() {
+            // With format = "none" Keel installs no telemetry at all, so the endpoint was
+            // silently never exported to.
+            return bad(
+                "telemetry.otlp_endpoint",
+                "has no effect with telemetry.format = \"none\" (Keel then installs nothing; \
+                 export from the subscriber the application installs)",
+            );
         }
         let server = &self.server;
         if server.shutdown_timeout.is_zero() {
@@ -545,7 +554,9 @@ pub struct TelemetryConfig {
     pub format: LogFormat,
     /// The log filter (an `EnvFilter` directive); `RUST_LOG` wins when set.
     pub level: String,
-    /// OTLP/gRPC endpoint traces are exported to; none by default.
+    /// The OTLP/HTTP endpoint traces are exported to (`/v1/traces` is appended; a collector's
+    /// HTTP port, 4318 by default, not its gRPC port 4317); none by default. An error with
+    /// `format = "none"`, under which Keel installs no telemetry.
     pub otlp_endpoint: Option<String>,
 }
 
@@ -965,6 +976,11 @@ mod tests {
     #[test]
     fn out_of_range_values_are_errors_naming_the_key() {
         for (toml, key) in [
+            // Keel installs no telemetry with format = "none": the endpoint was ignored.
+            (
+                "[telemetry]\nformat = \"none\"\notlp_endpoint = \"http://127.0.0.1:4318\"",
+                "telemetry.otlp_endpoint",
+            ),
             // Sent to ZooKeeper as an i32 of milliseconds: wrapped to a few seconds.
             (
                 "[registry]\nsession_timeout = \"30d\"",
