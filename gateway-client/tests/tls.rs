@@ -19,17 +19,7 @@ use common::{RestProvider, ZkRoot, instance, test_pki};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_over_tls_with_a_test_ca() {
     let (ca, cert, key) = test_pki();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tonic::transport::Server::builder()
-        .tls_config(
-            tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(&cert, &key)),
-        )
-        .unwrap()
-        .add_service(echo_server::EchoServer::new(EchoService::new("tls-1")))
-        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
-    let server = tokio::spawn(server);
+    let (addr, server) = grpc_tls_server(&cert, &key).await;
 
     // Registered in the real ZooKeeper in the Spring layout: a TLS instance is written with
     // `port: null` and `sslPort`, so the call below reaches it only if discovery reads `sslPort`
@@ -66,18 +56,7 @@ async fn grpc_over_tls_with_a_test_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn time_spent_dialling_is_taken_off_the_propagated_deadline() {
     let (ca, cert, key) = test_pki();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tls_config(
-                tonic::transport::ServerTlsConfig::new()
-                    .identity(tonic::transport::Identity::from_pem(&cert, &key)),
-            )
-            .unwrap()
-            .add_service(echo_server::EchoServer::new(EchoService::new("tls-1")))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    let (addr, server) = grpc_tls_server(&cert, &key).await;
     let (proxy_addr, proxying) = slow_proxy(addr, Duration::from_millis(400)).await;
     let channel = GrpcChannel::builder("secure")
         .tls(TlsConfig::with_ca_pem(ca.as_bytes()))
@@ -150,68 +129,98 @@ async fn a_deadline_passing_while_connecting_fails_not_sent() {
 /// A call waiting for a connection to an instance that then leaves discovery fails at once (not
 /// sent), rather than waiting for the dial to time out: no call waits on a removed instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::async_yields_async,
+    reason = "each closure builds a client and starts its call: it returns the call's task, awaited once the instance is gone"
+)]
 async fn a_call_dialling_a_removed_instance_fails_at_once() {
     let (ca, _, _) = test_pki();
     let (silent, server) = keel_testkit::silent_server().await.unwrap();
     let (proxy, accepted, _open) = common::tracking_proxy(silent).await;
     let registry = keel_registry::StaticRegistry::new();
-    let reg = registry
-        .register(instance("stuck", "s-1", proxy).with_tls(true))
-        .await
-        .unwrap();
-    let channel = GrpcChannel::builder("stuck")
-        .max_attempts(1)
-        .connect_timeout(Duration::from_secs(30))
-        .tls(TlsConfig::with_ca_pem(ca.as_bytes()))
-        .connect(&registry, Duration::from_secs(5))
-        .await
-        .unwrap();
-    let call = tokio::spawn(echo(channel));
-    keel_testkit::eventually("the call is dialling", Duration::from_secs(10), || async {
-        (accepted.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+    let tls = || TlsConfig::with_ca_pem(ca.as_bytes());
+    let status = removed_while_dialling(&registry, "stuck", proxy, &accepted, async || {
+        let channel = GrpcChannel::builder("stuck")
+            .max_attempts(1)
+            .connect_timeout(Duration::from_secs(30))
+            .tls(tls())
+            .connect(&registry, Duration::from_secs(5))
+            .await
+            .unwrap();
+        tokio::spawn(echo(channel))
     })
     .await
-    .unwrap();
-    reg.deregister().await.unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(10), call)
-        .await
-        .expect("the call ends when its instance leaves, not after the 30 s dial")
-        .unwrap()
-        .unwrap_err();
+    .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 
-    // REST likewise.
-    let reg = registry
-        .register(instance("stuck-rest", "s-2", proxy).with_tls(true))
-        .await
-        .unwrap();
-    let client = RestClient::builder("stuck-rest")
-        .max_attempts(1)
-        .connect_timeout(Duration::from_secs(30))
-        .tls(TlsConfig::with_ca_pem(ca.as_bytes()))
-        .connect(&registry, Duration::from_secs(5))
-        .await
-        .unwrap();
-    let call = tokio::spawn(async move { client.get::<Value>("/accounts/1").await });
-    keel_testkit::eventually(
-        "the REST call is dialling",
-        Duration::from_secs(10),
-        || async { (accepted.load(std::sync::atomic::Ordering::SeqCst) == 2).then_some(()) },
-    )
+    let error = removed_while_dialling(&registry, "stuck-rest", proxy, &accepted, async || {
+        let client = RestClient::builder("stuck-rest")
+            .max_attempts(1)
+            .connect_timeout(Duration::from_secs(30))
+            .tls(tls())
+            .connect(&registry, Duration::from_secs(5))
+            .await
+            .unwrap();
+        tokio::spawn(async move { client.get::<Value>("/accounts/1").await })
+    })
     .await
-    .unwrap();
-    reg.deregister().await.unwrap();
-    let error = tokio::time::timeout(Duration::from_secs(10), call)
-        .await
-        .expect("the REST call ends when its instance leaves")
-        .unwrap()
-        .unwrap_err();
+    .unwrap_err();
     assert_eq!(
         error.http_status(),
         http::StatusCode::BAD_GATEWAY,
         "{error:?}"
     );
     server.abort();
+}
+
+/// Registers a TLS instance of `service` at `proxy` (which counts its connections in
+/// `accepted`), starts the call `start` makes, deregisters the instance once the call is
+/// dialling it, and returns the call's outcome, which must come long before its 30 s dial ends.
+async fn removed_while_dialling<T>(
+    registry: &keel_registry::StaticRegistry,
+    service: &str,
+    proxy: std::net::SocketAddr,
+    accepted: &std::sync::atomic::AtomicU64,
+    start: impl AsyncFnOnce() -> tokio::task::JoinHandle<T>,
+) -> T {
+    use std::sync::atomic::Ordering::SeqCst;
+    let reg = registry
+        .register(instance(service, service, proxy).with_tls(true))
+        .await
+        .unwrap();
+    let before = accepted.load(SeqCst);
+    let call = start().await;
+    keel_testkit::eventually("the call is dialling", Duration::from_secs(10), || async {
+        (accepted.load(SeqCst) > before).then_some(())
+    })
+    .await
+    .unwrap();
+    reg.deregister().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the call ends when its instance leaves, not after the 30 s dial")
+        .unwrap()
+}
+
+/// The echo service (`tls-1`) over TLS with `cert` and `key`, on loopback: its address and task.
+async fn grpc_tls_server(
+    cert: &str,
+    key: &str,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tonic::transport::Server::builder()
+        .tls_config(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(cert, key)),
+        )
+        .unwrap()
+        .add_service(echo_server::EchoServer::new(EchoService::new("tls-1")))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+    let task = tokio::spawn(async move {
+        let _ = server.await;
+    });
+    (addr, task)
 }
 
 /// A proxy to `target` that holds each new connection `hold` before passing its bytes on.
@@ -367,18 +376,7 @@ async fn system_roots_trust_the_platform_store() {
             .tls(tls)
             .endpoints([format!("https://127.0.0.1:{}", p.addr.port())])
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc_addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tls_config(
-                tonic::transport::ServerTlsConfig::new()
-                    .identity(tonic::transport::Identity::from_pem(&cert, &key)),
-            )
-            .unwrap()
-            .add_service(echo_server::EchoServer::new(EchoService::new("tls-1")))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    let (grpc_addr, server) = grpc_tls_server(&cert, &key).await;
     let grpc = || {
         GrpcChannel::builder("public")
             .max_attempts(1)

@@ -29,6 +29,7 @@
 pub mod echo;
 pub mod services;
 pub mod smoke;
+pub mod tls;
 pub mod zk;
 
 use std::future::Future;
