@@ -1,5 +1,6 @@
 use std::fmt;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::clock::Clock;
@@ -11,7 +12,8 @@ use crate::clock::Clock;
 /// Every request deposits; every retry withdraws `1 / retry_ratio` deposits' worth (rounded so
 /// the effective ratio never exceeds `retry_ratio`); a reserve of `min_per_sec` × `ttl` retries
 /// lets low-traffic services retry at all. The window advances in one-second slots; expired slots
-/// give back what they held. Lock-free: atomics only.
+/// give back what they held. Deposits and withdrawals are lock-free (atomics only); moving the
+/// window on, once a second, takes a lock.
 ///
 /// A deposit (every request) writes one atomic: the current second's slot. The balance (reserve
 /// plus the slots) is summed only on a withdrawal (a retry, which is rare), and a withdrawal takes
@@ -27,6 +29,11 @@ pub struct RetryBudget {
     /// the window's length.
     slots: Box<[AtomicI64]>,
     last_second: AtomicU64,
+    /// Held while the window moves on (see [`advance_slow`](Self::advance_slow)).
+    advancing: Mutex<()>,
+    /// Called the moment a new second is published (tests: what a withdrawal sees then).
+    #[cfg(test)]
+    published: std::sync::OnceLock<Box<dyn Fn(&RetryBudget) + Send + Sync>>,
     reserve: i64,
     deposit: i64,
     withdraw: i64,
@@ -78,6 +85,9 @@ impl RetryBudget {
             clock,
             slots: (0..ttl_secs).map(|_| AtomicI64::new(0)).collect(),
             last_second: AtomicU64::new(0),
+            advancing: Mutex::new(()),
+            #[cfg(test)]
+            published: std::sync::OnceLock::new(),
             reserve,
             deposit,
             withdraw,
@@ -90,32 +100,36 @@ impl RetryBudget {
     fn advance(&self) -> usize {
         let now = self.clock.now_ms() / 1000;
         let n = self.slots.len() as u64;
-        let last = self.last_second.load(Ordering::Acquire);
-        if now > last {
-            self.advance_slow(now, last);
+        if now > self.last_second.load(Ordering::Acquire) {
+            self.advance_slow(now);
         }
         (now % n) as usize
     }
 
+    /// Moves the window on to `now`: one thread at a time, and the new second is published only
+    /// once the slots leaving the window are cleared. Published first (as it was), a withdrawal
+    /// in between summed the expired seconds' deposits as if still in the window, and what it
+    /// took from the current slot was then erased by the clearing: retries beyond the budget,
+    /// uncounted.
     #[cold]
-    fn advance_slow(&self, now: u64, mut last: u64) {
+    fn advance_slow(&self, now: u64) {
+        let _moving = self
+            .advancing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let last = self.last_second.load(Ordering::Acquire);
+        if now <= last {
+            return; // moved on by another thread meanwhile
+        }
         let n = self.slots.len() as u64;
-        while now > last {
-            match self
-                .last_second
-                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => {
-                    // Slots for seconds (last, now] are reused: what they held leaves the window.
-                    let from = last + 1;
-                    let to = now.min(last + n);
-                    for second in from..=to {
-                        self.slots[(second % n) as usize].store(0, Ordering::Release);
-                    }
-                    break;
-                }
-                Err(actual) => last = actual,
-            }
+        // Slots for seconds (last, now] are reused: what they held leaves the window.
+        for second in last + 1..=now.min(last + n) {
+            self.slots[(second % n) as usize].store(0, Ordering::Release);
+        }
+        self.last_second.store(now, Ordering::Release);
+        #[cfg(test)]
+        if let Some(published) = self.published.get() {
+            published(self);
         }
     }
 
@@ -204,6 +218,38 @@ mod tests {
         }
         assert!(budget.withdraw(), "floor of 1");
         assert!(!budget.withdraw(), "requests buy nothing");
+    }
+
+    /// A withdrawal the moment the window moves on (run from inside the move, through a test
+    /// hook) sees the expired second's deposits gone. With the new second published before the
+    /// slots were cleared, it drew on them (5 retries here, with a floor of 0 and no request in
+    /// the window), and the clearing then erased what it took.
+    #[tokio::test(start_paused = true)]
+    async fn a_withdrawal_as_the_window_moves_sees_only_the_window() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicU32;
+        let budget = RetryBudget::new(Duration::from_secs(1), 0, 0.5);
+        for _ in 0..10 {
+            budget.deposit(); // second 0: ten requests, five retries' worth
+        }
+        let during = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&during);
+        let hook: Box<dyn Fn(&RetryBudget) + Send + Sync> = Box::new(move |b: &RetryBudget| {
+            for _ in 0..5 {
+                counted.fetch_add(u32::from(b.withdraw()), Ordering::Relaxed);
+            }
+        });
+        assert!(budget.published.set(hook).is_ok());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(
+            !budget.withdraw(),
+            "second 1: nothing in the window, no floor"
+        );
+        assert_eq!(
+            during.load(Ordering::Relaxed),
+            0,
+            "retries drawn on expired deposits"
+        );
     }
 
     #[test]
