@@ -33,11 +33,15 @@ pub struct RetryBudget {
     advancing: Mutex<()>,
     /// Called the moment a new second is published (tests: what a withdrawal sees then).
     #[cfg(test)]
-    published: std::sync::OnceLock<Box<dyn Fn(&RetryBudget) + Send + Sync>>,
+    published: std::sync::OnceLock<PublishedHook>,
     reserve: i64,
     deposit: i64,
     withdraw: i64,
 }
+
+/// See `RetryBudget::published`.
+#[cfg(test)]
+type PublishedHook = Box<dyn Fn(&RetryBudget) + Send + Sync>;
 
 impl fmt::Debug for RetryBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -234,7 +238,7 @@ mod tests {
         }
         let during = Arc::new(AtomicU32::new(0));
         let counted = Arc::clone(&during);
-        let hook: Box<dyn Fn(&RetryBudget) + Send + Sync> = Box::new(move |b: &RetryBudget| {
+        let hook: PublishedHook = Box::new(move |b: &RetryBudget| {
             for _ in 0..5 {
                 counted.fetch_add(u32::from(b.withdraw()), Ordering::Relaxed);
             }
