@@ -85,6 +85,12 @@ impl TokenBucket {
     /// Takes a token now, or reserves one available within `max_wait` and returns how long to
     /// wait for it; `None` when neither is possible (nothing is taken then).
     pub fn try_take(&self, max_wait: Duration) -> Option<Duration> {
+        self.reserve(max_wait).map(|(wait, _)| wait)
+    }
+
+    /// [`try_take`](Self::try_take), also returning the bucket's state after this token (what
+    /// [`give_back`](Self::give_back) needs).
+    fn reserve(&self, max_wait: Duration) -> Option<(Duration, u64)> {
         let now = self.now_ns();
         let max_wait = u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX);
         let mut tat = self.tat.load(Ordering::Acquire);
@@ -100,10 +106,24 @@ impl TokenBucket {
                 .tat
                 .compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return Some(Duration::from_nanos(wait)),
+                Ok(_) => return Some((Duration::from_nanos(wait), next)),
                 Err(actual) => tat = actual,
             }
         }
+    }
+}
+
+impl TokenBucket {
+    /// Returns a token reserved by [`reserve`](Self::reserve) (which left the bucket at
+    /// `after`) and never used, unless a later reservation was made meanwhile (its place in
+    /// line stays taken then).
+    fn give_back(&self, after: u64) {
+        let _ = self.tat.compare_exchange(
+            after,
+            after.saturating_sub(self.interval),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -113,7 +133,21 @@ pub struct RateLimit<S> {
     bucket: Arc<TokenBucket>,
     max_wait: Duration,
     state: ReadyState,
+    /// The bucket's state after the token this service holds or waits for (`Waiting`, `Token`).
+    reserved: u64,
     timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> Drop for RateLimit<S> {
+    /// A token reserved and never used goes back: a caller that gives up waiting (its own
+    /// timeout) does not push every later caller's wait further out. Kept, such tokens moved
+    /// the bucket ahead by one interval each, until under sustained overload every token was
+    /// reserved by callers already gone and useful throughput fell to nothing.
+    fn drop(&mut self) {
+        if matches!(self.state, ReadyState::Waiting | ReadyState::Token) {
+            self.bucket.give_back(self.reserved);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +182,7 @@ impl<S> RateLimit<S> {
             bucket,
             max_wait,
             state: ReadyState::Empty,
+            reserved: 0,
             timer: None,
         }
     }
@@ -164,13 +199,17 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         if self.state == ReadyState::Empty {
-            match self.bucket.try_take(self.max_wait) {
+            match self.bucket.reserve(self.max_wait) {
                 None => {
                     self.state = ReadyState::Denied;
                     return Poll::Ready(Ok(()));
                 }
-                Some(wait) if wait.is_zero() => self.state = ReadyState::Token,
-                Some(wait) => {
+                Some((wait, after)) if wait.is_zero() => {
+                    self.reserved = after;
+                    self.state = ReadyState::Token;
+                }
+                Some((wait, after)) => {
+                    self.reserved = after;
                     let at = Instant::now() + wait;
                     match &mut self.timer {
                         Some(t) => t.as_mut().reset(at),
@@ -252,6 +291,34 @@ mod tests {
             start.elapsed(),
             Duration::from_secs(1),
             "second call waited for its token"
+        );
+    }
+
+    /// Callers that give up waiting for their token (their own 100 ms timeout, under a 5 s
+    /// `max_wait`) hand it back: the next caller is served after the rate's interval. Kept,
+    /// the five abandoned tokens pushed it past `max_wait`, so it was refused.
+    #[tokio::test(start_paused = true)]
+    async fn abandoned_waits_give_their_tokens_back() {
+        use tower::ServiceExt;
+        let svc = tower::service_fn(|()| async { Ok::<_, BoxError>("ok") });
+        let bucket = TokenBucket::new(1, Duration::from_secs(1), 1).unwrap();
+        let limit = RateLimitLayer::new(bucket)
+            .max_wait(Duration::from_secs(5))
+            .layer_on(svc);
+        let mut first = limit.clone();
+        assert_eq!(first.ready().await.unwrap().call(()).await.unwrap(), "ok");
+        for _ in 0..5 {
+            let mut gives_up = limit.clone();
+            let waited = tokio::time::timeout(Duration::from_millis(100), gives_up.ready()).await;
+            assert!(waited.is_err(), "no token within 100 ms");
+        }
+        let mut next = limit.clone();
+        let start = Instant::now();
+        assert_eq!(next.ready().await.unwrap().call(()).await.unwrap(), "ok");
+        assert!(
+            start.elapsed() <= Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
         );
     }
 
