@@ -27,6 +27,10 @@ const FRAME_COST: usize = DRAIN_LIMIT / 1024;
 /// endpoint picked for the retry was charged a failure.
 const MIN_LEFT: std::time::Duration = std::time::Duration::from_millis(1);
 
+/// What a timer may fire after its time (it is rounded up to the next millisecond): a retry is
+/// planned only if, fired that late, it still has [`MIN_LEFT`].
+const TICK: std::time::Duration = std::time::Duration::from_millis(1);
+
 pin_project! {
     #[project = StateProj]
     enum State<F, R> {
@@ -52,6 +56,9 @@ pub(super) struct Retrying<S, C> {
     /// Set when a retry was wanted (and allowed by attempts and deadline) but the budget had
     /// nothing left.
     pub(super) budget_refused: bool,
+    /// Set once an attempt ended with an UNKNOWN outcome (it may have executed): a call that
+    /// then runs out of time before its next attempt did not stay unsent.
+    pub(super) maybe_executed: bool,
 }
 
 pin_project! {
@@ -136,7 +143,7 @@ impl<S, C> Retrying<S, C> {
         let delay = self.policy.backoff_for(self.attempts);
         if let Some(deadline) = self.deadline
             && Instant::now()
-                .checked_add(delay.saturating_add(MIN_LEFT))
+                .checked_add(delay.saturating_add(TICK).saturating_add(MIN_LEFT))
                 .is_none_or(|at| at > deadline.0)
         {
             return None;
@@ -145,6 +152,9 @@ impl<S, C> Retrying<S, C> {
             tracing::debug!(attempts = self.attempts, "retry budget exhausted");
             self.budget_refused = true;
             return None;
+        }
+        if outcome.retry_class() == Some(crate::classify::FailureClass::Unknown) {
+            self.maybe_executed = true;
         }
         tracing::debug!(
             attempt = self.attempts + 1,
@@ -246,10 +256,15 @@ where
                         return Poll::Ready(Err("retry without a request to replay".into()));
                     };
                     if retry.deadline.is_some_and(|d| d.remaining() < MIN_LEFT) {
-                        // Polled late, past the backoff: too late to send (nothing was).
-                        return Poll::Ready(Err(
-                            crate::deadline::DeadlineExceeded::before_send().into()
-                        ));
+                        // Polled late, past the backoff: too late to send this attempt. The
+                        // call was sent before if an earlier attempt may have executed.
+                        use crate::deadline::DeadlineExceeded;
+                        let late = if retry.maybe_executed {
+                            DeadlineExceeded::elapsed()
+                        } else {
+                            DeadlineExceeded::before_send()
+                        };
+                        return Poll::Ready(Err(late.into()));
                     }
                     ready!(retry.service.poll_ready(cx)).map_err(Into::into)?;
                     let req = retry

@@ -401,6 +401,7 @@ where
                 replay_safe,
                 deadline,
                 budget_refused: false,
+                maybe_executed: false,
             },
         )
     }

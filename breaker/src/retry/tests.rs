@@ -403,6 +403,46 @@ async fn no_retry_is_sent_in_the_deadlines_last_millisecond() {
     }
 }
 
+/// A retry whose task is polled only past the deadline (a busy runtime) is not sent. The call
+/// fails with the deadline passed: before anything was sent when the earlier attempt was
+/// refused, in flight when it may have executed (an UNKNOWN outcome of an idempotent call).
+#[tokio::test(start_paused = true)]
+async fn a_retry_polled_after_the_deadline_is_not_sent() {
+    use crate::deadline::{Deadline, DeadlineExceeded};
+    for (answer, idempotent, executed) in [(refused(), false, false), (status(500), true, true)] {
+        let mut req = request("x");
+        req.extensions_mut()
+            .insert(Deadline::after(Duration::from_millis(100)));
+        if idempotent {
+            req.extensions_mut().insert(Idempotent);
+        }
+        let (svc, mut handle) = mock::pair::<Req, http::Response<Res>>();
+        handle.allow(100);
+        let policy = policy().backoff(Duration::from_millis(10), Duration::from_millis(10));
+        let mut svc = Retry::new(svc, policy);
+        svc.ready().await.unwrap();
+        let mut call = std::pin::pin!(svc.call(req));
+        assert!(futures::poll!(call.as_mut()).is_pending());
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(answer);
+        assert!(futures::poll!(call.as_mut()).is_pending(), "backing off");
+        // Not polled again until well past the deadline.
+        tokio::time::advance(Duration::from_millis(150)).await;
+        let error = tokio::time::timeout(Duration::from_secs(1), call)
+            .await
+            .expect("the call ends at once, sending nothing")
+            .unwrap_err();
+        let late = error.downcast_ref::<DeadlineExceeded>().unwrap();
+        assert_eq!(late.is_elapsed(), executed, "{late:?}");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+                .await
+                .is_err(),
+            "no attempt after the deadline"
+        );
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Route(u8);
 
