@@ -190,6 +190,12 @@ impl Error {
     }
 
     /// This error as a [`tonic::Status`] carrying it as its source.
+    ///
+    /// Its code says what happened to *this* call (`UNAVAILABLE`: certainly not executed).
+    /// A handler that returns it to its own caller after side effects of its own (a debit made
+    /// before the downstream call failed) must map it first, say to `ABORTED` or an HTTP 502:
+    /// handed back unchanged, an `UNAVAILABLE` tells its caller the handler did nothing, and a
+    /// Keel caller retries it even when not idempotent.
     pub fn into_status(self) -> tonic::Status {
         let mut status = tonic::Status::new(self.grpc_code(), self.to_string());
         status.set_source(Arc::new(self));
