@@ -27,9 +27,12 @@ pub enum Mode {
     Delay(Duration),
     /// Forward nothing, keep every socket open.
     Blackhole,
-    /// The first connection accepted after the switch forwards two frames each way (the
-    /// client's ConnectRequest and first ping, the server's ConnectResponse and ping reply: a
-    /// session is established), then nothing; every other connection forwards nothing.
+    /// The first connection that asks for a *new* session (a ConnectRequest with session id 0)
+    /// after the switch forwards two frames each way (the client's ConnectRequest and first
+    /// ping, the server's ConnectResponse and ping reply: a session is established), then
+    /// nothing; every other connection forwards nothing. Decided by the request, not when the
+    /// connection was accepted: a connection accepted just before the switch, or one trying to
+    /// resume the old session, cannot take (or waste) the one handshake.
     OneHandshakeThenBlackhole,
 }
 
@@ -68,9 +71,7 @@ impl ZkProxy {
         let granted = handshake_granted.clone();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let handshake = *rx.borrow() == Mode::OneHandshakeThenBlackhole
-                    && !granted.swap(true, Ordering::SeqCst);
-                tokio::spawn(serve(client, upstream, rx.clone(), handshake));
+                tokio::spawn(serve(client, upstream, rx.clone(), granted.clone()));
             }
         });
         Self {
@@ -102,11 +103,38 @@ impl Drop for ZkProxy {
     }
 }
 
+/// Which connection holds the one handshake of [`Mode::OneHandshakeThenBlackhole`]: the proxy's
+/// (taken at most once per switch) and this connection's.
+#[derive(Clone)]
+struct Grant {
+    proxy: Arc<AtomicBool>,
+    here: Arc<AtomicBool>,
+}
+
+impl Grant {
+    /// Takes the proxy's handshake for this connection if `request` (its first frame from the
+    /// client) asks for a new session and nobody took it yet.
+    fn take_for(&self, request: &[u8]) -> bool {
+        // ConnectRequest: protocolVersion i32, lastZxidSeen i64, timeOut i32, sessionId i64, …
+        let new_session = request
+            .get(16..24)
+            .is_some_and(|id| id.iter().all(|b| *b == 0));
+        if new_session && !self.proxy.swap(true, Ordering::SeqCst) {
+            self.here.store(true, Ordering::SeqCst);
+        }
+        self.here.load(Ordering::SeqCst)
+    }
+
+    fn held(&self) -> bool {
+        self.here.load(Ordering::SeqCst)
+    }
+}
+
 async fn serve(
     client: TcpStream,
     upstream: SocketAddr,
     mut mode: watch::Receiver<Mode>,
-    handshake: bool,
+    granted: Arc<AtomicBool>,
 ) {
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
@@ -114,18 +142,24 @@ async fn serve(
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let lossy = Arc::new(AtomicBool::new(false));
+    let grant = Grant {
+        proxy: granted,
+        here: Arc::new(AtomicBool::new(false)),
+    };
     let up = pump(
         client_read,
         server_write,
         mode.clone(),
-        handshake,
+        Some(grant.clone()),
+        grant.clone(),
         lossy.clone(),
     );
     let down = pump(
         server_read,
         client_write,
         mode.clone(),
-        handshake,
+        None,
+        grant,
         lossy.clone(),
     );
     let healed = async {
@@ -142,13 +176,17 @@ async fn serve(
     }
 }
 
+/// Forwards frames `from` → `to` as the mode says. `asks` is the grant on the client's side
+/// (whose first frame may take the handshake); `grant` is read on both sides.
 async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     mode: watch::Receiver<Mode>,
-    handshake: bool,
+    asks: Option<Grant>,
+    grant: Grant,
     lossy: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
+    let mut first = true;
     let mut forwarded = 0usize;
     loop {
         let mut len = [0u8; 4];
@@ -163,8 +201,15 @@ async fn pump(
         let forward = match current {
             Mode::Pass | Mode::Delay(_) => !lossy.load(Ordering::SeqCst),
             Mode::Blackhole => false,
-            Mode::OneHandshakeThenBlackhole => handshake && forwarded < 2,
+            Mode::OneHandshakeThenBlackhole => {
+                let held = match &asks {
+                    Some(asks) if first => asks.take_for(&body),
+                    _ => grant.held(),
+                };
+                held && forwarded < 2
+            }
         };
+        first = false;
         if forward {
             if let Mode::Delay(delay) = current {
                 tokio::time::sleep(delay).await;
