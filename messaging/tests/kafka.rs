@@ -141,16 +141,7 @@ async fn poison_dead_lettered_with_reason_trace_continues_others_flow() {
         );
     }
     // The dead letter, read back from `<topic>.<group>.dlq`.
-    let reader = kafka_consumer(KAFKA, &unique("dlq-reader"), &dlq).unwrap();
-    let letter = tokio::time::timeout(WAIT, reader.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .detach();
-    let mut h = Headers::new();
-    for header in letter.headers().unwrap().iter() {
-        h.insert(header.key, header.value.unwrap_or_default());
-    }
+    let (letter, h) = read_dead_letter(&dlq).await;
     assert_eq!(letter.payload(), Some(&b"\0not json"[..]));
     assert_eq!(h.get_str(DLQ_ORIGINAL_DESTINATION), Some(topic.as_str()));
     assert_eq!(h.get_str(DLQ_GROUP), Some(group.as_str()));
@@ -165,7 +156,6 @@ async fn poison_dead_lettered_with_reason_trace_continues_others_flow() {
     assert_eq!(h.get_str(IDEMPOTENCY_KEY), None, "{h:?}");
     stop.cancel();
     run.await.unwrap().unwrap();
-    drop(reader);
     publisher.close().await.unwrap();
     kafka_delete_topic(KAFKA, &topic).await;
     kafka_delete_topic(KAFKA, &dlq).await;
@@ -390,16 +380,7 @@ async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_the_partition_goes_
         "the malformed record never reached the handler"
     );
 
-    let reader = kafka_consumer(KAFKA, &unique("dlq-reader"), &dlq).unwrap();
-    let letter = tokio::time::timeout(WAIT, reader.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .detach();
-    let mut h = Headers::new();
-    for header in letter.headers().unwrap().iter() {
-        h.insert(header.key, header.value.unwrap_or_default());
-    }
+    let (letter, h) = read_dead_letter(&dlq).await;
     assert_eq!(letter.payload(), Some(&b"{\"seq\":0}"[..]));
     assert_eq!(
         h.get_str(DLQ_ERROR),
@@ -414,7 +395,6 @@ async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_the_partition_goes_
     );
     stop.cancel();
     run.await.unwrap().unwrap();
-    drop(reader);
     publisher.close().await.unwrap();
     kafka_delete_topic(KAFKA, &topic).await;
     kafka_delete_topic(KAFKA, &dlq).await;
@@ -446,16 +426,7 @@ async fn a_panicking_handler_dead_letters_its_message_and_the_partition_goes_on(
     assert_eq!(handled.missing(0..10), [1]);
     handled.assert_key_order();
 
-    let reader = kafka_consumer(KAFKA, &unique("dlq-reader"), &dlq).unwrap();
-    let letter = tokio::time::timeout(WAIT, reader.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .detach();
-    let mut h = Headers::new();
-    for header in letter.headers().unwrap().iter() {
-        h.insert(header.key, header.value.unwrap_or_default());
-    }
+    let (letter, h) = read_dead_letter(&dlq).await;
     assert_eq!(letter.payload(), Some(&b"{\"seq\":1}"[..]));
     assert_eq!(
         h.get_str(DLQ_ERROR),
@@ -463,7 +434,6 @@ async fn a_panicking_handler_dead_letters_its_message_and_the_partition_goes_on(
     );
     stop.cancel();
     run.await.unwrap().unwrap();
-    drop(reader);
     publisher.close().await.unwrap();
     kafka_delete_topic(KAFKA, &topic).await;
     kafka_delete_topic(KAFKA, &dlq).await;
@@ -647,16 +617,7 @@ async fn a_huge_handler_error_is_truncated_and_the_partition_goes_on() {
         .await;
     assert_eq!(handled.missing(1..6), Vec::<u64>::new());
 
-    let reader = kafka_consumer(KAFKA, &unique("dlq-reader"), &dlq).unwrap();
-    let letter = tokio::time::timeout(WAIT, reader.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .detach();
-    let mut h = Headers::new();
-    for header in letter.headers().unwrap().iter() {
-        h.insert(header.key, header.value.unwrap_or_default());
-    }
+    let (letter, h) = read_dead_letter(&dlq).await;
     assert_eq!(letter.payload(), Some(&b"{\"seq\":0}"[..]));
     let error = h.get_str(DLQ_ERROR).unwrap();
     assert!(
@@ -671,7 +632,6 @@ async fn a_huge_handler_error_is_truncated_and_the_partition_goes_on() {
     );
     stop.cancel();
     run.await.unwrap().unwrap();
-    drop(reader);
     publisher.close().await.unwrap();
     kafka_delete_topic(KAFKA, &topic).await;
     kafka_delete_topic(KAFKA, &dlq).await;
@@ -917,4 +877,19 @@ async fn a_revoked_worker_still_in_its_handler_is_not_run_next_to_the_new_one() 
     publisher.close().await.unwrap();
     kafka_delete_topic(KAFKA, &topic).await;
     kafka_delete_topic(KAFKA, &other).await;
+}
+
+/// The first dead letter in `dlq`, read by a group of its own: the record and its headers.
+async fn read_dead_letter(dlq: &str) -> (rdkafka::message::OwnedMessage, Headers) {
+    let reader = kafka_consumer(KAFKA, &unique("dlq-reader"), dlq).unwrap();
+    let letter = tokio::time::timeout(WAIT, reader.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .detach();
+    let mut headers = Headers::new();
+    for header in letter.headers().unwrap().iter() {
+        headers.insert(header.key, header.value.unwrap_or_default());
+    }
+    (letter, headers)
 }
