@@ -949,14 +949,8 @@ async fn second_registration_of_the_same_node_is_a_duplicate() {
 async fn deregister_during_a_connection_blip_still_removes_the_node() {
     common::trace();
     let root = TestRoot::new();
-    let proxy = ZkProxy::start(&first_member()).await;
-    let provider = ZkRegistry::connect(
-        ZkConfig::new(proxy.addr().to_string())
-            .with_dialect(spring_at(&root))
-            .with_session_timeout(Duration::from_secs(10)),
-    )
-    .await
-    .unwrap();
+    let (proxy, provider) =
+        through_proxy(&root, |c| c.with_session_timeout(Duration::from_secs(10))).await;
     let registration = provider
         .register(instance("account", "a", 1))
         .await
@@ -1046,15 +1040,11 @@ async fn failed_dubbo_status_change_leaves_one_provider_node() {
 async fn deregistered_during_renew_is_never_recreated() {
     common::trace();
     let root = TestRoot::new();
-    let proxy = ZkProxy::start(&first_member()).await;
-    let provider = ZkRegistry::connect(
-        ZkConfig::new(proxy.addr().to_string())
-            .with_dialect(spring_at(&root))
-            .with_session_timeout(Duration::from_secs(4))
-            .with_request_timeout(Duration::from_secs(2)),
-    )
-    .await
-    .unwrap();
+    let (proxy, provider) = through_proxy(&root, |c| {
+        c.with_session_timeout(Duration::from_secs(4))
+            .with_request_timeout(Duration::from_secs(2))
+    })
+    .await;
     let registration = provider
         .register(instance("account", "a", 1))
         .await
@@ -1118,14 +1108,8 @@ async fn deregistered_during_renew_is_never_recreated() {
 async fn expiry_of_the_renewed_session_during_reregistration_is_noticed() {
     common::trace();
     let root = TestRoot::new();
-    let proxy = ZkProxy::start(&first_member()).await;
-    let provider = ZkRegistry::connect(
-        ZkConfig::new(proxy.addr().to_string())
-            .with_dialect(spring_at(&root))
-            .with_session_timeout(Duration::from_secs(4)),
-    )
-    .await
-    .unwrap();
+    let (proxy, provider) =
+        through_proxy(&root, |c| c.with_session_timeout(Duration::from_secs(4))).await;
     // Two registrations: the first op on the new session fails when its connection goes
     // silent, the second is queued until that session expires on the client side (the request
     // timeout, 15 s by default, is longer than the 5.6 s the client takes to declare it).
@@ -1241,15 +1225,11 @@ async fn unreadable_sibling_service_does_not_block_registration() {
 async fn replacing_an_earlier_sessions_node_never_empties_the_service() {
     common::trace();
     let root = TestRoot::new();
-    let proxy = ZkProxy::start(&first_member()).await;
-    let provider = ZkRegistry::connect(
-        ZkConfig::new(proxy.addr().to_string())
-            .with_dialect(spring_at(&root))
-            .with_session_timeout(Duration::from_secs(4))
-            .with_request_timeout(Duration::from_secs(3)),
-    )
-    .await
-    .unwrap();
+    let (proxy, provider) = through_proxy(&root, |c| {
+        c.with_session_timeout(Duration::from_secs(4))
+            .with_request_timeout(Duration::from_secs(3))
+    })
+    .await;
     let registration = provider
         .register(instance("account", "a", 1))
         .await
@@ -1376,4 +1356,17 @@ async fn watches_of_dropped_watchers_are_released() {
     account
         .until(WAIT, "b seen by the new watch", |s| s.contains_key("b"))
         .await;
+}
+
+/// A registry in the Spring layout under `root`, connected through a fault proxy in front of
+/// the first ensemble member, with `configure` applied to its configuration (timeouts): the
+/// proxy (keep it) and the registry.
+async fn through_proxy(
+    root: &TestRoot,
+    configure: impl FnOnce(ZkConfig) -> ZkConfig,
+) -> (ZkProxy, ZkRegistry) {
+    let proxy = ZkProxy::start(&first_member()).await;
+    let config = ZkConfig::new(proxy.addr().to_string()).with_dialect(spring_at(root));
+    let registry = ZkRegistry::connect(configure(config)).await.unwrap();
+    (proxy, registry)
 }
