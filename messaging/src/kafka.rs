@@ -121,10 +121,15 @@ fn client_config(
     options: &[(String, String)],
 ) -> ClientConfig {
     let mut config = base_config(bootstrap, name);
+    set_all(&mut config, options);
+    config
+}
+
+/// The caller's librdkafka `options`, over what `config` has so far.
+fn set_all(config: &mut ClientConfig, options: &[(String, String)]) {
     for (k, v) in options {
         config.set(k, v);
     }
-    config
 }
 
 fn base_config(bootstrap: &str, name: Option<&str>) -> ClientConfig {
@@ -180,9 +185,7 @@ impl KafkaPublisher {
             builder.connection_name.as_deref(),
         );
         config.set("linger.ms", "5");
-        for (k, v) in &builder.kafka_options {
-            config.set(k, v);
-        }
+        set_all(&mut config, &builder.kafka_options);
         let timeout_ms = builder.confirm_timeout.as_millis().max(1).to_string();
         config
             .set("acks", "all")
@@ -670,7 +673,7 @@ impl ConsumerContext for Ctx {
 #[derive(Debug, Clone)]
 struct DeadLetters {
     /// Set once the dead-letter topic is known to exist (created on first use).
-    ensured: Arc<tokio::sync::OnceCell<()>>,
+    ensured: Arc<std::sync::atomic::AtomicBool>,
     /// Built with the consumer's options that apply to a producer / admin client, and its
     /// replication factor for the topics it creates.
     publisher: KafkaPublisher,
@@ -684,7 +687,7 @@ impl DeadLetters {
     /// unknown. Best effort: whatever fails here (no CREATE permission on a cluster where
     /// operations created the topic, no metadata) is logged, and the publish is tried anyway.
     async fn ensure(&self) {
-        if self.ensured.initialized() {
+        if self.ensured.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
         let created = match self.publisher.topic_exists(&self.topic).await {
@@ -693,9 +696,9 @@ impl DeadLetters {
             Err(error) => Err(error),
         };
         match created {
-            Ok(()) => {
-                let _ = self.ensured.set(());
-            }
+            Ok(()) => self
+                .ensured
+                .store(true, std::sync::atomic::Ordering::Release),
             Err(error) => {
                 tracing::warn!(%error, topic = %self.topic, "cannot make sure the dead-letter topic exists; publishing anyway");
             }
@@ -922,7 +925,7 @@ pub(crate) async fn run<H: Handler>(
         kafka_replication: config.kafka_replication,
     })?;
     let dead = DeadLetters {
-        ensured: Arc::new(tokio::sync::OnceCell::new()),
+        ensured: Arc::default(),
         publisher: dlq_publisher,
         topic: dlq_topic,
         group: config.group.clone(),
@@ -938,9 +941,7 @@ pub(crate) async fn run<H: Handler>(
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("auto.commit.interval.ms", "1000");
-    for (k, v) in &config.kafka_options {
-        cc.set(k, v);
-    }
+    set_all(&mut cc, &config.kafka_options);
     cc.set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false");
     let consumer: Arc<StreamConsumer<Ctx>> = Arc::new(
