@@ -275,13 +275,19 @@ impl ServiceWatch {
     /// Applies deletions only once a read confirms them; a child that exists again (replaced
     /// in the same transaction as its deletion, as Keel does when a new session takes over its
     /// node, whose creation event may come in a later batch) is read instead of removed, so
-    /// the service does not flap to empty in between. All requests pipelined.
+    /// the service does not flap to empty in between. All requests pipelined. In the Spring
+    /// layout the deleted children simply join `dirty`: [`refresh`](Self::refresh) reads each
+    /// of them, and removes one that is gone, in the same round trip as the others.
     async fn confirm_deleted(
         &mut self,
         client: &Client,
         deleted: BTreeSet<String>,
         dirty: &mut BTreeSet<String>,
     ) -> Result<(), zk::Error> {
+        if let Dialect::Spring(_) = self.dialect {
+            dirty.extend(deleted);
+            return Ok(());
+        }
         let paths: Vec<String> = deleted
             .iter()
             .map(|c| format!("{}/{c}", self.path))
